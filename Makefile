@@ -1,0 +1,34 @@
+# Every target installs what it needs itself, idempotently (run as root on Debian 12).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup system-deps demo test bench lint clean
+
+setup: system-deps $(STAMP)
+
+system-deps:
+	@./scripts/install-system-deps
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+demo: setup
+	$(VENV)/bin/imager demo
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider --benchmark-disable tests
+
+bench: setup
+	$(PY) bench/compare.py
+	$(PY) -m pytest -q -p no:cacheprovider bench
+
+lint: setup
+	$(PY) -m compileall -q imager devices tests bench
+	$(PY) scripts/check-layering.py
+
+clean:
+	rm -rf $(VENV) bench/work

@@ -1,0 +1,246 @@
+"""Block devices (and regular files standing in for them): geometry, aligned reads, writes.
+
+Reads use O_DIRECT into page-aligned buffers so that imaging a volume neither pollutes nor
+is served stale data from the page cache; where the kernel refuses O_DIRECT (some
+filesystems, odd lengths) the device falls back to buffered reads and says so through
+`on_notice`.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+import struct
+from dataclasses import dataclass
+from typing import Callable
+
+from .errors import DeviceError
+from .ioctl import IO, IOR, IOWR
+
+BLKROGET = IO(0x12, 94)
+BLKFLSBUF = IO(0x12, 97)
+BLKSSZGET = IO(0x12, 104)
+BLKGETSIZE64 = IOR(0x12, 114, 8)
+BLKPBSZGET = IO(0x12, 123)
+BLKZEROOUT = IO(0x12, 127)
+FIFREEZE = IOWR("X", 119, 4)
+FITHAW = IOWR("X", 120, 4)
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+@dataclass(frozen=True)
+class Mount:
+    device_number: int
+    mount_point: str
+    fs_type: str
+    source: str
+    read_only: bool
+
+
+def mounts() -> list[Mount]:
+    """Every mount in this mount namespace, from /proc/self/mountinfo."""
+    result = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            major, minor = (int(x) for x in fields[2].split(":"))
+            opts = fields[5].split(",")
+            fs_type, source = (right.split() + ["", ""])[:2]
+            point = fields[4].encode().decode("unicode_escape")
+            result.append(Mount(os.makedev(major, minor), point, fs_type, source, "ro" in opts))
+    return result
+
+
+def mounts_of(path: str) -> list[Mount]:
+    """The mounts whose filesystem lives on the block device at `path` (empty for a file)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return []
+    if not stat.S_ISBLK(st.st_mode):
+        real = os.path.realpath(path)
+        return [m for m in mounts() if m.source == real]
+    return [m for m in mounts() if m.device_number == st.st_rdev]
+
+
+def freeze(mount_point: str) -> None:
+    """FIFREEZE: flush the filesystem and block new writes until thaw()."""
+    _fs_ioctl(mount_point, FIFREEZE, "freeze")
+
+
+def thaw(mount_point: str) -> None:
+    _fs_ioctl(mount_point, FITHAW, "thaw")
+
+
+def _fs_ioctl(mount_point: str, request: int, what: str) -> None:
+    fd = os.open(mount_point, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.ioctl(fd, request, 0)
+    except OSError as e:
+        raise DeviceError(f"cannot {what} the filesystem at {mount_point}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+class BlockDevice:
+    """An open block device or regular file with its geometry.
+
+    `read_into(buf, offset)` fills a caller-provided buffer (aligned for O_DIRECT);
+    `write_at`, `zero_range` and `flush` serve restore.
+    """
+
+    def __init__(self, path: str, *, writable: bool = False, direct: bool = True,
+                 exclusive: bool = False, on_notice: Callable[[str], None] | None = None):
+        self.path = path
+        self.writable = writable
+        self._notice = on_notice or (lambda msg: None)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise DeviceError(f"{path}: no such device or file") from None
+        except OSError as e:
+            raise DeviceError(f"{path}: {e.strerror}") from None
+        if stat.S_ISDIR(st.st_mode):
+            raise DeviceError(f"{path}: is a directory, not a block device or image file")
+        if not (stat.S_ISBLK(st.st_mode) or stat.S_ISREG(st.st_mode)):
+            raise DeviceError(f"{path}: not a block device or regular file")
+        self.is_block = stat.S_ISBLK(st.st_mode)
+        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
+        if exclusive and self.is_block:
+            # O_EXCL on a block device fails with EBUSY while it is mounted or otherwise claimed.
+            flags |= os.O_EXCL
+        self._flags = flags
+        self.direct = False
+        self.fd = -1
+        try:
+            if direct:
+                try:
+                    self.fd = os.open(path, flags | os.O_DIRECT)
+                    self.direct = True
+                except OSError as e:
+                    if e.errno != errno.EINVAL:
+                        raise
+                    self._notice(f"{path}: O_DIRECT refused, using buffered I/O")
+            if self.fd < 0:
+                self.fd = os.open(path, flags)
+        except OSError as e:
+            if e.errno == errno.EBUSY:
+                raise DeviceError(f"{path}: device is busy (mounted or in use)") from None
+            raise DeviceError(f"{path}: cannot open: {e.strerror}") from None
+        if self.is_block:
+            self.size = struct.unpack("Q", fcntl.ioctl(self.fd, BLKGETSIZE64, bytes(8)))[0]
+            self.logical_sector_size = struct.unpack("i", fcntl.ioctl(self.fd, BLKSSZGET, bytes(4)))[0]
+            self.physical_sector_size = struct.unpack("I", fcntl.ioctl(self.fd, BLKPBSZGET, bytes(4)))[0]
+            self.read_only = bool(struct.unpack("i", fcntl.ioctl(self.fd, BLKROGET, bytes(4)))[0])
+        else:
+            self.size = st.st_size
+            self.logical_sector_size = 512
+            self.physical_sector_size = 512
+            self.read_only = not os.access(path, os.W_OK)
+
+    def __enter__(self) -> "BlockDevice":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def _fall_back_to_buffered(self, why: str) -> None:
+        self._notice(f"{self.path}: {why}; using buffered I/O")
+        fd = os.open(self.path, self._flags)
+        os.close(self.fd)
+        self.fd = fd
+        self.direct = False
+
+    def read_into(self, buf: memoryview, offset: int) -> int:
+        """Fill `buf` from `offset`; returns the bytes read (short only at the end of the device)."""
+        length = len(buf)
+        done = 0
+        while done < length:
+            try:
+                n = os.preadv(self.fd, [buf[done:]], offset + done)
+            except OSError as e:
+                if e.errno == errno.EINVAL and self.direct:
+                    self._fall_back_to_buffered("O_DIRECT read refused")
+                    continue
+                raise DeviceError(f"{self.path}: read error at offset {offset + done}: {e.strerror}") from None
+            if n == 0:
+                break
+            done += n
+        return done
+
+    def pread(self, length: int, offset: int) -> bytes:
+        """A read into fresh memory, for small unaligned reads (buffered if O_DIRECT is on)."""
+        if self.direct:
+            with open(self.path, "rb", buffering=0) as f:
+                return os.pread(f.fileno(), length, offset)
+        return os.pread(self.fd, length, offset)
+
+    def write_at(self, data, offset: int) -> None:
+        view = memoryview(data)
+        done = 0
+        while done < len(view):
+            try:
+                done += os.pwrite(self.fd, view[done:], offset + done)
+            except OSError as e:
+                if e.errno == errno.EINVAL and self.direct:
+                    self._fall_back_to_buffered("O_DIRECT write refused")
+                    continue
+                if e.errno == errno.ENOSPC:
+                    raise DeviceError(f"{self.path}: no space left writing at offset {offset + done}") from None
+                raise DeviceError(f"{self.path}: write error at offset {offset + done}: {e.strerror}") from None
+
+    def zero_range(self, offset: int, length: int) -> None:
+        """Make [offset, offset+length) read as zeros without sending the zeros down."""
+        try:
+            if self.is_block:
+                fcntl.ioctl(self.fd, BLKZEROOUT, struct.pack("QQ", offset, length))
+            else:
+                _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+            return
+        except OSError:
+            pass
+        zeros = bytes(min(length, 1 << 20))
+        end = offset + length
+        while offset < end:
+            n = min(len(zeros), end - offset)
+            self.write_at(zeros[:n], offset)
+            offset += n
+
+    def truncate(self, size: int) -> None:
+        os.ftruncate(self.fd, size)
+
+    def flush(self) -> None:
+        try:
+            os.fsync(self.fd)
+        except OSError as e:
+            raise DeviceError(f"{self.path}: flush failed: {e.strerror}") from None
+
+    def drop_cache(self) -> None:
+        """Drop the device's page cache so a re-read comes from the medium."""
+        if self.is_block:
+            try:
+                fcntl.ioctl(self.fd, BLKFLSBUF, 0)
+            except OSError:
+                pass
+        os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    if libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))

@@ -1,0 +1,149 @@
+"""Attach a file as /dev/loopN and detach it, through the loop driver's ioctls.
+
+This is what CI and the demo run on: the kernel here has loop devices but no
+device-mapper and no SCSI.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+import struct
+import time
+from dataclasses import dataclass
+
+from .errors import DeviceError
+
+LOOP_SET_FD = 0x4C00
+LOOP_CLR_FD = 0x4C01
+LOOP_SET_STATUS64 = 0x4C04
+LOOP_GET_STATUS64 = 0x4C05
+LOOP_CONFIGURE = 0x4C0A
+LOOP_CTL_GET_FREE = 0x4C82
+
+LO_FLAGS_READ_ONLY = 1
+LO_FLAGS_AUTOCLEAR = 4
+LO_FLAGS_PARTSCAN = 8
+LO_FLAGS_DIRECT_IO = 16
+
+LO_NAME_SIZE = 64
+# struct loop_info64 (include/uapi/linux/loop.h)
+_LOOP_INFO64 = struct.Struct("=QQQQQIIII64s64s32s2Q")
+# struct loop_config: __u32 fd; __u32 block_size; struct loop_info64 info; __u64 __reserved[8]
+_LOOP_CONFIG = struct.Struct("=II" + _LOOP_INFO64.format[1:] + "8Q")
+
+
+@dataclass(frozen=True)
+class LoopInfo:
+    device: str
+    backing_file: str
+    offset: int
+    size_limit: int
+    read_only: bool
+    autoclear: bool
+
+
+def attach(path: str, *, offset: int = 0, size_limit: int = 0, read_only: bool = False,
+           block_size: int = 0, autoclear: bool = False, direct_io: bool = False) -> str:
+    """Attach `path` to a free loop device and return the device's path (/dev/loopN)."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise DeviceError(f"{path}: {e.strerror}") from None
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise DeviceError(f"{path}: a loop device needs a regular file or block device")
+    flags = (LO_FLAGS_READ_ONLY if read_only else 0) | (LO_FLAGS_AUTOCLEAR if autoclear else 0)
+    if direct_io:
+        flags |= LO_FLAGS_DIRECT_IO
+    backing = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+    try:
+        ctl = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            for _ in range(64):
+                number = fcntl.ioctl(ctl, LOOP_CTL_GET_FREE)
+                device = f"/dev/loop{number}"
+                _ensure_node(device, number)
+                name = os.path.abspath(path).encode()[: LO_NAME_SIZE - 1]
+                config = _LOOP_CONFIG.pack(backing, block_size, 0, 0, 0, offset, size_limit, 0, 0, 0,
+                                           flags, name, b"", b"", 0, 0, *([0] * 8))
+                dev_fd = os.open(device, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+                try:
+                    fcntl.ioctl(dev_fd, LOOP_CONFIGURE, config)
+                    return device
+                except OSError as e:
+                    if e.errno == errno.EBUSY:
+                        continue  # another process took this device between GET_FREE and CONFIGURE
+                    raise DeviceError(f"cannot attach {path} to {device}: {e.strerror}") from None
+                finally:
+                    os.close(dev_fd)
+            raise DeviceError(f"cannot attach {path}: no free loop device")
+        finally:
+            os.close(ctl)
+    finally:
+        os.close(backing)
+
+
+def _ensure_node(device: str, number: int) -> None:
+    if not os.path.exists(device):
+        try:
+            os.mknod(device, 0o660 | stat.S_IFBLK, os.makedev(7, number))
+        except FileExistsError:
+            pass
+
+
+def info(device: str) -> LoopInfo:
+    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        raw = fcntl.ioctl(fd, LOOP_GET_STATUS64, bytes(_LOOP_INFO64.size))
+    except OSError as e:
+        if e.errno == errno.ENXIO:
+            raise DeviceError(f"{device}: not attached") from None
+        raise DeviceError(f"{device}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    fields = _LOOP_INFO64.unpack(raw)
+    offset, size_limit, flags, name = fields[3], fields[4], fields[8], fields[9]
+    backing = _sysfs_backing_file(device) or name.rstrip(b"\0").decode(errors="replace")
+    return LoopInfo(device, backing, offset, size_limit, bool(flags & LO_FLAGS_READ_ONLY),
+                    bool(flags & LO_FLAGS_AUTOCLEAR))
+
+
+def _sysfs_backing_file(device: str) -> str | None:
+    try:
+        with open(f"/sys/block/{os.path.basename(device)}/loop/backing_file") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def detach(device: str, *, wait: float = 5.0) -> None:
+    """Detach a loop device. The kernel defers the detach while the device is open
+    elsewhere (a udev probe, a closing mount); wait for it to complete."""
+    try:
+        fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise DeviceError(f"{device}: {e.strerror}") from None
+    try:
+        fcntl.ioctl(fd, LOOP_CLR_FD)
+    except OSError as e:
+        if e.errno == errno.ENXIO:
+            raise DeviceError(f"{device}: not attached") from None
+        raise DeviceError(f"cannot detach {device}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    deadline = time.monotonic() + wait
+    while _sysfs_backing_file(device) is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def list_attached() -> list[LoopInfo]:
+    result = []
+    for name in sorted(os.listdir("/sys/block")):
+        if name.startswith("loop") and _sysfs_backing_file("/dev/" + name) is not None:
+            try:
+                result.append(info("/dev/" + name))
+            except DeviceError:
+                pass
+    return result

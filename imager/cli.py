@@ -1,0 +1,261 @@
+"""`imager ...`: a thin command-line layer over imager.jobs and devices."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import signal
+import sys
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+from devices.errors import DeviceError
+
+from . import __version__
+from .errors import ImagerError
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'4M', '4MiB', '65536', '1G' -> bytes (binary multiples, as dd and zstd read them)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 65536, 64K, 4M, 1G)")
+    return int(m.group(1)) << (10 * " kmgt".index(m.group(2).lower() or " "))
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+class Output:
+    """Where a command's progress, notices and results go, by --json / --quiet / tty."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.json = getattr(args, "json", False)
+        self.quiet = getattr(args, "quiet", False)
+        self.verbose = getattr(args, "verbose", False)
+
+    def notice(self, message: str) -> None:
+        if not self.quiet:
+            print(f"imager: {message}", file=sys.stderr)
+
+    def verbose_notice(self, message: str) -> None:
+        if self.verbose:
+            self.notice(message)
+
+    @contextmanager
+    def progress(self, total: int, label: str) -> Iterator[Callable[[int], None] | None]:
+        if self.quiet or self.json or not sys.stdout.isatty():
+            yield None
+            return
+        from tqdm import tqdm
+
+        with tqdm(total=total, desc=label, unit="B", unit_scale=True, unit_divisor=1024,
+                  file=sys.stderr, dynamic_ncols=True, smoothing=0.1) as bar:
+            yield bar.update
+
+    def result(self, data: dict, lines: list[str]) -> None:
+        if self.json:
+            print(json.dumps(data, indent=2, sort_keys=True))
+        elif not self.quiet:
+            print("\n".join(lines))
+
+
+def _volume_size_of(path: str) -> int:
+    from devices.block import BlockDevice
+
+    try:
+        with BlockDevice(path, direct=False) as dev:
+            return dev.size
+    except DeviceError:
+        return 0
+
+
+def cmd_backup(args, out: Output) -> int:
+    from . import jobs
+
+    with out.progress(_volume_size_of(args.source), "backup") as progress:
+        r = jobs.backup(args.source, args.output, force=args.force, level=args.level,
+                        chunk_size=args.chunk_size, workers=args.workers, progress=progress,
+                        on_notice=out.notice)
+    out.result(r.to_dict(), [
+        f"imaged {args.source} ({human_bytes(r.volume_size)}) to {args.output}",
+        f"  {human_bytes(r.bytes_read)} read, {human_bytes(r.bytes_written)} written, ratio {r.ratio:.2f}, "
+        f"{r.zero_chunks} of {r.chunks} chunks zero",
+        f"  {r.seconds:.2f} s, {r.mb_per_second:.0f} MB/s",
+    ])
+    return 0
+
+
+def cmd_restore(args, out: Output) -> int:
+    from . import jobs
+    from .stream import ImageReader
+
+    with ImageReader(args.image) as reader:
+        size = reader.header.volume_size
+    with out.progress(size, "restore") as progress:
+        r = jobs.restore(args.image, args.target, force=args.force, verify=args.verify,
+                         workers=args.workers, progress=progress)
+    out.result(r.to_dict(), [
+        f"restored {args.image} to {args.target} ({human_bytes(r.volume_size)})"
+        + (", verified" if r.verified else ""),
+        f"  {r.zero_chunks} of {r.chunks} chunks zero, {r.seconds:.2f} s, {r.mb_per_second:.0f} MB/s",
+    ])
+    return 0
+
+
+def cmd_verify(args, out: Output) -> int:
+    from . import jobs
+    from .stream import ImageReader
+
+    with ImageReader(args.image) as reader:
+        size = reader.header.volume_size
+    with out.progress(size, "verify") as progress:
+        r = jobs.verify(args.image, workers=args.workers, progress=progress)
+    out.result(r.to_dict(), [f"{args.image}: ok, {r.chunks} chunks ({r.zero_chunks} zero), "
+                             f"{human_bytes(r.volume_size)} volume, {r.seconds:.2f} s"])
+    return 0
+
+
+def cmd_info(args, out: Output) -> int:
+    from . import jobs
+
+    d = jobs.info(args.image)
+    h, t = d["header"], d["totals"]
+    src = h.get("source", {})
+    out.result(d, [
+        f"image:       {args.image}",
+        f"volume:      {human_bytes(h['volume_size'])} ({h['volume_size']} bytes), sector {h['sector_size']}",
+        f"source:      {src.get('path', '?')}"
+        + (f" ({src.get('fs_type')}" + (f", label {src['label']}" if src.get('label') else "") + ")"
+           if src.get("fs_type") else ""),
+        f"snapshot:    {h.get('snapshot', {}).get('provider', '?')} at {h.get('snapshot', {}).get('time', '?')}",
+        f"plan:        {h.get('plan', {}).get('mode', '?')}",
+        f"chunks:      {h['chunk_count']} of {human_bytes(h['chunk_size'])}, {t.get('zero_chunks', '?')} zero, level {h['level']}",
+        f"size:        {human_bytes(d['file_size'])}, ratio {d['ratio']:.2f}",
+        f"created:     {h.get('created')} by {h.get('tool')}",
+        f"complete:    {'yes' if t.get('complete') else 'no'}",
+    ])
+    return 0
+
+
+def cmd_loop_attach(args, out: Output) -> int:
+    from devices import loop
+
+    dev = loop.attach(args.file, offset=args.offset, size_limit=args.size_limit, read_only=args.read_only)
+    out.result({"device": dev, "file": args.file}, [dev])
+    return 0
+
+
+def cmd_loop_detach(args, out: Output) -> int:
+    from devices import loop
+
+    for dev in args.devices:
+        loop.detach(dev)
+    out.result({"detached": args.devices}, [f"detached {d}" for d in args.devices])
+    return 0
+
+
+def cmd_loop_list(args, out: Output) -> int:
+    from devices import loop
+
+    rows = loop.list_attached()
+    out.result({"loops": [r.__dict__ for r in rows]},
+               [f"{r.device}\t{r.backing_file}" + (f"\toffset {r.offset}" if r.offset else "")
+                + ("\tro" if r.read_only else "") for r in rows] or ["no loop devices attached"])
+    return 0
+
+
+def cmd_demo(args, out: Output) -> int:
+    from . import demo
+
+    return demo.run(out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="imager", description="Point-in-time images of block devices in use.")
+    p.add_argument("--version", action="version", version=f"imager {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary")
+    common.add_argument("-v", "--verbose", action="store_true", help="say more (e.g. buffered I/O fallback)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    from .stream import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL
+
+    b = sub.add_parser("backup", parents=[common], help="image a block device or file")
+    b.add_argument("source", help="block device or file to image")
+    b.add_argument("-o", "--output", required=True, help="image file to write (.zst)")
+    b.add_argument("--level", type=int, default=DEFAULT_LEVEL, help=f"zstd level (default {DEFAULT_LEVEL})")
+    b.add_argument("--chunk-size", type=parse_size, default=DEFAULT_CHUNK_SIZE,
+                   help=f"bytes of volume per zstd frame (default {DEFAULT_CHUNK_SIZE >> 20}M)")
+    b.add_argument("--workers", type=int, default=None, help="compression threads (default: all cores)")
+    b.add_argument("-f", "--force", action="store_true", help="replace an existing image")
+    b.set_defaults(func=cmd_backup)
+
+    r = sub.add_parser("restore", parents=[common], help="write an image back to a device or file")
+    r.add_argument("image")
+    r.add_argument("target", help="block device, or a file to create")
+    r.add_argument("--verify", action="store_true", help="re-read what was written and compare checksums")
+    r.add_argument("--workers", type=int, default=None)
+    r.add_argument("-f", "--force", action="store_true", help="replace an existing target file")
+    r.set_defaults(func=cmd_restore)
+
+    v = sub.add_parser("verify", parents=[common], help="check every chunk of an image")
+    v.add_argument("image")
+    v.add_argument("--workers", type=int, default=None)
+    v.set_defaults(func=cmd_verify)
+
+    i = sub.add_parser("info", parents=[common], help="show what an image holds")
+    i.add_argument("image")
+    i.set_defaults(func=cmd_info)
+
+    lp = sub.add_parser("loop", help="attach and detach loop devices")
+    lsub = lp.add_subparsers(dest="loop_command", required=True, metavar="ACTION")
+    la = lsub.add_parser("attach", parents=[common], help="attach a file as /dev/loopN")
+    la.add_argument("file")
+    la.add_argument("--offset", type=parse_size, default=0)
+    la.add_argument("--size-limit", type=parse_size, default=0)
+    la.add_argument("--read-only", action="store_true")
+    la.set_defaults(func=cmd_loop_attach)
+    ld = lsub.add_parser("detach", parents=[common], help="detach loop devices")
+    ld.add_argument("devices", nargs="+")
+    ld.set_defaults(func=cmd_loop_detach)
+    ll = lsub.add_parser("list", parents=[common], help="list attached loop devices")
+    ll.set_defaults(func=cmd_loop_list)
+
+    d = sub.add_parser("demo", parents=[common], help="image a sample loop volume end to end")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out = Output(args)
+    # SIGTERM unwinds like Ctrl-C, so every job's cleanup (temporary files, snapshots) runs.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        return args.func(args, out)
+    except (ImagerError, DeviceError) as e:
+        print(f"imager: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("imager: interrupted; nothing was left half-written", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 141
+
+
+if __name__ == "__main__":
+    sys.exit(main())

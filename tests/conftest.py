@@ -1,0 +1,145 @@
+"""Real loop devices and real filesystems for the tests, always cleaned up, also on failure."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from devices import loop
+from devices.block import mounts
+
+SAMPLE_SOURCES = ["/usr/share/doc", "/usr/lib/python3.11/email", "/usr/lib/python3.11/json"]
+
+
+def run(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(list(cmd), check=check, capture_output=True, text=True, **kw)
+
+
+def imager(*args: str, check: bool = False, **kw) -> subprocess.CompletedProcess:
+    """Run the imager CLI as a user would, in a child process."""
+    return run(sys.executable, "-m", "imager.cli", *args, check=check, **kw)
+
+
+def file_checksums(root: str | Path) -> dict[str, str]:
+    result = {}
+    root = Path(root)
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and not path.is_symlink() and "lost+found" not in path.parts:
+            result[str(path.relative_to(root))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return result
+
+
+def unmount_everything_on(device: str) -> None:
+    st = os.stat(device)
+    for m in reversed(mounts()):
+        if m.device_number == st.st_rdev:
+            run("umount", "-l", m.mount_point, check=False)
+
+
+class LoopFactory:
+    """Creates sparse files attached as loop devices; tears every one of them down."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.devices: list[str] = []
+        self.mount_points: list[Path] = []
+        self._n = 0
+
+    def create(self, size: int, *, fs: str | None = None, label: str = "imgtest", fill=None) -> str:
+        self._n += 1
+        path = self.directory / f"vol{self._n}.img"
+        with open(path, "wb") as f:
+            f.truncate(size)
+        if fill is not None:
+            fill(path)
+        dev = loop.attach(str(path))
+        self.devices.append(dev)
+        if fs == "ext4":
+            run("mkfs.ext4", "-q", "-F", "-L", label, dev)
+        elif fs == "xfs":
+            run("mkfs.xfs", "-q", "-f", "-L", label, dev)
+        elif fs is not None:
+            raise ValueError(fs)
+        return dev
+
+    def mount(self, device: str, *options: str) -> Path:
+        point = self.directory / f"mnt{len(self.mount_points)}"
+        point.mkdir(exist_ok=True)
+        run("mount", *(["-o", ",".join(options)] if options else []), device, str(point))
+        self.mount_points.append(point)
+        return point
+
+    def umount(self, point: Path) -> None:
+        run("umount", str(point))
+        self.mount_points.remove(point)
+
+    def cleanup(self) -> None:
+        for point in reversed(self.mount_points):
+            if run("umount", str(point), check=False).returncode:
+                run("umount", "-l", str(point), check=False)
+        for dev in reversed(self.devices):
+            try:
+                unmount_everything_on(dev)
+                loop.detach(dev)
+            except Exception:
+                pass
+
+
+@pytest.fixture
+def loops(tmp_path):
+    factory = LoopFactory(tmp_path)
+    try:
+        yield factory
+    finally:
+        factory.cleanup()
+
+
+def populate(root: Path, random_mib: int = 8) -> None:
+    """Real files: documentation, Python sources, and incompressible data."""
+    for src in SAMPLE_SOURCES:
+        if os.path.isdir(src):
+            shutil.copytree(src, root / Path(src).name, symlinks=True, dirs_exist_ok=True)
+    with open(root / "random.bin", "wb") as f:
+        f.write(os.urandom(random_mib << 20))
+    (root / "small.txt").write_text("hello imager\n" * 100)
+    os.sync()
+
+
+@pytest.fixture
+def ext4_volume(loops):
+    """A 256 MiB loop device holding an ext4 filesystem with real files; unmounted.
+    Returns (device, {relative path: sha256})."""
+    dev = loops.create(256 << 20, fs="ext4")
+    point = loops.mount(dev)
+    populate(point)
+    sums = file_checksums(point)
+    loops.umount(point)
+    return dev, sums
+
+
+def fsck_clean(device: str, fs: str = "ext4") -> subprocess.CompletedProcess:
+    if fs == "xfs":
+        return run("xfs_repair", "-n", device, check=False)
+    return run("fsck.ext4", "-n", "-f", device, check=False)
+
+
+def same_bytes(a: str, b: str, length: int) -> bool:
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        remaining = length
+        while remaining:
+            n = min(remaining, 8 << 20)
+            if fa.read(n) != fb.read(n):
+                return False
+            remaining -= n
+    return True
+
+
+def device_size(path: str) -> int:
+    with open(path, "rb") as f:
+        return f.seek(0, os.SEEK_END)
