@@ -24,7 +24,7 @@ test: setup
 
 bench: setup
 	$(PY) bench/compare.py
-	$(PY) -m pytest -q -p no:cacheprovider bench
+	$(PY) -m pytest -q -p no:cacheprovider -o python_files="bench_*.py" bench
 
 lint: setup
 	$(PY) -m compileall -q imager devices tests bench

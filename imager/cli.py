@@ -173,6 +173,30 @@ def cmd_loop_list(args, out: Output) -> int:
     return 0
 
 
+def cmd_devices(args, out: Output) -> int:
+    from devices import discover
+
+    disks = discover.list_block_devices(include_empty=args.all)
+    tapes = discover.list_tape_drives()
+    header = ("NAME", "SIZE", "SECTOR", "KIND", "FSTYPE", "LABEL", "UUID", "MOUNTPOINT", "PARTTYPE", "RO")
+    rows = [header]
+    for d in disks:
+        part = d.partition_type or ""
+        if d.is_esp:
+            part = (part + " (EFI system)").strip()
+        rows.append((d.name, human_bytes(d.size), f"{d.logical_sector_size}/{d.physical_sector_size}", d.kind,
+                     d.fs_type or "", d.label or "", d.uuid or "", ",".join(d.mount_points), part,
+                     "ro" if d.read_only else ""))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    if tapes:
+        lines += ["", "TAPE DRIVES"] + [f"{t.path}  {t.vendor or ''} {t.model or ''}  {t.serial or ''}".rstrip()
+                                        for t in tapes]
+    out.result({"block_devices": [d.to_dict() for d in disks], "tape_drives": [t.to_dict() for t in tapes]},
+               lines)
+    return 0
+
+
 def cmd_demo(args, out: Output) -> int:
     from . import demo
 
@@ -230,6 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
     ld.set_defaults(func=cmd_loop_detach)
     ll = lsub.add_parser("list", parents=[common], help="list attached loop devices")
     ll.set_defaults(func=cmd_loop_list)
+
+    dv = sub.add_parser("devices", parents=[common], help="list block devices and tape drives")
+    dv.add_argument("-a", "--all", action="store_true", help="include empty loop devices and ram disks")
+    dv.set_defaults(func=cmd_devices)
 
     d = sub.add_parser("demo", parents=[common], help="image a sample loop volume end to end")
     d.set_defaults(func=cmd_demo)

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Callable, Iterator, Protocol
 
-from devices import block
+from devices import block, discover
 from devices.block import BlockDevice
 from devices.buffers import AlignedBuffer, BufferPool
 from devices.errors import DeviceError
@@ -98,14 +98,7 @@ def _now() -> str:
 
 def probe_filesystem(path: str) -> dict:
     """Filesystem type, label and UUID of a device or image file, by blkid's low-level probe."""
-    import subprocess
-
-    try:
-        out = subprocess.run(["blkid", "-p", "-o", "export", path], capture_output=True, text=True,
-                             timeout=30).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return {}
-    values = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+    values = discover.probe_with_blkid(path)
     return {k: values[v] for k, v in (("fs_type", "TYPE"), ("label", "LABEL"), ("uuid", "UUID")) if v in values}
 
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +11,7 @@ import pytest
 
 from devices import loop
 from devices.block import mounts
-
-SAMPLE_SOURCES = ["/usr/share/doc", "/usr/lib/python3.11/email", "/usr/lib/python3.11/json"]
-
+from imager.demo import file_checksums, populate_sample
 
 def run(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(list(cmd), check=check, capture_output=True, text=True, **kw)
@@ -24,15 +20,6 @@ def run(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
 def imager(*args: str, check: bool = False, **kw) -> subprocess.CompletedProcess:
     """Run the imager CLI as a user would, in a child process."""
     return run(sys.executable, "-m", "imager.cli", *args, check=check, **kw)
-
-
-def file_checksums(root: str | Path) -> dict[str, str]:
-    result = {}
-    root = Path(root)
-    for path in sorted(root.rglob("*")):
-        if path.is_file() and not path.is_symlink() and "lost+found" not in path.parts:
-            result[str(path.relative_to(root))] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return result
 
 
 def unmount_everything_on(device: str) -> None:
@@ -100,24 +87,13 @@ def loops(tmp_path):
         factory.cleanup()
 
 
-def populate(root: Path, random_mib: int = 8) -> None:
-    """Real files: documentation, Python sources, and incompressible data."""
-    for src in SAMPLE_SOURCES:
-        if os.path.isdir(src):
-            shutil.copytree(src, root / Path(src).name, symlinks=True, dirs_exist_ok=True)
-    with open(root / "random.bin", "wb") as f:
-        f.write(os.urandom(random_mib << 20))
-    (root / "small.txt").write_text("hello imager\n" * 100)
-    os.sync()
-
-
 @pytest.fixture
 def ext4_volume(loops):
     """A 256 MiB loop device holding an ext4 filesystem with real files; unmounted.
     Returns (device, {relative path: sha256})."""
     dev = loops.create(256 << 20, fs="ext4")
     point = loops.mount(dev)
-    populate(point)
+    populate_sample(point)
     sums = file_checksums(point)
     loops.umount(point)
     return dev, sums

@@ -1,0 +1,69 @@
+"""Micro benchmarks of the backup hot path (pytest-benchmark): `make bench` runs them."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from devices.buffers import AlignedBuffer, is_all_zero
+from imager.stream import chunk_digest, encode_chunk
+
+CHUNK = 4 << 20
+
+
+def _text_like() -> bytes:
+    """Compressible data of the kind a volume holds: library and document bytes."""
+    parts, size = [], 0
+    for root in ("/usr/lib/python3.11", "/usr/share/doc"):
+        for dirpath, _, files in os.walk(root):
+            for name in files:
+                path = os.path.join(dirpath, name)
+                if os.path.isfile(path) and not os.path.islink(path):
+                    with open(path, "rb") as f:
+                        data = f.read(1 << 20)
+                    parts.append(data)
+                    size += len(data)
+                if size >= CHUNK:
+                    return b"".join(parts)[:CHUNK]
+    return (b"".join(parts) * (CHUNK // max(size, 1) + 1))[:CHUNK]
+
+
+@pytest.fixture(scope="module")
+def zero_buffer():
+    buf = AlignedBuffer(CHUNK)
+    yield buf
+    buf.close()
+
+
+@pytest.fixture(scope="module")
+def text_chunk():
+    return _text_like()
+
+
+def test_zero_detection_of_a_zero_chunk(benchmark, zero_buffer):
+    assert benchmark(is_all_zero, zero_buffer.view)
+
+
+def test_zero_detection_numpy_any_baseline(benchmark, zero_buffer):
+    assert not benchmark(lambda: bool(zero_buffer.array.any()))
+
+
+def test_blake3_digest_of_a_chunk(benchmark, text_chunk):
+    assert len(benchmark(chunk_digest, text_chunk)) == 32
+
+
+@pytest.mark.parametrize("level", [1, 3])
+def test_encode_text_chunk(benchmark, text_chunk, level):
+    chunk = benchmark(encode_chunk, 0, memoryview(text_chunk), level)
+    assert not chunk.zero and len(chunk.frame) < CHUNK
+
+
+def test_encode_random_chunk(benchmark):
+    data = memoryview(np.random.default_rng(1).integers(0, 256, CHUNK, dtype=np.uint8).tobytes())
+    assert not benchmark(encode_chunk, 0, data, 3).zero
+
+
+def test_encode_zero_chunk_costs_no_compression(benchmark, zero_buffer):
+    assert benchmark(encode_chunk, 0, zero_buffer.view, 3).zero

@@ -1,0 +1,84 @@
+"""The command line as a user runs it: listings, loop devices, interruption, the demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from devices import loop
+
+from conftest import imager
+
+
+def test_devices_lists_a_loop_volume_with_its_filesystem(ext4_volume):
+    dev, _ = ext4_volume
+    listing = json.loads(imager("devices", "--json").stdout)
+    entry = next(d for d in listing["block_devices"] if d["path"] == dev)
+    assert entry["kind"] == "loop" and entry["fs_type"] == "ext4" and entry["label"] == "imgtest"
+    assert entry["size"] == 256 << 20
+    assert listing["tape_drives"] == []
+    table = imager("devices").stdout.splitlines()
+    assert table[0].split()[:4] == ["NAME", "SIZE", "SECTOR", "KIND"]
+    assert any(line.split()[0] == os.path.basename(dev) and "ext4" in line for line in table[1:])
+
+
+def test_loop_attach_list_detach(tmp_path):
+    backing = tmp_path / "disk.img"
+    backing.write_bytes(bytes(8 << 20))
+    r = imager("loop", "attach", str(backing))
+    assert r.returncode == 0, r.stderr
+    dev = r.stdout.strip()
+    try:
+        assert dev.startswith("/dev/loop")
+        listed = json.loads(imager("loop", "list", "--json").stdout)["loops"]
+        assert any(e["device"] == dev and e["backing_file"] == str(backing) for e in listed)
+    finally:
+        r = imager("loop", "detach", dev)
+    assert r.returncode == 0, r.stderr
+    assert all(info.device != dev for info in loop.list_attached())
+    r = imager("loop", "detach", dev)
+    assert r.returncode == 1 and "not attached" in r.stderr
+
+
+def test_sigterm_during_backup_leaves_no_partial_image(tmp_path, loops):
+    dev = loops.create(1 << 30, fill=_random_fill)
+    image = tmp_path / "big.zst"
+    proc = subprocess.Popen([sys.executable, "-m", "imager.cli", "backup", dev, "-o", str(image),
+                             "--level", "19", "--workers", "1"], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not any(p.name.startswith(".big.zst.part") for p in tmp_path.iterdir()):
+        assert proc.poll() is None and time.monotonic() < deadline, "backup never started writing"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert not image.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".big.zst")]
+
+
+def _random_fill(path) -> None:
+    with open(path, "r+b") as f:
+        block = os.urandom(4 << 20)
+        for _ in range(64):
+            f.write(block)
+
+
+def test_usage_errors_exit_2_without_traceback():
+    r = imager("backup")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    r = imager("backup", "/dev/null", "-o", "/tmp/x.zst", "--chunk-size", "lots")
+    assert r.returncode == 2 and "not a size" in r.stderr
+
+
+def test_demo_runs_end_to_end_and_cleans_up():
+    r = imager("demo", "--json")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["backup"]["ratio"] > 1 and summary["restore"]["verified"]
+    assert not [i for i in loop.list_attached() if "imager-demo-" in i.backing_file]
+    assert not [line for line in open("/proc/mounts") if "imager-demo-" in line]
