@@ -13,6 +13,7 @@ from typing import Callable, Iterator
 from devices.errors import DeviceError
 
 from . import __version__
+from .catalog import Catalog, record_dict
 from .errors import ImagerError
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
@@ -82,11 +83,12 @@ def cmd_backup(args, out: Output) -> int:
     from . import jobs
 
     with out.progress(_volume_size_of(args.source), "backup") as progress:
-        r = jobs.backup(args.source, args.output, force=args.force, level=args.level,
-                        chunk_size=args.chunk_size, workers=args.workers, progress=progress,
-                        on_notice=out.notice)
+        with Catalog(args.catalog) as catalog:
+            r = jobs.backup(args.source, args.output, force=args.force, level=args.level,
+                            chunk_size=args.chunk_size, workers=args.workers, progress=progress,
+                            on_notice=out.notice, catalog=catalog)
     out.result(r.to_dict(), [
-        f"imaged {args.source} ({human_bytes(r.volume_size)}) to {args.output}",
+        f"imaged {args.source} ({human_bytes(r.volume_size)}) to {args.output}, image id {r.image_id}",
         f"  {human_bytes(r.bytes_read)} read, {human_bytes(r.bytes_written)} written, ratio {r.ratio:.2f}, "
         f"{r.zero_chunks} of {r.chunks} chunks zero",
         f"  {r.seconds:.2f} s, {r.mb_per_second:.0f} MB/s",
@@ -173,6 +175,22 @@ def cmd_loop_list(args, out: Output) -> int:
     return 0
 
 
+def cmd_catalog_list(args, out: Output) -> int:
+    with Catalog(args.catalog) as catalog:
+        images = catalog.images()
+        rows = []
+        lines = []
+        for img in images:
+            segments = catalog.segments(img.id)
+            rows.append({"image": record_dict(img), "segments": [record_dict(s) for s in segments]})
+            where = "; ".join(s.path if s.kind == "file" else f"tape {s.tape_label} file {s.tape_file}"
+                              for s in segments)
+            lines.append(f"{img.id[:12]}  {img.created}  {img.source}  {human_bytes(img.volume_size)}  "
+                         f"-> {human_bytes(img.stream_bytes)}  {where}")
+    out.result({"catalog": str(catalog.path), "images": rows}, lines or [f"no images in {catalog.path}"])
+    return 0
+
+
 def cmd_devices(args, out: Output) -> int:
     from devices import discover
 
@@ -222,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"bytes of volume per zstd frame (default {DEFAULT_CHUNK_SIZE >> 20}M)")
     b.add_argument("--workers", type=int, default=None, help="compression threads (default: all cores)")
     b.add_argument("-f", "--force", action="store_true", help="replace an existing image")
+    b.add_argument("--catalog", metavar="PATH", help="catalog database (default: the user's data directory)")
     b.set_defaults(func=cmd_backup)
 
     r = sub.add_parser("restore", parents=[common], help="write an image back to a device or file")
@@ -254,6 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
     ld.set_defaults(func=cmd_loop_detach)
     ll = lsub.add_parser("list", parents=[common], help="list attached loop devices")
     ll.set_defaults(func=cmd_loop_list)
+
+    cp = sub.add_parser("catalog", help="the record of images and where they live")
+    csub = cp.add_subparsers(dest="catalog_command", required=True, metavar="ACTION")
+    cl = csub.add_parser("list", parents=[common], help="list the images in the catalog")
+    cl.add_argument("--catalog", metavar="PATH", help="catalog database (default: the user's data directory)")
+    cl.set_defaults(func=cmd_catalog_list)
 
     dv = sub.add_parser("devices", parents=[common], help="list block devices and tape drives")
     dv.add_argument("-a", "--all", action="store_true", help="include empty loop devices and ram disks")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import time
@@ -15,6 +16,7 @@ from devices.buffers import AlignedBuffer, BufferPool
 from devices.errors import DeviceError
 
 from . import __version__
+from .catalog import Catalog, ImageRecord, SegmentRecord
 from .errors import ImageFormatError, ImagerError, UsageError
 from .pipeline import default_workers, run_ordered
 from .sinks import FileSink
@@ -36,6 +38,7 @@ class VolumeSource(Protocol):
 
 @dataclass
 class BackupResult:
+    image_id: str
     image: str
     source: str
     volume_size: int
@@ -46,6 +49,8 @@ class BackupResult:
     seconds: float
     level: int
     chunk_size: int
+    image_digest: str
+    header: ImageHeader = field(repr=False)
 
     @property
     def ratio(self) -> float:
@@ -56,7 +61,9 @@ class BackupResult:
         return self.volume_size / self.seconds / 1e6 if self.seconds else 0.0
 
     def to_dict(self) -> dict:
-        return dict(asdict(self), ratio=round(self.ratio, 3), mb_per_second=round(self.mb_per_second, 1))
+        d = asdict(self)
+        del d["header"]
+        return dict(d, ratio=round(self.ratio, 3), mb_per_second=round(self.mb_per_second, 1))
 
 
 @dataclass
@@ -178,16 +185,27 @@ def write_image(source: VolumeSource, sink, *, level: int = DEFAULT_LEVEL,
     seconds = time.monotonic() - started
     writer.finish({"bytes_read": totals["bytes_read"], "zero_chunks": totals["zero_chunks"],
                    "seconds": round(seconds, 3), "finished": _now()})
-    return BackupResult(image=getattr(sink, "path", ""), source=source.path, volume_size=source.size,
+    return BackupResult(image_id=header.image_id, image=getattr(sink, "path", ""), source=source.path, volume_size=source.size,
                         chunks=header.chunk_count, zero_chunks=totals["zero_chunks"],
                         bytes_read=totals["bytes_read"], bytes_written=writer.bytes_written,
-                        seconds=seconds, level=level, chunk_size=chunk_size)
+                        seconds=seconds, level=level, chunk_size=chunk_size,
+                        image_digest=writer.image_digest, header=header)
+
+
+def image_record(header: ImageHeader, stream_bytes: int, image_digest: str) -> ImageRecord:
+    return ImageRecord(id=header.image_id, created=header.created, source=header.source.get("path", ""),
+                       fs_type=header.source.get("fs_type"), volume_size=header.volume_size,
+                       chunk_size=header.chunk_size, chunks=header.chunk_count, level=header.level,
+                       stream_bytes=stream_bytes, image_digest=image_digest,
+                       snapshot=json.dumps(header.snapshot, sort_keys=True))
 
 
 def backup(source: str, output: str, *, force: bool = False, level: int = DEFAULT_LEVEL,
            chunk_size: int = DEFAULT_CHUNK_SIZE, workers: int | None = None,
-           progress: Progress | None = None, on_notice: Callable[[str], None] | None = None) -> BackupResult:
-    """Image the block device or file `source` to the seekable zstd image `output`."""
+           progress: Progress | None = None, on_notice: Callable[[str], None] | None = None,
+           catalog: Catalog | None = None) -> BackupResult:
+    """Image the block device or file `source` to the seekable zstd image `output`,
+    and record it in `catalog` when one is given."""
     if os.path.exists(output) and os.path.exists(source) and os.path.samefile(source, output):
         raise UsageError(f"{output}: the image cannot be written over its own source")
     dev = open_source(source, on_notice)
@@ -205,6 +223,10 @@ def backup(source: str, output: str, *, force: bool = False, level: int = DEFAUL
         except BaseException:
             sink.abort()
             raise
+        if catalog is not None:
+            catalog.add_image(image_record(result.header, result.bytes_written, result.image_digest),
+                              [SegmentRecord(result.image_id, 0, "file", os.path.abspath(output), None, None,
+                                             None, 0, result.bytes_written)])
         return result
     finally:
         dev.close()

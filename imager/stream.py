@@ -22,6 +22,7 @@ import json
 import os
 import struct
 import threading
+import uuid
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from typing import BinaryIO, Iterator
@@ -55,6 +56,7 @@ DEFAULT_LEVEL = 3
 class ImageHeader:
     volume_size: int
     chunk_size: int
+    image_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     sector_size: int = 512
     level: int = DEFAULT_LEVEL
     source: dict = field(default_factory=dict)
@@ -223,6 +225,7 @@ class ImageWriter:
         self.entries: list[tuple[int, int]] = []
         self.digests = bytearray()
         self.bytes_written = 0
+        self.image_digest = ""
         self._emit(encode_header(header), 0)
 
     def _emit(self, frame: bytes, decompressed: int) -> None:
@@ -240,8 +243,8 @@ class ImageWriter:
     def finish(self, totals: dict) -> None:
         if len(self.digests) // DIGEST_SIZE != self.header.chunk_count:
             raise RuntimeError("image finished before every chunk was written")
-        totals = dict(totals, complete=True, chunks=self.header.chunk_count,
-                      image_digest=blake3.blake3(bytes(self.digests)).hexdigest())
+        self.image_digest = blake3.blake3(bytes(self.digests)).hexdigest()
+        totals = dict(totals, complete=True, chunks=self.header.chunk_count, image_digest=self.image_digest)
         self._emit(encode_trailer(totals, bytes(self.digests)), 0)
         table = encode_seek_table(self.entries)
         self.sink.write(table)

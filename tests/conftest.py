@@ -119,3 +119,10 @@ def same_bytes(a: str, b: str, length: int) -> bool:
 def device_size(path: str) -> int:
     with open(path, "rb") as f:
         return f.seek(0, os.SEEK_END)
+
+
+@pytest.fixture(autouse=True)
+def private_catalog(tmp_path, monkeypatch):
+    """Keep every test's catalog (the default one under XDG_DATA_HOME) out of the user's home."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg-data"))
+    return tmp_path / "xdg-data" / "imager" / "catalog.sqlite"

@@ -82,3 +82,23 @@ def test_demo_runs_end_to_end_and_cleans_up():
     assert summary["backup"]["ratio"] > 1 and summary["restore"]["verified"]
     assert not [i for i in loop.list_attached() if "imager-demo-" in i.backing_file]
     assert not [line for line in open("/proc/mounts") if "imager-demo-" in line]
+
+
+def test_backup_records_the_image_in_the_catalog(ext4_volume, tmp_path, private_catalog):
+    dev, _ = ext4_volume
+    image = tmp_path / "cat.zst"
+    summary = json.loads(imager("backup", dev, "-o", str(image), "--json").stdout)
+    listing = json.loads(imager("catalog", "list", "--json").stdout)
+    assert listing["catalog"] == str(private_catalog)
+    (entry,) = listing["images"]
+    assert entry["image"]["id"] == summary["image_id"]
+    assert entry["image"]["source"] == dev and entry["image"]["fs_type"] == "ext4"
+    assert entry["image"]["stream_bytes"] == image.stat().st_size
+    assert entry["segments"] == [{"image_id": summary["image_id"], "sequence": 0, "kind": "file",
+                                  "path": str(image), "tape_label": None, "tape_set": None,
+                                  "tape_file": None, "stream_offset": 0,
+                                  "stream_length": image.stat().st_size}]
+    other = tmp_path / "other.sqlite"
+    imager("backup", dev, "-o", str(tmp_path / "b.zst"), "--catalog", str(other), "-q")
+    assert len(json.loads(imager("catalog", "list", "--json", "--catalog", str(other)).stdout)["images"]) == 1
+    assert len(json.loads(imager("catalog", "list", "--json").stdout)["images"]) == 1
