@@ -1,0 +1,7 @@
+"""Tape drives: the st ioctl interface, a real drive (StTape) and a SIMH .tap file (VirtualTape)."""
+
+from .drive import TapeDrive, TapeError, TapeStatus
+from .st import StTape
+from .virtual import VirtualTape
+
+__all__ = ["StTape", "TapeDrive", "TapeError", "TapeStatus", "VirtualTape"]

@@ -1,0 +1,559 @@
+"""VirtualTape: a tape drive emulated on a SIMH .tap file, behaving as Linux st does.
+
+The file format (SIMH magtape): each block is a 32-bit little-endian length, the data, one pad
+byte if the length is odd, and the same length again; a length of 0 is a filemark; 0xFFFFFFFF
+marks the end of the medium (read as end of data). Any other word with one of the top four bits
+set is a SIMH marker this emulation does not produce and refuses to read.
+
+The user-visible behaviour is st's (Documentation/scsi/st.rst, drivers/scsi/st.c), including
+its internal end-of-file state, so a program tested here meets the same answers on a real drive:
+
+End of data. A read of a filemark returns 0 bytes and leaves the tape after it. A read at the
+end of data right after a filemark returns 0 bytes once more (st: "end of data is signified by
+returning zero bytes for two consecutive reads"), and every further read fails with EIO. A read
+at the end of data not preceded by a filemark (a file that was never closed, or after MTEOM)
+fails with EIO at once. After a read at the end of data the block number is -1, as in st.
+
+Early warning. With a `capacity`, the medium is `capacity` bytes of .tap file and the early-
+warning mark lies `early_warning` bytes before its end. As st.rst ("EOM Behaviour When Writing")
+says: the write that takes the tape past the early-warning mark is finished and returns its
+byte count (status: eot); the next write returns ENOSPC and writes nothing (status: eod, as st
+reports it); to let a trailer be written the next write is allowed and succeeds; after this,
+ENOSPC and success alternate until the physical end of the medium, where every write fails with
+ENOSPC and writes nothing. Filemarks can be written in the early-warning zone; at the physical
+end a filemark that does not fit fails with EIO, as st's MTWEOF does.
+
+Close after writes. If the last operation was a write, close() writes one filemark (st's
+default, not MT_ST_TWO_FM); with a non-rewinding st device the tape would then stand after that
+filemark. Likewise rewind(), unload(), seek() and backward_space_files() after a write first
+write a filemark (backward_space_files then spaces over it as well). A read or any other
+tape operation after a write, except set_block_size(), status() and tell(), cancels the
+filemark at close, as in st. Opening a VirtualTape always
+starts at the beginning of the tape, as after a rewind.
+
+Write protection: writes and filemarks fail with EACCES, as st's do on a write-protected tape
+opened with O_NONBLOCK (st refuses a blocking read-write open of such a tape with EROFS;
+StTape opens with O_NONBLOCK, so both drives answer EACCES) and status() shows write_protected.
+
+Other st behaviours kept: writing anywhere ends the recorded data there (the file is truncated);
+a variable-mode read with a buffer smaller than the block fails with ENOMEM and leaves the tape
+after that block (its block number counts it; backward_space_records(1) returns to it); in
+fixed block mode (set_block_size(n)) writes and reads must be multiples of n, writes become
+n-byte records, a read stops early at a filemark (which the next read returns) and a block of
+another size fails with EIO without moving; spacing stops at filemarks, BOT and end of data
+with EIO; file and block numbers are -1 where st does not know them (after
+backward_space_files: the block number; after seek(): both, unless seeking to 0; after
+seek_end_of_data: the block number). Where st would write part of a fixed-mode request at the
+physical end, VirtualTape writes all of it or nothing.
+
+Speed: a block is one os.pwritev of the caller's buffer between its two length words, a read is
+one pread for the length and one for the data. The position index is built lazily from the
+length words and costs 8 bytes per block and filemark seen.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import struct
+from array import array
+from bisect import bisect_left
+from enum import IntEnum
+
+from . import mtio
+from .drive import TapeDrive, TapeError, TapeStatus, check_count
+
+_WORD = struct.Struct("<I")
+_FILEMARK = 0
+_END_OF_MEDIUM = 0xFFFFFFFF
+_MARKER_CLASS_BITS = 0xF0000000
+_FILEMARK_WORD = _WORD.pack(_FILEMARK)
+_RECORD_OVERHEAD = 2 * _WORD.size
+_LARGEST_BLOCK = mtio.MT_ST_BLKSIZE_MASK
+_IOV_MAX = os.sysconf("SC_IOV_MAX")
+DEFAULT_EARLY_WARNING = 32 << 20
+
+
+class _EofState(IntEnum):
+    """st's per-partition `eof` state (drivers/scsi/st.h), with its numbering: st compares them."""
+
+    NOEOF = 0
+    FM = 2
+    EOM_OK = 3
+    EOD_1 = 5
+    EOD_2 = 6
+    EOD = 7
+
+
+class VirtualTape(TapeDrive):
+    """A tape drive with a SIMH .tap file as its cartridge; see the module docstring.
+
+    `capacity` (bytes of .tap file, None = unlimited) and `early_warning` (bytes before it;
+    default the smaller of 32 MiB and a tenth of the capacity) model the end of the medium.
+    `write_protected` models the cartridge's write-protect tab; a file that cannot be opened
+    for writing is write-protected too. `create` makes a missing file an empty tape.
+    """
+
+    def __init__(self, path, capacity: int | None = None, early_warning: int | None = None,
+                 write_protected: bool = False, create: bool = True):
+        self.path = os.fspath(path)
+        if capacity is None:
+            if early_warning is not None:
+                raise ValueError("an early-warning zone needs a capacity")
+        else:
+            if early_warning is None:
+                early_warning = min(DEFAULT_EARLY_WARNING, capacity // 10)
+            if not 0 <= early_warning < capacity:
+                raise ValueError(f"early warning {early_warning} must lie within the capacity {capacity}")
+        self.capacity = capacity
+        self.early_warning = early_warning
+        self.write_protected = write_protected
+        self.compression = True
+        self._fd = self._open(create)
+        self._size = os.fstat(self._fd).st_size
+        # _starts[i] is the file offset of tape object i (block or filemark); the last entry is
+        # where the next object not yet indexed begins, or the end of data once _indexed_all.
+        self._starts = array("q", [0])
+        self._marks = array("q")
+        self._indexed_all = False
+        self._loaded = True
+        self._block_size = 0
+        self._writing = False
+        self._go_to_bot()
+
+    def _open(self, create: bool) -> int:
+        extra = os.O_CLOEXEC | (os.O_CREAT if create else 0)
+        try:
+            if not self.write_protected:
+                try:
+                    fd = os.open(self.path, os.O_RDWR | extra, 0o666)
+                except OSError as e:
+                    if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                        raise
+                    self.write_protected = True
+            if self.write_protected:
+                fd = os.open(self.path, os.O_RDONLY | extra, 0o666)
+        except FileNotFoundError:
+            raise TapeError(errno.ENOENT, self.path, "no such virtual tape file") from None
+        except OSError as e:
+            raise TapeError(e.errno, self.path, "cannot open the virtual tape file") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise TapeError(errno.EBUSY, self.path, "the virtual tape is in use by another program") from None
+        return fd
+
+    def _error(self, error: int, what: str) -> TapeError:
+        return TapeError(error, self.path, what)
+
+    def _require_open(self) -> None:
+        if self._fd < 0:
+            raise self._error(errno.EBADF, "the virtual tape is closed")
+
+    def _require_tape(self) -> None:
+        self._require_open()
+        if not self._loaded:
+            raise self._error(errno.ENOMEDIUM, "no tape loaded (it was unloaded)")
+
+    def _go_to_bot(self) -> None:
+        self._position = 0
+        self._file_known = True
+        self._block_known = True
+        self._eof = _EofState.NOEOF
+
+    # The index of objects on the tape.
+
+    def _index_next(self) -> None:
+        offset = self._starts[-1]
+        word = os.pread(self._fd, _WORD.size, offset)
+        if not word:
+            self._indexed_all = True
+            return
+        if len(word) < _WORD.size:
+            raise self._corrupt(offset, "the file ends inside a length word")
+        (length,) = _WORD.unpack(word)
+        if length == _END_OF_MEDIUM:
+            self._indexed_all = True
+        elif length == _FILEMARK:
+            self._marks.append(len(self._starts) - 1)
+            self._starts.append(offset + _WORD.size)
+        elif length & _MARKER_CLASS_BITS:
+            raise self._corrupt(offset, f"unsupported SIMH marker 0x{length:08x}")
+        else:
+            end = offset + _RECORD_OVERHEAD + length + (length & 1)
+            if end > self._size:
+                raise self._corrupt(offset, f"a block of {length} bytes runs past the end of the file")
+            self._starts.append(end)
+
+    def _corrupt(self, offset: int, why: str) -> TapeError:
+        return self._error(errno.EIO, f"not a valid SIMH tape image at byte {offset}: {why}")
+
+    def _exists(self, position: int) -> bool:
+        """Whether tape object `position` exists, indexing the tape as far as needed."""
+        while len(self._starts) - 1 <= position and not self._indexed_all:
+            self._index_next()
+        return len(self._starts) - 1 > position
+
+    def _end_of_data(self) -> int:
+        while not self._indexed_all:
+            self._index_next()
+        return len(self._starts) - 1
+
+    def _is_filemark(self, position: int) -> bool:
+        return self._starts[position + 1] - self._starts[position] == _WORD.size
+
+    def _marks_before(self, position: int) -> int:
+        return bisect_left(self._marks, position)
+
+    def _block_length(self, position: int) -> int:
+        (length,) = _WORD.unpack(os.pread(self._fd, _WORD.size, self._starts[position]))
+        return length
+
+    # Writing.
+
+    def _check_room(self, size: int, error: int, what: str) -> int:
+        """The end offset of `size` bytes written here; fails as st does past the physical end."""
+        end = self._starts[self._position] + size
+        if self.capacity is not None and end > self.capacity:
+            self._eof = _EofState.EOM_OK
+            raise self._error(error, what)
+        return end
+
+    def _write_here(self, buffers: list, object_ends: list[int], marks: list[int]) -> None:
+        """Replace everything from the current position on by `buffers`, the objects that end at
+        `object_ends` (file offsets), of which those at positions `marks` are filemarks."""
+        offset = self._starts[self._position]
+        del self._starts[self._position + 1:]
+        del self._marks[self._marks_before(self._position):]
+        self._indexed_all = True
+        try:
+            if self._size > offset:
+                os.ftruncate(self._fd, offset)
+                self._size = offset
+            for first in range(0, len(buffers), _IOV_MAX):
+                batch = buffers[first:first + _IOV_MAX]
+                expected = sum(len(b) for b in batch)
+                written = os.pwritev(self._fd, batch, offset)
+                if written != expected:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                offset += written
+        except OSError as e:
+            os.ftruncate(self._fd, self._starts[self._position])
+            self._size = self._starts[self._position]
+            raise self._error(e.errno, "the file holding the virtual tape could not be written") from None
+        self._size = offset
+        self._starts.extend(object_ends)
+        self._marks.extend(marks)
+        self._position += len(object_ends)
+
+    def write_block(self, data) -> int:
+        self._require_tape()
+        view = memoryview(data).cast("B")
+        size = len(view)
+        if self.write_protected:
+            raise self._error(errno.EACCES, f"write of {size} bytes: the tape is write-protected")
+        if size == 0:
+            return 0
+        if self._block_size:
+            if size % self._block_size:
+                raise self._error(errno.EINVAL, f"write of {size} bytes is not a multiple of "
+                                                f"the fixed block size {self._block_size}")
+            blocks = [view[i:i + self._block_size] for i in range(0, size, self._block_size)]
+        elif size > _LARGEST_BLOCK:
+            raise self._error(errno.EINVAL, f"write of {size} bytes exceeds the largest block "
+                                            f"({_LARGEST_BLOCK} bytes)")
+        else:
+            blocks = [view]
+        if self._eof == _EofState.EOM_OK:
+            self._eof = _EofState.EOD_1
+            raise self._error(errno.ENOSPC, f"write of {size} bytes refused past the early-warning "
+                                            "mark (the next write is allowed)")
+        self._writing = True
+        padded = size + sum(len(b) & 1 for b in blocks)
+        end = self._check_room(padded + _RECORD_OVERHEAD * len(blocks), errno.ENOSPC,
+                               f"write of {size} bytes: end of medium")
+        buffers = []
+        object_ends = []
+        at = self._starts[self._position]
+        for block in blocks:
+            length = len(block)
+            word = _WORD.pack(length)
+            buffers += (word, block, b"\0" + word if length & 1 else word)
+            at += _RECORD_OVERHEAD + length + (length & 1)
+            object_ends.append(at)
+        self._write_here(buffers, object_ends, [])
+        past_warning = self.capacity is not None and end > self.capacity - self.early_warning
+        if past_warning or self._eof == _EofState.EOD_1:
+            self._eof = _EofState.EOM_OK
+        else:
+            self._eof = _EofState.NOEOF
+        return size
+
+    def write_filemarks(self, count: int = 1) -> None:
+        self._require_tape()
+        check_count(count)
+        if self.write_protected:
+            raise self._error(errno.EACCES, "writing a filemark: the tape is write-protected")
+        self._writing = False
+        if count:
+            end = self._check_room(count * _WORD.size, errno.EIO,
+                                   "no room for a filemark at the end of the medium")
+            first = self._position
+            object_ends = list(range(end - (count - 1) * _WORD.size, end + 1, _WORD.size))
+            self._write_here([_FILEMARK_WORD * count], object_ends, list(range(first, first + count)))
+            self._block_known = True
+        self._eof = _EofState.NOEOF
+
+    def _end_file_if_writing(self) -> bool:
+        """st writes a filemark before moving the tape away from data just written."""
+        if not self._writing:
+            return False
+        self.write_filemarks(1)
+        return True
+
+    # Reading.
+
+    def _take_blocks(self, max_size: int) -> list[tuple[int, int]]:
+        """Move over the blocks one read returns, as st does; their (data offset, length)."""
+        self._require_tape()
+        if max_size <= 0:
+            raise ValueError(f"read size must be positive, not {max_size}")
+        block_size = self._block_size
+        if block_size and max_size % block_size:
+            raise self._error(errno.EINVAL, f"read of {max_size} bytes is not a multiple of the "
+                                            f"fixed block size {block_size}")
+        self._writing = False
+        if self._eof >= _EofState.EOD_1:
+            if self._eof < _EofState.EOD:
+                self._eof = _EofState(self._eof + 1)
+                return []
+            raise self._error(errno.EIO, "read past the end of recorded data")
+        wanted = max_size // block_size if block_size else 1
+        taken: list[tuple[int, int]] = []
+        position = self._position
+        while len(taken) < wanted:
+            if not self._exists(position):
+                if taken:
+                    break
+                self._block_known = False
+                if self._eof == _EofState.FM:
+                    self._eof = _EofState.EOD
+                    return []
+                raise self._error(errno.EIO, "read at the end of recorded data")
+            if self._is_filemark(position):
+                if taken:
+                    break
+                self._position = position + 1
+                self._block_known = True
+                self._eof = _EofState.FM
+                return []
+            length = self._block_length(position)
+            if block_size and length != block_size:
+                if taken:
+                    break
+                raise self._error(errno.EIO, f"block of {length} bytes where the fixed block "
+                                             f"size is {block_size}")
+            if length > max_size:
+                self._position = position + 1
+                raise self._error(errno.ENOMEM, f"block of {length} bytes does not fit the "
+                                                f"{max_size}-byte read buffer (the tape is now after it)")
+            taken.append((self._starts[position] + _WORD.size, length))
+            position += 1
+        self._position = position
+        if self._eof == _EofState.FM:
+            self._eof = _EofState.NOEOF
+        return taken
+
+    def read_block(self, max_size: int) -> bytes:
+        taken = self._take_blocks(max_size)
+        if len(taken) == 1:
+            offset, length = taken[0]
+            return self._pread(length, offset)
+        return b"".join(self._pread(length, offset) for offset, length in taken)
+
+    def read_block_into(self, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        done = 0
+        for offset, length in self._take_blocks(len(view)):
+            if os.preadv(self._fd, [view[done:done + length]], offset) != length:
+                raise self._corrupt(offset, "the file ends inside a block")
+            done += length
+        return done
+
+    def _pread(self, length: int, offset: int) -> bytes:
+        data = os.pread(self._fd, length, offset)
+        if len(data) != length:
+            raise self._corrupt(offset, "the file ends inside a block")
+        return data
+
+    # Positioning.
+
+    def rewind(self) -> None:
+        self._require_tape()
+        self._end_file_if_writing()
+        self._go_to_bot()
+
+    def forward_space_files(self, count: int) -> None:
+        self._require_tape()
+        check_count(count)
+        self._writing = False
+        if not count:
+            return
+        passed_before = self._marks_before(self._position)
+        target = passed_before + count - 1
+        while len(self._marks) <= target and not self._indexed_all:
+            self._index_next()
+        if len(self._marks) > target:
+            self._position = self._marks[target] + 1
+            self._block_known = True
+            self._eof = _EofState.FM
+            return
+        self._position = self._end_of_data()
+        self._block_known = False
+        self._eof = _EofState.EOD
+        raise self._error(errno.EIO, f"end of data after {len(self._marks) - passed_before} "
+                                     f"of {count} filemarks")
+
+    def backward_space_files(self, count: int) -> None:
+        self._require_tape()
+        check_count(count)
+        if self._end_file_if_writing():
+            count += 1
+        self._writing = False
+        if not count:
+            return
+        self._eof = _EofState.NOEOF
+        passed_before = self._marks_before(self._position)
+        if passed_before >= count:
+            self._position = self._marks[passed_before - count]
+            self._block_known = False
+            return
+        self._position = 0
+        self._block_known = True
+        raise self._error(errno.EIO, f"beginning of tape after {passed_before} of {count} filemarks")
+
+    def forward_space_records(self, count: int) -> None:
+        self._require_tape()
+        check_count(count)
+        self._writing = False
+        if not count:
+            return
+        start = self._position
+        self._exists(start + count - 1)
+        next_mark = self._marks_before(start)
+        if next_mark < len(self._marks) and self._marks[next_mark] < start + count:
+            mark = self._marks[next_mark]
+            self._position = mark + 1
+            self._block_known = True
+            self._eof = _EofState.FM
+            raise self._error(errno.EIO, f"filemark after {mark - start} of {count} blocks")
+        end = len(self._starts) - 1
+        if start + count > end:
+            self._position = end
+            self._eof = _EofState.EOD
+            raise self._error(errno.EIO, f"end of data after {end - start} of {count} blocks")
+        self._position = start + count
+        self._eof = _EofState.NOEOF
+
+    def backward_space_records(self, count: int) -> None:
+        self._require_tape()
+        check_count(count)
+        self._writing = False
+        if not count:
+            return
+        start = self._position
+        self._eof = _EofState.NOEOF
+        passed_before = self._marks_before(start)
+        last_mark = self._marks[passed_before - 1] if passed_before else -1
+        if start - count > last_mark:
+            self._position = start - count
+            return
+        self._position = max(last_mark, 0)
+        if last_mark >= 0:
+            self._block_known = False
+            raise self._error(errno.EIO, f"filemark after {start - last_mark - 1} of {count} blocks")
+        raise self._error(errno.EIO, f"beginning of tape after {start} of {count} blocks")
+
+    def seek_end_of_data(self) -> None:
+        self._require_tape()
+        self._writing = False
+        self._position = self._end_of_data()
+        self._block_known = False
+        self._eof = _EofState.EOD
+
+    def tell(self) -> int:
+        self._require_tape()
+        return self._position
+
+    def seek(self, position: int) -> None:
+        self._require_tape()
+        check_count(position)
+        self._end_file_if_writing()
+        self._writing = False
+        self._eof = _EofState.NOEOF
+        self._file_known = self._block_known = position == 0
+        if position > 0 and not self._exists(position - 1):
+            self._position = len(self._starts) - 1
+            raise self._error(errno.EIO, f"position {position} is beyond the end of recorded "
+                                         f"data at {self._position}")
+        self._position = position
+
+    # Drive settings and state.
+
+    def set_block_size(self, size: int) -> None:
+        self._require_tape()
+        if not 0 <= size <= mtio.MT_ST_BLKSIZE_MASK:
+            raise self._error(errno.EINVAL, f"block size {size} is outside 0..{mtio.MT_ST_BLKSIZE_MASK}")
+        self._block_size = size
+
+    def set_compression(self, enabled: bool) -> None:
+        self._require_tape()
+        self._writing = False
+        self.compression = enabled
+
+    def load(self) -> None:
+        self._require_open()
+        self._writing = False
+        self._loaded = True
+        self._go_to_bot()
+
+    def unload(self) -> None:
+        self._require_tape()
+        self._end_file_if_writing()
+        self._writing = False
+        self._go_to_bot()
+        self._loaded = False
+
+    def status(self) -> TapeStatus:
+        self._require_open()
+        dsreg = (self._block_size << mtio.MT_ST_BLKSIZE_SHIFT) & mtio.MT_ST_BLKSIZE_MASK
+        if not self._loaded:
+            return TapeStatus.from_mtget(-1, -1, dsreg, mtio.GMT_DR_OPEN)
+        passed = self._marks_before(self._position)
+        file_number = passed if self._file_known else -1
+        if self._block_known:
+            block_number = self._position - (self._marks[passed - 1] + 1 if passed else 0)
+        else:
+            block_number = -1
+        gstat = mtio.GMT_ONLINE
+        if self.write_protected:
+            gstat |= mtio.GMT_WR_PROT
+        if block_number == 0:
+            gstat |= mtio.GMT_BOT if file_number == 0 else mtio.GMT_EOF
+        if self._eof == _EofState.EOM_OK:
+            gstat |= mtio.GMT_EOT
+        elif self._eof > _EofState.EOM_OK:
+            gstat |= mtio.GMT_EOD
+        return TapeStatus.from_mtget(file_number, block_number, dsreg, gstat)
+
+    def close(self) -> None:
+        if self._fd < 0:
+            return
+        try:
+            if self._loaded:
+                self._end_file_if_writing()
+        finally:
+            os.close(self._fd)
+            self._fd = -1

@@ -1,0 +1,733 @@
+"""Tape drive conformance, after Bacula's `btape test`, plus the mtio ABI checked against C.
+
+The conformance checks take a `medium` and run over every TapeDrive available: always the
+VirtualTape, and a real drive through StTape when IMAGER_TEST_TAPE names its non-rewinding node
+(its cartridge is overwritten). Each check asserts the data read back and the st status bits.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import shutil
+import struct
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies
+
+from devices.tape import StTape, TapeError, VirtualTape, mtio
+
+REAL_TAPE = os.environ.get("IMAGER_TEST_TAPE")
+BIG = 1 << 20
+
+
+def payload(file_number: int, index: int, size: int | None = None) -> bytes:
+    """Distinct, reproducible block contents; random sizes include odd ones (SIMH pads those)."""
+    rng = random.Random(file_number * 100_003 + index)
+    return rng.randbytes(size if size is not None else rng.randrange(1, 9000))
+
+
+def expect(drive, file_number: int, block_number: int, *flags: str, block_size: int = 0) -> None:
+    """The status is exactly this: position, block size, and only `flags` among the bits."""
+    status = drive.status()
+    assert (status.file_number, status.block_number) == (file_number, block_number), status
+    assert status.block_size == block_size, status
+    assert status.online, status
+    for flag in ("bot", "eof", "eot", "eod", "write_protected"):
+        assert getattr(status, flag) == (flag in flags), (flag, status)
+
+
+def fails(errno_value: int, operation, *args, **kwargs) -> TapeError:
+    with pytest.raises(TapeError) as caught:
+        operation(*args, **kwargs)
+    assert caught.value.errno == errno_value, caught.value
+    assert "\n" not in str(caught.value)
+    return caught.value
+
+
+class VirtualMedium:
+    name = "virtual"
+
+    def __init__(self, directory):
+        self.path = directory / "tape.tap"
+        self.drives = []
+
+    def open(self, **options):
+        drive = VirtualTape(self.path, **options)
+        self.drives.append(drive)
+        return drive
+
+    def limited(self, capacity: int, early_warning: int):
+        return self.open(capacity=capacity, early_warning=early_warning)
+
+    def write_protected(self):
+        return self.open(write_protected=True)
+
+    def close_all(self) -> None:
+        for drive in self.drives:
+            drive.close()
+
+
+class RealMedium:
+    """A real drive; every open starts at BOT, as a VirtualTape does."""
+
+    name = "st"
+
+    def __init__(self, device: str):
+        self.device = device
+        self.drives = []
+
+    def open(self):
+        drive = StTape(self.device)
+        self.drives.append(drive)
+        drive.rewind()
+        return drive
+
+    def limited(self, capacity: int, early_warning: int):
+        pytest.skip("a real cartridge's capacity is what it is")
+
+    def write_protected(self):
+        pytest.skip("needs a write-protected cartridge")
+
+    def close_all(self) -> None:
+        for drive in self.drives:
+            drive.close()
+
+
+@pytest.fixture(params=["virtual"] + (["st"] if REAL_TAPE else []))
+def medium(request, tmp_path):
+    media = VirtualMedium(tmp_path) if request.param == "virtual" else RealMedium(REAL_TAPE)
+    try:
+        yield media
+    finally:
+        media.close_all()
+
+
+def write_file(drive, file_number: int, count: int, sizes=None) -> list[bytes]:
+    blocks = [payload(file_number, i, sizes[i] if sizes else None) for i in range(count)]
+    for block in blocks:
+        assert drive.write_block(block) == len(block)
+    drive.write_filemarks(1)
+    return blocks
+
+
+# Conformance (btape "test" and friends).
+
+def test_write_two_files_and_read_them_back(medium):
+    drive = medium.open()
+    expect(drive, 0, 0, "bot")
+    first = [payload(0, i) for i in range(20)]
+    for i, block in enumerate(first):
+        assert drive.write_block(block) == len(block)
+        expect(drive, 0, i + 1)
+    drive.write_filemarks(1)
+    expect(drive, 1, 0, "eof")
+    second = write_file(drive, 1, 20)
+    expect(drive, 2, 0, "eof")
+
+    drive.rewind()
+    expect(drive, 0, 0, "bot")
+    for file_number, blocks in enumerate([first, second]):
+        for i, block in enumerate(blocks):
+            assert drive.read_block(BIG) == block
+            expect(drive, file_number, i + 1)
+        assert drive.read_block(BIG) == b""
+        expect(drive, file_number + 1, 0, "eof")
+    # End of data: a second 0-byte read right after the filemark, then EIO.
+    assert drive.read_block(BIG) == b""
+    expect(drive, 2, -1, "eod")
+    fails(errno.EIO, drive.read_block, BIG)
+    expect(drive, 2, -1, "eod")
+
+
+def test_position_to_file_and_block(medium):
+    drive = medium.open()
+    files = []
+    positions = {}
+    for file_number in range(3):
+        blocks = []
+        for i in range(12):
+            positions[file_number, i] = drive.tell()
+            blocks.append(payload(file_number, i))
+            drive.write_block(blocks[-1])
+        drive.write_filemarks(1)
+        files.append(blocks)
+
+    for file_number, block_number in [(1, 0), (0, 5), (2, 3), (1, 7), (0, 0), (2, 11), (1, 11)]:
+        drive.skip_to_file(file_number)
+        expect(drive, file_number, 0, "bot" if file_number == 0 else "eof")
+        drive.forward_space_records(block_number)
+        expect(drive, file_number, block_number,
+               *(["bot" if file_number == 0 else "eof"] if block_number == 0 else []))
+        assert drive.read_block(BIG) == files[file_number][block_number]
+        expect(drive, file_number, block_number + 1)
+
+    for (file_number, block_number), position in sorted(positions.items(), reverse=True):
+        drive.seek(position)
+        # st does not know file and block numbers after a seek (st.rst: MTSEEK).
+        if position == 0:
+            expect(drive, 0, 0, "bot")
+        else:
+            expect(drive, -1, -1)
+        assert drive.read_block(BIG) == files[file_number][block_number]
+        assert drive.tell() == position + 1
+
+
+def test_append_after_close_and_reopen(medium):
+    drive = medium.open()
+    first = [payload(0, i) for i in range(5)]
+    for block in first:
+        drive.write_block(block)
+    drive.close()  # writes the filemark that ends file 0
+
+    drive = medium.open()
+    expect(drive, 0, 0, "bot")
+    drive.seek_end_of_data()
+    expect(drive, 1, -1, "eod")
+    second = [payload(1, i) for i in range(7)]
+    for block in second:
+        drive.write_block(block)
+    expect(drive, 1, -1)
+    drive.close()
+
+    drive = medium.open()
+    drive.seek_end_of_data()
+    expect(drive, 2, -1, "eod")
+    drive.rewind()
+    assert list(drive.read_file(BIG)) == first
+    expect(drive, 1, 0, "eof")
+    assert list(drive.read_file(BIG)) == second
+    expect(drive, 2, 0, "eof")
+    assert drive.read_block(BIG) == b""
+    expect(drive, 2, -1, "eod")
+
+
+def test_reread_last_block_after_backward_space_records(medium):
+    drive = medium.open()
+    blocks = [payload(0, i) for i in range(6)]
+    for block in blocks:
+        drive.write_block(block)
+    drive.backward_space_records(1)
+    expect(drive, 0, 5)
+    assert drive.read_block(BIG) == blocks[5]
+    expect(drive, 0, 6)
+    drive.backward_space_records(3)
+    expect(drive, 0, 3)
+    assert drive.read_block(BIG) == blocks[3]
+    expect(drive, 0, 4)
+    # Past the last block there is no filemark yet: st answers EIO at once.
+    drive.forward_space_records(2)
+    fails(errno.EIO, drive.read_block, BIG)
+    expect(drive, 0, -1)
+    drive.rewind()
+    fails(errno.EIO, drive.backward_space_records, 1)
+    expect(drive, 0, 0, "bot")
+
+
+def test_forward_and_backward_space_files_count(medium):
+    drive = medium.open()
+    counts = [3, 0, 4, 1, 2]  # file 1 is empty: two filemarks in a row
+    files = [write_file(drive, n, count) for n, count in enumerate(counts)]
+    expect(drive, 5, 0, "eof")
+
+    drive.rewind()
+    drive.forward_space_files(1)
+    expect(drive, 1, 0, "eof")
+    assert drive.read_block(BIG) == b""  # file 1 is empty
+    expect(drive, 2, 0, "eof")
+    drive.rewind()
+    drive.forward_space_files(2)
+    expect(drive, 2, 0, "eof")
+    assert drive.read_block(BIG) == files[2][0]
+    drive.forward_space_files(2)
+    expect(drive, 4, 0, "eof")
+    assert drive.read_block(BIG) == files[4][0]
+    expect(drive, 4, 1)
+
+    error = fails(errno.EIO, drive.forward_space_files, 3)
+    assert "1 of 3 filemarks" in str(error)
+    expect(drive, 5, -1, "eod")
+
+    drive.backward_space_files(1)  # before the filemark that ends file 4
+    expect(drive, 4, -1)
+    assert drive.read_block(BIG) == b""
+    expect(drive, 5, 0, "eof")
+    drive.backward_space_files(3)  # before the filemark that ends file 2
+    expect(drive, 2, -1)
+    drive.forward_space_files(1)
+    assert drive.read_block(BIG) == files[3][0]
+    fails(errno.EIO, drive.backward_space_files, 9)
+    expect(drive, 0, 0, "bot")
+
+    error = fails(errno.EIO, drive.forward_space_records, 5)  # stops after file 0's filemark
+    assert "filemark after 3 of 5 blocks" in str(error)
+    expect(drive, 1, 0, "eof")
+    drive.forward_space_files(1)
+    drive.forward_space_records(1)
+    fails(errno.EIO, drive.backward_space_records, 2)  # stops before the filemark ending file 1
+    expect(drive, 1, -1)
+    assert drive.read_block(BIG) == b""
+    expect(drive, 2, 0, "eof")
+
+
+def test_fixed_block_mode(medium):
+    drive = medium.open()
+    drive.set_block_size(512)
+    expect(drive, 0, 0, "bot", block_size=512)
+    data = payload(0, 0, 512 * 11)
+    assert drive.write_block(data[:4096]) == 4096
+    expect(drive, 0, 8, block_size=512)
+    fails(errno.EINVAL, drive.write_block, payload(0, 1, 1000))
+    expect(drive, 0, 8, block_size=512)
+    assert drive.write_block(data[4096:]) == 512 * 3
+    drive.write_filemarks(1)
+    drive.set_block_size(0)
+    odd = payload(1, 0, 700)
+    drive.write_block(odd)
+    drive.write_filemarks(1)
+
+    drive.rewind()
+    drive.set_block_size(512)
+    assert drive.read_block(1024) == data[:1024]
+    expect(drive, 0, 2, block_size=512)
+    fails(errno.EINVAL, drive.read_block, 1000)
+    # A read asking for more blocks than the file holds stops at the filemark...
+    assert drive.read_block(512 * 20) == data[1024:]
+    expect(drive, 0, 11, block_size=512)
+    # ...which the next read returns.
+    assert drive.read_block(512) == b""
+    expect(drive, 1, 0, "eof", block_size=512)
+    fails(errno.EIO, drive.read_block, 512)  # a 700-byte block in 512-byte mode
+    expect(drive, 1, 0, "eof", block_size=512)
+    drive.set_block_size(0)
+    assert drive.read_block(BIG) == odd
+    expect(drive, 1, 1)
+
+
+def test_read_buffer_smaller_than_the_block(medium):
+    drive = medium.open()
+    first, second = payload(0, 0, 1000), payload(0, 1, 3000)
+    drive.write_block(first)
+    drive.write_block(second)
+    drive.rewind()
+    fails(errno.ENOMEM, drive.read_block, 999)
+    # As on a real drive, the tape is now after that block, and the block number says so.
+    expect(drive, 0, 1)
+    drive.backward_space_records(1)
+    expect(drive, 0, 0, "bot")
+    assert drive.read_block(1000) == first
+    fails(errno.ENOMEM, drive.read_block_into, bytearray(2999))
+    drive.backward_space_records(1)
+    buffer = bytearray(4000)
+    assert drive.read_block_into(buffer) == 3000
+    assert buffer[:3000] == second
+    expect(drive, 0, 2)
+
+
+def test_write_in_the_middle_truncates(medium):
+    drive = medium.open()
+    first = write_file(drive, 0, 3)
+    write_file(drive, 1, 2)
+    drive.rewind()
+    drive.forward_space_records(1)
+    replacement = payload(9, 9)
+    drive.write_block(replacement)
+    expect(drive, 0, 2)
+    drive.close()
+
+    drive = medium.open()
+    assert list(drive.read_file(BIG)) == [first[0], replacement]
+    expect(drive, 1, 0, "eof")
+    assert drive.read_block(BIG) == b""
+    expect(drive, 1, -1, "eod")
+    fails(errno.EIO, drive.read_block, BIG)
+
+    # A filemark written in the middle ends the data there too.
+    drive.rewind()
+    drive.forward_space_records(1)
+    drive.write_filemarks(1)
+    expect(drive, 1, 0, "eof")
+    drive.seek_end_of_data()
+    expect(drive, 1, -1, "eod")
+    drive.rewind()
+    assert list(drive.read_file(BIG)) == [first[0]]
+
+
+def test_filemark_written_for_data_left_unterminated(medium):
+    drive = medium.open()
+    block = payload(0, 0)
+    drive.write_block(block)
+    drive.rewind()  # st writes a filemark before rewinding after a write
+    drive.seek_end_of_data()
+    expect(drive, 1, -1, "eod")
+
+    drive.write_block(block)
+    drive.write_block(block)
+    drive.backward_space_files(1)  # a filemark first, spaced over as well
+    expect(drive, 0, -1)
+    assert drive.read_block(BIG) == b""
+    expect(drive, 1, 0, "eof")
+    assert list(drive.read_file(BIG)) == [block, block]
+    expect(drive, 2, 0, "eof")
+
+    drive.write_block(block)
+    drive.backward_space_records(1)  # any other operation cancels the filemark at close
+    drive.close()
+    drive = medium.open()
+    drive.seek_end_of_data()
+    expect(drive, 2, -1, "eod")
+
+
+def test_early_warning_then_end_of_medium(medium):
+    size = 1000  # one block is 1008 bytes of .tap file
+    capacity = 30 * 1008 + 4  # 30 blocks and one filemark fit
+    drive = medium.limited(capacity, early_warning=capacity - (20 * 1008 + 500))
+    results = []
+    written = 0
+    refused_in_a_row = 0
+    while refused_in_a_row < 4:
+        position = drive.tell()
+        try:
+            assert drive.write_block(payload(0, written, size)) == size
+        except TapeError as e:
+            assert e.errno == errno.ENOSPC, e
+            assert drive.tell() == position
+            results.append("ENOSPC")
+            refused_in_a_row += 1
+        else:
+            written += 1
+            results.append("ok")
+            refused_in_a_row = 0
+        status = drive.status()
+        results[-1] += "+eot" * status.eot + "+eod" * status.eod
+        assert status.block_number == written
+    # st.rst: the write reaching the early warning succeeds; then ENOSPC and success
+    # alternate; at the physical end every write fails.
+    assert results == (["ok"] * 20 + ["ok+eot"] + ["ENOSPC+eod", "ok+eot"] * 9
+                       + ["ENOSPC+eod", "ENOSPC+eot"] * 2)
+    drive.write_filemarks(1)
+    expect(drive, 1, 0, "eof")
+    fails(errno.EIO, drive.write_filemarks, 1)
+    drive.rewind()
+    assert list(drive.read_file(BIG)) == [payload(0, i, size) for i in range(30)]
+    assert drive.read_block(BIG) == b""
+    expect(drive, 1, -1, "eod")
+
+
+def test_write_protection(medium):
+    drive = medium.open()
+    blocks = [payload(0, i) for i in range(3)]
+    for block in blocks:
+        drive.write_block(block)
+    drive.close()
+
+    drive = medium.write_protected()
+    expect(drive, 0, 0, "bot", "write_protected")
+    error = fails(errno.EACCES, drive.write_block, b"new data")
+    assert "write-protected" in str(error)
+    fails(errno.EACCES, drive.write_filemarks, 1)
+    assert list(drive.read_file(BIG)) == blocks
+    expect(drive, 1, 0, "eof", "write_protected")
+
+
+def test_unload_and_load(medium):
+    drive = medium.open()
+    block = payload(0, 0)
+    drive.write_block(block)
+    drive.unload()  # writes the filemark first
+    status = drive.status()
+    assert not status.online and status.gstat & mtio.GMT_DR_OPEN
+    fails(errno.ENOMEDIUM, drive.read_block, BIG)
+    fails(errno.ENOMEDIUM, drive.write_block, block)
+    drive.load()
+    expect(drive, 0, 0, "bot")
+    assert list(drive.read_file(BIG)) == [block]
+    expect(drive, 1, 0, "eof")
+
+
+def test_stream_cut_into_blocks(medium):
+    drive = medium.open()
+    stream = payload(0, 0, 100_000)
+    chunks = [stream[:1], stream[1:5000], stream[5000:70000], memoryview(stream)[70000:]]
+    assert drive.write_stream(chunks, 4096) == len(stream)
+    drive.write_filemarks(1)
+    drive.rewind()
+    blocks = list(drive.read_file(BIG))
+    assert [len(b) for b in blocks] == [4096] * 24 + [100_000 - 24 * 4096]
+    assert b"".join(blocks) == stream
+    expect(drive, 1, 0, "eof")
+
+
+# The SIMH .tap format, read and written independently of VirtualTape.
+
+def read_simh(path) -> list:
+    """A minimal SIMH magtape reader: blocks as bytes, filemarks as None."""
+    data = path.read_bytes()
+    objects = []
+    offset = 0
+    while offset < len(data):
+        (length,) = struct.unpack_from("<I", data, offset)
+        offset += 4
+        if length == 0xFFFFFFFF:
+            break
+        if length == 0:
+            objects.append(None)
+            continue
+        block = data[offset:offset + length]
+        offset += length
+        if length % 2:
+            assert data[offset] == 0, "pad byte"
+            offset += 1
+        assert struct.unpack_from("<I", data, offset) == (length,), "trailing length"
+        offset += 4
+        objects.append(block)
+    assert offset == len(data)
+    return objects
+
+
+def write_simh(path, objects) -> None:
+    with open(path, "wb") as f:
+        for block in objects:
+            if block is None:
+                f.write(struct.pack("<I", 0))
+            else:
+                length = struct.pack("<I", len(block))
+                f.write(length + block + b"\0" * (len(block) % 2) + length)
+        f.write(struct.pack("<I", 0xFFFFFFFF))
+
+
+def test_tap_file_matches_the_simh_format(tmp_path):
+    path = tmp_path / "simh.tap"
+    variable = [payload(0, i, size) for i, size in enumerate([1, 2, 3, 1000, 1001, 65536])]
+    fixed = payload(1, 0, 3 * 800)
+    with VirtualTape(path) as drive:
+        for block in variable:
+            drive.write_block(block)
+        drive.write_filemarks(2)
+        drive.set_block_size(800)
+        drive.write_block(fixed)
+    assert read_simh(path) == variable + [None, None] + [fixed[:800], fixed[800:1600], fixed[1600:], None]
+    expected_size = sum(8 + len(b) + len(b) % 2 for b in variable) + 4 * 3 + 3 * 808
+    assert path.stat().st_size == expected_size
+
+
+def test_reads_a_tap_file_written_elsewhere(tmp_path):
+    path = tmp_path / "foreign.tap"
+    blocks = [payload(2, i) for i in range(4)]
+    write_simh(path, blocks[:3] + [None] + blocks[3:] + [None])
+    with VirtualTape(path, create=False) as drive:
+        assert list(drive.read_file(BIG)) == blocks[:3]
+        assert list(drive.read_file(BIG)) == blocks[3:]
+        assert drive.read_block(BIG) == b""  # the end-of-medium marker ends the data
+        expect(drive, 2, -1, "eod")
+        drive.seek_end_of_data()
+        drive.write_block(blocks[0])  # appending replaces the end-of-medium marker
+    assert read_simh(path) == blocks[:3] + [None] + blocks[3:] + [None, blocks[0], None]
+
+
+OPERATIONS_ON_TAPE = strategies.lists(strategies.one_of(
+    strategies.integers(min_value=1, max_value=3000),  # write a block of that size
+    strategies.sampled_from(["filemark", "rewind", "back", "forward"]),
+), max_size=40)
+
+
+@settings(max_examples=150, deadline=None)
+@given(OPERATIONS_ON_TAPE)
+def test_tap_file_always_holds_what_was_written(operations):
+    """Whatever mix of writes, filemarks and moves, the file holds the tape as st would leave it."""
+    objects: list = []  # the model: blocks as bytes, filemarks as None
+    position = 0
+    writing = False
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "model.tap"
+        with VirtualTape(path) as drive:
+            for n, operation in enumerate(operations):
+                if isinstance(operation, int):
+                    block = payload(n, 0, operation)
+                    drive.write_block(block)
+                    objects[position:] = [block]
+                    position, writing = position + 1, True
+                    continue
+                ends_on_filemark = operation == "filemark" or (operation == "rewind" and writing)
+                if ends_on_filemark:
+                    objects[position:] = [None]
+                    position += 1
+                writing = False
+                if operation == "filemark":
+                    drive.write_filemarks(1)
+                elif operation == "rewind":
+                    drive.rewind()
+                    position = 0
+                elif operation == "back":
+                    stopped = position == 0 or objects[position - 1] is None
+                    if stopped:
+                        fails(errno.EIO, drive.backward_space_records, 1)
+                    else:
+                        drive.backward_space_records(1)
+                    position = max(position - 1, 0)
+                else:
+                    stopped = position == len(objects) or objects[position] is None
+                    if stopped:
+                        fails(errno.EIO, drive.forward_space_records, 1)
+                    else:
+                        drive.forward_space_records(1)
+                    position = min(position + 1, len(objects))
+                assert drive.tell() == position
+        if writing:
+            objects[position:] = [None]
+        assert read_simh(path) == objects
+
+
+def test_refuses_a_file_that_is_not_a_tap_image(tmp_path):
+    path = tmp_path / "not.tap"
+    path.write_bytes(b"\x10\x00\x00\x00short")
+    with VirtualTape(path) as drive:
+        error = fails(errno.EIO, drive.read_block, BIG)
+    assert "not a valid SIMH tape image at byte 0" in str(error)
+    fails(errno.ENOENT, VirtualTape, tmp_path / "missing.tap", create=False)
+
+
+def test_one_drive_per_tape_file(tmp_path):
+    with VirtualTape(tmp_path / "busy.tap"):
+        fails(errno.EBUSY, VirtualTape, tmp_path / "busy.tap")
+
+
+# The mtio ABI and StTape's ioctls, checked against the C compiler's view of <linux/mtio.h>.
+
+OPERATIONS = ["MTRESET", "MTFSF", "MTBSF", "MTFSR", "MTBSR", "MTWEOF", "MTREW", "MTOFFL", "MTNOP",
+              "MTRETEN", "MTBSFM", "MTFSFM", "MTEOM", "MTERASE", "MTRAS1", "MTRAS2", "MTRAS3",
+              "MTSETBLK", "MTSETDENSITY", "MTSEEK", "MTTELL", "MTSETDRVBUFFER", "MTFSS", "MTBSS",
+              "MTWSM", "MTLOCK", "MTUNLOCK", "MTLOAD", "MTUNLOAD", "MTCOMPRESSION", "MTSETPART",
+              "MTMKPART", "MTWEOFI"]
+STATUS_BITS = ["GMT_EOF", "GMT_BOT", "GMT_EOT", "GMT_SM", "GMT_EOD", "GMT_WR_PROT", "GMT_ONLINE",
+               "GMT_D_6250", "GMT_D_1600", "GMT_D_800", "GMT_DR_OPEN", "GMT_IM_REP_EN", "GMT_CLN"]
+DSREG_FIELDS = ["MT_ST_BLKSIZE_SHIFT", "MT_ST_BLKSIZE_MASK", "MT_ST_DENSITY_SHIFT", "MT_ST_DENSITY_MASK"]
+REQUESTS = ["MTIOCTOP", "MTIOCGET", "MTIOCPOS"]
+STRUCTS = {
+    "mtop": ["mt_op", "mt_count"],
+    "mtget": ["mt_type", "mt_resid", "mt_dsreg", "mt_gstat", "mt_erreg", "mt_fileno", "mt_blkno"],
+    "mtpos": ["mt_blkno"],
+}
+# (what StTape is asked, the mtop C fills for it)
+ST_COMMANDS = [
+    ("rewind", "MTREW", 1),
+    ("fsf3", "MTFSF", 3),
+    ("weof1", "MTWEOF", 1),
+    ("setblk", "MTSETBLK", 262144),
+    ("compression_off", "MTCOMPRESSION", 0),
+    ("eom", "MTEOM", 1),
+]
+
+
+def c_program() -> str:
+    lines = [
+        "#include <stdio.h>", "#include <stddef.h>", "#include <string.h>",
+        "#include <sys/ioctl.h>", "#include <linux/mtio.h>",
+        "static void hex(const char *key, const void *p, size_t n) {",
+        "  printf(\"%s \", key);",
+        "  for (size_t i = 0; i < n; i++) printf(\"%02x\", ((const unsigned char *)p)[i]);",
+        "  printf(\"\\n\");", "}",
+        "int main(void) {",
+    ]
+    for name in REQUESTS + DSREG_FIELDS:
+        lines.append(f'  printf("{name} %lu\\n", (unsigned long)({name}));')
+    for name in OPERATIONS:
+        lines.append(f'  printf("{name} %ld\\n", (long)({name}));')
+    for name in STATUS_BITS:
+        lines.append(f'  printf("{name} %lu\\n", (unsigned long){name}(0xffffffffUL));')
+    for struct_name, fields in STRUCTS.items():
+        lines.append(f'  printf("sizeof.{struct_name} %zu\\n", sizeof(struct {struct_name}));')
+        for field in fields:
+            lines.append(f'  printf("offsetof.{struct_name}.{field} %zu\\n", '
+                         f'offsetof(struct {struct_name}, {field}));')
+    lines.append("  struct mtop op;")
+    for key, operation, count in ST_COMMANDS:
+        lines += [f"  memset(&op, 0, sizeof op); op.mt_op = {operation}; op.mt_count = {count};",
+                  f'  hex("mtop.{key}", &op, sizeof op);']
+    lines += [
+        "  struct mtget get; memset(&get, 0, sizeof get);",
+        "  get.mt_type = MT_ISSCSI2; get.mt_fileno = 3; get.mt_blkno = 7;",
+        "  get.mt_dsreg = (262144 << MT_ST_BLKSIZE_SHIFT) | (0x58UL << MT_ST_DENSITY_SHIFT);",
+        "  get.mt_gstat = GMT_EOF(~0UL) | GMT_ONLINE(~0UL) | GMT_WR_PROT(~0UL);",
+        '  hex("mtget.sample", &get, sizeof get);',
+        "  struct mtpos pos; memset(&pos, 0, sizeof pos); pos.mt_blkno = 123456;",
+        '  hex("mtpos.sample", &pos, sizeof pos);',
+        "  return 0;", "}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="module")
+def c_view(tmp_path_factory):
+    """What a C program compiled against <linux/mtio.h> prints: {name: text}."""
+    compiler = shutil.which("cc")
+    if compiler is None or not os.path.exists("/usr/include/linux/mtio.h"):
+        pytest.skip("needs cc and linux/mtio.h (apt-get install gcc linux-libc-dev)")
+    directory = tmp_path_factory.mktemp("mtio")
+    source, binary = directory / "mtio.c", directory / "mtio"
+    source.write_text(c_program())
+    subprocess.run([compiler, "-Wall", "-Werror", "-o", str(binary), str(source)], check=True,
+                   capture_output=True, text=True)
+    output = subprocess.run([str(binary)], check=True, capture_output=True, text=True).stdout
+    yield dict(line.split(" ", 1) for line in output.splitlines())
+    shutil.rmtree(directory)
+
+
+def test_mtio_matches_the_c_header(c_view):
+    for name in REQUESTS + DSREG_FIELDS + OPERATIONS + STATUS_BITS:
+        assert getattr(mtio, name) == int(c_view[name]), name
+    assert set(mtio.OPERATION_NAMES.values()) == set(OPERATIONS)
+    for struct_name, fields in STRUCTS.items():
+        layout = getattr(mtio, struct_name)
+        assert layout.size == int(c_view[f"sizeof.{struct_name}"]), struct_name
+        assert layout.fields == fields
+        for field in fields:
+            assert layout.offsets[field] == int(c_view[f"offsetof.{struct_name}.{field}"]), field
+
+
+def test_st_tape_sends_the_ioctls_c_would(c_view):
+    sent = []
+
+    def recording_ioctl(fd, request, arg):
+        sent.append((request, bytes(arg)))
+        if request == int(c_view["MTIOCGET"]):
+            return bytes.fromhex(c_view["mtget.sample"])
+        if request == int(c_view["MTIOCPOS"]):
+            return bytes.fromhex(c_view["mtpos.sample"])
+        return arg
+
+    drive = StTape("/dev/null", ioctl=recording_ioctl)
+    sent.clear()
+    drive.rewind()
+    drive.forward_space_files(3)
+    drive.write_filemarks(1)
+    drive.set_block_size(262144)
+    drive.set_compression(False)
+    drive.seek_end_of_data()
+    operation = int(c_view["MTIOCTOP"])
+    assert sent == [(operation, bytes.fromhex(c_view[f"mtop.{key}"])) for key, _, _ in ST_COMMANDS]
+
+    status = drive.status()
+    assert (status.file_number, status.block_number, status.block_size) == (3, 7, 262144)
+    assert status.eof and status.online and status.write_protected
+    assert not (status.bot or status.eot or status.eod)
+    assert drive.tell() == 123456
+    drive.close()
+
+
+def test_st_tape_errors_name_the_operation():
+    def failing_ioctl(fd, request, arg):
+        if request == mtio.MTIOCTOP:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return bytes(mtio.mtget.size)
+
+    with StTape("/dev/null", ioctl=failing_ioctl) as drive:
+        error = fails(errno.EIO, drive.forward_space_files, 2)
+    assert str(error) == "/dev/null: MTFSF 2: Input/output error"
+    error = fails(errno.ENOTTY, StTape, "/dev/null")
+    assert "not a tape drive" in str(error)
