@@ -13,8 +13,9 @@ from typing import Callable, Iterator
 from devices.errors import DeviceError
 
 from . import __version__
-from .catalog import Catalog, record_dict
-from .errors import ImagerError
+from .catalog import Catalog, TapeRecord, record_dict
+from .errors import ImagerError, UsageError
+from .tape import DEFAULT_BLOCK_SIZE, TapeSpec, operator_prompt, read_label, require_label, write_label
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 
@@ -82,13 +83,22 @@ def _volume_size_of(path: str) -> int:
 def cmd_backup(args, out: Output) -> int:
     from . import jobs
 
+    if bool(args.output) == bool(args.tape):
+        raise UsageError("give either -o IMAGE or --tape T")
     with out.progress(_volume_size_of(args.source), "backup") as progress:
         with Catalog(args.catalog) as catalog:
-            r = jobs.backup(args.source, args.output, force=args.force, level=args.level,
-                            chunk_size=args.chunk_size, workers=args.workers, progress=progress,
-                            on_notice=out.notice, catalog=catalog)
+            common = dict(level=args.level, chunk_size=args.chunk_size, workers=args.workers, progress=progress,
+                          on_notice=out.notice, catalog=catalog)
+            if args.tape:
+                r, segments = jobs.backup_to_tape(args.source, tape_spec(args), block_size=args.block_size or
+                                                  DEFAULT_BLOCK_SIZE, expect_label=args.label,
+                                                  drive_compression=args.drive_compression, **common)
+                where = ", ".join(f"{s.label} file {s.tape_file}" for s in segments)
+            else:
+                r = jobs.backup(args.source, args.output, force=args.force, **common)
+                where = args.output
     out.result(r.to_dict(), [
-        f"imaged {args.source} ({human_bytes(r.volume_size)}) to {args.output}, image id {r.image_id}",
+        f"imaged {args.source} ({human_bytes(r.volume_size)}) to {where}, image id {r.image_id}",
         f"  {human_bytes(r.bytes_read)} read, {human_bytes(r.bytes_written)} written, ratio {r.ratio:.2f}, "
         f"{r.zero_chunks} of {r.chunks} chunks zero",
         f"  {r.seconds:.2f} s, {r.mb_per_second:.0f} MB/s",
@@ -100,13 +110,35 @@ def cmd_restore(args, out: Output) -> int:
     from . import jobs
     from .stream import ImageReader
 
-    with ImageReader(args.image) as reader:
-        size = reader.header.volume_size
-    with out.progress(size, "restore") as progress:
-        r = jobs.restore(args.image, args.target, force=args.force, verify=args.verify,
-                         workers=args.workers, progress=progress)
+    if args.tape:
+        if len(args.paths) != 1:
+            raise UsageError("with --tape, give only the TARGET (the image is chosen with --image)")
+        target = args.paths[0]
+        with Catalog(args.catalog) as catalog:
+            feed = jobs.open_tape_image(tape_spec(args), args.image, catalog=catalog, block_size=args.block_size)
+            try:
+                with out.progress(feed.header.volume_size, "restore") as progress:
+                    r = jobs.restore_feed(feed, target, force=args.force, verify=args.verify,
+                                          workers=args.workers, progress=progress)
+            finally:
+                feed.close()
+    elif len(args.paths) != 2:
+        raise UsageError("give IMAGE and TARGET (or --tape T --image ID TARGET)")
+    elif args.paths[0] == "-":
+        target = args.paths[1]
+        feed = jobs.StreamFeed(sys.stdin.buffer, "standard input")
+        with out.progress(feed.header.volume_size, "restore") as progress:
+            r = jobs.restore_feed(feed, target, force=args.force, verify=args.verify, workers=args.workers,
+                                  progress=progress)
+    else:
+        image, target = args.paths
+        with ImageReader(image) as reader:
+            size = reader.header.volume_size
+        with out.progress(size, "restore") as progress:
+            r = jobs.restore(image, target, force=args.force, verify=args.verify,
+                             workers=args.workers, progress=progress)
     out.result(r.to_dict(), [
-        f"restored {args.image} to {args.target} ({human_bytes(r.volume_size)})"
+        f"restored {r.image} to {target} ({human_bytes(r.volume_size)})"
         + (", verified" if r.verified else ""),
         f"  {r.zero_chunks} of {r.chunks} chunks zero, {r.seconds:.2f} s, {r.mb_per_second:.0f} MB/s",
     ])
@@ -117,12 +149,20 @@ def cmd_verify(args, out: Output) -> int:
     from . import jobs
     from .stream import ImageReader
 
-    with ImageReader(args.image) as reader:
-        size = reader.header.volume_size
-    with out.progress(size, "verify") as progress:
-        r = jobs.verify(args.image, workers=args.workers, progress=progress)
-    out.result(r.to_dict(), [f"{args.image}: ok, {r.chunks} chunks ({r.zero_chunks} zero), "
-                             f"{human_bytes(r.volume_size)} volume, {r.seconds:.2f} s"])
+    if args.tape:
+        with Catalog(args.catalog) as catalog:
+            results = jobs.verify_tape(tape_spec(args), args.image, catalog=catalog, block_size=args.block_size,
+                                       workers=args.workers)
+    elif args.image_file:
+        with ImageReader(args.image_file) as reader:
+            size = reader.header.volume_size
+        with out.progress(size, "verify") as progress:
+            results = [jobs.verify(args.image_file, workers=args.workers, progress=progress)]
+    else:
+        raise UsageError("give an IMAGE file or --tape T")
+    out.result({"images": [r.to_dict() for r in results], "ok": True},
+               [f"{r.image}: ok, {r.chunks} chunks ({r.zero_chunks} zero), "
+                f"{human_bytes(r.volume_size)} volume, {r.seconds:.2f} s" for r in results])
     return 0
 
 
@@ -145,6 +185,94 @@ def cmd_info(args, out: Output) -> int:
         f"created:     {h.get('created')} by {h.get('tool')}",
         f"complete:    {'yes' if t.get('complete') else 'no'}",
     ])
+    return 0
+
+
+def tape_spec(args) -> TapeSpec:
+    if not args.tape:
+        raise UsageError("give the tape with --tape /dev/nstN or --tape FILE.tap")
+    return TapeSpec(args.tape, capacity=args.tape_capacity, changer=getattr(args, "changer", None),
+                    prompt=operator_prompt)
+
+
+def _open_tape(args, *, create: bool = False):
+    return tape_spec(args).open(1, create=create)
+
+
+def cmd_tape_status(args, out: Output) -> int:
+    with _open_tape(args) as drive:
+        st = drive.status()
+        label = None if args.no_label else read_label(drive)
+    flags = [name for name in ("bot", "eof", "eot", "eod", "write_protected", "online") if getattr(st, name)]
+    data = {"tape": args.tape, "status": {k: v for k, v in st.__dict__.items()},
+            "label": label.__dict__ if label else None}
+    out.result(data, [f"{args.tape}: file {st.file_number}, block {st.block_number}, "
+                      f"block size {st.block_size or 'variable'}, {' '.join(flags) or 'no flags'}",
+                      f"label: {label.label} (cartridge {label.sequence} of set {label.tape_set[:12]})"
+                      if label else "label: none"])
+    return 0
+
+
+def cmd_tape_move(args, out: Output) -> int:
+    with _open_tape(args) as drive:
+        {"rewind": lambda: drive.rewind(), "eom": lambda: drive.seek_end_of_data(),
+         "fsf": lambda: drive.forward_space_files(args.count), "bsf": lambda: drive.backward_space_files(args.count),
+         "unload": lambda: drive.unload()}[args.tape_command]()
+        st = None if args.tape_command == "unload" else drive.status()
+    out.result({"tape": args.tape, "file_number": st.file_number if st else None},
+               [f"{args.tape}: {args.tape_command} done" + (f", at file {st.file_number}" if st else "")])
+    return 0
+
+
+def cmd_tape_label(args, out: Output) -> int:
+    with _open_tape(args, create=True) as drive:
+        label = write_label(drive, args.name, force=args.force, block_size=args.block_size or DEFAULT_BLOCK_SIZE)
+    with Catalog(args.catalog) as catalog:
+        catalog.forget_tape(label.label)
+        catalog.add_tape(TapeRecord(label.label, label.tape_set, label.sequence, label.created))
+    out.result(label.__dict__, [f"{args.tape}: labelled {label.label!r}"])
+    return 0
+
+
+def cmd_tape_list(args, out: Output) -> int:
+    from . import jobs
+
+    files = jobs.scan_tape(tape_spec(args))
+    lines = []
+    for f in files:
+        if f.kind != "image":
+            lines.append(f"{f.label} file {f.tape_file}: not an imager image")
+            continue
+        img = f.image or {}
+        state = "continues on the next cartridge" if f.continued else ("complete" if f.complete else "INCOMPLETE")
+        lines.append(f"{f.label} file {f.tape_file}: image {f.image_id[:12]} segment {f.segment}, "
+                     f"{human_bytes(f.stream_length or 0)} on tape, {state}"
+                     + (f", {img.get('source')} ({human_bytes(img.get('volume_size', 0))}) {img.get('created')}"
+                        if img else ""))
+    out.result({"tape": args.tape, "files": [f.to_dict() for f in files]}, lines or [f"{args.tape}: no images"])
+    return 0
+
+
+def cmd_tape_read(args, out: Output) -> int:
+    with _open_tape(args) as drive:
+        require_label(drive)
+        drive.skip_to_file(args.file)
+        sink = sys.stdout.buffer
+        size = args.block_size or DEFAULT_BLOCK_SIZE
+        for block in drive.read_file(size):
+            sink.write(block)
+        sink.flush()
+    return 0
+
+
+def cmd_tape_scan(args, out: Output) -> int:
+    from . import jobs
+
+    with Catalog(args.catalog) as catalog:
+        files = jobs.scan_tape(tape_spec(args), catalog)
+        images = {f.image_id for f in files if f.kind == "image" and f.image}
+    out.result({"tape": args.tape, "images": sorted(images), "files": len(files)},
+               [f"{args.tape}: {len(files)} tape files, {len(images)} images recorded in {catalog.path}"])
     return 0
 
 
@@ -232,27 +360,47 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .stream import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL
 
-    b = sub.add_parser("backup", parents=[common], help="image a block device or file")
+    catalog_opt = argparse.ArgumentParser(add_help=False)
+    catalog_opt.add_argument("--catalog", metavar="PATH",
+                             help="catalog database (default: the user's data directory)")
+    tape_opts = argparse.ArgumentParser(add_help=False)
+    tape_opts.add_argument("--tape", metavar="T", help="/dev/nstN, a virtual tape file.tap, or a set "
+                           "of virtual cartridges as a pattern like 'vault/tape-{n:03}.tap'")
+    tape_opts.add_argument("--tape-capacity", type=parse_size, metavar="SIZE",
+                           help="capacity of a virtual cartridge (default: unlimited)")
+    tape_opts.add_argument("--block-size", type=parse_size, metavar="SIZE",
+                           help=f"tape block size (default {DEFAULT_BLOCK_SIZE >> 10}K to write; "
+                                f"to read, the size the image was written with)")
+    tape_opts.add_argument("--changer", metavar="CMD", help="command that loads the next cartridge "
+                           "($IMAGER_CARTRIDGE is its number); without it the operator is asked")
+
+    b = sub.add_parser("backup", parents=[common, catalog_opt, tape_opts], help="image a block device or file")
     b.add_argument("source", help="block device or file to image")
-    b.add_argument("-o", "--output", required=True, help="image file to write (.zst)")
+    b.add_argument("-o", "--output", help="image file to write (.zst)")
+    b.add_argument("--label", help="with --tape: refuse a tape with another label")
+    b.add_argument("--drive-compression", action="store_true",
+                   help="keep the tape drive's compression on (off by default: the stream is compressed)")
     b.add_argument("--level", type=int, default=DEFAULT_LEVEL, help=f"zstd level (default {DEFAULT_LEVEL})")
     b.add_argument("--chunk-size", type=parse_size, default=DEFAULT_CHUNK_SIZE,
                    help=f"bytes of volume per zstd frame (default {DEFAULT_CHUNK_SIZE >> 20}M)")
     b.add_argument("--workers", type=int, default=None, help="compression threads (default: all cores)")
     b.add_argument("-f", "--force", action="store_true", help="replace an existing image")
-    b.add_argument("--catalog", metavar="PATH", help="catalog database (default: the user's data directory)")
     b.set_defaults(func=cmd_backup)
 
-    r = sub.add_parser("restore", parents=[common], help="write an image back to a device or file")
-    r.add_argument("image")
-    r.add_argument("target", help="block device, or a file to create")
+    r = sub.add_parser("restore", parents=[common, catalog_opt, tape_opts],
+                       help="write an image back to a device or file",
+                       usage="imager restore [options] IMAGE TARGET | --tape T [--image ID] TARGET")
+    r.add_argument("paths", nargs="+", metavar="IMAGE TARGET",
+                   help="image file (- for standard input) and target device or file")
+    r.add_argument("--image", metavar="ID", help="with --tape: the image id (a prefix will do)")
     r.add_argument("--verify", action="store_true", help="re-read what was written and compare checksums")
     r.add_argument("--workers", type=int, default=None)
     r.add_argument("-f", "--force", action="store_true", help="replace an existing target file")
     r.set_defaults(func=cmd_restore)
 
-    v = sub.add_parser("verify", parents=[common], help="check every chunk of an image")
-    v.add_argument("image")
+    v = sub.add_parser("verify", parents=[common, catalog_opt, tape_opts], help="check every chunk of an image")
+    v.add_argument("image_file", nargs="?", metavar="IMAGE")
+    v.add_argument("--image", metavar="ID", help="with --tape: only this image (default: all on the tape)")
     v.add_argument("--workers", type=int, default=None)
     v.set_defaults(func=cmd_verify)
 
@@ -276,9 +424,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     cp = sub.add_parser("catalog", help="the record of images and where they live")
     csub = cp.add_subparsers(dest="catalog_command", required=True, metavar="ACTION")
-    cl = csub.add_parser("list", parents=[common], help="list the images in the catalog")
-    cl.add_argument("--catalog", metavar="PATH", help="catalog database (default: the user's data directory)")
+    cl = csub.add_parser("list", parents=[common, catalog_opt], help="list the images in the catalog")
     cl.set_defaults(func=cmd_catalog_list)
+
+    tp = sub.add_parser("tape", help="tape drives and virtual tapes, in the spirit of mt")
+    tsub = tp.add_subparsers(dest="tape_command", required=True, metavar="ACTION")
+
+    def tape_cmd(name: str, help_text: str, func, *extra):
+        c = tsub.add_parser(name, parents=[common, catalog_opt, tape_opts, *extra], help=help_text)
+        c.set_defaults(func=func)
+        return c
+
+    ts = tape_cmd("status", "drive status and tape label", cmd_tape_status)
+    ts.add_argument("--no-label", action="store_true", help="do not rewind to read the label")
+    tape_cmd("rewind", "rewind the tape", cmd_tape_move)
+    tape_cmd("eom", "go to the end of recorded data", cmd_tape_move)
+    tape_cmd("unload", "rewind and eject", cmd_tape_move)
+    for name, text in (("fsf", "forward space N files"), ("bsf", "backward space N files")):
+        tape_cmd(name, text, cmd_tape_move).add_argument("count", type=int)
+    tl = tape_cmd("label", "write a volume label at the start of the tape", cmd_tape_label)
+    tl.add_argument("name")
+    tl.add_argument("-f", "--force", action="store_true", help="overwrite a labelled or used tape")
+    tape_cmd("list", "the tape files and what each holds", cmd_tape_list)
+    tr = tape_cmd("read", "write the bytes of tape file N to stdout", cmd_tape_read)
+    tr.add_argument("--file", type=int, required=True, metavar="N")
+    tape_cmd("scan", "rebuild the catalog entries of a tape from the media", cmd_tape_scan)
 
     dv = sub.add_parser("devices", parents=[common], help="list block devices and tape drives")
     dv.add_argument("-a", "--all", action="store_true", help="include empty loop devices and ram disks")

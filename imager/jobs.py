@@ -6,9 +6,10 @@ import json
 import os
 import stat
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import Callable, Iterator, Protocol
+from typing import BinaryIO, Callable, Iterator, Protocol
 
 from devices import block, discover
 from devices.block import BlockDevice
@@ -16,12 +17,16 @@ from devices.buffers import AlignedBuffer, BufferPool
 from devices.errors import DeviceError
 
 from . import __version__
-from .catalog import Catalog, ImageRecord, SegmentRecord
-from .errors import ImageFormatError, ImagerError, UsageError
+from .catalog import Catalog, ImageRecord, SegmentRecord, TapeRecord, record_dict
+from .errors import ChunkError, ImageFormatError, ImagerError, UsageError
 from .pipeline import default_workers, run_ordered
 from .sinks import FileSink
-from .stream import (DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL, EncodedChunk, ImageHeader, ImageReader,
-                     ImageWriter, chunk_digest, encode_chunk)
+from .tape import (DEFAULT_BLOCK_SIZE, TapeFileInfo, TapeImageStream, TapeMediaError, TapeSink, TapeSpec,
+                   read_label, require_label, scan_files)
+from .stream import (DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL, DIGEST_SIZE, TRAILER_MAGIC, EncodedChunk,
+                     ImageHeader, ImageReader, ImageTrailer, ImageWriter, TruncatedFrame, chunk_digest,
+                     decode_chunk, decode_trailer, encode_chunk, iter_frames, read_stream_header,
+                     zero_digest)
 
 Progress = Callable[[int], None]
 
@@ -143,7 +148,7 @@ def _read_chunks(source: VolumeSource, chunk_size: int, pool: BufferPool,
 def write_image(source: VolumeSource, sink, *, level: int = DEFAULT_LEVEL,
                 chunk_size: int = DEFAULT_CHUNK_SIZE, workers: int | None = None,
                 source_meta: dict | None = None, snapshot_meta: dict | None = None,
-                progress: Progress | None = None) -> BackupResult:
+                progress: Progress | None = None, image_id: str | None = None) -> BackupResult:
     """Image `source` into `sink` (which the caller commits or aborts)."""
     if chunk_size <= 0 or chunk_size % source.logical_sector_size or chunk_size & (chunk_size - 1):
         raise UsageError(f"chunk size {chunk_size} must be a power of two and a multiple of "
@@ -156,6 +161,8 @@ def write_image(source: VolumeSource, sink, *, level: int = DEFAULT_LEVEL,
                          source=dict(source_meta or {}, path=source.path),
                          snapshot=snapshot_meta or {"provider": "none", "time": _now()},
                          created=_now(), tool=f"imager {__version__}")
+    if image_id:
+        header.image_id = image_id
     started = time.monotonic()
     writer = ImageWriter(sink, header)
     pool = BufferPool(workers * 2 + 2, chunk_size)
@@ -200,6 +207,14 @@ def image_record(header: ImageHeader, stream_bytes: int, image_digest: str) -> I
                        snapshot=json.dumps(header.snapshot, sort_keys=True))
 
 
+def _warn_if_mounted_rw(source: str, on_notice: Callable[[str], None] | None) -> None:
+    if on_notice:
+        for m in block.mounts_of(source):
+            if not m.read_only:
+                on_notice(f"{source} is mounted read-write at {m.mount_point}; the image is "
+                          f"crash-consistent at best (use a snapshot)")
+
+
 def backup(source: str, output: str, *, force: bool = False, level: int = DEFAULT_LEVEL,
            chunk_size: int = DEFAULT_CHUNK_SIZE, workers: int | None = None,
            progress: Progress | None = None, on_notice: Callable[[str], None] | None = None,
@@ -210,11 +225,7 @@ def backup(source: str, output: str, *, force: bool = False, level: int = DEFAUL
         raise UsageError(f"{output}: the image cannot be written over its own source")
     dev = open_source(source, on_notice)
     try:
-        if on_notice:
-            for m in block.mounts_of(source):
-                if not m.read_only:
-                    on_notice(f"{source} is mounted read-write at {m.mount_point}; the image is "
-                              f"crash-consistent at best (use a snapshot)")
+        _warn_if_mounted_rw(source, on_notice)
         sink = FileSink(output, force=force)
         try:
             result = write_image(dev, sink, level=level, chunk_size=chunk_size, workers=workers,
@@ -302,59 +313,148 @@ class _RestoreTarget:
         self.dev.close()
 
 
+class SeekableFeed:
+    """Chunks of an image file, read through its seek table; digests are known up front."""
+
+    def __init__(self, reader: ImageReader):
+        self.reader = reader
+        self.header = reader.header
+        self.name = reader.path
+
+    def chunks(self) -> Iterator[tuple[int, bytes, int]]:
+        for i in range(self.reader.chunk_count):
+            yield i, self.reader.frame(i), self.reader.chunk_offsets[i]
+
+    def expected_digest(self, index: int) -> bytes | None:
+        return self.reader.trailer.digest(index)
+
+    def finish(self) -> ImageTrailer:
+        return self.reader.trailer
+
+
+class StreamFeed:
+    """Chunks of an image read front to back from a pipe or tape: the trailer with the
+    digests comes last, so every chunk is checked against it when the stream ends."""
+
+    def __init__(self, stream: BinaryIO, name: str):
+        self.name = name
+        self._stream = stream
+        self._frames = iter_frames(stream)
+        self.header = read_stream_header(self._frames)
+        self._trailer: ImageTrailer | None = None
+        self._count = 0
+
+    def chunks(self) -> Iterator[tuple[int, bytes, int]]:
+        n = self.header.chunk_count
+        try:
+            for frame in self._frames:
+                if frame.skippable:
+                    if frame.magic == TRAILER_MAGIC:
+                        self._trailer = decode_trailer(frame.payload, n)
+                    continue
+                if self._trailer is not None or self._count >= n:
+                    raise ImageFormatError(f"{self.name}: more chunks than the header's {n} (image corrupted)")
+                yield self._count, frame.data, frame.offset
+                self._count += 1
+        except TruncatedFrame as e:
+            raise ChunkError(self._count, e.offset, self._count * self.header.chunk_size,
+                             f"image stream cut short: {e}") from None
+
+    def expected_digest(self, index: int) -> bytes | None:
+        return None
+
+    def close(self) -> None:
+        close = getattr(self._stream, "close", None)
+        if close:
+            close()
+
+    def finish(self) -> ImageTrailer:
+        if self._count < self.header.chunk_count:
+            raise ImageFormatError(f"{self.name}: image stream ends after {self._count} of "
+                                   f"{self.header.chunk_count} chunks")
+        if self._trailer is None or not self._trailer.complete:
+            raise ImageFormatError(f"{self.name}: image stream has no trailer (incomplete image)")
+        return self._trailer
+
+
+def _decoder(feed) -> Callable[[tuple[int, bytes, int]], tuple[int, bytes | None, bytes]]:
+    header = feed.header
+
+    def decode(item: tuple[int, bytes, int]) -> tuple[int, bytes | None, bytes]:
+        index, frame, image_offset = item
+        length = header.chunk_length(index)
+        expected = feed.expected_digest(index)
+        data = decode_chunk(frame, index, length, expected, image_offset, index * header.chunk_size, header.level)
+        if expected is not None:
+            return index, data, expected
+        return index, data, zero_digest(length) if data is None else chunk_digest(data)
+    return decode
+
+
+def _check_digests(feed, digests: bytearray, trailer: ImageTrailer) -> None:
+    if bytes(digests) == trailer.digests:
+        return
+    for i in range(feed.header.chunk_count):
+        if digests[i * DIGEST_SIZE:(i + 1) * DIGEST_SIZE] != trailer.digest(i):
+            raise ChunkError(i, -1, i * feed.header.chunk_size, "checksum mismatch with the image trailer")
+
+
 def restore(image: str, target: str, *, force: bool = False, verify: bool = False,
             workers: int | None = None, progress: Progress | None = None) -> RestoreResult:
-    """Write the volume held by `image` onto the block device or file `target`."""
+    """Write the volume held by the image file `image` onto the block device or file `target`."""
+    with ImageReader(image) as reader:
+        return restore_feed(SeekableFeed(reader), target, force=force, verify=verify, workers=workers,
+                            progress=progress)
+
+
+def restore_feed(feed, target: str, *, force: bool = False, verify: bool = False,
+                 workers: int | None = None, progress: Progress | None = None) -> RestoreResult:
+    """Write the chunks of `feed` (an image file or stream) onto `target`, in order."""
     workers = workers or default_workers()
     started = time.monotonic()
-    with ImageReader(image) as reader:
-        header = reader.header
-        tgt = _RestoreTarget(target, header.volume_size, force)
-        totals = {"zero_chunks": 0, "bytes_written": 0}
+    header = feed.header
+    tgt = _RestoreTarget(target, header.volume_size, force)
+    totals = {"zero_chunks": 0, "bytes_written": 0}
+    digests = bytearray()
 
-        def frames() -> Iterator[tuple[int, bytes]]:
-            for i in range(reader.chunk_count):
-                yield i, reader.frame(i)
+    def consume(result: tuple[int, bytes | None, bytes]) -> None:
+        index, data, digest = result
+        length = header.chunk_length(index)
+        tgt.write_chunk(index * header.chunk_size, data, length)
+        digests.extend(digest)
+        if data is None:
+            totals["zero_chunks"] += 1
+        else:
+            totals["bytes_written"] += length
+        if progress:
+            progress(length)
 
-        def decode(item: tuple[int, bytes]) -> tuple[int, bytes | None]:
-            index, frame = item
-            return index, reader.decode(index, frame)
-
-        def consume(result: tuple[int, bytes | None]) -> None:
-            index, data = result
-            length = header.chunk_length(index)
-            tgt.write_chunk(index * header.chunk_size, data, length)
-            if data is None:
-                totals["zero_chunks"] += 1
-            else:
-                totals["bytes_written"] += length
-            if progress:
-                progress(length)
-
-        try:
-            run_ordered(frames(), decode, consume, workers=workers)
-            tgt.finish()
-        except ImageFormatError as e:
-            tgt.abort()
-            if tgt.fresh_file:
-                raise ImageFormatError(f"restore failed, nothing written to {target}: {e}") from None
-            raise ImageFormatError(f"restore failed, {target} holds a partial volume: {e}") from None
-        except BaseException:
-            tgt.abort()
-            raise
-        tgt.close()
-        if verify:
-            compare_with_image(target, reader, workers=workers)
-    return RestoreResult(image=image, target=target, volume_size=header.volume_size,
+    try:
+        run_ordered(feed.chunks(), _decoder(feed), consume, workers=workers)
+        trailer = feed.finish()
+        _check_digests(feed, digests, trailer)
+        tgt.finish()
+    except ImageFormatError as e:
+        tgt.abort()
+        if tgt.fresh_file:
+            raise ImageFormatError(f"restore failed, nothing written to {target}: {e}") from None
+        raise ImageFormatError(f"restore failed, {target} holds a partial volume: {e}") from None
+    except BaseException:
+        tgt.abort()
+        raise
+    tgt.close()
+    if verify:
+        compare_with_image(target, header, trailer, workers=workers)
+    return RestoreResult(image=feed.name, target=target, volume_size=header.volume_size,
                          chunks=header.chunk_count, zero_chunks=totals["zero_chunks"],
                          bytes_written=totals["bytes_written"], seconds=time.monotonic() - started,
                          verified=verify)
 
 
-def compare_with_image(target: str, reader: ImageReader, *, workers: int | None = None) -> None:
+def compare_with_image(target: str, header: ImageHeader, trailer: ImageTrailer, *,
+                       workers: int | None = None) -> None:
     """Re-read the volume's length of `target` from the medium and compare every chunk's
     checksum with the image's."""
-    header = reader.header
     workers = workers or default_workers()
     dev = BlockDevice(target, direct=True)
     try:
@@ -377,7 +477,7 @@ def compare_with_image(target: str, reader: ImageReader, *, workers: int | None 
 
         def check(result: tuple[int, bytes]) -> None:
             index, got = result
-            if got != reader.trailer.digest(index):
+            if got != trailer.digest(index):
                 raise ImagerError(f"verify after restore failed: {target} differs from the image in chunk "
                                   f"{index} (volume offset {index * header.chunk_size})")
 
@@ -391,30 +491,27 @@ def compare_with_image(target: str, reader: ImageReader, *, workers: int | None 
 
 
 def verify(image: str, *, workers: int | None = None, progress: Progress | None = None) -> VerifyResult:
-    """Read every chunk of `image`, decompress it and check it against its checksums."""
-    started = time.monotonic()
+    """Read every chunk of the image file `image`, decompress it and check it against its checksums."""
     with ImageReader(image) as reader:
-        header = reader.header
-        zero = [0]
+        return verify_feed(SeekableFeed(reader), workers=workers, progress=progress)
 
-        def frames() -> Iterator[tuple[int, bytes]]:
-            for i in range(reader.chunk_count):
-                yield i, reader.frame(i)
 
-        def check(item: tuple[int, bytes]) -> bool:
-            index, frame = item
-            return reader.decode(index, frame) is None
+def verify_feed(feed, *, workers: int | None = None, progress: Progress | None = None) -> VerifyResult:
+    started = time.monotonic()
+    header = feed.header
+    zero = [0]
+    digests = bytearray()
 
-        def consume(was_zero: bool) -> None:
-            zero[0] += was_zero
-
-        counted = consume
+    def consume(result: tuple[int, bytes | None, bytes]) -> None:
+        index, data, digest = result
+        digests.extend(digest)
+        zero[0] += data is None
         if progress:
-            def counted(was_zero: bool) -> None:
-                consume(was_zero)
-                progress(header.chunk_size)
-        run_ordered(frames(), check, counted, workers=workers)
-    return VerifyResult(image=image, volume_size=header.volume_size, chunks=header.chunk_count,
+            progress(header.chunk_length(index))
+
+    run_ordered(feed.chunks(), _decoder(feed), consume, workers=workers)
+    _check_digests(feed, digests, feed.finish())
+    return VerifyResult(image=feed.name, volume_size=header.volume_size, chunks=header.chunk_count,
                         zero_chunks=zero[0], seconds=time.monotonic() - started)
 
 
@@ -424,3 +521,161 @@ def info(image: str) -> dict:
                 "totals": reader.trailer.totals,
                 "ratio": round(reader.header.volume_size / reader.file_size, 3)}
 
+
+
+# --- tape --------------------------------------------------------------------------------------
+
+def _tape_segment_records(image_id: str, segments) -> list[SegmentRecord]:
+    return [SegmentRecord(image_id, i, "tape", None, seg.label, seg.tape_set, seg.tape_file,
+                          seg.stream_offset, seg.stream_length) for i, seg in enumerate(segments)]
+
+
+def _record_labels(catalog: Catalog | None, labels) -> None:
+    if catalog is not None:
+        for label in labels:
+            catalog.add_tape(TapeRecord(label.label, label.tape_set, label.sequence, label.created))
+
+
+def backup_to_tape(source: str, spec: TapeSpec, *, block_size: int = DEFAULT_BLOCK_SIZE,
+                   expect_label: str | None = None, drive_compression: bool = False,
+                   level: int = DEFAULT_LEVEL, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                   workers: int | None = None, progress: Progress | None = None,
+                   on_notice: Callable[[str], None] | None = None,
+                   catalog: Catalog | None = None) -> tuple[BackupResult, list]:
+    """Append the image of `source` to the tape as one tape file (more when it spans cartridges)."""
+    dev = open_source(source, on_notice)
+    try:
+        _warn_if_mounted_rw(source, on_notice)
+        image_id = uuid.uuid4().hex
+        sink = TapeSink(spec, image_id=image_id, block_size=block_size, expect_label=expect_label,
+                        drive_compression=drive_compression)
+        try:
+            result = write_image(dev, sink, level=level, chunk_size=chunk_size, workers=workers,
+                                 source_meta=probe_filesystem(source), progress=progress, image_id=image_id)
+            record = image_record(result.header, result.bytes_written, result.image_digest)
+            sink.commit(record_dict(record))
+        except BaseException:
+            sink.abort()
+            raise
+        finally:
+            _record_labels(catalog, sink.labelled)
+        result.image = spec.spec
+        if catalog is not None:
+            catalog.add_image(record, _tape_segment_records(image_id, sink.segments))
+        return result, sink.segments
+    finally:
+        dev.close()
+
+
+def _cartridge_sequences(spec: TapeSpec) -> Iterator[int]:
+    sequence = 1
+    while True:
+        yield sequence
+        if not spec.is_pattern or not os.path.exists(spec.path_for(sequence + 1)):
+            return
+        sequence += 1
+
+
+def scan_tape(spec: TapeSpec, catalog: Catalog | None = None) -> list[TapeFileInfo]:
+    """Read what every cartridge of `spec` holds from the media alone; with a catalog, replace
+    what it says of these cartridges by what was found."""
+    found: list[TapeFileInfo] = []
+    segments: dict[str, list[SegmentRecord]] = {}
+    records: dict[str, dict] = {}
+    labels = []
+    for sequence in _cartridge_sequences(spec):
+        with spec.open(sequence, create=False) as drive:
+            label = require_label(drive)
+            labels.append(label)
+            for info in scan_files(drive):
+                info.label = label.label
+                found.append(info)
+                if info.kind == "image" and info.complete:
+                    segments.setdefault(info.image_id, []).append(SegmentRecord(
+                        info.image_id, info.segment, "tape", None, label.label, label.tape_set, info.tape_file,
+                        info.stream_offset, info.stream_length))
+                    if info.image:
+                        records[info.image_id] = info.image
+    if catalog is not None:
+        for label in labels:
+            catalog.forget_tape(label.label)
+        _record_labels(catalog, labels)
+        for image_id, record in records.items():
+            catalog.add_image(ImageRecord(**record), segments[image_id])
+    return found
+
+
+def _locate_on_tape(spec: TapeSpec, image_id: str | None, catalog: Catalog | None) -> tuple[str, str, int]:
+    """(full image id, tape label, tape file) of the first segment of an image: from the
+    catalog when it knows the image, else by scanning the tape."""
+    if catalog is not None and image_id:
+        try:
+            record = catalog.image(image_id)
+        except UsageError:
+            record = None
+        if record is not None:
+            first = next((s for s in catalog.segments(record.id) if s.kind == "tape" and s.sequence == 0), None)
+            if first is not None:
+                return record.id, first.tape_label, first.tape_file
+    candidates = [f for f in scan_tape(spec) if f.kind == "image" and f.segment == 0
+                  and (image_id is None or f.image_id.startswith(image_id))]
+    if not candidates:
+        raise UsageError(f"{spec.spec}: no image {image_id!r} on this tape" if image_id
+                         else f"{spec.spec}: the tape holds no image")
+    if image_id and len({c.image_id for c in candidates}) > 1:
+        raise UsageError(f"image id {image_id!r} is ambiguous on {spec.spec}")
+    if image_id is None and len(candidates) > 1:
+        raise UsageError(f"{spec.spec} holds {len(candidates)} images; choose one with --image ID "
+                         f"(see imager tape list)")
+    c = candidates[0]
+    return c.image_id, c.label, c.tape_file
+
+
+def open_tape_image(spec: TapeSpec, image_id: str | None, *, catalog: Catalog | None = None,
+                    block_size: int | None = None) -> StreamFeed:
+    full_id, label_name, tape_file = _locate_on_tape(spec, image_id, catalog)
+    sequence = 1
+    if spec.is_pattern:
+        for sequence in _cartridge_sequences(spec):
+            with spec.open(sequence, create=False) as probe:
+                label = read_label(probe)
+            if label is not None and label.label == label_name:
+                break
+        else:
+            raise TapeMediaError(f"{spec.spec}: no cartridge labelled {label_name!r} in the set")
+    drive = spec.open(sequence, create=False)
+    try:
+        label = require_label(drive, label_name)
+        stream = TapeImageStream(spec, drive, label, tape_file, full_id, block_size)
+    except BaseException:
+        drive.close()
+        raise
+    return StreamFeed(stream, f"{spec.spec} file {tape_file} (image {full_id[:12]})")
+
+
+def restore_from_tape(spec: TapeSpec, image_id: str | None, target: str, *, catalog: Catalog | None = None,
+                      block_size: int | None = None, **kw) -> RestoreResult:
+    feed = open_tape_image(spec, image_id, catalog=catalog, block_size=block_size)
+    try:
+        return restore_feed(feed, target, **kw)
+    finally:
+        feed.close()
+
+
+def verify_tape(spec: TapeSpec, image_id: str | None = None, *, catalog: Catalog | None = None,
+                block_size: int | None = None, **kw) -> list[VerifyResult]:
+    """Read back and check one image, or every image whose first segment is on the tape."""
+    if image_id:
+        ids = [image_id]
+    else:
+        ids = [f.image_id for f in scan_tape(spec) if f.kind == "image" and f.segment == 0]
+        if not ids:
+            raise UsageError(f"{spec.spec}: the tape holds no image")
+    results = []
+    for one in ids:
+        feed = open_tape_image(spec, one, catalog=catalog, block_size=block_size)
+        try:
+            results.append(verify_feed(feed, **kw))
+        finally:
+            feed.close()
+    return results

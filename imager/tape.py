@@ -1,0 +1,650 @@
+"""Tape layout: labels, one tape file per image, spanning cartridges, scanning, reading back.
+
+    file 0      label block: skippable frame 0x184D2A52 (b"IMGRLBL1" + JSON: label, set, sequence)
+    file 1..    one image segment each:
+                  segment header block: skippable frame 0x184D2A53 (b"IMGRSEG1" + JSON)
+                  the image byte stream (exactly the bytes of an image file), in blocks of block_size
+                  segment end block:    skippable frame 0x184D2A54 (b"IMGREND1" + JSON: lengths,
+                                        whether it continues on the next cartridge, the image record)
+                filemark after each file
+
+Every header block is a zstd skippable frame, so `dd if=/dev/nst0 bs=SIZE | zstd -d` (or
+`imager tape read --file N | zstd -d`) restores an image that fits one cartridge with standard
+tools. An image that reaches the early-warning zone ends its segment at the next zstd frame
+boundary and goes on in file 1 of the next cartridge of the set, so the segments of a spanned
+image concatenated are a valid zstd stream too.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import queue
+import stat
+import struct
+import subprocess
+import sys
+import threading
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from typing import Callable, Iterator
+
+from devices.errors import DeviceError
+from devices.tape.drive import TapeDrive, TapeError
+from devices.tape.st import StTape
+from devices.tape.virtual import VirtualTape
+
+from . import __version__
+from .errors import ImagerError, UsageError
+from .stream import skippable_frame
+
+LABEL_MAGIC = 0x184D2A52
+SEGMENT_MAGIC = 0x184D2A53
+END_MAGIC = 0x184D2A54
+LABEL_TAG = b"IMGRLBL1"
+SEGMENT_TAG = b"IMGRSEG1"
+END_TAG = b"IMGREND1"
+DEFAULT_BLOCK_SIZE = 1 << 20
+# Room for the largest metadata block (a label, segment header or end block is a few KiB).
+METADATA_READ_SIZE = 1 << 20
+
+
+class TapeMediaError(ImagerError):
+    """The tape does not hold what was expected: unlabelled, another tape, damaged, cut short."""
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _meta_block(magic: int, tag: bytes, meta: dict) -> bytes:
+    return skippable_frame(magic, tag + json.dumps(meta, sort_keys=True).encode())
+
+
+def _parse_meta_block(block: bytes, magic: int, tag: bytes) -> dict | None:
+    if len(block) < 8 + len(tag) or struct.unpack_from("<I", block)[0] != magic:
+        return None
+    (size,) = struct.unpack_from("<I", block, 4)
+    payload = block[8:8 + size]
+    if len(payload) != size or not payload.startswith(tag):
+        return None
+    try:
+        return json.loads(payload[len(tag):])
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class Label:
+    label: str
+    tape_set: str
+    sequence: int
+    created: str
+    block_size: int
+    tool: str = ""
+
+    def block(self) -> bytes:
+        return _meta_block(LABEL_MAGIC, LABEL_TAG, asdict(self))
+
+    @classmethod
+    def parse(cls, block: bytes) -> "Label | None":
+        meta = _parse_meta_block(block, LABEL_MAGIC, LABEL_TAG)
+        if meta is None:
+            return None
+        return cls(**{k: meta[k] for k in cls.__dataclass_fields__ if k in meta})
+
+
+# --- opening drives and cartridges ---------------------------------------------------------------
+
+@dataclass
+class TapeSpec:
+    """What `--tape` names: a real drive (/dev/nstN), a virtual tape file, or a set of virtual
+    cartridges given as a pattern with {n} (the cartridge's sequence number, from 1)."""
+
+    spec: str
+    capacity: int | None = None
+    changer: str | None = None
+    prompt: Callable[[str], None] | None = None
+
+    @property
+    def is_pattern(self) -> bool:
+        return "{n" in self.spec
+
+    @property
+    def is_real_drive(self) -> bool:
+        try:
+            return stat.S_ISCHR(os.stat(self.spec).st_mode)
+        except OSError:
+            return False
+
+    def path_for(self, sequence: int) -> str:
+        if self.is_pattern:
+            try:
+                return self.spec.format(n=sequence)
+            except (KeyError, IndexError, ValueError) as e:
+                raise UsageError(f"--tape {self.spec!r}: a cartridge pattern takes {{n}}, e.g. 'tape-{{n:03}}.tap' ({e})") from None
+        return self.spec
+
+    def open(self, sequence: int = 1, *, create: bool = True) -> TapeDrive:
+        path = self.path_for(sequence)
+        try:
+            if self.is_real_drive:
+                return StTape(path)
+            if os.path.isdir(path):
+                raise UsageError(f"--tape {path}: is a directory; give a .tap file or /dev/nstN")
+            parent = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(parent):
+                raise UsageError(f"--tape {path}: no such directory {parent}")
+            # A quarter of a small virtual cartridge is early-warning zone, so the zstd frame
+            # in flight when the warning comes still fits (real cartridges have GBs of zone).
+            early = min(32 << 20, self.capacity // 4) if self.capacity else None
+            return VirtualTape(path, capacity=self.capacity, early_warning=early, create=create)
+        except DeviceError as e:
+            raise TapeMediaError(str(e)) from None
+
+    def next_cartridge(self, drive: TapeDrive, sequence: int) -> TapeDrive:
+        """Take `drive`'s cartridge out and return the drive with cartridge `sequence` in it."""
+        if self.is_pattern:
+            drive.close()
+            return self.open(sequence)
+        if not self.is_real_drive:
+            drive.close()
+            raise TapeMediaError(f"{self.spec}: cartridge full, and a single virtual tape has no next "
+                                 f"cartridge; give a set as a pattern, e.g. --tape 'tape-{{n:03}}.tap'")
+        drive.unload()
+        drive.close()
+        message = f"insert cartridge {sequence} of the set into {self.spec}"
+        if self.changer:
+            r = subprocess.run(self.changer, shell=True, env=dict(os.environ, IMAGER_CARTRIDGE=str(sequence),
+                                                                    IMAGER_DRIVE=self.spec))
+            if r.returncode:
+                raise TapeMediaError(f"changer command failed ({r.returncode}) loading cartridge {sequence}")
+        elif self.prompt:
+            self.prompt(message)
+        else:
+            raise TapeMediaError(f"{message}: no terminal to ask on and no --changer command")
+        new = self.open(sequence)
+        new.load()
+        return new
+
+
+def operator_prompt(message: str) -> None:
+    """Ask the operator on the terminal, even when stdout is a pipe to another program."""
+    try:
+        with open("/dev/tty", "r+") as tty:
+            tty.write(f"imager: {message}, then press Enter (Ctrl-C to stop) ")
+            tty.flush()
+            tty.readline()
+    except OSError:
+        raise TapeMediaError(f"{message}: no terminal to ask on (use --changer)") from None
+
+
+# --- labels ------------------------------------------------------------------------------------
+
+def read_label(drive: TapeDrive) -> Label | None:
+    """The label at the start of the tape, or None for a blank or foreign tape. Leaves the
+    tape at the start of file 1 when labelled."""
+    drive.rewind()
+    try:
+        first = drive.read_block(METADATA_READ_SIZE)
+    except TapeError as e:
+        if e.errno in (errno.EIO, errno.ENOSPC):
+            return None  # blank tape: nothing recorded
+        if e.errno == errno.ENOMEM:
+            return None  # a block bigger than any label: not ours
+        raise TapeMediaError(str(e)) from None
+    label = Label.parse(first)
+    if label is not None:
+        mark = drive.read_block(METADATA_READ_SIZE)
+        if mark != b"":
+            raise TapeMediaError(f"{drive.path}: the label block is not followed by a filemark (damaged tape)")
+    return label
+
+
+def require_label(drive: TapeDrive, expect_label: str | None = None) -> Label:
+    label = read_label(drive)
+    if label is None:
+        raise TapeMediaError(f"{drive.path}: tape is not labelled (label it with: imager tape label NAME)")
+    if expect_label is not None and label.label != expect_label:
+        raise TapeMediaError(f"{drive.path}: wrong tape: it is labelled {label.label!r}, expected {expect_label!r}")
+    return label
+
+
+def write_label(drive: TapeDrive, name: str, *, force: bool = False, tape_set: str | None = None,
+                sequence: int = 1, block_size: int = DEFAULT_BLOCK_SIZE) -> Label:
+    """Label the tape at its start; everything on it is gone afterwards, so refuse a tape that
+    holds a label or data unless `force`."""
+    if not name or len(name) > 64 or any(c in name for c in "\0\n"):
+        raise UsageError(f"tape label {name!r}: give 1 to 64 printable characters")
+    existing = read_label(drive)
+    if not force:
+        if existing is not None:
+            raise TapeMediaError(f"{drive.path}: tape is already labelled {existing.label!r}; "
+                                 f"--force overwrites it and everything on it")
+        drive.rewind()
+        if not _is_blank(drive):
+            raise TapeMediaError(f"{drive.path}: tape holds data that is not an imager label; "
+                                 f"--force overwrites it")
+    label = Label(label=name, tape_set=tape_set or uuid.uuid4().hex, sequence=sequence, created=_now(),
+                  block_size=block_size, tool=f"imager {__version__}")
+    drive.rewind()
+    try:
+        drive.write_block(label.block())
+        drive.write_filemarks(1)
+    except TapeError as e:
+        raise TapeMediaError(_tape_write_problem(e)) from None
+    return label
+
+
+def _is_blank(drive: TapeDrive) -> bool:
+    try:
+        return drive.read_block(METADATA_READ_SIZE) == b"" and drive.read_block(METADATA_READ_SIZE) == b""
+    except TapeError as e:
+        return e.errno in (errno.EIO, errno.ENOSPC)
+
+
+def _tape_write_problem(e: TapeError) -> str:
+    if e.errno in (errno.EACCES, errno.EROFS):
+        return f"{e.filename}: tape is write-protected"
+    return str(e)
+
+
+# --- writing an image ------------------------------------------------------------------------
+
+class CartridgeFull(TapeMediaError):
+    pass
+
+
+@dataclass
+class WrittenSegment:
+    label: str
+    tape_set: str
+    sequence: int
+    tape_file: int
+    stream_offset: int
+    stream_length: int
+
+
+class TapeSink:
+    """An image sink that writes the stream as one tape file per cartridge it touches.
+
+    `write()` hands frames to a writer thread through a bounded queue, so the drive keeps
+    streaming while the engine compresses in bursts. The caller commits or aborts.
+    """
+
+    def __init__(self, spec: TapeSpec, *, image_id: str, block_size: int = DEFAULT_BLOCK_SIZE,
+                 expect_label: str | None = None, drive_compression: bool = False,
+                 buffer_bytes: int = 64 << 20):
+        if block_size <= 0 or block_size % 512:
+            raise UsageError(f"tape block size {block_size} must be a positive multiple of 512")
+        self.spec = spec
+        self.image_id = image_id
+        self.block_size = block_size
+        self.drive_compression = drive_compression
+        self.path = spec.spec
+        self.segments: list[WrittenSegment] = []
+        self.labelled: list[Label] = []
+        self.bytes_written = 0
+        self._drive, self._label = self._first_cartridge(expect_label)
+        self._pending = bytearray()
+        self._queue: queue.Queue = queue.Queue(maxsize=max(2, buffer_bytes // block_size))
+        self._error: BaseException | None = None
+        self._ending = False
+        self._start_segment()
+        self._thread = threading.Thread(target=self._writer, name="imager-tape", daemon=True)
+        self._thread.start()
+
+    # -- cartridge handling (writer side) --
+    def _first_cartridge(self, expect_label: str | None) -> tuple[TapeDrive, Label]:
+        sequence = 1
+        if self.spec.is_pattern:
+            # A set of virtual cartridges: append to the last one that exists.
+            while os.path.exists(self.spec.path_for(sequence + 1)):
+                sequence += 1
+        drive = self.spec.open(sequence)
+        try:
+            label = read_label(drive)
+            if label is None and self.spec.is_pattern and sequence == 1 and _is_blank_at_bot(drive):
+                label = write_label(drive, _member_label(self.spec, 1), block_size=self.block_size)
+                self.labelled.append(label)
+            elif label is None:
+                raise TapeMediaError(f"{drive.path}: tape is not labelled (label it with: imager tape label NAME)")
+            if expect_label is not None and label.label != expect_label:
+                raise TapeMediaError(f"{drive.path}: wrong tape: it is labelled {label.label!r}, expected {expect_label!r}")
+            drive.set_block_size(0)
+            drive.set_compression(self.drive_compression)
+            drive.seek_end_of_data()
+        except BaseException:
+            drive.close()
+            raise
+        return drive, label
+
+    def _start_segment(self) -> None:
+        status = self._drive.status()
+        tape_file = status.file_number
+        if tape_file < 0:
+            raise TapeMediaError(f"{self._drive.path}: the drive does not report a file number at end of data")
+        self._segment = WrittenSegment(self._label.label, self._label.tape_set, self._label.sequence,
+                                       tape_file, self.bytes_written, 0)
+        self._write_block(_meta_block(SEGMENT_MAGIC, SEGMENT_TAG, {
+            "image_id": self.image_id, "label": self._label.label, "tape_set": self._label.tape_set,
+            "sequence": self._label.sequence, "segment": len(self.segments), "tape_file": tape_file,
+            "stream_offset": self.bytes_written, "block_size": self.block_size}))
+
+    def _write_block(self, data) -> None:
+        """One block; past the early-warning mark st fails every other write with ENOSPC, and
+        the write after such a failure is allowed: retry once, then it is the physical end."""
+        for attempt in (0, 1):
+            try:
+                self._drive.write_block(data)
+                return
+            except TapeError as e:
+                if e.errno != errno.ENOSPC:
+                    raise TapeMediaError(_tape_write_problem(e)) from None
+                if attempt:
+                    raise CartridgeFull(
+                        f"{self._drive.path}: cartridge {self._label.label!r} reached its physical end "
+                        f"before the image segment could be closed (early-warning zone too small)") from None
+                self._ending = True
+
+    def _end_segment(self, continued: bool, record: dict | None) -> None:
+        seg = self._segment
+        seg.stream_length = self.bytes_written - seg.stream_offset
+        self._write_block(_meta_block(END_MAGIC, END_TAG, {
+            "image_id": self.image_id, "segment": len(self.segments), "stream_offset": seg.stream_offset,
+            "stream_length": seg.stream_length, "continued": continued, "image": record}))
+        try:
+            self._drive.write_filemarks(1)
+        except TapeError as e:
+            raise TapeMediaError(_tape_write_problem(e)) from None
+        self.segments.append(seg)
+
+    def _switch_cartridge(self) -> None:
+        self._end_segment(True, None)
+        sequence = self._label.sequence + 1
+        drive = self.spec.next_cartridge(self._drive, sequence)
+        self._drive = drive
+        label = read_label(drive)
+        if label is None:
+            drive.rewind()
+            if not _is_blank(drive):
+                raise TapeMediaError(f"{drive.path}: cartridge {sequence} holds data that is not imager's; "
+                                     f"it is not overwritten")
+            label = write_label(drive, _member_label(self.spec, sequence, self._label),
+                                tape_set=self._label.tape_set, sequence=sequence, block_size=self.block_size)
+            self.labelled.append(label)
+        elif label.tape_set != self._label.tape_set or label.sequence != sequence:
+            raise TapeMediaError(f"{drive.path}: wrong cartridge: {label.label!r} is cartridge {label.sequence} "
+                                 f"of another set; expected cartridge {sequence} of set {self._label.tape_set[:12]}")
+        drive.seek_end_of_data()
+        if drive.status().file_number != 1:
+            raise TapeMediaError(f"{drive.path}: cartridge {label.label!r} already holds images; a spanned "
+                                 f"image continues only on a blank cartridge")
+        drive.set_block_size(0)
+        drive.set_compression(self.drive_compression)
+        self._label = label
+        self._ending = False
+        self._start_segment()
+
+    # -- the stream --
+    def write(self, frame: bytes) -> None:
+        """Queue one whole zstd frame of the image stream (frame boundaries matter for spanning)."""
+        if self._error is not None:
+            raise self._error
+        self._put(frame)
+
+    def _put(self, item) -> None:
+        while True:
+            try:
+                self._queue.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                if self._error is not None:
+                    raise self._error
+
+    def _writer(self) -> None:
+        try:
+            while True:
+                item = self._queue.get()
+                if item is None:
+                    return
+                if isinstance(item, tuple):  # ("finish", record)
+                    self._flush_pending()
+                    self._end_segment(False, item[1])
+                    return
+                self._append_frame(item)
+        except BaseException as e:
+            self._error = e if isinstance(e, ImagerError) else TapeMediaError(f"tape write failed: {e}")
+            # Keep the producer from blocking on a full queue.
+            while True:
+                try:
+                    if self._queue.get_nowait() is None:
+                        break
+                except queue.Empty:
+                    break
+
+    def _append_frame(self, frame: bytes) -> None:
+        view = memoryview(frame)
+        bs = self.block_size
+        if self._pending:
+            take = min(bs - len(self._pending), len(view))
+            self._pending += view[:take]
+            view = view[take:]
+            if len(self._pending) == bs:
+                self._write_block(self._pending)
+                self._pending = bytearray()
+        whole = len(view) - len(view) % bs
+        for start in range(0, whole, bs):
+            self._write_block(view[start:start + bs])
+        self._pending += view[whole:]
+        self.bytes_written += len(frame)
+        if self._ending:
+            self._flush_pending()
+            self._switch_cartridge()
+
+    def _flush_pending(self) -> None:
+        if self._pending:
+            self._write_block(self._pending)
+            self._pending = bytearray()
+
+    def commit(self, record: dict | None = None) -> None:
+        """Close the image's last segment with the image record; waits for the drive."""
+        if self._error is None:
+            self._put(("finish", record))
+        self._thread.join()
+        self._drive.close()
+        if self._error is not None:
+            raise self._error
+
+    def abort(self) -> None:
+        if self._thread.is_alive():
+            self._put(None)
+            self._thread.join()
+        try:
+            self._drive.close()
+        except DeviceError:
+            pass
+
+
+def _is_blank_at_bot(drive: TapeDrive) -> bool:
+    drive.rewind()
+    return _is_blank(drive)
+
+
+def _member_label(spec: TapeSpec, sequence: int, first: Label | None = None) -> str:
+    """The label a new cartridge of a set gets: a virtual cartridge's file name, or the first
+    cartridge's label with the sequence number for a real drive."""
+    if spec.is_pattern:
+        return os.path.splitext(os.path.basename(spec.path_for(sequence)))[0][:64]
+    return f"{first.label[:58]}+{sequence}" if first else f"imager+{sequence}"
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+@dataclass
+class TapeFileInfo:
+    """What one tape file holds, from its first and last blocks."""
+
+    tape_file: int
+    kind: str  # 'image' or 'foreign'
+    label: str | None = None
+    image_id: str | None = None
+    segment: int | None = None
+    stream_offset: int | None = None
+    stream_length: int | None = None
+    continued: bool = False
+    complete: bool = False
+    block_size: int | None = None
+    image: dict | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def scan_files(drive: TapeDrive) -> Iterator[TapeFileInfo]:
+    """Every tape file after the label, read by its first and last blocks only (a real drive
+    spaces over the data instead of reading it)."""
+    require_label(drive)
+    tape_file = 1
+    while True:
+        try:
+            first = drive.read_block(METADATA_READ_SIZE)
+        except TapeError as e:
+            if e.errno == errno.EIO:
+                return  # end of data
+            if e.errno == errno.ENOMEM:
+                yield TapeFileInfo(tape_file, "foreign")
+                drive.forward_space_files(1)
+                tape_file += 1
+                continue
+            raise TapeMediaError(str(e)) from None
+        if first == b"":
+            return  # a second filemark: end of data
+        header = _parse_meta_block(first, SEGMENT_MAGIC, SEGMENT_TAG)
+        if header is None:
+            yield TapeFileInfo(tape_file, "foreign")
+            drive.forward_space_files(1)
+            tape_file += 1
+            continue
+        info = TapeFileInfo(tape_file, "image", image_id=header["image_id"], segment=header["segment"],
+                            stream_offset=header["stream_offset"], block_size=header["block_size"])
+        end = _last_block_of_file(drive, header["block_size"])
+        if end is not None:
+            info.stream_length = end["stream_length"]
+            info.continued = end["continued"]
+            info.complete = True
+            info.image = end.get("image")
+        yield info
+        tape_file += 1
+
+
+def _last_block_of_file(drive: TapeDrive, block_size: int) -> dict | None:
+    """Space to the end of the current file and read its last block; leaves the tape at the
+    start of the next file. None when the file has no end block (an interrupted write)."""
+    try:
+        drive.forward_space_files(1)
+    except TapeError:
+        # The file is not closed by a filemark: the tape ends inside it.
+        return None
+    drive.backward_space_files(1)
+    drive.backward_space_records(1)
+    last = drive.read_block(max(block_size, METADATA_READ_SIZE))
+    if drive.read_block(METADATA_READ_SIZE) != b"":
+        raise TapeMediaError(f"{drive.path}: lost position reading the end of a tape file")
+    return _parse_meta_block(last, END_MAGIC, END_TAG)
+
+
+class TapeImageStream:
+    """The image byte stream of one image, read from its tape file(s) as a file-like object,
+    asking for the next cartridge where the image continues."""
+
+    def __init__(self, spec: TapeSpec, drive: TapeDrive, label: Label, tape_file: int, image_id: str,
+                 block_size: int | None = None):
+        self.spec = spec
+        self.drive = drive
+        self.label = label
+        self.image_id = image_id
+        self.read_size = block_size
+        self._buffer = memoryview(b"")
+        self._segment = 0
+        self._stream_offset = 0
+        self._done = False
+        self.end: dict | None = None
+        self._open_segment(tape_file)
+
+    def _read_block(self, size: int) -> bytes:
+        try:
+            return self.drive.read_block(size)
+        except TapeError as e:
+            if e.errno == errno.ENOMEM:
+                raise TapeMediaError(f"{self.drive.path}: a tape block is larger than the read block size "
+                                     f"{size}; the image was written with larger blocks "
+                                     f"(give --block-size of at least the size it was written with)") from None
+            if e.errno == errno.EIO:
+                raise TapeMediaError(f"{self.drive.path}: the tape ends in the middle of image {self.image_id[:12]} "
+                                     f"(cartridge {self.label.label!r}, after stream offset "
+                                     f"{self._stream_offset})") from None
+            raise TapeMediaError(str(e)) from None
+
+    def _open_segment(self, tape_file: int) -> None:
+        self.drive.skip_to_file(tape_file)
+        header = _parse_meta_block(self._read_block(self.read_size or METADATA_READ_SIZE), SEGMENT_MAGIC, SEGMENT_TAG)
+        if header is None:
+            raise TapeMediaError(f"{self.drive.path}: tape file {tape_file} of {self.label.label!r} is not an imager image")
+        if header["image_id"] != self.image_id or header["segment"] != self._segment:
+            raise TapeMediaError(f"{self.drive.path}: tape file {tape_file} of {self.label.label!r} holds segment "
+                                 f"{header['segment']} of image {header['image_id'][:12]}, expected segment "
+                                 f"{self._segment} of image {self.image_id[:12]}")
+        if header["stream_offset"] != self._stream_offset:
+            raise TapeMediaError(f"{self.drive.path}: segment {self._segment} starts at stream offset "
+                                 f"{header['stream_offset']}, expected {self._stream_offset}")
+        if self.read_size is None:
+            self.read_size = header["block_size"]
+
+    def _next_block(self) -> bool:
+        block = self._read_block(self.read_size)
+        if block == b"":
+            raise TapeMediaError(f"{self.drive.path}: tape file ends without its end block in image "
+                                 f"{self.image_id[:12]} (damaged or interrupted write)")
+        end = _parse_meta_block(block, END_MAGIC, END_TAG)
+        if end is None:
+            self._buffer = memoryview(block)
+            self._stream_offset += len(block)
+            return True
+        if end["stream_offset"] + end["stream_length"] != self._stream_offset:
+            raise TapeMediaError(f"{self.drive.path}: segment {self._segment} of image {self.image_id[:12]} holds "
+                                 f"{self._stream_offset - end['stream_offset']} bytes, its end block says "
+                                 f"{end['stream_length']} (a record is missing or corrupted)")
+        if not end["continued"]:
+            self.end = end
+            self._done = True
+            return False
+        self._segment += 1
+        sequence = self.label.sequence + 1
+        self.drive = self.spec.next_cartridge(self.drive, sequence)
+        label = read_label(self.drive)
+        if label is None or label.tape_set != self.label.tape_set or label.sequence != sequence:
+            found = "an unlabelled tape" if label is None else f"{label.label!r} (cartridge {label.sequence})"
+            raise TapeMediaError(f"{self.drive.path}: image {self.image_id[:12]} continues on cartridge {sequence} "
+                                 f"of set {self.label.tape_set[:12]}, but the drive holds {found}")
+        self.label = label
+        self._open_segment(1)
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        parts = []
+        want = n if n >= 0 else 1 << 62
+        while want > 0:
+            if not self._buffer:
+                if self._done or not self._next_block():
+                    break
+            piece = self._buffer[:want]
+            self._buffer = self._buffer[len(piece):]
+            parts.append(bytes(piece))
+            want -= len(piece)
+        return b"".join(parts)
+
+    def close(self) -> None:
+        self.drive.close()

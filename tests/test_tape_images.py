@@ -1,0 +1,190 @@
+"""Images on virtual tapes: appending, listing, reading back with stock zstd, spanning
+cartridges, the catalog and `tape scan`, and every way a tape can be wrong."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+from conftest import device_size, imager, run, same_bytes
+
+
+def _volume_with_files(loops, random_mib: int) -> str:
+    dev = loops.create(64 << 20, fs="ext4")
+    point = loops.mount(dev)
+    run("cp", "-r", "/usr/share/doc/apt", str(point))
+    with open(point / "random.bin", "wb") as f:
+        f.write(os.urandom(random_mib << 20))
+    loops.umount(point)
+    return dev
+
+
+@pytest.fixture
+def volumes(loops):
+    return [_volume_with_files(loops, n) for n in (2, 4, 6)]
+
+
+def _backup(dev: str, tape: str, *extra: str) -> dict:
+    r = imager("backup", dev, "--tape", tape, "--json", *extra)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def _tape_list(tape: str, *extra: str) -> list[dict]:
+    r = imager("tape", "list", "--tape", tape, "--json", *extra)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)["files"]
+
+
+def test_three_images_appended_listed_and_each_restored(volumes, tmp_path):
+    tape = str(tmp_path / "t.tap")
+    assert imager("tape", "label", "WEEKLY1", "--tape", tape).returncode == 0
+    ids = [_backup(dev, tape)["image_id"] for dev in volumes]
+    files = _tape_list(tape)
+    assert [(f["tape_file"], f["image_id"], f["complete"]) for f in files] == [
+        (1, ids[0], True), (2, ids[1], True), (3, ids[2], True)]
+    assert [f["image"]["source"] for f in files] == volumes
+    for n, (dev, image_id) in enumerate(zip(volumes, ids), start=1):
+        out = tmp_path / f"restored{n}.raw"
+        r = imager("restore", "--tape", tape, "--image", image_id[:10], str(out), "--verify")
+        assert r.returncode == 0, r.stderr
+        assert same_bytes(dev, str(out), device_size(dev))
+        # standard tools alone: the tape file is a zstd stream
+        raw = tmp_path / f"zstd{n}.raw"
+        with open(raw, "wb") as f:
+            read = subprocess.Popen([sys.executable, "-m", "imager.cli", "tape", "read", "--file", str(n),
+                                     "--tape", tape], stdout=subprocess.PIPE)
+            subprocess.run(["zstd", "-d", "-q", "-c"], stdin=read.stdout, stdout=f, check=True)
+            assert read.wait() == 0
+        assert same_bytes(dev, str(raw), device_size(dev)) and raw.stat().st_size == device_size(dev)
+    v = imager("verify", "--tape", tape, "--json")
+    assert v.returncode == 0 and len(json.loads(v.stdout)["images"]) == 3
+
+
+def _catalog_rows(path) -> dict:
+    db = sqlite3.connect(path)
+    try:
+        return {table: sorted(db.execute(f"SELECT * FROM {table}").fetchall())
+                for table in ("images", "segments", "tapes")}
+    finally:
+        db.close()
+
+
+def test_image_spans_three_cartridges_and_scan_rebuilds_the_catalog(loops, tmp_path, private_catalog):
+    dev = _volume_with_files(loops, 24)
+    pattern = str(tmp_path / "vault" / "tape-{n:03}.tap")
+    (tmp_path / "vault").mkdir()
+    summary = _backup(dev, pattern, "--tape-capacity", "10M", "--chunk-size", "1M")
+    cartridges = sorted(p.name for p in (tmp_path / "vault").iterdir())
+    assert cartridges == ["tape-001.tap", "tape-002.tap", "tape-003.tap"]
+    files = _tape_list(pattern, "--tape-capacity", "10M")
+    assert [(f["label"], f["segment"], f["continued"]) for f in files] == [
+        ("tape-001", 0, True), ("tape-002", 1, True), ("tape-003", 2, False)]
+    out = tmp_path / "restored.raw"
+    r = imager("restore", "--tape", pattern, "--image", summary["image_id"], str(out), "--verify")
+    assert r.returncode == 0, r.stderr
+    assert same_bytes(dev, str(out), device_size(dev))
+
+    scanned = tmp_path / "scanned.sqlite"
+    assert imager("tape", "scan", "--tape", pattern, "--catalog", str(scanned)).returncode == 0
+    written = _catalog_rows(private_catalog)
+    assert written["segments"] and len(written["tapes"]) == 3
+    assert _catalog_rows(scanned) == written
+
+
+def test_missing_and_out_of_order_cartridges_are_clear_errors(loops, tmp_path):
+    dev = _volume_with_files(loops, 24)
+    vault = tmp_path / "vault"
+    vault.mkdir()
+    pattern = str(vault / "tape-{n:03}.tap")
+    image_id = _backup(dev, pattern, "--tape-capacity", "10M", "--chunk-size", "1M")["image_id"]
+    out = tmp_path / "restored.raw"
+
+    os.rename(vault / "tape-002.tap", vault / "tape-002.away")
+    r = imager("restore", "--tape", pattern, "--image", image_id, str(out))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "cartridge 2" in r.stderr, r.stderr
+    assert not out.exists()
+
+    os.rename(vault / "tape-003.tap", vault / "tape-002.tap")  # cartridge 3 where 2 belongs
+    r = imager("restore", "--tape", pattern, "--image", image_id, str(out))
+    assert r.returncode == 1 and "cartridge 2" in r.stderr and "tape-003" in r.stderr, r.stderr
+    assert not out.exists()
+
+
+def test_unlabelled_wrong_and_write_protected_tapes_are_refused(volumes, tmp_path):
+    dev = volumes[0]
+    tape = tmp_path / "t.tap"
+    r = imager("backup", dev, "--tape", str(tape))
+    assert r.returncode == 1 and "not labelled" in r.stderr
+
+    assert imager("tape", "label", "MONDAY", "--tape", str(tape)).returncode == 0
+    r = imager("backup", dev, "--tape", str(tape), "--label", "TUESDAY")
+    assert r.returncode == 1 and "wrong tape" in r.stderr and "MONDAY" in r.stderr
+
+    _backup(dev, str(tape))
+    before = tape.read_bytes()
+    r = imager("tape", "label", "OTHER", "--tape", str(tape))
+    assert r.returncode == 1 and "already labelled" in r.stderr
+    assert tape.read_bytes() == before, "a refused label must not touch the tape"
+
+    run("chattr", "+i", str(tape))
+    try:
+        r = imager("backup", dev, "--tape", str(tape))
+        assert r.returncode == 1 and "write-protected" in r.stderr, r.stderr
+    finally:
+        run("chattr", "-i", str(tape))
+    assert tape.read_bytes() == before
+
+
+def test_reading_with_too_small_a_block_size_is_a_clear_error(volumes, tmp_path):
+    tape = str(tmp_path / "t.tap")
+    imager("tape", "label", "BS", "--tape", tape)
+    image_id = _backup(volumes[1], tape, "--block-size", "256K")["image_id"]
+    r = imager("restore", "--tape", tape, "--image", image_id, str(tmp_path / "r.raw"), "--block-size", "64K")
+    assert r.returncode == 1 and "larger blocks" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "r.raw").exists()
+    r = imager("restore", "--tape", tape, "--image", image_id, str(tmp_path / "r.raw"), "--block-size", "256K")
+    assert r.returncode == 0, r.stderr
+
+
+def _record_offsets(tap: bytes) -> list[tuple[int, int]]:
+    """(offset of data, length) of every data record in a SIMH .tap image."""
+    out, pos = [], 0
+    while pos + 4 <= len(tap):
+        n = int.from_bytes(tap[pos:pos + 4], "little")
+        if n == 0xFFFFFFFF:
+            break
+        if n == 0:
+            pos += 4
+            continue
+        out.append((pos + 4, n))
+        pos += 8 + n + (n & 1)
+    return out
+
+
+def test_corrupted_record_and_tape_cut_inside_an_image(volumes, tmp_path):
+    tape = tmp_path / "t.tap"
+    imager("tape", "label", "DAMAGE", "--tape", str(tape))
+    image_id = _backup(volumes[2], str(tape), "--block-size", "64K")["image_id"]
+    pristine = tape.read_bytes()
+    records = _record_offsets(pristine)
+    # records: label, segment header, data..., end block
+    data_offset, length = records[len(records) // 2]
+    damaged = bytearray(pristine)
+    damaged[data_offset + length // 2] ^= 0x55
+    tape.write_bytes(damaged)
+    r = imager("verify", "--tape", str(tape), "--image", image_id)
+    assert r.returncode == 1 and "chunk" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+    tape.write_bytes(pristine[:data_offset + length + 4])
+    out = tmp_path / "r.raw"
+    r = imager("restore", "--tape", str(tape), "--image", image_id, str(out))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "ends in the middle of image" in r.stderr or "cut short" in r.stderr, r.stderr
+    assert not out.exists()
