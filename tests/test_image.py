@@ -245,7 +245,7 @@ def test_verify_after_restore_catches_a_target_that_lost_writes(imaged, tmp_path
             f.seek(index * reader.header.chunk_size + 4096)
             f.write(b"\xff" * 16)
         with pytest.raises(Exception, match=f"chunk {index}"):
-            jobs.compare_with_image(str(out), reader)
+            jobs.compare_with_image(str(out), reader.header, reader.trailer)
 
 
 def test_info_and_verify_json(imaged):
