@@ -80,6 +80,8 @@ def test_demo_runs_end_to_end_and_cleans_up():
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
     assert summary["backup"]["ratio"] > 1 and summary["restore"]["verified"]
+    assert summary["tape_restore"]["verified"]
+    assert summary["tape_backup"]["image_digest"] == summary["backup"]["image_digest"]
     assert not [i for i in loop.list_attached() if "imager-demo-" in i.backing_file]
     assert not [line for line in open("/proc/mounts") if "imager-demo-" in line]
 
