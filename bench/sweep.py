@@ -35,7 +35,8 @@ def main() -> int:
         for level in map(int, args.levels.split(",")):
             for mib in map(int, args.chunks.split(",")):
                 drop_caches()
-                r = jobs.backup(source, str(out), force=True, level=level, chunk_size=mib << 20)
+                r = jobs.backup(source, str(out), force=True,
+                                options=jobs.ImagingOptions(level=level, chunk_size=mib << 20, all_blocks=True))
                 rows.append({"level": level, "chunk_mib": mib, "seconds": round(r.seconds, 2),
                              "mb_per_second": round(r.mb_per_second), "output_mib": round(r.bytes_written / 2**20, 1)})
                 print(f"level {level:2} chunk {mib:3} MiB: {r.seconds:6.2f} s {r.mb_per_second:6.0f} MB/s "

@@ -87,8 +87,9 @@ def cmd_backup(args, out: Output) -> int:
         raise UsageError("give either -o IMAGE or --tape T")
     with out.progress(_volume_size_of(args.source), "backup") as progress:
         with Catalog(args.catalog) as catalog:
-            common = dict(level=args.level, chunk_size=args.chunk_size, workers=args.workers, progress=progress,
-                          on_notice=out.notice, catalog=catalog)
+            options = jobs.ImagingOptions(level=args.level, chunk_size=args.chunk_size, workers=args.workers,
+                                          all_blocks=args.all_blocks, excludes=tuple(args.exclude))
+            common = dict(options=options, progress=progress, on_notice=out.notice, catalog=catalog)
             if args.tape:
                 r, segments = jobs.backup_to_tape(args.source, tape_spec(args), block_size=args.block_size or
                                                   DEFAULT_BLOCK_SIZE, expect_label=args.label,
@@ -179,12 +180,15 @@ def cmd_info(args, out: Output) -> int:
         + (f" ({src.get('fs_type')}" + (f", label {src['label']}" if src.get('label') else "") + ")"
            if src.get("fs_type") else ""),
         f"snapshot:    {h.get('snapshot', {}).get('provider', '?')} at {h.get('snapshot', {}).get('time', '?')}",
-        f"plan:        {h.get('plan', {}).get('mode', '?')}",
+        f"plan:        {h.get('plan', {}).get('mode', '?')}"
+        + (f" ({human_bytes(h['plan']['used_bytes'])} used)" if h.get("plan", {}).get("used_bytes") is not None else "")
+        + (f", reason: {h['plan']['reason']}" if h.get("plan", {}).get("reason") else "")
+        + (f", excluded: {', '.join(h['plan']['excludes'])}" if h.get("plan", {}).get("excludes") else ""),
         f"chunks:      {h['chunk_count']} of {human_bytes(h['chunk_size'])}, {t.get('zero_chunks', '?')} zero, level {h['level']}",
         f"size:        {human_bytes(d['file_size'])}, ratio {d['ratio']:.2f}",
         f"created:     {h.get('created')} by {h.get('tool')}",
         f"complete:    {'yes' if t.get('complete') else 'no'}",
-    ])
+    ] + _partition_lines(h.get("partitions")))
     return 0
 
 
@@ -274,6 +278,17 @@ def cmd_tape_scan(args, out: Output) -> int:
     out.result({"tape": args.tape, "images": sorted(images), "files": len(files)},
                [f"{args.tape}: {len(files)} tape files, {len(images)} images recorded in {catalog.path}"])
     return 0
+
+
+def _partition_lines(table: dict | None) -> list[str]:
+    if not table:
+        return []
+    lines = [f"partitions:  {table['scheme']} table, {len(table['partitions'])} partitions"]
+    for p in table["partitions"]:
+        lines.append(f"  {p['number']:>3}  start {p['start_byte']:>14}  size {human_bytes(p['size_bytes']):>10}  "
+                     f"{p.get('type_name') or p['type_id']}" + ("  (EFI system)" if p.get("is_esp") else "")
+                     + (f"  {p['name']}" if p.get("name") else ""))
+    return lines
 
 
 def cmd_loop_attach(args, out: Output) -> int:
@@ -385,6 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"bytes of volume per zstd frame (default {DEFAULT_CHUNK_SIZE >> 20}M)")
     b.add_argument("--workers", type=int, default=None, help="compression threads (default: all cores)")
     b.add_argument("-f", "--force", action="store_true", help="replace an existing image")
+    b.add_argument("--all-blocks", action="store_true",
+                   help="read and compress every block, not only those the filesystem uses")
+    b.add_argument("--exclude", action="append", default=[], metavar="PATH",
+                   help="leave out the data blocks of this file (on a mounted filesystem); repeatable")
     b.set_defaults(func=cmd_backup)
 
     r = sub.add_parser("restore", parents=[common, catalog_opt, tape_opts],

@@ -26,7 +26,9 @@ from .tape import (DEFAULT_BLOCK_SIZE, TapeFileInfo, TapeImageStream, TapeMediaE
 from .stream import (DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL, DIGEST_SIZE, TRAILER_MAGIC, EncodedChunk,
                      ImageHeader, ImageReader, ImageTrailer, ImageWriter, TruncatedFrame, chunk_digest,
                      decode_chunk, decode_trailer, encode_chunk, iter_frames, read_stream_header,
-                     zero_digest)
+                     zero_digest, zero_frame)
+from .partitions import plan_volume, read_partition_table
+from .usedmap import ALL_BLOCKS, UsedMap, plan_excludes, plan_mounted
 
 Progress = Callable[[int], None]
 
@@ -125,31 +127,42 @@ def open_source(path: str, on_notice: Callable[[str], None] | None = None) -> Bl
     return dev
 
 
-def _read_chunks(source: VolumeSource, chunk_size: int, pool: BufferPool,
-                 on_read: Callable[[int], None]) -> Iterator[tuple[int, AlignedBuffer, int]]:
+def _read_chunks(source: VolumeSource, chunk_size: int, pool: BufferPool, on_read: Callable[[int], None],
+                 plan: UsedMap | None = None) -> Iterator[tuple[int, AlignedBuffer | None, int]]:
+    """Each chunk of the source in a pooled buffer; with a plan, only the used ranges are read
+    (the rest of the buffer is zeros) and a chunk with nothing used comes without a buffer."""
     count = -(-source.size // chunk_size)
     for index in range(count):
         offset = index * chunk_size
         length = min(chunk_size, source.size - offset)
+        pieces = plan.ranges_in(offset, length) if plan is not None else [(0, length)]
+        if not pieces:
+            yield index, None, length
+            continue
         buf = pool.acquire()
         try:
-            got = source.read_into(buf.view[:length], offset)
+            if pieces != [(0, length)]:
+                buf.array[:length] = 0
+            for start, end in pieces:
+                got = source.read_into(buf.view[start:end], offset + start)
+                if got != end - start:
+                    raise ImagerError(f"{source.path}: short read at offset {offset + start + got} "
+                                      f"(device shrank or ended early)")
+                on_read(got)
         except BaseException:
             pool.release(buf)
             raise
-        if got != length:
-            pool.release(buf)
-            raise ImagerError(f"{source.path}: short read at offset {offset + got} "
-                              f"(device shrank or ended early)")
-        on_read(length)
         yield index, buf, length
 
 
 def write_image(source: VolumeSource, sink, *, level: int = DEFAULT_LEVEL,
                 chunk_size: int = DEFAULT_CHUNK_SIZE, workers: int | None = None,
                 source_meta: dict | None = None, snapshot_meta: dict | None = None,
-                progress: Progress | None = None, image_id: str | None = None) -> BackupResult:
-    """Image `source` into `sink` (which the caller commits or aborts)."""
+                progress: Progress | None = None, image_id: str | None = None,
+                plan: UsedMap | None = None, partitions: dict | None = None,
+                excludes: list[str] | None = None) -> BackupResult:
+    """Image `source` into `sink` (which the caller commits or aborts). With a used-block
+    `plan`, blocks the filesystem does not use go into the image as zeros, unread."""
     if chunk_size <= 0 or chunk_size % source.logical_sector_size or chunk_size & (chunk_size - 1):
         raise UsageError(f"chunk size {chunk_size} must be a power of two and a multiple of "
                          f"the sector size {source.logical_sector_size}")
@@ -161,6 +174,16 @@ def write_image(source: VolumeSource, sink, *, level: int = DEFAULT_LEVEL,
                          source=dict(source_meta or {}, path=source.path),
                          snapshot=snapshot_meta or {"provider": "none", "time": _now()},
                          created=_now(), tool=f"imager {__version__}")
+    if plan is not None:
+        if plan.size != source.size:
+            raise ImagerError(f"the used-block plan covers {plan.size} bytes, the volume has {source.size}")
+        plan = plan.aligned(source.logical_sector_size)
+        header.plan = plan.to_dict()
+        if plan.mode == ALL_BLOCKS:
+            plan = None
+    if excludes:
+        header.plan["excludes"] = list(excludes)
+    header.partitions = partitions
     if image_id:
         header.image_id = image_id
     started = time.monotonic()
@@ -171,8 +194,10 @@ def write_image(source: VolumeSource, sink, *, level: int = DEFAULT_LEVEL,
     def count_read(n: int) -> None:
         totals["bytes_read"] += n
 
-    def encode(item: tuple[int, AlignedBuffer, int]) -> EncodedChunk:
+    def encode(item: tuple[int, AlignedBuffer | None, int]) -> EncodedChunk:
         index, buf, length = item
+        if buf is None:
+            return EncodedChunk(index, length, zero_frame(length, level), zero_digest(length), True)
         try:
             return encode_chunk(index, buf.view[:length], level)
         finally:
@@ -185,7 +210,7 @@ def write_image(source: VolumeSource, sink, *, level: int = DEFAULT_LEVEL,
             progress(chunk.length)
 
     try:
-        run_ordered(_read_chunks(source, chunk_size, pool, count_read), encode, consume,
+        run_ordered(_read_chunks(source, chunk_size, pool, count_read, plan), encode, consume,
                     workers=workers, depth=workers * 2)
     finally:
         pool.close()
@@ -215,32 +240,73 @@ def _warn_if_mounted_rw(source: str, on_notice: Callable[[str], None] | None) ->
                           f"crash-consistent at best (use a snapshot)")
 
 
-def backup(source: str, output: str, *, force: bool = False, level: int = DEFAULT_LEVEL,
-           chunk_size: int = DEFAULT_CHUNK_SIZE, workers: int | None = None,
+@dataclass
+class ImagingOptions:
+    """How a volume is imaged, whatever the destination."""
+
+    level: int = DEFAULT_LEVEL
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    workers: int | None = None
+    all_blocks: bool = False
+    excludes: tuple[str, ...] = ()
+
+
+def plan_source(source: str, size: int, options: ImagingOptions,
+                on_notice: Callable[[str], None] | None = None) -> tuple[UsedMap, dict | None]:
+    """The used-block plan of an unsnapshotted source and its partition table (if it is a disk)."""
+    partitions = None
+    if not discover.probe_with_blkid(source).get("TYPE"):
+        try:
+            table = read_partition_table(source)
+            partitions = table.to_dict() if table else None
+        except ImagerError:
+            pass  # plan_volume reports a damaged table as the reason for imaging all blocks
+    mounted = block.mounts_of(source)
+    if options.excludes:
+        if options.all_blocks:
+            raise UsageError("--exclude leaves blocks out of the used-block plan; it cannot go with --all-blocks")
+        if not mounted:
+            raise UsageError(f"--exclude needs the filesystem on {source} mounted, to find the files' blocks")
+    if options.all_blocks:
+        return UsedMap.all_blocks(size, "--all-blocks"), partitions
+    plan = plan_mounted(source, mounted[0].mount_point) if mounted else plan_volume(source)
+    if plan.mode == ALL_BLOCKS and on_notice:
+        on_notice(f"{source}: {plan.reason}; imaging all blocks")
+    if options.excludes:
+        plan = plan.minus(plan_excludes(mounted[0].mount_point, list(options.excludes), source))
+    return plan, partitions
+
+
+def _image_source(dev: BlockDevice, sink, options: ImagingOptions, *, progress: Progress | None,
+                  on_notice: Callable[[str], None] | None, image_id: str | None = None) -> BackupResult:
+    _warn_if_mounted_rw(dev.path, on_notice)
+    plan, partitions = plan_source(dev.path, dev.size, options, on_notice)
+    return write_image(dev, sink, level=options.level, chunk_size=options.chunk_size,
+                       workers=options.workers, source_meta=probe_filesystem(dev.path), progress=progress,
+                       image_id=image_id, plan=plan, partitions=partitions, excludes=list(options.excludes))
+
+
+def backup(source: str, output: str, *, force: bool = False, options: ImagingOptions | None = None,
            progress: Progress | None = None, on_notice: Callable[[str], None] | None = None,
            catalog: Catalog | None = None) -> BackupResult:
     """Image the block device or file `source` to the seekable zstd image `output`,
     and record it in `catalog` when one is given."""
+    options = options or ImagingOptions()
     if os.path.exists(output) and os.path.exists(source) and os.path.samefile(source, output):
         raise UsageError(f"{output}: the image cannot be written over its own source")
-    dev = open_source(source, on_notice)
-    try:
-        _warn_if_mounted_rw(source, on_notice)
+    with open_source(source, on_notice) as dev:
         sink = FileSink(output, force=force)
         try:
-            result = write_image(dev, sink, level=level, chunk_size=chunk_size, workers=workers,
-                                 source_meta=probe_filesystem(source), progress=progress)
+            result = _image_source(dev, sink, options, progress=progress, on_notice=on_notice)
             sink.commit()
         except BaseException:
             sink.abort()
             raise
-        if catalog is not None:
-            catalog.add_image(image_record(result.header, result.bytes_written, result.image_digest),
-                              [SegmentRecord(result.image_id, 0, "file", os.path.abspath(output), None, None,
-                                             None, 0, result.bytes_written)])
-        return result
-    finally:
-        dev.close()
+    if catalog is not None:
+        catalog.add_image(image_record(result.header, result.bytes_written, result.image_digest),
+                          [SegmentRecord(result.image_id, 0, "file", os.path.abspath(output), None, None,
+                                         None, 0, result.bytes_written)])
+    return result
 
 
 # --- restore ----------------------------------------------------------------------------------
@@ -538,20 +604,17 @@ def _record_labels(catalog: Catalog | None, labels) -> None:
 
 def backup_to_tape(source: str, spec: TapeSpec, *, block_size: int = DEFAULT_BLOCK_SIZE,
                    expect_label: str | None = None, drive_compression: bool = False,
-                   level: int = DEFAULT_LEVEL, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                   workers: int | None = None, progress: Progress | None = None,
+                   options: ImagingOptions | None = None, progress: Progress | None = None,
                    on_notice: Callable[[str], None] | None = None,
                    catalog: Catalog | None = None) -> tuple[BackupResult, list]:
     """Append the image of `source` to the tape as one tape file (more when it spans cartridges)."""
-    dev = open_source(source, on_notice)
-    try:
-        _warn_if_mounted_rw(source, on_notice)
-        image_id = uuid.uuid4().hex
+    options = options or ImagingOptions()
+    image_id = uuid.uuid4().hex
+    with open_source(source, on_notice) as dev:
         sink = TapeSink(spec, image_id=image_id, block_size=block_size, expect_label=expect_label,
                         drive_compression=drive_compression)
         try:
-            result = write_image(dev, sink, level=level, chunk_size=chunk_size, workers=workers,
-                                 source_meta=probe_filesystem(source), progress=progress, image_id=image_id)
+            result = _image_source(dev, sink, options, progress=progress, on_notice=on_notice, image_id=image_id)
             record = image_record(result.header, result.bytes_written, result.image_digest)
             sink.commit(record_dict(record))
         except BaseException:
@@ -559,12 +622,10 @@ def backup_to_tape(source: str, spec: TapeSpec, *, block_size: int = DEFAULT_BLO
             raise
         finally:
             _record_labels(catalog, sink.labelled)
-        result.image = spec.spec
-        if catalog is not None:
-            catalog.add_image(record, _tape_segment_records(image_id, sink.segments))
-        return result, sink.segments
-    finally:
-        dev.close()
+    result.image = spec.spec
+    if catalog is not None:
+        catalog.add_image(record, _tape_segment_records(image_id, sink.segments))
+    return result, sink.segments
 
 
 def _cartridge_sequences(spec: TapeSpec) -> Iterator[int]:

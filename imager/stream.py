@@ -62,6 +62,7 @@ class ImageHeader:
     source: dict = field(default_factory=dict)
     snapshot: dict = field(default_factory=dict)
     plan: dict = field(default_factory=lambda: {"mode": "all-blocks"})
+    partitions: dict | None = None
     created: str = ""
     tool: str = ""
     format: int = FORMAT_VERSION

@@ -220,7 +220,7 @@ def test_api_backup_restore_verify_round_trip(ext4_volume, tmp_path):
     dev, _ = ext4_volume
     image = str(tmp_path / "api.zst")
     seen = []
-    result = jobs.backup(dev, image, level=1, chunk_size=2 << 20, progress=seen.append)
+    result = jobs.backup(dev, image, options=jobs.ImagingOptions(level=1, chunk_size=2 << 20), progress=seen.append)
     assert sum(seen) == result.volume_size == device_size(dev)
     assert result.bytes_written == os.path.getsize(image)
     assert jobs.verify(image).chunks == result.chunks
@@ -255,7 +255,7 @@ def test_info_and_verify_json(imaged):
     assert info["header"]["source"]["fs_type"] == "ext4"
     assert info["totals"]["complete"] is True
     v = json.loads(imager("verify", str(image), "--json").stdout)
-    assert v["ok"] is True and v["chunks"] == summary["chunks"]
+    assert v["ok"] is True and v["images"][0]["chunks"] == summary["chunks"]
 
 
 def test_image_reader_rejects_what_is_not_an_image(tmp_path):
