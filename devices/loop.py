@@ -141,9 +141,27 @@ def detach(device: str, *, wait: float = 5.0) -> None:
 def list_attached() -> list[LoopInfo]:
     result = []
     for name in sorted(os.listdir("/sys/block")):
-        if name.startswith("loop") and _sysfs_backing_file("/dev/" + name) is not None:
-            try:
-                result.append(info("/dev/" + name))
-            except DeviceError:
-                pass
+        device = "/dev/" + name
+        backing = _sysfs_backing_file(device) if name.startswith("loop") else None
+        if backing is None:
+            continue
+        try:
+            result.append(info(device))
+        except DeviceError:
+            # The ioctl fails when the backing file's filesystem is gone (a dead FUSE mount);
+            # sysfs still tells what is attached, and such a device must still be listed.
+            result.append(_info_from_sysfs(device, backing))
     return result
+
+
+def _info_from_sysfs(device: str, backing: str) -> LoopInfo:
+    base = f"/sys/block/{os.path.basename(device)}"
+
+    def number(path: str) -> int:
+        try:
+            with open(path) as f:
+                return int(f.read().strip() or 0)
+        except (OSError, ValueError):
+            return 0
+    return LoopInfo(device, backing, number(f"{base}/loop/offset"), number(f"{base}/loop/sizelimit"),
+                    bool(number(f"{base}/ro")), bool(number(f"{base}/loop/autoclear")))
