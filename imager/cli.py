@@ -80,30 +80,39 @@ def _volume_size_of(path: str) -> int:
         return 0
 
 
+def _source_sizes(sources: list[str], provider: str) -> int:
+    from . import jobs
+
+    if provider == "cow":
+        try:
+            return sum(v.size for v in jobs.resolve_volumes(sources))
+        except ImagerError:
+            return 0
+    return sum(_volume_size_of(s) for s in sources)
+
+
 def cmd_backup(args, out: Output) -> int:
     from . import jobs
 
-    if bool(args.output) == bool(args.tape):
-        raise UsageError("give either -o IMAGE or --tape T")
-    with out.progress(_volume_size_of(args.source), "backup") as progress:
+    dest = jobs.Destination(output=args.output, tape=tape_spec(args) if args.tape else None, force=args.force,
+                            block_size=args.block_size or DEFAULT_BLOCK_SIZE, expect_label=args.label,
+                            drive_compression=args.drive_compression)
+    options = jobs.ImagingOptions(level=args.level, chunk_size=args.chunk_size, workers=args.workers,
+                                  all_blocks=args.all_blocks, excludes=tuple(args.exclude))
+    with out.progress(_source_sizes(args.sources, args.snapshot), "backup") as progress:
         with Catalog(args.catalog) as catalog:
-            options = jobs.ImagingOptions(level=args.level, chunk_size=args.chunk_size, workers=args.workers,
-                                          all_blocks=args.all_blocks, excludes=tuple(args.exclude))
-            common = dict(options=options, progress=progress, on_notice=out.notice, catalog=catalog)
-            if args.tape:
-                r, segments = jobs.backup_to_tape(args.source, tape_spec(args), block_size=args.block_size or
-                                                  DEFAULT_BLOCK_SIZE, expect_label=args.label,
-                                                  drive_compression=args.drive_compression, **common)
-                where = ", ".join(f"{s.label} file {s.tape_file}" for s in segments)
-            else:
-                r = jobs.backup(args.source, args.output, force=args.force, **common)
-                where = args.output
-    out.result(r.to_dict(), [
-        f"imaged {args.source} ({human_bytes(r.volume_size)}) to {where}, image id {r.image_id}",
-        f"  {human_bytes(r.bytes_read)} read, {human_bytes(r.bytes_written)} written, ratio {r.ratio:.2f}, "
-        f"{r.zero_chunks} of {r.chunks} chunks zero",
-        f"  {r.seconds:.2f} s, {r.mb_per_second:.0f} MB/s",
-    ])
+            results = jobs.backup_volumes(args.sources, dest, snapshot=args.snapshot, options=options,
+                                          pre_freeze=args.pre_freeze, post_thaw=args.post_thaw,
+                                          progress=progress, on_notice=out.notice, catalog=catalog)
+    lines = []
+    for r in results:
+        lines += [f"imaged {r.source} ({human_bytes(r.volume_size)}) to {r.image}, image id {r.image_id}",
+                  f"  {human_bytes(r.bytes_read)} read, {human_bytes(r.bytes_written)} written, ratio {r.ratio:.2f}, "
+                  f"{r.zero_chunks} of {r.chunks} chunks zero, {r.seconds:.2f} s, {r.mb_per_second:.0f} MB/s"]
+    if results and results[0].freeze_window_ms is not None:
+        lines.append(f"snapshot ({args.snapshot}): filesystems frozen for {results[0].freeze_window_ms:.1f} ms")
+    data = results[0].to_dict() if len(results) == 1 else {"images": [r.to_dict() for r in results]}
+    out.result(data, lines)
     return 0
 
 
@@ -291,6 +300,81 @@ def _partition_lines(table: dict | None) -> list[str]:
     return lines
 
 
+def _volume_line(v) -> str:
+    snap = "no snapshot"
+    if v.snapshot:
+        s = v.snapshot
+        snap = (f"snapshot {s.path} ({'INVALID: ' + s.invalid_reason if s.invalid else 'valid'}, "
+                f"{human_bytes(s.cache_bytes_used)} cache used)")
+    return f"{v.name}\t{v.device} -> front {v.front}\t{human_bytes(v.size)}\t{snap}"
+
+
+def cmd_attach(args, out: Output) -> int:
+    from . import front
+
+    v = front.attach(args.device, name=args.name, cache_path=args.cache, cache_size=args.cache_size)
+    out.result(_volume_dict(v), [v.front])
+    out.notice(f"{args.device} is managed as {v.name!r}: mount and write {v.front}; "
+               f"snapshot with: imager snapshot create {v.name}")
+    return 0
+
+
+def _volume_dict(v) -> dict:
+    from dataclasses import asdict
+
+    return asdict(v)
+
+
+def cmd_detach(args, out: Output) -> int:
+    from . import front
+
+    for name in args.names:
+        front.detach(name)
+    out.result({"detached": args.names}, [f"detached {n}" for n in args.names])
+    return 0
+
+
+def cmd_volumes(args, out: Output) -> int:
+    from . import front
+
+    volumes = front.list_volumes()
+    out.result({"volumes": [_volume_dict(v) for v in volumes]},
+               [_volume_line(v) for v in volumes] or ["no attached volumes"])
+    return 0
+
+
+def cmd_snapshot_create(args, out: Output) -> int:
+    from . import front
+
+    info = front.snapshot_create(args.names, args.pre_freeze, args.post_thaw)
+    from dataclasses import asdict
+
+    out.result(asdict(info), [f"{s.name}: snapshot at {s.path}" for s in info.snapshots]
+               + [f"freeze window {info.freeze_window_ms:.1f} ms"
+                  + (f" ({', '.join(info.frozen_mounts)})" if info.frozen_mounts else " (nothing mounted)")])
+    return 0
+
+
+def cmd_snapshot_list(args, out: Output) -> int:
+    from dataclasses import asdict
+
+    from . import front
+
+    snaps = front.snapshot_list()
+    out.result({"snapshots": [asdict(s) for s in snaps]},
+               [f"{s.name}\t{s.path}\t{human_bytes(s.cache_bytes_used)} cache\t"
+                + ("INVALID: " + s.invalid_reason if s.invalid else "valid") for s in snaps] or ["no snapshots"])
+    return 0
+
+
+def cmd_snapshot_delete(args, out: Output) -> int:
+    from . import front
+
+    front.snapshot_delete(args.names, force=args.force)
+    out.result({"deleted": args.names}, [f"deleted the snapshot of {n}" for n in args.names])
+    return 0
+
+
 def cmd_loop_attach(args, out: Output) -> int:
     from devices import loop
 
@@ -390,8 +474,15 @@ def build_parser() -> argparse.ArgumentParser:
                            "($IMAGER_CARTRIDGE is its number); without it the operator is asked")
 
     b = sub.add_parser("backup", parents=[common, catalog_opt, tape_opts], help="image a block device or file")
-    b.add_argument("source", help="block device or file to image")
-    b.add_argument("-o", "--output", help="image file to write (.zst)")
+    b.add_argument("sources", nargs="+", metavar="SOURCE",
+                   help="block device or file to image; with --snapshot cow, attached volumes")
+    b.add_argument("--snapshot", choices=("none", "freeze", "cow"), default="none",
+                   help="cow: snapshot attached volumes in one freeze window and image the snapshots; "
+                        "freeze: keep the filesystems frozen while reading; none: read as is (default)")
+    b.add_argument("--pre-freeze", action="append", default=[], metavar="CMD",
+                   help="run before freezing (e.g. flush a database); repeatable")
+    b.add_argument("--post-thaw", action="append", default=[], metavar="CMD", help="run after thawing; repeatable")
+    b.add_argument("-o", "--output", help="image file to write (.zst); a directory for several volumes")
     b.add_argument("--label", help="with --tape: refuse a tape with another label")
     b.add_argument("--drive-compression", action="store_true",
                    help="keep the tape drive's compression on (off by default: the stream is compressed)")
@@ -468,6 +559,32 @@ def build_parser() -> argparse.ArgumentParser:
     tr = tape_cmd("read", "write the bytes of tape file N to stdout", cmd_tape_read)
     tr.add_argument("--file", type=int, required=True, metavar="N")
     tape_cmd("scan", "rebuild the catalog entries of a tape from the media", cmd_tape_scan)
+
+    at = sub.add_parser("attach", parents=[common], help="manage a device: serve it through a copy-on-write front")
+    at.add_argument("device")
+    at.add_argument("--name", help="volume name (default: from the device)")
+    at.add_argument("--cache", metavar="PATH", help="state directory for the bitmap and cache region "
+                    "(not on the device itself; default /var/lib/imager/NAME)")
+    at.add_argument("--cache-size", type=parse_size, metavar="SIZE", help="cap on the snapshot cache region")
+    at.set_defaults(func=cmd_attach)
+    de = sub.add_parser("detach", parents=[common], help="stop managing volumes")
+    de.add_argument("names", nargs="+", metavar="NAME")
+    de.set_defaults(func=cmd_detach)
+    vo = sub.add_parser("volumes", parents=[common], help="list managed volumes and their snapshots")
+    vo.set_defaults(func=cmd_volumes)
+    sp = sub.add_parser("snapshot", help="point-in-time snapshots of managed volumes")
+    ssub = sp.add_subparsers(dest="snapshot_command", required=True, metavar="ACTION")
+    sc = ssub.add_parser("create", parents=[common], help="snapshot volumes in one freeze window")
+    sc.add_argument("names", nargs="+", metavar="NAME")
+    sc.add_argument("--pre-freeze", action="append", default=[], metavar="CMD")
+    sc.add_argument("--post-thaw", action="append", default=[], metavar="CMD")
+    sc.set_defaults(func=cmd_snapshot_create)
+    sl = ssub.add_parser("list", parents=[common], help="list snapshots")
+    sl.set_defaults(func=cmd_snapshot_list)
+    sd = ssub.add_parser("delete", parents=[common], help="delete snapshots")
+    sd.add_argument("names", nargs="+", metavar="NAME")
+    sd.add_argument("--force", action="store_true", help="even while the snapshot file is open")
+    sd.set_defaults(func=cmd_snapshot_delete)
 
     dv = sub.add_parser("devices", parents=[common], help="list block devices and tape drives")
     dv.add_argument("-a", "--all", action="store_true", help="include empty loop devices and ram disks")

@@ -131,8 +131,8 @@ def run(out) -> int:
             tape = TapeSpec(str(workdir / "demo.tap"))
             with tape.open() as drive:
                 write_label(drive, "DEMO01")
-            t, segments = jobs.backup_to_tape(source, tape)
-            say(f"6. backup to virtual tape {tape.spec} (label DEMO01, tape file {segments[0].tape_file}): "
+            t = jobs.backup_to_tape(source, tape)
+            say(f"6. backup to virtual tape {tape.spec} ({t.image}): "
                 f"{t.seconds:.2f} s, {t.mb_per_second:.0f} MB/s")
             summary["tape_backup"] = t.to_dict()
             tape_target = scratch.loop_device("tape-target.img", VOLUME_SIZE)

@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence, Union
 
-from devices import loop
+from devices import discover, loop
 from devices.block import freeze, mounts_of, thaw
 from devices.errors import DeviceError
 
@@ -230,13 +230,16 @@ def list_volumes() -> list[VolumeInfo]:
 # -- snapshots -------------------------------------------------------------------------------
 
 def snapshot_create(names: str | Iterable[str], pre_freeze_hooks: Sequence[Hook] = (),
-                    post_thaw_hooks: Sequence[Hook] = ()) -> SnapshotSetInfo:
+                    post_thaw_hooks: Sequence[Hook] = (),
+                    while_frozen: Callable[[], object] | None = None) -> SnapshotSetInfo:
     """One point-in-time snapshot of every named volume, all in one freeze window.
 
     Runs the pre-freeze hooks, FIFREEZEs every filesystem mounted from the volumes' fronts,
     switches COW on in every daemon, FITHAWs (always), runs the post-thaw hooks (always, once the
     pre-freeze hooks started). Either every snapshot exists afterwards or none does.
-    Hooks are callables, shell command strings, or argv lists."""
+    Hooks are callables, shell command strings, or argv lists. `while_frozen` runs inside the
+    window, after COW is on everywhere: what it reads of the filesystems is the snapshot's state
+    (the engine makes its used-block plans there)."""
     names = _name_list(names)
     volumes = [status(name) for name in names]
     for v in volumes:
@@ -257,7 +260,7 @@ def snapshot_create(names: str | Iterable[str], pre_freeze_hooks: Sequence[Hook]
     created_at = time.time()
     failure: BaseException | None = None
     try:
-        _run_hooks(pre_freeze_hooks, "pre-freeze")
+        run_hooks(pre_freeze_hooks, "pre-freeze")
         started = time.perf_counter()
         try:
             for point in mount_points:
@@ -269,6 +272,8 @@ def snapshot_create(names: str | Iterable[str], pre_freeze_hooks: Sequence[Hook]
             for v in volumes:
                 reply = _request(v.name, {"op": "snapshot-create"}, timeout=FROZEN_REQUEST_TIMEOUT)
                 created.append(_volume_from(reply["volume"]).snapshot)
+            if while_frozen is not None:
+                while_frozen()
         finally:
             thaw_failures = _thaw_all(reversed(frozen))
             window_ms = (time.perf_counter() - started) * 1000.0
@@ -277,7 +282,7 @@ def snapshot_create(names: str | Iterable[str], pre_freeze_hooks: Sequence[Hook]
     except BaseException as e:
         failure = e
     try:
-        _run_hooks(post_thaw_hooks, "post-thaw")
+        run_hooks(post_thaw_hooks, "post-thaw")
     except SnapshotError as e:
         failure = failure or e     # the first failure is the one to report
     if failure is not None:
@@ -337,10 +342,26 @@ def _check_attachable(device: str) -> None:
         raise VolumeError(f"{device}: is a directory, not a block device")
     if not (stat.S_ISBLK(st.st_mode) or stat.S_ISREG(st.st_mode)):
         raise VolumeError(f"{device}: not a block device or image file")
+    if stat.S_ISBLK(st.st_mode):
+        refuse_esp(device, "cow")
     mounted = mounts_of(device)
     if mounted:
         raise VolumeError(f"{device} is mounted at {', '.join(m.mount_point for m in mounted)}; "
                           f"unmount it, attach, then mount the front device instead")
+
+
+def refuse_esp(device: str, provider: str) -> None:
+    """The cow provider cannot stand between the firmware and an EFI system partition: the
+    firmware and boot loaders write it before any daemon can intercept their writes."""
+    try:
+        info = discover.describe(device)
+    except DeviceError:
+        return
+    if info.is_esp:
+        raise VolumeError(f"{device} is an EFI system partition: the {provider} provider cannot snapshot it "
+                          f"(firmware and boot loaders write it where no daemon can intercept the writes); image it "
+                          f"with --snapshot freeze (kept frozen while read; it is small) or, unmounted, "
+                          f"with --snapshot none")
 
 
 def _default_name(device: str) -> str:
@@ -447,7 +468,7 @@ def _name_list(names: str | Iterable[str]) -> list[str]:
     return [check_name(n) for n in result]
 
 
-def _run_hooks(hooks: Sequence[Hook], stage: str) -> None:
+def run_hooks(hooks: Sequence[Hook], stage: str) -> None:
     for hook in hooks:
         try:
             if callable(hook):

@@ -9,16 +9,16 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import BinaryIO, Callable, Iterator, Protocol
+from typing import BinaryIO, Callable, Iterator, Protocol, Sequence
 
 from devices import block, discover
 from devices.block import BlockDevice
 from devices.buffers import AlignedBuffer, BufferPool
 from devices.errors import DeviceError
 
-from . import __version__
+from . import __version__, front
 from .catalog import Catalog, ImageRecord, SegmentRecord, TapeRecord, record_dict
-from .errors import ChunkError, ImageFormatError, ImagerError, UsageError
+from .errors import ChunkError, ImageFormatError, ImagerError, SnapshotError, UsageError
 from .pipeline import default_workers, run_ordered
 from .sinks import FileSink
 from .tape import (DEFAULT_BLOCK_SIZE, TapeFileInfo, TapeImageStream, TapeMediaError, TapeSink, TapeSpec,
@@ -58,6 +58,7 @@ class BackupResult:
     chunk_size: int
     image_digest: str
     header: ImageHeader = field(repr=False)
+    freeze_window_ms: float | None = None
 
     @property
     def ratio(self) -> float:
@@ -171,7 +172,7 @@ def write_image(source: VolumeSource, sink, *, level: int = DEFAULT_LEVEL,
     workers = workers or default_workers()
     header = ImageHeader(volume_size=source.size, chunk_size=chunk_size,
                          sector_size=source.logical_sector_size, level=level,
-                         source=dict(source_meta or {}, path=source.path),
+                         source=dict({"path": source.path}, **(source_meta or {})),
                          snapshot=snapshot_meta or {"provider": "none", "time": _now()},
                          created=_now(), tool=f"imager {__version__}")
     if plan is not None:
@@ -277,36 +278,257 @@ def plan_source(source: str, size: int, options: ImagingOptions,
     return plan, partitions
 
 
-def _image_source(dev: BlockDevice, sink, options: ImagingOptions, *, progress: Progress | None,
-                  on_notice: Callable[[str], None] | None, image_id: str | None = None) -> BackupResult:
-    _warn_if_mounted_rw(dev.path, on_notice)
-    plan, partitions = plan_source(dev.path, dev.size, options, on_notice)
-    return write_image(dev, sink, level=options.level, chunk_size=options.chunk_size,
-                       workers=options.workers, source_meta=probe_filesystem(dev.path), progress=progress,
-                       image_id=image_id, plan=plan, partitions=partitions, excludes=list(options.excludes))
+@dataclass
+class Destination:
+    """Where backups go: an image file (a directory of them for several volumes) or a tape."""
+
+    output: str | None = None
+    tape: TapeSpec | None = None
+    force: bool = False
+    block_size: int = DEFAULT_BLOCK_SIZE
+    expect_label: str | None = None
+    drive_compression: bool = False
+
+    def image_path(self, name: str, many: bool) -> str:
+        if many or os.path.isdir(self.output):
+            return os.path.join(self.output, f"{name}.zst")
+        return self.output
+
+    def check(self, many: bool) -> None:
+        if bool(self.output) == bool(self.tape):
+            raise UsageError("give either an image file (-o) or a tape (--tape)")
+        if self.output and many and not os.path.isdir(self.output):
+            raise UsageError(f"{self.output}: with several volumes, -o names an existing directory")
+
+    def filesystems(self, many: bool, catalog: Catalog | None) -> list[str]:
+        """The paths this destination writes to (none of them may be on a frozen filesystem)."""
+        paths = [os.path.dirname(os.path.abspath(self.image_path("x", many)))] if self.output else []
+        if self.tape and not self.tape.is_real_drive:
+            paths.append(os.path.dirname(os.path.abspath(self.tape.path_for(1))))
+        if catalog is not None:
+            paths.append(str(catalog.path.parent))
+        return paths
+
+
+def _write_one(dev: VolumeSource, dest: Destination, name: str, options: ImagingOptions, *, many: bool,
+               plan: UsedMap | None, partitions: dict | None, source_meta: dict, snapshot_meta: dict,
+               progress: Progress | None, catalog: Catalog | None) -> BackupResult:
+    image_id = uuid.uuid4().hex
+    if dest.tape:
+        sink = TapeSink(dest.tape, image_id=image_id, block_size=dest.block_size,
+                        expect_label=dest.expect_label, drive_compression=dest.drive_compression)
+    else:
+        path = dest.image_path(name, many)
+        if os.path.exists(path) and os.path.samefile(dev.path, path):
+            raise UsageError(f"{path}: the image cannot be written over its own source")
+        sink = FileSink(path, force=dest.force)
+    try:
+        result = write_image(dev, sink, level=options.level, chunk_size=options.chunk_size,
+                             workers=options.workers, source_meta=source_meta, snapshot_meta=snapshot_meta,
+                             progress=progress, image_id=image_id, plan=plan, partitions=partitions,
+                             excludes=list(options.excludes))
+        record = image_record(result.header, result.bytes_written, result.image_digest)
+        if dest.tape:
+            sink.commit(record_dict(record))
+        else:
+            sink.commit()
+    except BaseException:
+        sink.abort()
+        raise
+    finally:
+        if dest.tape:
+            _record_labels(catalog, sink.labelled)
+    if dest.tape:
+        segments = _tape_segment_records(image_id, sink.segments)
+        result.image = ", ".join(f"{s.tape_label} file {s.tape_file}" for s in segments)
+    else:
+        segments = [SegmentRecord(image_id, 0, "file", os.path.abspath(sink.path), None, None, None, 0,
+                                  result.bytes_written)]
+        result.image = sink.path
+    if catalog is not None:
+        catalog.add_image(record, segments)
+    return result
+
+
+SNAPSHOT_PROVIDERS = ("none", "freeze", "cow")
+
+
+def backup_volumes(sources: list[str], dest: Destination, *, snapshot: str = "none",
+                   options: ImagingOptions | None = None, pre_freeze: Sequence = (), post_thaw: Sequence = (),
+                   while_frozen: Callable[[], object] | None = None, progress: Progress | None = None,
+                   on_notice: Callable[[str], None] | None = None,
+                   catalog: Catalog | None = None) -> list[BackupResult]:
+    """Image every source, each from one point in time shared by all of them.
+
+    `snapshot` is the provider: "cow" snapshots managed volumes (names, front or source devices)
+    in one freeze window and reads the snapshot views, deleting the snapshots at the end whatever
+    happens; "freeze" keeps the filesystems frozen while their devices are read; "none" reads the
+    devices as they are. `while_frozen` runs inside the freeze window (cow and freeze)."""
+    options = options or ImagingOptions()
+    if snapshot not in SNAPSHOT_PROVIDERS:
+        raise UsageError(f"unknown snapshot provider {snapshot!r} (choose from {', '.join(SNAPSHOT_PROVIDERS)})")
+    if not sources:
+        raise UsageError("nothing to back up: give at least one source")
+    many = len(sources) > 1
+    dest.check(many)
+    if snapshot == "cow":
+        return _backup_cow(sources, dest, options, many, pre_freeze, post_thaw, while_frozen, progress, catalog)
+    devices = []
+    try:
+        for source in sources:
+            devices.append(open_source(source, on_notice))
+        if snapshot == "freeze":
+            return _backup_frozen(devices, dest, options, many, pre_freeze, post_thaw, while_frozen, progress,
+                                  on_notice, catalog)
+        results = []
+        for dev in devices:
+            _warn_if_mounted_rw(dev.path, on_notice)
+            plan, partitions = plan_source(dev.path, dev.size, options, on_notice)
+            results.append(_write_one(dev, dest, _volume_name(dev.path), options, many=many, plan=plan,
+                                      partitions=partitions, source_meta=probe_filesystem(dev.path),
+                                      snapshot_meta={"provider": "none", "time": _now()}, progress=progress,
+                                      catalog=catalog))
+        return results
+    finally:
+        for dev in devices:
+            dev.close()
+
+
+def _volume_name(path: str) -> str:
+    return os.path.basename(os.path.realpath(path)) or "volume"
+
+
+def _frozen_plan(device: str, mount_point: str, options: ImagingOptions) -> UsedMap:
+    if options.all_blocks:
+        with BlockDevice(device, direct=False) as dev:
+            return UsedMap.all_blocks(dev.size, "--all-blocks")
+    plan = plan_mounted(device, mount_point)
+    if options.excludes:
+        plan = plan.minus(plan_excludes(mount_point, list(options.excludes), device))
+    return plan
+
+
+def _refuse_destination_on(frozen: dict[str, str], dest: Destination, many: bool, catalog: Catalog | None) -> None:
+    """Writing to a filesystem that is frozen blocks forever: refuse before freezing."""
+    frozen_devices = {os.stat(dev).st_rdev: point for dev, point in frozen.items()}
+    for path in dest.filesystems(many, catalog):
+        probe = path
+        while not os.path.exists(probe):
+            probe = os.path.dirname(probe)
+        point = frozen_devices.get(os.stat(probe).st_dev)
+        if point is not None:
+            raise UsageError(f"{path} is on the filesystem at {point}, which this backup freezes; "
+                             f"write the image (and the catalog) somewhere else")
+
+
+def _backup_frozen(devices: list[BlockDevice], dest: Destination, options: ImagingOptions, many: bool,
+                   pre_freeze: Sequence, post_thaw: Sequence, while_frozen, progress, on_notice,
+                   catalog) -> list[BackupResult]:
+    mounted = {}
+    for dev in devices:
+        points = block.mounts_of(dev.path)
+        if points:
+            mounted[dev.path] = points[0].mount_point
+        elif on_notice:
+            on_notice(f"{dev.path} is not mounted: nothing to freeze, it is read as it is")
+    if options.excludes and len(mounted) != len(devices):
+        raise UsageError("--exclude needs every source mounted, to find the files' blocks")
+    _refuse_destination_on(mounted, dest, many, catalog)
+    results = []
+    front.run_hooks(pre_freeze, "pre-freeze")
+    frozen = []
+    started = time.perf_counter()
+    created = _now()
+    try:
+        for point in mounted.values():
+            block.freeze(point)
+            frozen.append(point)
+        plans = {path: _frozen_plan(path, point, options) for path, point in mounted.items()}
+        if while_frozen is not None:
+            while_frozen()
+        for dev in devices:
+            plan, partitions = (plans[dev.path], None) if dev.path in plans else plan_source(
+                dev.path, dev.size, options, on_notice)
+            meta = {"provider": "freeze", "time": created, "frozen": list(mounted.values())}
+            results.append(_write_one(dev, dest, _volume_name(dev.path), options, many=many, plan=plan,
+                                      partitions=partitions, source_meta=probe_filesystem(dev.path),
+                                      snapshot_meta=meta, progress=progress, catalog=catalog))
+    finally:
+        failures = []
+        for point in reversed(frozen):
+            try:
+                block.thaw(point)
+            except DeviceError as e:
+                failures.append(str(e))
+        front.run_hooks(post_thaw, "post-thaw")
+    if failures:
+        raise SnapshotError("; ".join(failures))
+    for r in results:
+        r.freeze_window_ms = round((time.perf_counter() - started) * 1000, 1)
+    return results
+
+
+def resolve_volumes(sources: list[str]) -> list:
+    """The managed volumes named by `sources`: a volume name, its front device or its source device."""
+    volumes = front.list_volumes()
+    chosen = []
+    for source in sources:
+        real = os.path.realpath(source)
+        match = next((v for v in volumes if source == v.name or real in (v.front, v.device)), None)
+        if match is None:
+            raise UsageError(f"{source} is not an attached volume (attach it with: imager attach DEVICE); "
+                             f"attached: {', '.join(v.name for v in volumes) or 'none'}")
+        chosen.append(match)
+    return chosen
+
+
+def _backup_cow(sources: list[str], dest: Destination, options: ImagingOptions, many: bool, pre_freeze,
+                post_thaw, while_frozen, progress, catalog) -> list[BackupResult]:
+    volumes = resolve_volumes(sources)
+    for v in volumes:
+        front.refuse_esp(v.device, "cow")
+    mounted = {v.front: block.mounts_of(v.front)[0].mount_point for v in volumes if block.mounts_of(v.front)}
+    if options.excludes and len(mounted) != len(volumes):
+        raise UsageError("--exclude needs every volume's front mounted, to find the files' blocks")
+    _refuse_destination_on(mounted, dest, many, catalog)
+    plans: dict[str, UsedMap] = {}
+
+    def inside_window() -> None:
+        for v in volumes:
+            if v.front in mounted:
+                plans[v.name] = _frozen_plan(v.front, mounted[v.front], options)
+        if while_frozen is not None:
+            while_frozen()
+
+    snapshot_set = front.snapshot_create([v.name for v in volumes], pre_freeze, post_thaw,
+                                         while_frozen=inside_window)
+    results = []
+    try:
+        for v, snap in zip(volumes, snapshot_set.snapshots):
+            with BlockDevice(snap.path, direct=True) as view:
+                plan = plans.get(v.name)
+                if plan is None:
+                    plan = UsedMap.all_blocks(view.size, "--all-blocks") if options.all_blocks else plan_volume(snap.path)
+                meta = {"provider": "cow", "time": datetime.fromtimestamp(snap.created_at, timezone.utc)
+                        .isoformat(timespec="milliseconds"), "freeze_window_ms": round(snapshot_set.freeze_window_ms, 2),
+                        "volumes": [x.name for x in volumes], "volume": v.name}
+                result = _write_one(view, dest, v.name, options, many=many, plan=plan, partitions=None,
+                                    source_meta=dict(probe_filesystem(snap.path), path=v.device, volume=v.name,
+                                                     front=v.front, view=snap.path),
+                                    snapshot_meta=meta, progress=progress, catalog=catalog)
+            result.freeze_window_ms = round(snapshot_set.freeze_window_ms, 2)
+            results.append(result)
+    finally:
+        front.snapshot_delete([v.name for v in volumes], force=True, missing_ok=True)
+    return results
 
 
 def backup(source: str, output: str, *, force: bool = False, options: ImagingOptions | None = None,
            progress: Progress | None = None, on_notice: Callable[[str], None] | None = None,
            catalog: Catalog | None = None) -> BackupResult:
-    """Image the block device or file `source` to the seekable zstd image `output`,
-    and record it in `catalog` when one is given."""
-    options = options or ImagingOptions()
-    if os.path.exists(output) and os.path.exists(source) and os.path.samefile(source, output):
-        raise UsageError(f"{output}: the image cannot be written over its own source")
-    with open_source(source, on_notice) as dev:
-        sink = FileSink(output, force=force)
-        try:
-            result = _image_source(dev, sink, options, progress=progress, on_notice=on_notice)
-            sink.commit()
-        except BaseException:
-            sink.abort()
-            raise
-    if catalog is not None:
-        catalog.add_image(image_record(result.header, result.bytes_written, result.image_digest),
-                          [SegmentRecord(result.image_id, 0, "file", os.path.abspath(output), None, None,
-                                         None, 0, result.bytes_written)])
-    return result
+    """Image the block device or file `source` as it is to the image file `output`."""
+    return backup_volumes([source], Destination(output=output, force=force), options=options,
+                          progress=progress, on_notice=on_notice, catalog=catalog)[0]
 
 
 # --- restore ----------------------------------------------------------------------------------
@@ -606,26 +828,12 @@ def backup_to_tape(source: str, spec: TapeSpec, *, block_size: int = DEFAULT_BLO
                    expect_label: str | None = None, drive_compression: bool = False,
                    options: ImagingOptions | None = None, progress: Progress | None = None,
                    on_notice: Callable[[str], None] | None = None,
-                   catalog: Catalog | None = None) -> tuple[BackupResult, list]:
+                   catalog: Catalog | None = None) -> BackupResult:
     """Append the image of `source` to the tape as one tape file (more when it spans cartridges)."""
-    options = options or ImagingOptions()
-    image_id = uuid.uuid4().hex
-    with open_source(source, on_notice) as dev:
-        sink = TapeSink(spec, image_id=image_id, block_size=block_size, expect_label=expect_label,
-                        drive_compression=drive_compression)
-        try:
-            result = _image_source(dev, sink, options, progress=progress, on_notice=on_notice, image_id=image_id)
-            record = image_record(result.header, result.bytes_written, result.image_digest)
-            sink.commit(record_dict(record))
-        except BaseException:
-            sink.abort()
-            raise
-        finally:
-            _record_labels(catalog, sink.labelled)
-    result.image = spec.spec
-    if catalog is not None:
-        catalog.add_image(record, _tape_segment_records(image_id, sink.segments))
-    return result, sink.segments
+    dest = Destination(tape=spec, block_size=block_size, expect_label=expect_label,
+                       drive_compression=drive_compression)
+    return backup_volumes([source], dest, options=options, progress=progress, on_notice=on_notice,
+                          catalog=catalog)[0]
 
 
 def _cartridge_sequences(spec: TapeSpec) -> Iterator[int]:
