@@ -1,8 +1,10 @@
 """`imager demo`: the main job on a built-in default volume, end to end, cleaned up afterwards.
 
-A loop device with a sample ext4 filesystem is imaged to a seekable zstd file, the image is
-verified, restored onto a second loop device, and the restored filesystem is checked; then the
-same volume goes to a virtual tape and comes back from it onto a third loop device.
+A loop device becomes a managed volume with a sample ext4 filesystem on its copy-on-write
+front; while a writer keeps changing files it is imaged from a snapshot to a seekable zstd
+file, the image is verified, restored onto a second loop device, and the restored filesystem
+is checked against the files as they were at the snapshot instant; then the same is done
+through a virtual tape onto a third loop device.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -20,7 +23,7 @@ from pathlib import Path
 from devices import loop
 from devices.block import mounts_of
 
-from . import jobs
+from . import front, jobs
 from .errors import ImagerError
 from .tape import TapeSpec, write_label
 
@@ -90,6 +93,46 @@ def _check_restored(scratch: _Scratch, device: str, expected: dict[str, str], na
         raise ImagerError(f"demo: restored files on {device} differ from the originals: {differing[:3]}")
 
 
+class _Writer:
+    """An application that keeps changing files while the volume is imaged: a counter rewritten
+    in place, a growing journal, short-lived files created and deleted."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="demo-writer", daemon=True)
+        self.writes = 0
+
+    def _run(self) -> None:
+        counter = self.root / "app" / "counter.txt"
+        counter.parent.mkdir(exist_ok=True)
+        with open(counter, "w+b") as c, open(self.root / "app" / "journal.log", "ab") as journal:
+            while not self.stop.is_set():
+                self.writes += 1
+                n = self.writes
+                c.seek(0)
+                c.write(f"{n:012d}\n".encode() * 512)
+                journal.write(f"entry {n}\n".encode())
+                (self.root / "app" / f"tmp-{n}").write_bytes(os.urandom(4096))
+                if n > 3:
+                    (self.root / "app" / f"tmp-{n - 3}").unlink()
+                if n % 50 == 0:
+                    os.fsync(c.fileno())
+
+    def snapshot_instant(self) -> dict[str, str]:
+        """Checksums of what the writer has on the (frozen) filesystem right now."""
+        return {f"app/{p.name}": hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in (self.root / "app").iterdir()}
+
+    def __enter__(self) -> "_Writer":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
 def run(out) -> int:
     """Run the demo, printing each step; returns the exit status."""
     def say(message: str) -> None:
@@ -99,22 +142,31 @@ def run(out) -> int:
     summary: dict = {}
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="imager-demo-"))
+    name = f"imager-demo-{os.getpid()}"
     try:
         with ExitStack() as stack:
             scratch = _Scratch(stack, workdir)
             source = scratch.loop_device("source.img", VOLUME_SIZE)
-            _run("mkfs.ext4", "-q", "-L", "imager-demo", source)
-            point = scratch.mount(source, "source")
+            volume = front.attach(source, name=name, cache_path=str(workdir / "cow-state"))
+            stack.callback(front.detach, name)
+            _run("mkfs.ext4", "-q", "-L", "imager-demo", volume.front)
+            point = scratch.mount(volume.front, "live")
             populate_sample(point, random_mib=64)
-            expected = file_checksums(point)
-            say(f"1. sample volume: {source} ({VOLUME_SIZE >> 20} MiB ext4), {len(expected)} files")
-            _run("umount", str(point))
+            sample = file_checksums(point)
+            say(f"1. sample volume {source} ({VOLUME_SIZE >> 20} MiB) attached as {name!r}: ext4 on its "
+                f"copy-on-write front {volume.front}, mounted, {len(sample)} files")
 
             image = workdir / "source.zst"
-            b = jobs.backup(source, str(image))
-            say(f"2. backup: {b.volume_size >> 20} MiB -> {b.bytes_written / 2**20:.1f} MiB "
-                f"(ratio {b.ratio:.2f}) in {b.seconds:.2f} s, {b.mb_per_second:.0f} MB/s, "
-                f"{b.zero_chunks}/{b.chunks} chunks zero")
+            with _Writer(point) as writer:
+                at_instant: dict[str, str] = {}
+                (b,) = jobs.backup_volumes([name], jobs.Destination(output=str(image)), snapshot="cow",
+                                           while_frozen=lambda: at_instant.update(writer.snapshot_instant()))
+                written_during = writer.writes
+            expected = dict(sample, **at_instant)
+            say(f"2. backup from a cow snapshot while a writer made {written_during} changes: "
+                f"frozen {b.freeze_window_ms:.1f} ms; {b.volume_size >> 20} MiB -> "
+                f"{b.bytes_written / 2**20:.1f} MiB (ratio {b.ratio:.2f}), {b.bytes_read >> 20} MiB read "
+                f"(used blocks only) in {b.seconds:.2f} s, {b.mb_per_second:.0f} MB/s")
             summary["backup"] = b.to_dict()
 
             v = jobs.verify(str(image))
@@ -124,22 +176,25 @@ def run(out) -> int:
             r = jobs.restore(str(image), target, verify=True)
             say(f"4. restore onto {target} with read-back verify: {r.seconds:.2f} s, {r.mb_per_second:.0f} MB/s")
             summary["restore"] = r.to_dict()
-
             _check_restored(scratch, target, expected, "restored")
-            say(f"5. restored filesystem passes fsck -n; all {len(expected)} files identical")
+            say(f"5. restored filesystem passes fsck -n; all {len(expected)} files are as they were at the "
+                f"snapshot instant, the writer's files included")
 
             tape = TapeSpec(str(workdir / "demo.tap"))
             with tape.open() as drive:
                 write_label(drive, "DEMO01")
-            t = jobs.backup_to_tape(source, tape)
-            say(f"6. backup to virtual tape {tape.spec} ({t.image}): "
-                f"{t.seconds:.2f} s, {t.mb_per_second:.0f} MB/s")
+            with _Writer(point) as writer:
+                at_instant = {}
+                (t,) = jobs.backup_volumes([name], jobs.Destination(tape=tape), snapshot="cow",
+                                           while_frozen=lambda: at_instant.update(writer.snapshot_instant()))
+            say(f"6. backup from a new snapshot to virtual tape {tape.spec} ({t.image}), writer still "
+                f"running: {t.seconds:.2f} s, {t.mb_per_second:.0f} MB/s")
             summary["tape_backup"] = t.to_dict()
             tape_target = scratch.loop_device("tape-target.img", VOLUME_SIZE)
             tr = jobs.restore_from_tape(tape, t.image_id, tape_target, verify=True)
-            _check_restored(scratch, tape_target, expected, "from-tape")
+            _check_restored(scratch, tape_target, dict(sample, **at_instant), "from-tape")
             say(f"7. restore from tape onto {tape_target} with read-back verify: {tr.seconds:.2f} s; "
-                f"fsck -n passes, all files identical")
+                f"fsck -n passes, every file as at that snapshot's instant")
             summary["tape_restore"] = tr.to_dict()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
