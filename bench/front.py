@@ -1,0 +1,166 @@
+#!/usr/bin/env python3
+"""The cost of the copy-on-write front, side by side in one run:
+
+- sequential (1 MiB) and random (4 KiB) O_DIRECT writes with fio: straight to a loop device,
+  through the front without a snapshot, under an active snapshot (first writes of blocks),
+  and again under the same snapshot (rewrites);
+- the freeze window of `snapshot create` on an idle mounted ext4 (median of several);
+- reading the snapshot file;
+- backup from a snapshot view against backup of the raw device, same data.
+
+    python bench/front.py [--size-gib 2] [--runtime 8]
+
+Writes the table to bench/results/front.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from devices import loop  # noqa: E402
+from imager import front, jobs  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+WORK = Path(__file__).resolve().parent / "work"
+
+
+def fio(device: str, pattern: str, size: int, runtime: int) -> float:
+    """MB/s of O_DIRECT writes to `device` (`pattern` is write or randwrite)."""
+    bs = "1M" if pattern == "write" else "4k"
+    cmd = ["fio", "--name=bench", f"--filename={device}", f"--rw={pattern}", f"--bs={bs}", "--direct=1",
+           "--ioengine=psync", f"--size={size}", "--output-format=json"]
+    cmd += ["--iodepth=1", "--numjobs=1", "--randrepeat=0", "--norandommap"]
+    if pattern == "randwrite":
+        cmd += ["--time_based", f"--runtime={runtime}"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    job = json.loads(out)["jobs"][0]["write"]
+    return job["bw_bytes"] / 1e6
+
+
+def sh(*cmd: str) -> str:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+
+
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size-gib", type=int, default=2)
+    p.add_argument("--runtime", type=int, default=8, help="seconds of random writes per case")
+    args = p.parse_args()
+    size = args.size_gib << 30
+    seq_size = min(size, 1 << 30)
+    WORK.mkdir(exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=WORK, prefix="front-"))
+    os.environ.setdefault(front.RUN_DIR_ENV, str(tmp / "run"))
+    os.environ.setdefault(front.STATE_DIR_ENV, str(tmp / "state"))
+    name = "benchfront"
+    rows: dict[str, float] = {}
+    devices = []
+    mounted = None
+    attached = False
+    try:
+        plain_file, managed_file = tmp / "plain.img", tmp / "managed.img"
+        for f in (plain_file, managed_file):
+            with open(f, "wb") as fh:
+                fh.truncate(size)
+        plain = loop.attach(str(plain_file), direct_io=True)
+        devices.append(plain)
+        source = loop.attach(str(managed_file), direct_io=True)
+        devices.append(source)
+        volume = front.attach(source, name=name)
+        attached = True
+        f = volume.front
+
+        rows["seq write, loop device"] = fio(plain, "write", seq_size, args.runtime)
+        rows["seq write, front, no snapshot"] = fio(f, "write", seq_size, args.runtime)
+        front.snapshot_create(name)
+        rows["seq write, front, snapshot, first writes"] = fio(f, "write", seq_size, args.runtime)
+        rows["seq write, front, snapshot, rewrites"] = fio(f, "write", seq_size, args.runtime)
+        front.snapshot_delete(name, force=True)
+
+        rows["rand 4k write, loop device"] = fio(plain, "randwrite", size, args.runtime)
+        rows["rand 4k write, front, no snapshot"] = fio(f, "randwrite", size, args.runtime)
+        front.snapshot_create(name)
+        rows["rand 4k write, front, snapshot, first writes"] = fio(f, "randwrite", size, args.runtime)
+        rows["rand 4k write, front, snapshot, rewrites"] = fio(f, "randwrite", size, args.runtime)
+        front.snapshot_delete(name, force=True)
+
+        # A filesystem of real files on the front, idle, for the freeze window and the backups.
+        sh("mkfs.ext4", "-q", "-F", f)
+        mounted = tmp / "mnt"
+        mounted.mkdir()
+        sh("mount", f, str(mounted))
+        for src in ("/usr/share/doc", "/usr/lib/python3.11"):
+            sh("cp", "-a", src, str(mounted / Path(src).name))
+        with open(mounted / "random.bin", "wb") as fh:
+            fh.write(os.urandom(256 << 20))
+        os.sync()
+        windows = []
+        for _ in range(10):
+            windows.append(front.snapshot_create(name).freeze_window_ms)
+            front.snapshot_delete(name, force=True)
+        rows["freeze window, idle ext4, median ms"] = statistics.median(windows)
+
+        snap = front.snapshot_create(name).snapshots[0]
+        drop_caches()
+        start = time.monotonic()
+        sh("dd", f"if={snap.path}", "of=/dev/null", "bs=4M", "status=none")
+        rows["read the snapshot file (dd bs=4M)"] = size / (time.monotonic() - start) / 1e6
+        front.snapshot_delete(name, force=True)
+
+        out = tmp / "out"
+        out.mkdir()
+        raw, cow = [], []
+        for _ in range(2):
+            drop_caches()
+            raw.append(jobs.backup(source, str(out / "raw.zst"), force=True).seconds)
+            drop_caches()
+            (r,) = jobs.backup_volumes([name], jobs.Destination(output=str(out / "cow.zst"), force=True),
+                                       snapshot="cow")
+            cow.append(r.seconds)
+        rows["backup, raw device (s)"] = min(raw)
+        rows["backup, cow snapshot view (s)"] = min(cow)
+    finally:
+        if mounted is not None:
+            subprocess.run(["umount", str(mounted)])
+        if attached:
+            front.snapshot_delete(name, force=True, missing_ok=True)
+            front.detach(name)
+        for d in devices:
+            loop.detach(d)
+        subprocess.run(["rm", "-rf", str(tmp)])
+
+    ratios = {
+        "front / loop, seq": rows["seq write, front, no snapshot"] / rows["seq write, loop device"],
+        "front / loop, rand": rows["rand 4k write, front, no snapshot"] / rows["rand 4k write, loop device"],
+        "first-write cost vs plain front, seq": rows["seq write, front, no snapshot"]
+        / rows["seq write, front, snapshot, first writes"],
+        "first-write cost vs plain front, rand": rows["rand 4k write, front, no snapshot"]
+        / rows["rand 4k write, front, snapshot, first writes"],
+        "backup speed, snapshot view / raw": rows["backup, raw device (s)"] / rows["backup, cow snapshot view (s)"],
+    }
+    lines = [f"{'case':48} {'MB/s or value':>14}"]
+    lines += [f"{k:48} {v:14.1f}" for k, v in rows.items()]
+    lines += ["", f"{'ratio':48} {'':>14}"] + [f"{k:48} {v:14.2f}" for k, v in ratios.items()]
+    print("\n".join(lines))
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "front.json").write_text(json.dumps({"rows": rows, "ratios": ratios}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
