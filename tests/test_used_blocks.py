@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from devices import loop
+from imager.partitions import plan_disk
 from imager.usedmap import plan_device
 
 from conftest import (LoopFactory, device_size, file_checksums, fsck_clean, imager, populate_sample, run,
@@ -52,11 +53,13 @@ def restore(image: Path, target: str) -> None:
 
 def fill_with_random(path: str | Path, start: int, end: int) -> None:
     """Random bytes over [start, end) of a file or device, written through and synced."""
+    piece = os.urandom(4 * MiB)
     with open(path, "r+b") as f:
         f.seek(start)
         while start < end:
-            n = min(end - start, 4 * MiB)
-            f.write(os.urandom(n))
+            n = min(end - start, len(piece))
+            piece = piece[4093:] + piece[:4093]  # no two blocks alike
+            f.write(piece[:n])
             start += n
         f.flush()
         os.fsync(f.fileno())
@@ -177,12 +180,13 @@ def test_aged_volume_images_only_used_blocks_and_restores_files(loops, tmp_path,
 
     target = loops.create(size)
     restore(image, target)
-    assert files_on(loops, target, fs) == sums
     # what was free on the source is zeros on the restored volume: free space was not copied
     assert nonzero_bytes(target, free) == 0
-    # and the used ranges came back byte for byte (metadata, journal, data)
+    # and the used ranges came back byte for byte (metadata, journal, data); compared before
+    # any mount, as even a read-only xfs mount rewrites the superblock's log sequence number
     for start, end in plan.ranges:
         assert range_bytes(target, start, end) == range_bytes(dev, start, end), f"used {start}-{end} differs"
+    assert files_on(loops, target, fs) == sums
 
 
 # --- 2. a whole GPT disk: planned partition by partition -------------------------------------
@@ -225,11 +229,11 @@ def test_whole_gpt_disk_is_planned_per_partition_and_restores_onto_a_larger_disk
     with open(disk, "wb") as f:
         f.truncate(DISK_SIZE)
     subprocess.run(["sfdisk", "-q", str(disk)], input=DISK_SCRIPT, text=True, check=True, capture_output=True)
-    # What lies outside the partitions (boot loader areas, gaps, the space before the backup
-    # GPT) holds data no filesystem knows about; the ESP's free clusters hold old data.
+    # Everything between the GPTs holds old data: the boot loader area after the primary GPT,
+    # the gaps, the space before the backup GPT (data no filesystem knows about), and the
+    # partitions' free space (mkfs told not to discard it).
+    fill_with_random(disk, GPT_END, BACKUP_GPT)
     outside = [(GPT_END, 1 * MiB), (65 * MiB, 66 * MiB), (266 * MiB, 270 * MiB), (590 * MiB, BACKUP_GPT)]
-    for start, end in outside + [(1 * MiB, 65 * MiB)]:
-        fill_with_random(disk, start, end)
 
     esp_file = tmp_path / "BOOTX64.EFI"
     esp_file.write_bytes(os.urandom(300 * 1024))
@@ -239,10 +243,12 @@ def test_whole_gpt_disk_is_planned_per_partition_and_restores_onto_a_larger_disk
     run("mmd", "-i", esp, "::/EFI", env=env)
     run("mcopy", "-i", esp, str(esp_file), "::/EFI/BOOTX64.EFI", env=env)
 
+    filesystems = ((2, 66 * MiB, 200 * MiB, "ext4"), (3, 270 * MiB, 320 * MiB, "xfs"))
     expected = {}
-    for number, start, length, fs in ((2, 66 * MiB, 200 * MiB, "ext4"), (3, 270 * MiB, 320 * MiB, "xfs")):
+    for number, start, length, fs in filesystems:
         part = attach(loops, str(disk), offset=start, size_limit=length)
-        run(*(["mkfs.ext4", "-q", "-F"] if fs == "ext4" else ["mkfs.xfs", "-q", "-f"]), part)
+        run(*(["mkfs.ext4", "-q", "-F", "-E", "nodiscard"] if fs == "ext4" else ["mkfs.xfs", "-q", "-f", "-K"]),
+            part)
         point = loops.mount(part)
         if fs == "ext4":
             populate_sample(point)
@@ -255,10 +261,17 @@ def test_whole_gpt_disk_is_planned_per_partition_and_restores_onto_a_larger_disk
     # the partitions are written; image the disk through a loop device over all of it
     source = attach(loops, str(disk))
     assert device_size(source) == DISK_SIZE
+    plan = plan_disk(source)
+    free = free_ranges(plan, DISK_SIZE)
+    free_bytes = sum(e - s for s, e in free)
+    assert free_bytes > 200 * MiB
+    assert all(66 * MiB <= s and e <= 266 * MiB or 270 * MiB <= s and e <= 590 * MiB for s, e in free), \
+        "only the ext4 and xfs partitions have free space to leave out"
+    assert nonzero_bytes(source, free) > free_bytes * 0.9
 
     image = tmp_path / "disk.zst"
     result, _ = backup_json(source, image)
-    assert result["bytes_read"] < DISK_SIZE // 2  # the filesystems' free space was not read
+    assert result["bytes_read"] == plan.used_bytes  # the filesystems' free space was not read
 
     text = ok(imager("info", str(image))).stdout
     assert "gpt table, 3 partitions" in text, text
@@ -268,25 +281,28 @@ def test_whole_gpt_disk_is_planned_per_partition_and_restores_onto_a_larger_disk
     table = header["partitions"]
     assert table["scheme"] == "gpt" and len(table["partitions"]) == 3
     assert [p["is_esp"] for p in table["partitions"]] == [True, False, False]
+    assert header["plan"]["mode"] == "used-blocks" and header["plan"]["used_bytes"] == plan.used_bytes
     parts = {p["number"]: p for p in header["plan"]["parts"]}
-    assert parts[1]["mode"] == "all-blocks" and parts[1]["fs_type"] == "vfat"
+    assert (parts[1]["mode"], parts[1]["fs_type"]) == ("all-blocks", "vfat")
+    assert "EFI system partition" in parts[1]["reason"]
     assert (parts[2]["mode"], parts[2]["fs_type"]) == ("used-blocks", "ext4")
     assert (parts[3]["mode"], parts[3]["fs_type"]) == ("used-blocks", "xfs")
-    assert header["plan"]["mode"] == "used-blocks"
 
     target = loops.create(DISK_SIZE + 100 * MiB)
     restore(image, target)
 
     assert sfdisk_dump(target) == sfdisk_dump(source)
-    # the ESP is imaged whole, free clusters and all; the table, the gaps and the backup GPT too
+    # the table, the gaps, the ESP (imaged whole, free clusters and all) and the backup GPT
     for start, end in [(0, 1 * MiB), (1 * MiB, 65 * MiB)] + outside + [(BACKUP_GPT, DISK_SIZE)]:
         assert range_bytes(target, start, end) == range_bytes(source, start, end), f"bytes {start}-{end} differ"
+    # the filesystems' free space was not copied
+    assert nonzero_bytes(target, free) == 0
     restored_esp = attach(loops, target, offset=1 * MiB, size_limit=64 * MiB)
+    assert run("fsck.vfat", "-n", restored_esp, check=False).returncode == 0
     got = subprocess.run(["mtype", "-i", restored_esp, "::/EFI/BOOTX64.EFI"], env=env, check=True,
                          capture_output=True).stdout
     assert got == esp_file.read_bytes()
-    assert run("fsck.vfat", "-n", restored_esp, check=False).returncode == 0
-    for number, start, length, fs in ((2, 66 * MiB, 200 * MiB, "ext4"), (3, 270 * MiB, 320 * MiB, "xfs")):
+    for number, start, length, fs in filesystems:
         part = attach(loops, target, offset=start, size_limit=length)
         assert files_on(loops, part, fs) == expected[number], f"partition {number} ({fs})"
 
@@ -394,24 +410,42 @@ def _assert_refused(result: subprocess.CompletedProcess, outdir: Path, pattern: 
     assert list(outdir.iterdir()) == [], "an image (or a temporary file) was left behind"
 
 
-def test_exclude_errors_are_one_line_and_leave_no_image(loops, tmp_path):
+def _exclude_cases(dev: str, point: Path, unmounted: str) -> list[tuple[str, list[str], str]]:
+    return [
+        (dev, ["--exclude", str(point / "no-such-file")], "no such file"),
+        (dev, ["--exclude", "/etc/hostname"], "not on the filesystem"),
+        (unmounted, ["--exclude", "file.bin"], "mounted"),
+        (dev, ["--exclude", str(point / "file.bin"), "--all-blocks"], "all-blocks"),
+    ]
+
+
+def _mounted_ext4_with_a_file(loops: LoopFactory) -> tuple[str, Path]:
     dev = loops.create(128 * MiB, fs="ext4")
     point = loops.mount(dev)
     (point / "file.bin").write_bytes(os.urandom(MiB))
     os.sync()
+    return dev, point
+
+
+def test_exclude_errors_are_one_line_and_leave_no_image(loops, tmp_path):
+    dev, point = _mounted_ext4_with_a_file(loops)
+    run("mount", "-o", "remount,ro", str(point))
     unmounted = loops.create(64 * MiB, fs="ext4")
-    cases = [
-        (dev, [str(point / "no-such-file")], "no such file"),
-        (dev, ["/etc/hostname"], "not on the filesystem"),
-        (unmounted, ["file.bin"], "mounted"),
-        (dev, [str(point / "file.bin"), "--all-blocks"], "all-blocks"),
-    ]
-    for n, (source, extra, pattern) in enumerate(cases):
+    for n, (source, args, pattern) in enumerate(_exclude_cases(dev, point, unmounted)):
         outdir = tmp_path / f"out{n}"
         outdir.mkdir()
-        args = ["backup", source, "-o", str(outdir / "img.zst")]
-        args += ["--exclude", extra[0]] + extra[1:]
-        _assert_refused(imager(*args), outdir, pattern)
+        _assert_refused(imager("backup", source, "-o", str(outdir / "img.zst"), *args), outdir, pattern)
+
+
+def test_exclude_errors_on_a_read_write_mount_are_one_line_too(loops, tmp_path):
+    """A job refused before it starts says only why: no "mounted read-write, crash-consistent"
+    notice about an image that is never made."""
+    dev, point = _mounted_ext4_with_a_file(loops)
+    for n, (source, args, pattern) in enumerate(_exclude_cases(dev, point, dev)[:2] +
+                                                _exclude_cases(dev, point, dev)[3:]):
+        outdir = tmp_path / f"out{n}"
+        outdir.mkdir()
+        _assert_refused(imager("backup", source, "-o", str(outdir / "img.zst"), *args), outdir, pattern)
 
 
 # --- 5. --all-blocks: every byte, readable by stock zstd --------------------------------------
