@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import signal
 import sys
@@ -98,7 +99,7 @@ def cmd_backup(args, out: Output) -> int:
                             block_size=args.block_size or DEFAULT_BLOCK_SIZE, expect_label=args.label,
                             drive_compression=args.drive_compression)
     options = jobs.ImagingOptions(level=args.level, chunk_size=args.chunk_size, workers=args.workers,
-                                  all_blocks=args.all_blocks, excludes=tuple(args.exclude))
+                                  all_blocks=args.all_blocks, excludes=tuple(os.path.abspath(p) for p in args.exclude))
     with out.progress(_source_sizes(args.sources, args.snapshot), "backup") as progress:
         with Catalog(args.catalog) as catalog:
             results = jobs.backup_volumes(args.sources, dest, snapshot=args.snapshot, options=options,

@@ -24,7 +24,6 @@ from conftest import (LoopFactory, device_size, file_checksums, fsck_clean, imag
                       same_bytes)
 
 MiB = 1 << 20
-BLOCK = 4096
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not os.access("/dev/loop-control", os.W_OK),
                                 reason="needs root and /dev/loop-control")
@@ -163,7 +162,7 @@ def test_aged_volume_images_only_used_blocks_and_restores_files(loops, tmp_path,
     free_bytes = sum(e - s for s, e in free)
     # the source's free space holds the aging data: most of it is not zero
     source_nonzero = nonzero_bytes(dev, free)
-    assert source_nonzero > free_bytes * 0.6 and free_bytes > size // 3, (source_nonzero, free_bytes)
+    assert source_nonzero > free_bytes * 0.8 and free_bytes > size // 3, (source_nonzero, free_bytes)
 
     image = tmp_path / "used.zst"
     result, _ = backup_json(dev, image)
@@ -338,11 +337,25 @@ def _ext4_with_recorded_errors(loops: LoopFactory) -> str:
     return dev
 
 
+def _xfs_with_a_dirty_log(loops: LoopFactory) -> str:
+    """An xfs shut down with transactions in its log (as by a crash), then unmounted."""
+    dev = loops.create(320 * MiB, fs="xfs")
+    point = loops.mount(dev)
+    shutil.copytree("/usr/lib/python3.11/json", point / "json")
+    (point / "a.bin").write_bytes(os.urandom(4 * MiB))
+    os.sync()
+    (point / "late").mkdir()  # logged, not yet written back
+    run("xfs_io", "-x", "-c", "shutdown", str(point))  # without -f: the log is not flushed
+    loops.umount(point)
+    return dev
+
+
 @pytest.mark.parametrize("make, reason_pattern", [
     (_random_device, "unknown filesystem"),
     (_ext4_superblock_zeroed, "unknown filesystem|damaged"),
     (_ext4_with_recorded_errors, "damaged filesystem: the superblock records errors"),
-], ids=["random-bytes", "ext4-superblock-zeroed", "ext4-errors-recorded"])
+    (_xfs_with_a_dirty_log, "xfs log needs recovery"),
+], ids=["random-bytes", "ext4-superblock-zeroed", "ext4-errors-recorded", "xfs-dirty-log"])
 def test_unknown_or_damaged_volume_is_imaged_whole_with_the_reason(loops, tmp_path, make, reason_pattern):
     dev = make(loops)
     size = device_size(dev)
@@ -362,44 +375,54 @@ def test_unknown_or_damaged_volume_is_imaged_whole_with_the_reason(loops, tmp_pa
 
 # --- 4. --exclude ----------------------------------------------------------------------------
 
-def test_exclude_leaves_a_mounted_files_data_out(loops, tmp_path):
-    dev = loops.create(256 * MiB, fs="ext4")
+@pytest.mark.parametrize("fs", ["ext4", "xfs"])
+def test_exclude_leaves_a_mounted_files_data_out(loops, tmp_path, fs):
+    dev = loops.create(320 * MiB, fs=fs)
     point = loops.mount(dev)
     big = point / "db" / "big.bin"
     big.parent.mkdir()
     big.write_bytes(os.urandom(48 * MiB))
+    cache = point / "cache"  # a directory: all files under it are left out
+    (cache / "sub").mkdir(parents=True)
+    (cache / "a.bin").write_bytes(os.urandom(3 * MiB))
+    (cache / "sub" / "b.bin").write_bytes(os.urandom(2 * MiB))
     kept = point / "kept.bin"
     kept.write_bytes(os.urandom(5 * MiB))
     (point / "notes.txt").write_text("keep me\n" * 1000)
     os.sync()
     sums = file_checksums(point)
+    excluded = {"db/big.bin": 48 * MiB, "cache/a.bin": 3 * MiB, "cache/sub/b.bin": 2 * MiB}
     # mounted, and unchanged while the backup runs
     run("mount", "-o", "remount,ro", str(point))
 
     image = tmp_path / "excl.zst"
-    result, _ = backup_json(dev, image, "--exclude", str(big))
+    result, _ = backup_json(dev, image, "--exclude", str(big), "--exclude", str(cache))
     plan = image_info(image)["header"]["plan"]
     assert plan["mode"] == "used-blocks"
-    assert plan["excludes"] == [str(big)]
-    assert plan["excluded_bytes"] == 48 * MiB
-    assert result["bytes_read"] < 40 * MiB  # neither the big file nor free space was read
+    assert plan["excludes"] == [str(big), str(cache)]
+    assert plan["excluded_bytes"] >= sum(excluded.values())
+    assert plan["excluded_bytes"] < sum(excluded.values()) + 4 * MiB
+    assert result["bytes_read"] == plan["used_bytes"]  # the excluded files' blocks were not read
 
-    target = loops.create(256 * MiB)
+    target = loops.create(320 * MiB)
     restore(image, target)
-    check = fsck_clean(target)
+    check = fsck_clean(target, fs)
     assert check.returncode == 0, check.stdout + check.stderr
-    restored = loops.mount(target, "ro")
+    # the source is still mounted: an xfs copy has its UUID, which xfs refuses to mount twice
+    restored = loops.mount(target, "ro", *(["nouuid"] if fs == "xfs" else []))
     try:
-        restored_big = restored / "db" / "big.bin"
-        assert restored_big.stat().st_size == 48 * MiB
-        with open(restored_big, "rb") as f:
-            while data := f.read(8 * MiB):
-                assert not any(data), "the excluded file's data is in the image"
+        for name, size in excluded.items():
+            path = restored / name
+            assert path.stat().st_size == size, name
+            with open(path, "rb") as f:
+                while data := f.read(8 * MiB):
+                    assert not any(data), f"the excluded {name}'s data is in the image"
         got = file_checksums(restored)
-        del got["db/big.bin"], sums["db/big.bin"]
-        assert got == sums
     finally:
         loops.umount(restored)
+    for name in excluded:
+        del got[name], sums[name]
+    assert got == sums and "kept.bin" in got
 
 
 def _assert_refused(result: subprocess.CompletedProcess, outdir: Path, pattern: str) -> None:
