@@ -28,6 +28,7 @@ bench: setup
 
 lint: setup
 	$(PY) -m compileall -q imager devices tests bench
+	$(PY) -m pyflakes imager devices tests bench scripts
 	$(PY) scripts/check-layering.py
 
 clean:

@@ -24,7 +24,6 @@ import queue
 import stat
 import struct
 import subprocess
-import sys
 import threading
 import uuid
 from dataclasses import asdict, dataclass
