@@ -18,7 +18,7 @@ from devices.errors import DeviceError
 
 from . import __version__, front
 from .catalog import Catalog, ImageRecord, SegmentRecord, TapeRecord, record_dict
-from .errors import ChunkError, ImageFormatError, ImagerError, SnapshotError, UsageError
+from .errors import CacheFullError, ChunkError, ImageFormatError, ImagerError, SnapshotError, UsageError
 from .pipeline import default_workers, run_ordered
 from .sinks import FileSink
 from .tape import (DEFAULT_BLOCK_SIZE, TapeFileInfo, TapeImageStream, TapeMediaError, TapeSink, TapeSpec,
@@ -382,8 +382,8 @@ def backup_volumes(sources: list[str], dest: Destination, *, snapshot: str = "no
                                   on_notice, catalog)
         results = []
         for dev in devices:
-            _warn_if_mounted_rw(dev.path, on_notice)
             plan, partitions = plan_source(dev.path, dev.size, options, on_notice)
+            _warn_if_mounted_rw(dev.path, on_notice)
             results.append(_write_one(dev, dest, _volume_name(dev.path), options, many=many, plan=plan,
                                       partitions=partitions, source_meta=probe_filesystem(dev.path),
                                       snapshot_meta={"provider": "none", "time": _now()}, progress=progress,
@@ -502,6 +502,8 @@ def _backup_cow(sources: list[str], dest: Destination, options: ImagingOptions, 
 
     snapshot_set = front.snapshot_create([v.name for v in volumes], pre_freeze, post_thaw,
                                          while_frozen=inside_window)
+    # One instant for the whole set: when COW went on in the first volume, inside the window.
+    set_time = datetime.fromtimestamp(min(s.created_at for s in snapshot_set.snapshots), timezone.utc)
     results = []
     try:
         for v, snap in zip(volumes, snapshot_set.snapshots):
@@ -509,18 +511,44 @@ def _backup_cow(sources: list[str], dest: Destination, options: ImagingOptions, 
                 plan = plans.get(v.name)
                 if plan is None:
                     plan = UsedMap.all_blocks(view.size, "--all-blocks") if options.all_blocks else plan_volume(snap.path)
-                meta = {"provider": "cow", "time": datetime.fromtimestamp(snap.created_at, timezone.utc)
-                        .isoformat(timespec="milliseconds"), "freeze_window_ms": round(snapshot_set.freeze_window_ms, 2),
+                meta = {"provider": "cow", "time": set_time.isoformat(timespec="milliseconds"),
+                        "freeze_window_ms": round(snapshot_set.freeze_window_ms, 2),
                         "volumes": [x.name for x in volumes], "volume": v.name}
-                result = _write_one(view, dest, v.name, options, many=many, plan=plan, partitions=None,
-                                    source_meta=dict(probe_filesystem(snap.path), path=v.device, volume=v.name,
-                                                     front=v.front, view=snap.path),
-                                    snapshot_meta=meta, progress=progress, catalog=catalog)
+                try:
+                    result = _write_one(view, dest, v.name, options, many=many, plan=plan, partitions=None,
+                                        source_meta=dict(probe_filesystem(snap.path), path=v.device, volume=v.name,
+                                                         front=v.front, view=snap.path),
+                                        snapshot_meta=meta, progress=progress, catalog=catalog)
+                except (DeviceError, SnapshotError):
+                    # The daemon answers a read of an invalidated snapshot with EIO: say why.
+                    _raise_if_invalidated(v.name)
+                    raise
             result.freeze_window_ms = round(snapshot_set.freeze_window_ms, 2)
             results.append(result)
     finally:
         front.snapshot_delete([v.name for v in volumes], force=True, missing_ok=True)
     return results
+
+
+def _raise_if_invalidated(name: str) -> None:
+    """Raise the reason the snapshot of volume `name` stopped being point-in-time, if it did."""
+    try:
+        snap = front.status(name).snapshot
+    except ImagerError:
+        return
+    if snap is None or not snap.invalid:
+        return
+    message = f"the snapshot of {name} is no longer point-in-time: {snap.invalid_reason}"
+    if "full" in snap.invalid_reason:
+        needed = snap.cache_bytes_needed
+        remedy = ("a larger cache (imager attach --cache-size)" if snap.cache_capacity is not None
+                  and needed > snap.cache_capacity else "more free space where the cache lives")
+        error = CacheFullError(f"{message}; at least {needed} bytes ({needed / (1 << 20):.1f} MiB) of cache "
+                               f"would have been needed, retry with {remedy}")
+        error.needed_bytes = needed
+        error.capacity = snap.cache_capacity
+        raise error from None
+    raise SnapshotError(message) from None
 
 
 def backup(source: str, output: str, *, force: bool = False, options: ImagingOptions | None = None,

@@ -247,6 +247,11 @@ class CowStore:
                 self._persist(self._state)
                 self._cache_slots_used = 0
             os.ftruncate(self._cache_fd, 0)
+            # The cache's slots are gone: no index entry may point into it any more. Only blocks
+            # whose bit is set can have an entry, so only their pages of the index are touched.
+            changed = np.unpackbits(self._bitmap, bitorder="little")[:self.block_count].view(bool)
+            self._index_array[changed] = 0
+            self._index_map.flush()
 
     def view(self) -> "SnapshotView":
         self._check_open()
