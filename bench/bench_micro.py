@@ -67,3 +67,30 @@ def test_encode_random_chunk(benchmark):
 
 def test_encode_zero_chunk_costs_no_compression(benchmark, zero_buffer):
     assert benchmark(encode_chunk, 0, zero_buffer.view, 3).zero
+
+
+@pytest.fixture(scope="module")
+def fragmented_plan():
+    """A used-block plan of a 16 TiB volume with a million used extents."""
+    from imager.usedmap import UsedMap
+
+    rng = np.random.default_rng(7)
+    size = 16 << 40
+    starts = np.sort(rng.choice(size // 65536, 1_000_000, replace=False)) * 65536
+    return UsedMap(size, starts, starts + 32768)
+
+
+def test_plan_query_per_chunk(benchmark, fragmented_plan):
+    offsets = np.random.default_rng(3).integers(0, fragmented_plan.size // CHUNK, 1000) * CHUNK
+
+    def query():
+        return sum(len(fragmented_plan.ranges_in(int(o), CHUNK)) for o in offsets)
+
+    assert benchmark(query) > 0
+
+
+def test_change_bitmap_count_for_1tib_volume(benchmark):
+    """The change-tracking bitmap of a 1 TiB volume in 64 KiB blocks (2 MiB), a quarter set."""
+    bits = np.zeros((1 << 40) // 65536 // 8, dtype=np.uint8)
+    bits[::4] = 0xFF
+    assert benchmark(lambda: int(np.unpackbits(bits).sum())) == bits.size // 4 * 8

@@ -87,6 +87,22 @@ def _fs_ioctl(mount_point: str, request: int, what: str) -> None:
         os.close(fd)
 
 
+def stat_volume(path: str) -> os.stat_result:
+    """stat() a path that must be a block device or a regular file (an image), with the error a
+    user should see when it is neither."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise DeviceError(f"{path}: no such device or file") from None
+    except OSError as e:
+        raise DeviceError(f"{path}: {e.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise DeviceError(f"{path}: is a directory, not a block device or image file")
+    if not (stat.S_ISBLK(st.st_mode) or stat.S_ISREG(st.st_mode)):
+        raise DeviceError(f"{path}: not a block device or regular file")
+    return st
+
+
 class BlockDevice:
     """An open block device or regular file with its geometry.
 
@@ -99,16 +115,7 @@ class BlockDevice:
         self.path = path
         self.writable = writable
         self._notice = on_notice or (lambda msg: None)
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            raise DeviceError(f"{path}: no such device or file") from None
-        except OSError as e:
-            raise DeviceError(f"{path}: {e.strerror}") from None
-        if stat.S_ISDIR(st.st_mode):
-            raise DeviceError(f"{path}: is a directory, not a block device or image file")
-        if not (stat.S_ISBLK(st.st_mode) or stat.S_ISREG(st.st_mode)):
-            raise DeviceError(f"{path}: not a block device or regular file")
+        st = stat_volume(path)
         self.is_block = stat.S_ISBLK(st.st_mode)
         flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
         if exclusive and self.is_block:

@@ -9,6 +9,7 @@ import re
 import signal
 import sys
 from contextlib import contextmanager
+from dataclasses import asdict
 from typing import Callable, Iterator
 
 from devices.errors import DeviceError
@@ -321,8 +322,6 @@ def cmd_attach(args, out: Output) -> int:
 
 
 def _volume_dict(v) -> dict:
-    from dataclasses import asdict
-
     return asdict(v)
 
 
@@ -348,8 +347,6 @@ def cmd_snapshot_create(args, out: Output) -> int:
     from . import front
 
     info = front.snapshot_create(args.names, args.pre_freeze, args.post_thaw)
-    from dataclasses import asdict
-
     out.result(asdict(info), [f"{s.name}: snapshot at {s.path}" for s in info.snapshots]
                + [f"freeze window {info.freeze_window_ms:.1f} ms"
                   + (f" ({', '.join(info.frozen_mounts)})" if info.frozen_mounts else " (nothing mounted)")])
@@ -357,8 +354,6 @@ def cmd_snapshot_create(args, out: Output) -> int:
 
 
 def cmd_snapshot_list(args, out: Output) -> int:
-    from dataclasses import asdict
-
     from . import front
 
     snaps = front.snapshot_list()

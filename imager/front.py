@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence, Union
 
 from devices import discover, loop
-from devices.block import freeze, mounts_of, thaw
+from devices.block import freeze, mounts_of, stat_volume, thaw
 from devices.errors import DeviceError
 
 from .errors import CacheFullError, ImagerError, SnapshotError, UsageError
@@ -333,15 +333,9 @@ def snapshot_list() -> list[SnapshotInfo]:
 
 def _check_attachable(device: str) -> None:
     try:
-        st = os.stat(device)
-    except FileNotFoundError:
-        raise VolumeError(f"{device}: no such device or file") from None
-    except OSError as e:
-        raise VolumeError(f"{device}: {e.strerror}") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise VolumeError(f"{device}: is a directory, not a block device")
-    if not (stat.S_ISBLK(st.st_mode) or stat.S_ISREG(st.st_mode)):
-        raise VolumeError(f"{device}: not a block device or image file")
+        st = stat_volume(device)
+    except DeviceError as e:
+        raise VolumeError(str(e)) from None
     if stat.S_ISBLK(st.st_mode):
         refuse_esp(device, "cow")
     mounted = mounts_of(device)
