@@ -390,6 +390,11 @@ class VolumeDaemon:
         if self.store is not None:
             self.store.close()
         if self.device is not None:
+            # Writes went through the source's page cache: put them on the device before letting go.
+            try:
+                self.device.flush()
+            except DeviceError as e:
+                log.error("%s", e)
             self.device.close()
         try:
             os.rmdir(self.mount_point)
