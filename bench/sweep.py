@@ -2,7 +2,7 @@
 """The measurements behind imager's defaults: backup speed and image size of the benchmark
 volume for each compression level and chunk size. Writes bench/results/sweep.json.
 
-    python bench/sweep.py [--levels 1,3,5] [--chunks 1,2,4,8,16]
+    python bench/sweep.py [--levels 1,3,5] [--chunks 1,2,4,8,16] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ def main() -> int:
     p.add_argument("--fs", default="ext4")
     p.add_argument("--levels", default="1,3,5")
     p.add_argument("--chunks", default="1,2,4,8,16", help="chunk sizes in MiB")
+    p.add_argument("--rounds", type=int, default=3, help="runs of each setting; the median is kept")
     args = p.parse_args()
     source = loop.attach(str(volumes.build(args.fs)), read_only=True)
     out = volumes.WORK / "out" / "sweep.zst"
@@ -34,13 +35,16 @@ def main() -> int:
     try:
         for level in map(int, args.levels.split(",")):
             for mib in map(int, args.chunks.split(",")):
-                drop_caches()
-                r = jobs.backup(source, str(out), force=True,
-                                options=jobs.ImagingOptions(level=level, chunk_size=mib << 20, all_blocks=True))
+                runs = []
+                for _ in range(args.rounds):
+                    drop_caches()
+                    runs.append(jobs.backup(source, str(out), force=True, options=jobs.ImagingOptions(
+                        level=level, chunk_size=mib << 20, all_blocks=True)))
+                r = sorted(runs, key=lambda x: x.seconds)[len(runs) // 2]
                 rows.append({"level": level, "chunk_mib": mib, "seconds": round(r.seconds, 2),
                              "mb_per_second": round(r.mb_per_second), "output_mib": round(r.bytes_written / 2**20, 1)})
                 print(f"level {level:2} chunk {mib:3} MiB: {r.seconds:6.2f} s {r.mb_per_second:6.0f} MB/s "
-                      f"{r.bytes_written / 2**20:8.1f} MiB", flush=True)
+                      f"{r.bytes_written / 2**20:8.1f} MiB (median of {len(runs)})", flush=True)
     finally:
         loop.detach(source)
         out.unlink(missing_ok=True)
