@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import sys
 from contextlib import contextmanager
@@ -61,8 +62,11 @@ class Output:
             return
         from tqdm import tqdm
 
+        # A terminal that reports no size (a bare pty) still gets a bar: tqdm hides bars that
+        # do not fit in zero rows.
+        size = shutil.get_terminal_size((100, 24))
         with tqdm(total=total, desc=label, unit="B", unit_scale=True, unit_divisor=1024,
-                  file=sys.stderr, dynamic_ncols=True, smoothing=0.1) as bar:
+                  file=sys.stderr, ncols=size.columns, nrows=size.lines, smoothing=0.1) as bar:
             yield bar.update
 
     def result(self, data: dict, lines: list[str]) -> None:

@@ -104,3 +104,15 @@ def test_backup_records_the_image_in_the_catalog(ext4_volume, tmp_path, private_
     imager("backup", dev, "-o", str(tmp_path / "b.zst"), "--catalog", str(other), "-q")
     assert len(json.loads(imager("catalog", "list", "--json", "--catalog", str(other)).stdout)["images"]) == 1
     assert len(json.loads(imager("catalog", "list", "--json").stdout)["images"]) == 1
+
+
+def test_progress_bar_on_a_terminal_only(ext4_volume, tmp_path):
+    dev, _ = ext4_volume
+    image = tmp_path / "tty.zst"
+    cmd = f"{sys.executable} -m imager.cli backup {dev} -o {image}"
+    on_tty = subprocess.run(["script", "-qec", cmd, "/dev/null"], capture_output=True, text=True,
+                            cwd=os.getcwd(), timeout=120)
+    assert on_tty.returncode == 0, on_tty.stdout
+    assert "backup:" in on_tty.stdout and "B/s" in on_tty.stdout, on_tty.stdout
+    piped = imager("backup", dev, "-o", str(tmp_path / "pipe.zst"))
+    assert piped.returncode == 0 and "B/s" not in piped.stderr and "backup:" not in piped.stderr
