@@ -36,7 +36,9 @@ WORK = Path(__file__).resolve().parent / "work"
 
 
 def fio(device: str, pattern: str, size: int, runtime: int) -> float:
-    """MB/s of O_DIRECT writes to `device` (`pattern` is write or randwrite)."""
+    """MB/s of O_DIRECT writes to `device` (`pattern` is write or randwrite). Every run starts
+    with no dirty pages, so none of them rides on the writeback debt of the one before."""
+    os.sync()
     bs = "1M" if pattern == "write" else "4k"
     # Several writes in flight, as a filesystem's writeback issues them.
     cmd = ["fio", "--name=bench", f"--filename={device}", f"--rw={pattern}", f"--bs={bs}", "--direct=1",

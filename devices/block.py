@@ -242,6 +242,13 @@ class BlockDevice:
         os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
+def preallocate(fd: int, offset: int, length: int) -> None:
+    """Reserve disk blocks for [offset, offset+length) of a file without changing its size, so
+    later writes there skip the filesystem's block allocation. Raises OSError where the
+    filesystem cannot (tmpfs before 2.6.x, some FUSE filesystems)."""
+    _fallocate(fd, FALLOC_FL_KEEP_SIZE, offset, length)
+
+
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     import ctypes
     import ctypes.util
