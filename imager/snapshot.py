@@ -31,6 +31,7 @@ snapshot takes every stripe, which waits for writes in flight.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import mmap
 import os
@@ -50,6 +51,7 @@ from .errors import CacheFullError, SnapshotError
 DEFAULT_BLOCK_SIZE = 64 * 1024
 LOCK_STRIPES = 1024
 STATE_FORMAT = 1
+LOCK_FILE = "lock"
 STATE_FILE = "state.json"
 BITMAP_FILE = "bitmap"
 INDEX_FILE = "index"
@@ -73,6 +75,7 @@ class _PersistedState:
     cache_full: bool = False          # invalid because the cache region ran out of room
     generation: int = 0
     started_at: float = 0.0
+    device_identity: str = ""         # which device the bitmap and cache belong to
 
 
 class CowStore:
@@ -108,8 +111,21 @@ class CowStore:
         self._state_lock = threading.Lock()
         self._io = _AlignedDeviceIO(device)
         self._closed = False
+        # One store per state directory: two would hand out the same cache slots.
+        self._lock_fd = os.open(self._path(LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise SnapshotError(f"the state directory {self.state_dir} is in use by another volume's "
+                                f"daemon; give this volume its own") from None
+        self.device_identity = device_identity(device.path)
 
-        self._state = self._load_or_create_state()
+        try:
+            self._state = self._load_or_create_state()
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
         # Single items go through memoryviews (much cheaper per access than numpy scalars);
         # bulk operations through numpy views of the same maps.
         self._bitmap_map = _open_mapped(self._path(BITMAP_FILE), -(-self.block_count // 8))
@@ -137,8 +153,14 @@ class CowStore:
         except (ValueError, TypeError) as e:
             raise SnapshotError(f"{self._path(STATE_FILE)}: unreadable snapshot state: {e}") from None
         same_geometry = (stored is not None and stored.device_size == self.size
-                         and stored.block_size == self.block_size)
+                         and stored.block_size == self.block_size
+                         and stored.device_identity in ("", self.device_identity))
         if stored is not None and stored.active:
+            if stored.device_identity not in ("", self.device_identity):
+                raise SnapshotError(
+                    f"{self.state_dir} holds an active snapshot of another device ({stored.device_path}, "
+                    f"{stored.device_identity}); {self.device.path} is {self.device_identity} (end that "
+                    f"snapshot or use another state directory)")
             if not same_geometry:
                 raise SnapshotError(
                     f"{self.state_dir} holds an active snapshot of a {stored.device_size}-byte volume "
@@ -149,7 +171,7 @@ class CowStore:
             return stored
         generation = stored.generation if stored is not None else 0
         state = _PersistedState(STATE_FORMAT, self.device.path, self.size, self.block_size,
-                                generation=generation)
+                                generation=generation, device_identity=self.device_identity)
         # Another geometry makes the old bitmap and index meaningless: start them anew.
         for name in (BITMAP_FILE, INDEX_FILE, CACHE_FILE):
             try:
@@ -162,11 +184,18 @@ class CowStore:
     def _persist(self, state: _PersistedState) -> None:
         path = self._path(STATE_FILE)
         tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(asdict(state), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "w") as f:
+                json.dump(asdict(state), f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
         dir_fd = os.open(self.state_dir, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(dir_fd)
@@ -353,10 +382,12 @@ class CowStore:
     def _reserve_slots(self, count: int) -> int | None:
         with self._state_lock:
             first = self._cache_slots_used
-            if self._capacity_slots is None or first + count <= self._capacity_slots:
+            fits = self._capacity_slots is None or first + count <= self._capacity_slots
+            if fits:
                 self._cache_slots_used = first + count
-                self._grow_cache((first + count) * self.block_size)
-                return first
+        if fits:
+            self._grow_cache((first + count) * self.block_size)
+            return first
         self._invalidate(f"the cache region is full ({self.cache_capacity} bytes)", cache_full=True)
         return None
 
@@ -364,16 +395,18 @@ class CowStore:
         """Preallocate the cache region ahead of use in large steps: a first write then pays
         for copying its original, not for the filesystem allocating blocks (measured in
         bench/front.py: sequential first writes went from 4.3x to about 3x a plain write)."""
-        if end <= self._cache_preallocated:
+        start = self._cache_preallocated
+        if end <= start:
             return
         target = -(-end // CACHE_PREALLOCATION_STEP) * CACHE_PREALLOCATION_STEP
         if self.cache_capacity is not None:
             target = max(end, min(target, self.cache_capacity))
+        # Racing threads may both preallocate the same range: harmless, fallocate is idempotent.
+        self._cache_preallocated = max(self._cache_preallocated, target)
         try:
-            preallocate(self._cache_fd, self._cache_preallocated, target - self._cache_preallocated)
+            preallocate(self._cache_fd, start, target - start)
         except OSError:
             pass  # only an optimisation: writes allocate as they go
-        self._cache_preallocated = target
 
     def _invalidate(self, reason: str, cache_full: bool = False) -> None:
         with self._state_lock:
@@ -382,7 +415,12 @@ class CowStore:
             self._state.invalid = True
             self._state.invalid_reason = reason
             self._state.cache_full = cache_full
-            self._persist(self._state)
+            try:
+                self._persist(self._state)
+            except OSError:
+                # The state directory's filesystem is the one that filled up: the snapshot is
+                # invalid in memory all the same, and the writer's write must still go through.
+                pass
 
     # -- locking and bits ----------------------------------------------------------------------
 
@@ -475,6 +513,7 @@ class CowStore:
             self._bitmap_map.flush()
             self._index_map.flush()
             os.close(self._cache_fd)
+            os.close(self._lock_fd)
             self._bits.release()
             self._index.release()
             self._bitmap = self._index_array = None
@@ -700,6 +739,18 @@ def _loop_backing_stat(dev: int) -> os.stat_result | None:
             return os.stat(f.read().strip())
     except OSError:
         return None
+
+
+def device_identity(path: str) -> str:
+    """What makes a device the same one across restarts: the block device number, and for a
+    loop device the file behind it (/dev/loop3 can be attached to another file tomorrow)."""
+    st = os.stat(path)
+    if not stat.S_ISBLK(st.st_mode):
+        return f"file:{st.st_dev}:{st.st_ino}"
+    backing = _loop_backing_identity(st.st_rdev)
+    if backing is not None:
+        return f"loop:{backing[0]}:{backing[1]}"
+    return f"block:{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
 
 
 def _loop_backing_identity(dev: int) -> tuple[int, int] | None:

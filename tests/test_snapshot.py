@@ -308,3 +308,53 @@ def test_view_matches_a_model_for_any_writes(volume, tmp_path, writes, read):
         assert view.pread(len(before), 0) == before
         assert store.read(0, len(after)) == bytes(after)
         store.end_snapshot()
+
+
+@pytest.fixture
+def tiny_state_fs(tmp_path):
+    """A 1 MiB tmpfs for the state directory, so the cache's filesystem itself fills up."""
+    point = tmp_path / "tiny"
+    point.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(point)], check=True)
+    try:
+        yield point
+    finally:
+        subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+def test_a_full_cache_filesystem_never_fails_or_loses_a_write(volume, tiny_state_fs):
+    with CowStore(volume, str(tiny_state_fs / "state")) as s:
+        s.start_snapshot()
+        with open(tiny_state_fs / "filler", "wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+        data = os.urandom(4 * BS)
+        s.write(0, data)  # must not raise, although no original can be kept
+        s.flush()
+        assert s.snapshot_invalid
+        assert not list(tiny_state_fs.joinpath("state").glob("*.tmp"))
+        with pytest.raises(CacheFullError):
+            read_all(s.view(), size=BS)
+    assert read_all(volume, size=4 * BS, chunk=4 * BS) == data
+
+
+def test_a_state_directory_serves_only_its_own_device(volume, tmp_path):
+    state = str(tmp_path / "state")
+    with CowStore(volume, state) as s:
+        s.start_snapshot()
+        s.write(0, b"x" * BS)
+        with pytest.raises(SnapshotError, match="in use"):
+            CowStore(volume, state)
+    other_file = tmp_path / "other.img"
+    other_file.write_bytes(bytes(VOLUME_SIZE))
+    other = loop.attach(str(other_file))
+    try:
+        with BlockDevice(other, writable=True) as dev:
+            with pytest.raises(SnapshotError, match="another device"):
+                CowStore(dev, state)
+    finally:
+        loop.detach(other)
