@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 import stat
 import struct
 from dataclasses import dataclass
@@ -51,9 +52,16 @@ def mounts() -> list[Mount]:
             major, minor = (int(x) for x in fields[2].split(":"))
             opts = fields[5].split(",")
             fs_type, source = (right.split() + ["", ""])[:2]
-            point = fields[4].encode().decode("unicode_escape")
+            point = _unescape_mountinfo(fields[4])
             result.append(Mount(os.makedev(major, minor), point, fs_type, source, "ro" in opts))
     return result
+
+
+def _unescape_mountinfo(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash as octal escapes (\\040); anything else,
+    UTF-8 included, is as it is on disk."""
+    raw = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), os.fsencode(field))
+    return os.fsdecode(raw)
 
 
 def mounts_of(path: str) -> list[Mount]:
@@ -78,7 +86,10 @@ def thaw(mount_point: str) -> None:
 
 
 def _fs_ioctl(mount_point: str, request: int, what: str) -> None:
-    fd = os.open(mount_point, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fd = os.open(mount_point, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:
+        raise DeviceError(f"cannot {what} the filesystem at {mount_point}: {e.strerror}") from None
     try:
         fcntl.ioctl(fd, request, 0)
     except OSError as e:

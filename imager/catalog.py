@@ -7,12 +7,13 @@ rebuild every tape entry from the media alone, so the catalog is an index, never
 
 from __future__ import annotations
 
+import functools
 import os
 import sqlite3
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from .errors import UsageError
+from .errors import ImagerError, UsageError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
@@ -94,16 +95,28 @@ def _columns(cls) -> list[str]:
     return [f.name for f in fields(cls)]
 
 
+def _sqlite_errors_reported(method):
+    """A catalog that cannot be read or written (locked, damaged, not a database) is a one-line
+    error for the user, not a traceback."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.Error as e:
+            raise ImagerError(f"catalog {self.path}: {e}") from None
+    return wrapper
+
+
 class Catalog:
     def __init__(self, path: str | os.PathLike | None = None):
         self.path = Path(path) if path else default_path()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path)
+            self._db = sqlite3.connect(self.path, timeout=30)
+            self._db.execute("PRAGMA foreign_keys = ON")
+            self._db.executescript(SCHEMA)
         except (OSError, sqlite3.Error) as e:
             raise UsageError(f"cannot open the catalog {self.path}: {e}") from None
-        self._db.execute("PRAGMA foreign_keys = ON")
-        self._db.executescript(SCHEMA)
 
     def close(self) -> None:
         self._db.close()
@@ -114,21 +127,28 @@ class Catalog:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _upsert(self, table: str, record) -> None:
+    def _upsert(self, table: str, record, key: tuple[str, ...]) -> None:
+        # An update in place: INSERT OR REPLACE would delete the old row first, and with it
+        # (ON DELETE CASCADE) every segment of an image.
         cols = _columns(type(record))
-        self._db.execute(f"INSERT OR REPLACE INTO {table} ({', '.join(cols)}) VALUES "
-                         f"({', '.join('?' * len(cols))})", [getattr(record, c) for c in cols])
+        updates = ", ".join(f"{c} = excluded.{c}" for c in cols if c not in key)
+        self._db.execute(f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) "
+                         f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET {updates}",
+                         [getattr(record, c) for c in cols])
 
+    @_sqlite_errors_reported
     def add_image(self, image: ImageRecord, segments: list[SegmentRecord]) -> None:
         with self._db:
-            self._upsert("images", image)
+            self._upsert("images", image, ("id",))
             for s in segments:
-                self._upsert("segments", s)
+                self._upsert("segments", s, ("image_id", "sequence", "kind"))
 
+    @_sqlite_errors_reported
     def add_tape(self, tape: TapeRecord) -> None:
         with self._db:
-            self._upsert("tapes", tape)
+            self._upsert("tapes", tape, ("label",))
 
+    @_sqlite_errors_reported
     def forget_tape(self, label: str) -> None:
         """Drop what the catalog says a tape holds (before re-labelling or re-scanning it)."""
         with self._db:
@@ -136,31 +156,25 @@ class Catalog:
             self._db.execute("DELETE FROM images WHERE id NOT IN (SELECT image_id FROM segments)")
             self._db.execute("DELETE FROM tapes WHERE label = ?", (label,))
 
+    @_sqlite_errors_reported
     def images(self) -> list[ImageRecord]:
         cur = self._db.execute(f"SELECT {', '.join(_columns(ImageRecord))} FROM images ORDER BY created, id")
         return [ImageRecord(*row) for row in cur]
 
+    @_sqlite_errors_reported
     def image(self, image_id: str) -> ImageRecord:
-        rows = self._db.execute(f"SELECT {', '.join(_columns(ImageRecord))} FROM images WHERE id LIKE ?",
-                                (image_id + "%",)).fetchall()
+        rows = self._db.execute(f"SELECT {', '.join(_columns(ImageRecord))} FROM images "
+                                "WHERE substr(id, 1, ?) = ?", (len(image_id), image_id)).fetchall()
         if not rows:
             raise UsageError(f"no image {image_id!r} in the catalog {self.path}")
         if len(rows) > 1:
             raise UsageError(f"image id {image_id!r} is ambiguous: it starts {len(rows)} image ids")
         return ImageRecord(*rows[0])
 
+    @_sqlite_errors_reported
     def segments(self, image_id: str) -> list[SegmentRecord]:
         cur = self._db.execute(f"SELECT {', '.join(_columns(SegmentRecord))} FROM segments "
                                "WHERE image_id = ? ORDER BY kind, sequence", (image_id,))
-        return [SegmentRecord(*row) for row in cur]
-
-    def tapes(self) -> list[TapeRecord]:
-        cur = self._db.execute(f"SELECT {', '.join(_columns(TapeRecord))} FROM tapes ORDER BY tape_set, sequence")
-        return [TapeRecord(*row) for row in cur]
-
-    def tape_segments(self, label: str) -> list[SegmentRecord]:
-        cur = self._db.execute(f"SELECT {', '.join(_columns(SegmentRecord))} FROM segments "
-                               "WHERE tape_label = ? ORDER BY tape_file", (label,))
         return [SegmentRecord(*row) for row in cur]
 
 

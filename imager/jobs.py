@@ -264,8 +264,6 @@ def plan_source(source: str, size: int, options: ImagingOptions,
             pass  # plan_volume reports a damaged table as the reason for imaging all blocks
     mounted = block.mounts_of(source)
     if options.excludes:
-        if options.all_blocks:
-            raise UsageError("--exclude leaves blocks out of the used-block plan; it cannot go with --all-blocks")
         if not mounted:
             raise UsageError(f"--exclude needs the filesystem on {source} mounted, to find the files' blocks")
     if options.all_blocks:
@@ -371,6 +369,8 @@ def backup_volumes(sources: list[str], dest: Destination, *, snapshot: str = "no
         raise UsageError("nothing to back up: give at least one source")
     many = len(sources) > 1
     dest.check(many)
+    if options.excludes and options.all_blocks:
+        raise UsageError("--exclude leaves blocks out of the used-block plan; it cannot go with --all-blocks")
     if snapshot == "cow":
         return _backup_cow(sources, dest, options, many, pre_freeze, post_thaw, while_frozen, progress, catalog)
     devices = []

@@ -143,11 +143,14 @@ class TapeSpec:
         except DeviceError as e:
             raise TapeMediaError(str(e)) from None
 
-    def next_cartridge(self, drive: TapeDrive, sequence: int) -> TapeDrive:
-        """Take `drive`'s cartridge out and return the drive with cartridge `sequence` in it."""
+    def next_cartridge(self, drive: TapeDrive, sequence: int, *, create: bool = True) -> TapeDrive:
+        """Take `drive`'s cartridge out and return the drive with cartridge `sequence` in it.
+        A virtual cartridge that does not exist is created only when `create` (for writing)."""
         if self.is_pattern:
             drive.close()
-            return self.open(sequence)
+            if not create and not os.path.exists(self.path_for(sequence)):
+                raise TapeMediaError(f"cartridge {sequence} of the set is missing: no {self.path_for(sequence)}")
+            return self.open(sequence, create=create)
         if not self.is_real_drive:
             drive.close()
             raise TapeMediaError(f"{self.spec}: cartridge full, and a single virtual tape has no next "
@@ -164,7 +167,7 @@ class TapeSpec:
             self.prompt(message)
         else:
             raise TapeMediaError(f"{message}: no terminal to ask on and no --changer command")
-        new = self.open(sequence)
+        new = self.open(sequence, create=create)
         new.load()
         return new
 
@@ -622,7 +625,7 @@ class TapeImageStream:
             return False
         self._segment += 1
         sequence = self.label.sequence + 1
-        self.drive = self.spec.next_cartridge(self.drive, sequence)
+        self.drive = self.spec.next_cartridge(self.drive, sequence, create=False)
         label = read_label(self.drive)
         if label is None or label.tape_set != self.label.tape_set or label.sequence != sequence:
             found = "an unlabelled tape" if label is None else f"{label.label!r} (cartridge {label.sequence})"

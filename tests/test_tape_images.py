@@ -110,6 +110,7 @@ def test_missing_and_out_of_order_cartridges_are_clear_errors(loops, tmp_path):
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "cartridge 2" in r.stderr, r.stderr
     assert not out.exists()
+    assert not (vault / "tape-002.tap").exists(), "reading must not create a missing cartridge"
 
     os.rename(vault / "tape-003.tap", vault / "tape-002.tap")  # cartridge 3 where 2 belongs
     r = imager("restore", "--tape", pattern, "--image", image_id, str(out))
