@@ -176,9 +176,15 @@ def cmd_verify(args, out: Output) -> int:
             results = [jobs.verify(args.image_file, workers=args.workers, progress=progress)]
     else:
         raise UsageError("give an IMAGE file or --tape T")
-    out.result({"images": [r.to_dict() for r in results], "ok": True},
+    ok = all(r.ok for r in results)
+    out.result({"images": [r.to_dict() for r in results], "ok": ok},
                [f"{r.image}: ok, {r.chunks} chunks ({r.zero_chunks} zero), "
-                f"{human_bytes(r.volume_size)} volume, {r.seconds:.2f} s" for r in results])
+                f"{human_bytes(r.volume_size)} volume, {r.seconds:.2f} s" if r.ok
+                else f"{r.image}: FAILED: {'; '.join(r.errors)}" for r in results])
+    if not ok:
+        print(f"imager: error: {sum(not r.ok for r in results)} of {len(results)} images failed verification",
+              file=sys.stderr)
+        return 1
     return 0
 
 

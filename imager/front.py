@@ -286,9 +286,11 @@ def snapshot_create(names: str | Iterable[str], pre_freeze_hooks: Sequence[Hook]
     except SnapshotError as e:
         failure = failure or e     # the first failure is the one to report
     if failure is not None:
-        for snap in created:
+        # Every volume of the set, not only those that answered: a daemon whose answer timed
+        # out may still have switched COW on.
+        for v in volumes:
             try:
-                _request(snap.name, {"op": "snapshot-delete", "force": True})
+                _request(v.name, {"op": "snapshot-delete", "force": True})
             except ImagerError:
                 pass
         raise failure

@@ -930,7 +930,12 @@ def _locate_on_tape(spec: TapeSpec, image_id: str | None, catalog: Catalog | Non
 
 def open_tape_image(spec: TapeSpec, image_id: str | None, *, catalog: Catalog | None = None,
                     block_size: int | None = None) -> StreamFeed:
-    full_id, label_name, tape_file = _locate_on_tape(spec, image_id, catalog)
+    """The image stream of one image on tape, positioned at its first segment."""
+    return _open_located(spec, *_locate_on_tape(spec, image_id, catalog), block_size)
+
+
+def _open_located(spec: TapeSpec, full_id: str, label_name: str, tape_file: int,
+                  block_size: int | None) -> StreamFeed:
     sequence = 1
     if spec.is_pattern:
         for sequence in _cartridge_sequences(spec):
@@ -944,10 +949,10 @@ def open_tape_image(spec: TapeSpec, image_id: str | None, *, catalog: Catalog | 
     try:
         label = require_label(drive, label_name)
         stream = TapeImageStream(spec, drive, label, tape_file, full_id, block_size)
+        return StreamFeed(stream, f"{spec.spec} file {tape_file} (image {full_id[:12]})")
     except BaseException:
         drive.close()
         raise
-    return StreamFeed(stream, f"{spec.spec} file {tape_file} (image {full_id[:12]})")
 
 
 def restore_from_tape(spec: TapeSpec, image_id: str | None, target: str, *, catalog: Catalog | None = None,
@@ -961,18 +966,27 @@ def restore_from_tape(spec: TapeSpec, image_id: str | None, target: str, *, cata
 
 def verify_tape(spec: TapeSpec, image_id: str | None = None, *, catalog: Catalog | None = None,
                 block_size: int | None = None, **kw) -> list[VerifyResult]:
-    """Read back and check one image, or every image whose first segment is on the tape."""
+    """Read back and check one image, or every image whose first segment is on the tape; a
+    damaged or incomplete image is reported in its result and the others are still checked."""
     if image_id:
-        ids = [image_id]
+        located = [_locate_on_tape(spec, image_id, catalog)]
     else:
-        ids = [f.image_id for f in scan_tape(spec) if f.kind == "image" and f.segment == 0]
-        if not ids:
+        located = [(f.image_id, f.label, f.tape_file) for f in scan_tape(spec)
+                   if f.kind == "image" and f.segment == 0]
+        if not located:
             raise UsageError(f"{spec.spec}: the tape holds no image")
     results = []
-    for one in ids:
-        feed = open_tape_image(spec, one, catalog=catalog, block_size=block_size)
+    for full_id, label_name, tape_file in located:
         try:
-            results.append(verify_feed(feed, **kw))
-        finally:
-            feed.close()
+            feed = _open_located(spec, full_id, label_name, tape_file, block_size)
+            try:
+                results.append(verify_feed(feed, **kw))
+            finally:
+                feed.close()
+        except ImagerError as e:
+            if image_id:
+                raise
+            results.append(VerifyResult(image=f"{spec.spec} file {tape_file} (image {full_id[:12]})",
+                                        volume_size=0, chunks=0, zero_chunks=0, seconds=0.0, ok=False,
+                                        errors=[str(e)]))
     return results

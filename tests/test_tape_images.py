@@ -154,17 +154,20 @@ def test_reading_with_too_small_a_block_size_is_a_clear_error(volumes, tmp_path)
     assert r.returncode == 0, r.stderr
 
 
-def _record_offsets(tap: bytes) -> list[tuple[int, int]]:
-    """(offset of data, length) of every data record in a SIMH .tap image."""
-    out, pos = [], 0
+def _record_offsets(tap: bytes, tape_file: int | None = None) -> list[tuple[int, int]]:
+    """(offset of data, length) of every data record in a SIMH .tap image, or of those in
+    one tape file."""
+    out, pos, number = [], 0, 0
     while pos + 4 <= len(tap):
         n = int.from_bytes(tap[pos:pos + 4], "little")
         if n == 0xFFFFFFFF:
             break
         if n == 0:
             pos += 4
+            number += 1
             continue
-        out.append((pos + 4, n))
+        if tape_file is None or number == tape_file:
+            out.append((pos + 4, n))
         pos += 8 + n + (n & 1)
     return out
 
@@ -189,3 +192,22 @@ def test_corrupted_record_and_tape_cut_inside_an_image(volumes, tmp_path):
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "ends in the middle of image" in r.stderr or "cut short" in r.stderr, r.stderr
     assert not out.exists()
+
+
+def test_verify_of_a_whole_tape_checks_every_image_past_a_damaged_one(volumes, tmp_path):
+    tape = tmp_path / "t.tap"
+    imager("tape", "label", "ALL", "--tape", str(tape))
+    ids = [_backup(dev, str(tape), "--block-size", "64K")["image_id"] for dev in volumes]
+    data = bytearray(tape.read_bytes())
+    files = _tape_list(str(tape))
+    # damage a data record in the middle of the second image
+    records = _record_offsets(bytes(data), tape_file=2)
+    offset, length = records[len(records) // 2]
+    data[offset + length // 2] ^= 0xFF
+    tape.write_bytes(bytes(data))
+    r = imager("verify", "--tape", str(tape), "--json")
+    assert r.returncode == 1, r.stderr
+    report = json.loads(r.stdout)
+    assert [img["ok"] for img in report["images"]] == [True, False, True]
+    assert ids[1][:12] in report["images"][1]["image"] and "chunk" in report["images"][1]["errors"][0]
+    assert len(files) == 3
