@@ -49,6 +49,14 @@ def attach(path: str, *, offset: int = 0, size_limit: int = 0, read_only: bool =
            block_size: int = 0, autoclear: bool = False, direct_io: bool = False) -> str:
     """Attach `path` to a free loop device and return the device's path (/dev/loopN)."""
     try:
+        return _attach(path, offset, size_limit, read_only, block_size, autoclear, direct_io)
+    except OSError as e:
+        raise DeviceError(f"cannot attach {path} to a loop device: {e.strerror}") from None
+
+
+def _attach(path: str, offset: int, size_limit: int, read_only: bool, block_size: int, autoclear: bool,
+            direct_io: bool) -> str:
+    try:
         st = os.stat(path)
     except OSError as e:
         raise DeviceError(f"{path}: {e.strerror}") from None

@@ -31,6 +31,29 @@ def parse_size(text: str) -> int:
     return int(m.group(1)) << (10 * " kmgt".index(m.group(2).lower() or " "))
 
 
+def positive_size(text: str) -> int:
+    size = parse_size(text)
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"must be larger than 0: {text!r}")
+    return size
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}: {text!r}")
+        return value
+    return parse
+
+
+count = _int_at_least(0)
+positive_int = _int_at_least(1)
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
@@ -471,9 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
     tape_opts = argparse.ArgumentParser(add_help=False)
     tape_opts.add_argument("--tape", metavar="T", help="/dev/nstN, a virtual tape file.tap, or a set "
                            "of virtual cartridges as a pattern like 'vault/tape-{n:03}.tap'")
-    tape_opts.add_argument("--tape-capacity", type=parse_size, metavar="SIZE",
+    tape_opts.add_argument("--tape-capacity", type=positive_size, metavar="SIZE",
                            help="capacity of a virtual cartridge (default: unlimited)")
-    tape_opts.add_argument("--block-size", type=parse_size, metavar="SIZE",
+    tape_opts.add_argument("--block-size", type=positive_size, metavar="SIZE",
                            help=f"tape block size (default {DEFAULT_BLOCK_SIZE >> 10}K to write; "
                                 f"to read, the size the image was written with)")
     tape_opts.add_argument("--changer", metavar="CMD", help="command that loads the next cartridge "
@@ -493,9 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--drive-compression", action="store_true",
                    help="keep the tape drive's compression on (off by default: the stream is compressed)")
     b.add_argument("--level", type=int, default=DEFAULT_LEVEL, help=f"zstd level (default {DEFAULT_LEVEL})")
-    b.add_argument("--chunk-size", type=parse_size, default=DEFAULT_CHUNK_SIZE,
+    b.add_argument("--chunk-size", type=positive_size, default=DEFAULT_CHUNK_SIZE,
                    help=f"bytes of volume per zstd frame (default {DEFAULT_CHUNK_SIZE >> 20}M)")
-    b.add_argument("--workers", type=int, default=None, help="compression threads (default: all cores)")
+    b.add_argument("--workers", type=positive_int, default=None, help="compression threads (default: all cores)")
     b.add_argument("-f", "--force", action="store_true", help="replace an existing image")
     b.add_argument("--all-blocks", action="store_true",
                    help="read and compress every block, not only those the filesystem uses")
@@ -510,14 +533,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image file (- for standard input) and target device or file")
     r.add_argument("--image", metavar="ID", help="with --tape: the image id (a prefix will do)")
     r.add_argument("--verify", action="store_true", help="re-read what was written and compare checksums")
-    r.add_argument("--workers", type=int, default=None)
+    r.add_argument("--workers", type=positive_int, default=None)
     r.add_argument("-f", "--force", action="store_true", help="replace an existing target file")
     r.set_defaults(func=cmd_restore)
 
     v = sub.add_parser("verify", parents=[common, catalog_opt, tape_opts], help="check every chunk of an image")
     v.add_argument("image_file", nargs="?", metavar="IMAGE")
     v.add_argument("--image", metavar="ID", help="with --tape: only this image (default: all on the tape)")
-    v.add_argument("--workers", type=int, default=None)
+    v.add_argument("--workers", type=positive_int, default=None)
     v.set_defaults(func=cmd_verify)
 
     i = sub.add_parser("info", parents=[common], help="show what an image holds")
@@ -557,13 +580,13 @@ def build_parser() -> argparse.ArgumentParser:
     tape_cmd("eom", "go to the end of recorded data", cmd_tape_move)
     tape_cmd("unload", "rewind and eject", cmd_tape_move)
     for name, text in (("fsf", "forward space N files"), ("bsf", "backward space N files")):
-        tape_cmd(name, text, cmd_tape_move).add_argument("count", type=int)
+        tape_cmd(name, text, cmd_tape_move).add_argument("count", type=count)
     tl = tape_cmd("label", "write a volume label at the start of the tape", cmd_tape_label)
     tl.add_argument("name")
     tl.add_argument("-f", "--force", action="store_true", help="overwrite a labelled or used tape")
     tape_cmd("list", "the tape files and what each holds", cmd_tape_list)
     tr = tape_cmd("read", "write the bytes of tape file N to stdout", cmd_tape_read)
-    tr.add_argument("--file", type=int, required=True, metavar="N")
+    tr.add_argument("--file", type=count, required=True, metavar="N")
     tape_cmd("scan", "rebuild the catalog entries of a tape from the media", cmd_tape_scan)
 
     at = sub.add_parser("attach", parents=[common], help="manage a device: serve it through a copy-on-write front")
@@ -571,7 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--name", help="volume name (default: from the device)")
     at.add_argument("--cache", metavar="PATH", help="state directory for the bitmap and cache region "
                     "(not on the device itself; default /var/lib/imager/NAME)")
-    at.add_argument("--cache-size", type=parse_size, metavar="SIZE", help="cap on the snapshot cache region")
+    at.add_argument("--cache-size", type=positive_size, metavar="SIZE", help="cap on the snapshot cache region")
     at.set_defaults(func=cmd_attach)
     de = sub.add_parser("detach", parents=[common], help="stop managing volumes")
     de.add_argument("names", nargs="+", metavar="NAME")
@@ -616,7 +639,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"imager: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("imager: interrupted; nothing was left half-written", file=sys.stderr)
+        print("imager: interrupted; image files are only ever renamed into place when complete, but a "
+              "restore onto a device or a tape file being written is left partial", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 141

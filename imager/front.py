@@ -139,6 +139,15 @@ def attach(device: str, name: str | None = None, cache_path: str | None = None,
     `cache_path` is the state directory (bitmap, index, cache region, log); it must not be on the
     device itself nor on the front of any managed volume. `cache_size` caps the cache region in
     bytes (None: bounded only by free space there)."""
+    try:
+        return _attach(device, name, cache_path, cache_size, block_size)
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        raise VolumeError(f"cannot attach {device}: {e.strerror}{where}") from None
+
+
+def _attach(device: str, name: str | None, cache_path: str | None, cache_size: int | None,
+            block_size: int | None) -> VolumeInfo:
     device = os.path.abspath(device)
     _check_attachable(device)
     name = check_name(name or _default_name(device))

@@ -20,10 +20,10 @@ from . import __version__, front
 from .catalog import Catalog, ImageRecord, SegmentRecord, TapeRecord, record_dict
 from .errors import CacheFullError, ChunkError, ImageFormatError, ImagerError, SnapshotError, UsageError
 from .pipeline import default_workers, run_ordered
-from .sinks import FileSink
+from .sinks import FileSink, create_beside, fsync_directory_of
 from .tape import (DEFAULT_BLOCK_SIZE, TapeFileInfo, TapeImageStream, TapeMediaError, TapeSink, TapeSpec,
                    read_label, require_label, scan_files)
-from .stream import (DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL, DIGEST_SIZE, TRAILER_MAGIC, EncodedChunk,
+from .stream import (DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL, DIGEST_SIZE, MAX_CHUNK_SIZE, TRAILER_MAGIC, EncodedChunk,
                      ImageHeader, ImageReader, ImageTrailer, ImageWriter, TruncatedFrame, chunk_digest,
                      decode_chunk, decode_trailer, encode_chunk, iter_frames, read_stream_header,
                      zero_digest, zero_frame)
@@ -164,9 +164,10 @@ def write_image(source: VolumeSource, sink, *, level: int = DEFAULT_LEVEL,
                 excludes: list[str] | None = None) -> BackupResult:
     """Image `source` into `sink` (which the caller commits or aborts). With a used-block
     `plan`, blocks the filesystem does not use go into the image as zeros, unread."""
-    if chunk_size <= 0 or chunk_size % source.logical_sector_size or chunk_size & (chunk_size - 1):
-        raise UsageError(f"chunk size {chunk_size} must be a power of two and a multiple of "
-                         f"the sector size {source.logical_sector_size}")
+    if (chunk_size <= 0 or chunk_size % source.logical_sector_size or chunk_size & (chunk_size - 1)
+            or chunk_size > MAX_CHUNK_SIZE):
+        raise UsageError(f"chunk size {chunk_size} must be a power of two, a multiple of the sector size "
+                         f"{source.logical_sector_size}, and at most {MAX_CHUNK_SIZE >> 20} MiB")
     if not 1 <= level <= 22:
         raise UsageError(f"compression level {level} is out of range (1..22)")
     workers = workers or default_workers()
@@ -597,12 +598,16 @@ class _RestoreTarget:
         directory = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(directory):
             raise UsageError(f"{directory}: no such directory")
-        self.temp_path = os.path.join(directory, f".{os.path.basename(path)}.part-{os.getpid()}")
-        fd = os.open(self.temp_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.ftruncate(fd, volume_size)
-        os.close(fd)
+        fd, self.temp_path = create_beside(path)
+        try:
+            os.ftruncate(fd, volume_size)
+            self.dev = BlockDevice(self.temp_path, writable=True, direct=False)
+        except (OSError, DeviceError) as e:
+            os.unlink(self.temp_path)
+            raise UsageError(f"cannot create {path}: {getattr(e, 'strerror', None) or e}") from None
+        finally:
+            os.close(fd)
         self.fresh_file = True
-        self.dev = BlockDevice(self.temp_path, writable=True, direct=False)
 
     def write_chunk(self, offset: int, data: bytes | None, length: int) -> None:
         if data is not None:
@@ -616,6 +621,7 @@ class _RestoreTarget:
         if self.temp_path:
             os.rename(self.temp_path, self.path)
             self.temp_path = None
+            fsync_directory_of(self.path)
 
     def abort(self) -> None:
         self.dev.close()

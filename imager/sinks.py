@@ -3,8 +3,28 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 from .errors import ImagerError, UsageError
+
+
+def create_beside(path: str) -> tuple[int, str]:
+    """A new, private temporary file next to `path` (same filesystem, so a rename puts it in
+    place atomically); its name starts with a dot and the final name."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        return tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.part-")
+    except OSError as e:
+        raise UsageError(f"cannot create a file in {directory}: {e.strerror}") from None
+
+
+def fsync_directory_of(path: str) -> None:
+    """Make a rename in the directory of `path` durable."""
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class FileSink:
@@ -21,14 +41,8 @@ class FileSink:
         directory = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(directory):
             raise UsageError(f"{directory}: no such directory for the image")
-        self.temp_path = os.path.join(directory, f".{os.path.basename(path)}.part-{os.getpid()}")
-        try:
-            self._f = open(self.temp_path, "xb", buffering=buffer_size)
-        except FileExistsError:
-            os.unlink(self.temp_path)  # left by a killed run of this same process id
-            self._f = open(self.temp_path, "xb", buffering=buffer_size)
-        except OSError as e:
-            raise UsageError(f"cannot create {self.temp_path}: {e.strerror}") from None
+        fd, self.temp_path = create_beside(path)
+        self._f = open(fd, "wb", buffering=buffer_size)
         self.bytes_written = 0
 
     def write(self, data: bytes) -> None:
@@ -44,11 +58,7 @@ class FileSink:
             os.fsync(self._f.fileno())
             self._f.close()
             os.rename(self.temp_path, self.path)
-            dir_fd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            fsync_directory_of(self.path)
         except OSError as e:
             self.abort()
             raise ImagerError(f"finishing {self.path}: {e.strerror}") from None

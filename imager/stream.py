@@ -49,6 +49,8 @@ SEEK_FOOTER_SIZE = 9
 SEEK_ENTRY = struct.Struct("<II")
 
 DEFAULT_CHUNK_SIZE = 4 << 20
+# The seek table holds sizes as 32-bit numbers.
+MAX_CHUNK_SIZE = 1 << 30
 DEFAULT_LEVEL = 3
 
 
@@ -113,9 +115,19 @@ def decode_header(frame_payload: bytes) -> ImageHeader:
         d = json.loads(frame_payload[len(HEADER_TAG):])
     except ValueError:
         raise ImageFormatError("image header is corrupted (unreadable metadata)") from None
+    if not isinstance(d, dict):
+        raise ImageFormatError("image header is corrupted (metadata is not an object)")
     if d.get("format") != FORMAT_VERSION:
         raise ImageFormatError(f"image format version {d.get('format')} is not supported (this imager reads {FORMAT_VERSION})")
-    return ImageHeader.from_dict(d)
+    try:
+        header = ImageHeader.from_dict(d)
+    except TypeError as e:
+        raise ImageFormatError(f"image header is corrupted ({e})") from None
+    size, chunk = header.volume_size, header.chunk_size
+    if not (isinstance(size, int) and isinstance(chunk, int) and size > 0 and 0 < chunk <= MAX_CHUNK_SIZE
+            and chunk & (chunk - 1) == 0):
+        raise ImageFormatError(f"image header is corrupted (volume size {size!r}, chunk size {chunk!r})")
+    return header
 
 
 def encode_trailer(totals: dict, digests: bytes) -> bytes:
@@ -135,6 +147,8 @@ def decode_trailer(frame_payload: bytes, chunk_count: int) -> ImageTrailer:
     digests = frame_payload[start + meta_len:]
     if len(digests) != chunk_count * DIGEST_SIZE:
         raise ImageFormatError(f"image trailer holds {len(digests) // DIGEST_SIZE} chunk checksums, the header says {chunk_count} chunks")
+    if not isinstance(totals, dict) or totals.get("image_digest") != blake3.blake3(digests).hexdigest():
+        raise ImageFormatError("image trailer is corrupted (its chunk checksums do not match the image digest)")
     return ImageTrailer(digests, totals)
 
 
@@ -428,7 +442,7 @@ class ImageReader:
                 raise ChunkError(i, offsets[i + 1], i * self.header.chunk_size,
                                  f"seek table says {dsizes[i + 1]} bytes, expected {self.header.chunk_length(i)}")
         trailer_frame = self._pread(sizes[n + 1], offsets[n + 1])
-        if struct.unpack_from("<I", trailer_frame)[0] != TRAILER_MAGIC:
+        if len(trailer_frame) < 8 or struct.unpack_from("<I", trailer_frame)[0] != TRAILER_MAGIC:
             raise ImageFormatError(f"{self.path}: image trailer missing at image offset {offsets[n + 1]}")
         self.trailer = decode_trailer(trailer_frame[8:], n)
         if not self.trailer.complete:
