@@ -26,7 +26,7 @@ from .tape import (DEFAULT_BLOCK_SIZE, TapeFileInfo, TapeImageStream, TapeMediaE
 from .stream import (DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL, DIGEST_SIZE, MAX_CHUNK_SIZE, TRAILER_MAGIC, EncodedChunk,
                      ImageHeader, ImageReader, ImageTrailer, ImageWriter, TruncatedFrame, chunk_digest,
                      decode_chunk, decode_trailer, encode_chunk, iter_frames, read_stream_header,
-                     zero_digest, zero_frame)
+                     zero_digest, zero_frame, zstd_frame_bound)
 from .partitions import plan_volume, read_partition_table
 from .usedmap import ALL_BLOCKS, UsedMap, plan_excludes, plan_mounted
 
@@ -315,7 +315,8 @@ def _write_one(dev: VolumeSource, dest: Destination, name: str, options: Imaging
     image_id = uuid.uuid4().hex
     if dest.tape:
         sink = TapeSink(dest.tape, image_id=image_id, block_size=dest.block_size,
-                        expect_label=dest.expect_label, drive_compression=dest.drive_compression)
+                        expect_label=dest.expect_label, drive_compression=dest.drive_compression,
+                        largest_frame=zstd_frame_bound(options.chunk_size))
     else:
         path = dest.image_path(name, many)
         if os.path.exists(path) and os.path.samefile(dev.path, path):

@@ -158,6 +158,12 @@ def encode_seek_table(entries: list[tuple[int, int]]) -> bytes:
     return skippable_frame(SEEK_TABLE_MAGIC, body + footer)
 
 
+def zstd_frame_bound(chunk_size: int) -> int:
+    """The largest frame a chunk can compress to (incompressible data is stored raw, with a
+    few bytes of framing per 128 KiB block)."""
+    return chunk_size + chunk_size // (128 << 10) * 3 + 64
+
+
 @lru_cache(maxsize=8)
 def zero_frame(length: int, level: int = DEFAULT_LEVEL) -> bytes:
     """The one zstd frame every all-zero chunk of this length is written as."""

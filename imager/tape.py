@@ -118,6 +118,15 @@ class TapeSpec:
         except OSError:
             return False
 
+    @property
+    def early_warning_zone(self) -> int | None:
+        """A virtual cartridge's early-warning zone: a quarter of a small one, 32 MiB of a large
+        one. The zstd frame in flight when the warning comes must still fit in it (a real
+        cartridge's zone holds gigabytes)."""
+        if self.capacity is None or self.is_real_drive:
+            return None
+        return min(32 << 20, self.capacity // 4)
+
     def path_for(self, sequence: int) -> str:
         if self.is_pattern:
             try:
@@ -136,10 +145,8 @@ class TapeSpec:
             parent = os.path.dirname(os.path.abspath(path))
             if not os.path.isdir(parent):
                 raise UsageError(f"--tape {path}: no such directory {parent}")
-            # A quarter of a small virtual cartridge is early-warning zone, so the zstd frame
-            # in flight when the warning comes still fits (real cartridges have GBs of zone).
-            early = min(32 << 20, self.capacity // 4) if self.capacity else None
-            return VirtualTape(path, capacity=self.capacity, early_warning=early, create=create)
+            return VirtualTape(path, capacity=self.capacity, early_warning=self.early_warning_zone,
+                               create=create)
         except DeviceError as e:
             raise TapeMediaError(str(e)) from None
 
@@ -278,9 +285,15 @@ class TapeSink:
 
     def __init__(self, spec: TapeSpec, *, image_id: str, block_size: int = DEFAULT_BLOCK_SIZE,
                  expect_label: str | None = None, drive_compression: bool = False,
-                 buffer_bytes: int = 64 << 20):
+                 buffer_bytes: int = 64 << 20, largest_frame: int = 0):
         if block_size <= 0 or block_size % 512:
             raise UsageError(f"tape block size {block_size} must be a positive multiple of 512")
+        zone = spec.early_warning_zone
+        # At the warning: the rest of the frame, the block it ends in, the end block, a filemark.
+        if zone is not None and zone < largest_frame + block_size + (64 << 10):
+            raise UsageError(f"--tape-capacity {spec.capacity} is too small: its early-warning zone of "
+                             f"{zone} bytes cannot hold the rest of a {largest_frame}-byte chunk when a "
+                             f"cartridge fills (use a larger capacity or a smaller --chunk-size)")
         self.spec = spec
         self.image_id = image_id
         self.block_size = block_size
@@ -294,7 +307,11 @@ class TapeSink:
         self._queue: queue.Queue = queue.Queue(maxsize=max(2, buffer_bytes // block_size))
         self._error: BaseException | None = None
         self._ending = False
-        self._start_segment()
+        try:
+            self._start_segment()
+        except BaseException:
+            self._drive.close()
+            raise
         self._thread = threading.Thread(target=self._writer, name="imager-tape", daemon=True)
         self._thread.start()
 

@@ -211,3 +211,10 @@ def test_verify_of_a_whole_tape_checks_every_image_past_a_damaged_one(volumes, t
     assert [img["ok"] for img in report["images"]] == [True, False, True]
     assert ids[1][:12] in report["images"][1]["image"] and "chunk" in report["images"][1]["errors"][0]
     assert len(files) == 3
+
+
+def test_a_cartridge_too_small_for_a_chunk_is_refused_before_writing(volumes, tmp_path):
+    pattern = str(tmp_path / "small-{n}.tap")
+    r = imager("backup", volumes[0], "--tape", pattern, "--tape-capacity", "8M")
+    assert r.returncode == 1 and "too small" in r.stderr and "Traceback" not in r.stderr
+    assert not list(tmp_path.glob("small-*.tap"))
