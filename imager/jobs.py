@@ -235,10 +235,22 @@ def image_record(header: ImageHeader, stream_bytes: int, image_digest: str) -> I
 
 
 def _warn_if_mounted_rw(source: str, on_notice: Callable[[str], None] | None) -> None:
-    if on_notice:
-        for m in block.mounts_of(source):
+    """Reading a device as it is gives a crash-consistent image at best when a filesystem on it
+    is mounted read-write: directly, through one of its partitions, or through the front of
+    the managed volume it is the source of."""
+    if not on_notice:
+        return
+    real = os.path.realpath(source)
+    through = [source]
+    partitions_dir = f"/sys/class/block/{os.path.basename(real)}"
+    if os.path.isdir(partitions_dir):
+        through += [f"/dev/{entry}" for entry in sorted(os.listdir(partitions_dir))
+                    if os.path.exists(f"{partitions_dir}/{entry}/partition")]
+    through += [v.front for v in front.list_volumes() if v.front and os.path.realpath(v.device) == real]
+    for path in through:
+        for m in block.mounts_of(path):
             if not m.read_only:
-                on_notice(f"{source} is mounted read-write at {m.mount_point}; the image is "
+                on_notice(f"{path} is mounted read-write at {m.mount_point}; the image is "
                           f"crash-consistent at best (use a snapshot)")
 
 

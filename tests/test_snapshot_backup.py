@@ -850,3 +850,12 @@ def test_snapshot_none_of_a_read_write_mount_warns(bench):
     quiet = imager("backup", "--snapshot", "none", device, "-o", str(out / "ro.zst"))
     assert quiet.returncode == 0, quiet.stderr
     assert "read-write" not in quiet.stderr, quiet.stderr
+
+
+def test_snapshot_none_of_a_managed_source_warns_about_its_mounted_front(bench):
+    vol, source, mnt = bench.ext4_volume("managed", 64 * MiB)
+    out = bench.tmp / "out"
+    out.mkdir()
+    backup = imager("backup", "--snapshot", "none", source, "-o", str(out / "src.zst"))
+    assert backup.returncode == 0, backup.stderr
+    assert f"{vol.front} is mounted read-write at {mnt}" in backup.stderr, backup.stderr
