@@ -36,9 +36,11 @@ def loop_device(tmp_path):
         loop.detach(device)
 
 
-@pytest.fixture
-def volume(loop_device):
-    with BlockDevice(loop_device, writable=True) as dev:
+@pytest.fixture(params=[False, True], ids=["buffered", "o_direct"])
+def volume(loop_device, request):
+    """The device as the front daemon opens it (buffered), and with O_DIRECT, whose unaligned
+    writes go through the store's read-modify-write path."""
+    with BlockDevice(loop_device, writable=True, direct=request.param) as dev:
         yield dev
 
 
