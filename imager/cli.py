@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import signal
 import sys
@@ -18,49 +17,8 @@ from devices.errors import DeviceError
 from . import __version__
 from .catalog import Catalog, TapeRecord, record_dict
 from .errors import ImagerError, UsageError
+from .units import count, human_bytes, parse_size, positive_int, positive_size
 from .tape import DEFAULT_BLOCK_SIZE, TapeSpec, operator_prompt, read_label, require_label, write_label
-
-_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """'4M', '4MiB', '65536', '1G' -> bytes (binary multiples, as dd and zstd read them)."""
-    m = _SIZE.match(text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 65536, 64K, 4M, 1G)")
-    return int(m.group(1)) << (10 * " kmgt".index(m.group(2).lower() or " "))
-
-
-def positive_size(text: str) -> int:
-    size = parse_size(text)
-    if size <= 0:
-        raise argparse.ArgumentTypeError(f"must be larger than 0: {text!r}")
-    return size
-
-
-def _int_at_least(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}: {text!r}")
-        return value
-    return parse
-
-
-count = _int_at_least(0)
-positive_int = _int_at_least(1)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
 
 class Output:
     """Where a command's progress, notices and results go, by --json / --quiet / tty."""
@@ -171,11 +129,9 @@ def cmd_restore(args, out: Output) -> int:
                                   progress=progress)
     else:
         image, target = args.paths
-        with ImageReader(image) as reader:
-            size = reader.header.volume_size
-        with out.progress(size, "restore") as progress:
-            r = jobs.restore(image, target, force=args.force, verify=args.verify,
-                             workers=args.workers, progress=progress)
+        with ImageReader(image) as reader, out.progress(reader.header.volume_size, "restore") as progress:
+            r = jobs.restore_feed(jobs.SeekableFeed(reader), target, force=args.force, verify=args.verify,
+                                  workers=args.workers, progress=progress)
     out.result(r.to_dict(), [
         f"restored {r.image} to {target} ({human_bytes(r.volume_size)})"
         + (", verified" if r.verified else ""),
@@ -193,10 +149,8 @@ def cmd_verify(args, out: Output) -> int:
             results = jobs.verify_tape(tape_spec(args), args.image, catalog=catalog, block_size=args.block_size,
                                        workers=args.workers)
     elif args.image_file:
-        with ImageReader(args.image_file) as reader:
-            size = reader.header.volume_size
-        with out.progress(size, "verify") as progress:
-            results = [jobs.verify(args.image_file, workers=args.workers, progress=progress)]
+        with ImageReader(args.image_file) as reader, out.progress(reader.header.volume_size, "verify") as progress:
+            results = [jobs.verify_feed(jobs.SeekableFeed(reader), workers=args.workers, progress=progress)]
     else:
         raise UsageError("give an IMAGE file or --tape T")
     ok = all(r.ok for r in results)

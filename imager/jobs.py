@@ -871,18 +871,6 @@ def _record_labels(catalog: Catalog | None, labels) -> None:
             catalog.add_tape(TapeRecord(label.label, label.tape_set, label.sequence, label.created))
 
 
-def backup_to_tape(source: str, spec: TapeSpec, *, block_size: int = DEFAULT_BLOCK_SIZE,
-                   expect_label: str | None = None, drive_compression: bool = False,
-                   options: ImagingOptions | None = None, progress: Progress | None = None,
-                   on_notice: Callable[[str], None] | None = None,
-                   catalog: Catalog | None = None) -> BackupResult:
-    """Append the image of `source` to the tape as one tape file (more when it spans cartridges)."""
-    dest = Destination(tape=spec, block_size=block_size, expect_label=expect_label,
-                       drive_compression=drive_compression)
-    return backup_volumes([source], dest, options=options, progress=progress, on_notice=on_notice,
-                          catalog=catalog)[0]
-
-
 def _cartridge_sequences(spec: TapeSpec) -> Iterator[int]:
     sequence = 1
     while True:

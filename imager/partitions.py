@@ -17,13 +17,13 @@ import zlib
 from dataclasses import asdict, dataclass, field
 
 from devices import discover, loop
+from devices.discover import ESP_GPT_TYPE
 from devices.block import BlockDevice
 from devices.errors import DeviceError
 
 from .errors import ImagerError
 from .usedmap import UsedMap, plan_device
 
-ESP_GPT_TYPE = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b"
 ESP_MBR_TYPE = 0xEF
 PROTECTIVE_MBR_TYPE = 0xEE
 MBR_EXTENDED_TYPES = {0x05, 0x0F, 0x85}

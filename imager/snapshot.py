@@ -47,6 +47,7 @@ from devices.buffers import AlignedBuffer
 from devices.errors import DeviceError
 
 from .errors import CacheFullError, SnapshotError
+from .units import human_bytes
 
 DEFAULT_BLOCK_SIZE = 64 * 1024
 LOCK_STRIPES = 1024
@@ -495,7 +496,7 @@ class CowStore:
             if self._state.cache_full:
                 error = CacheFullError(
                     f"the snapshot of {self.device.path} is no longer point-in-time: "
-                    f"{reason}; at least {needed} bytes ({_human(needed)}) of "
+                    f"{reason}; at least {needed} bytes ({human_bytes(needed)}) of "
                     f"cache would have been needed, retry with a larger cache")
                 error.needed_bytes = needed
                 error.capacity = self.cache_capacity
@@ -671,14 +672,6 @@ def _pread_all(fd: int, dst: memoryview, offset: int) -> None:
         if n == 0:
             raise SnapshotError(f"the snapshot cache region is truncated at offset {offset + done}")
         done += n
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n}"
 
 
 # -- where the state directory lives ---------------------------------------------------------

@@ -12,7 +12,8 @@ import pytest
 
 from devices import loop
 from imager.errors import ImagerError
-from imager.partitions import ESP_GPT_TYPE, plan_disk, plan_volume, read_partition_table
+from devices.discover import ESP_GPT_TYPE
+from imager.partitions import plan_disk, plan_volume, read_partition_table
 from imager.usedmap import UsedMap, file_extents
 
 from conftest import run
