@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .errors import ImagerError, UsageError
 
+SCHEMA_VERSION = 1
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
     id            TEXT PRIMARY KEY,
@@ -31,7 +32,7 @@ CREATE TABLE IF NOT EXISTS images (
 );
 CREATE TABLE IF NOT EXISTS segments (
     image_id      TEXT NOT NULL REFERENCES images(id) ON DELETE CASCADE,
-    sequence      INTEGER NOT NULL,
+    segment       INTEGER NOT NULL,  -- 0, 1, ... in stream order
     kind          TEXT NOT NULL CHECK (kind IN ('file', 'tape')),
     path          TEXT,
     tape_label    TEXT,
@@ -39,12 +40,12 @@ CREATE TABLE IF NOT EXISTS segments (
     tape_file     INTEGER,
     stream_offset INTEGER NOT NULL,
     stream_length INTEGER NOT NULL,
-    PRIMARY KEY (image_id, sequence, kind)
+    PRIMARY KEY (image_id, segment, kind)
 );
 CREATE TABLE IF NOT EXISTS tapes (
     label         TEXT PRIMARY KEY,
     tape_set      TEXT NOT NULL,
-    sequence      INTEGER NOT NULL,
+    sequence      INTEGER NOT NULL,  -- the cartridge's number in its set, from 1
     created       TEXT NOT NULL
 );
 """
@@ -68,7 +69,7 @@ class ImageRecord:
 @dataclass(frozen=True)
 class SegmentRecord:
     image_id: str
-    sequence: int
+    segment: int
     kind: str
     path: str | None
     tape_label: str | None
@@ -114,9 +115,18 @@ class Catalog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, timeout=30)
             self._db.execute("PRAGMA foreign_keys = ON")
-            self._db.executescript(SCHEMA)
+            with self._db:
+                fresh = not self._db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone()
+                self._db.executescript(SCHEMA)
+                if fresh:
+                    self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
         except (OSError, sqlite3.Error) as e:
             raise UsageError(f"cannot open the catalog {self.path}: {e}") from None
+        if version != SCHEMA_VERSION:
+            self._db.close()
+            raise UsageError(f"the catalog {self.path} has layout version {version}, this imager uses "
+                             f"{SCHEMA_VERSION}; rebuild it with imager tape scan, or give another --catalog")
 
     def close(self) -> None:
         self._db.close()
@@ -141,7 +151,7 @@ class Catalog:
         with self._db:
             self._upsert("images", image, ("id",))
             for s in segments:
-                self._upsert("segments", s, ("image_id", "sequence", "kind"))
+                self._upsert("segments", s, ("image_id", "segment", "kind"))
 
     @_sqlite_errors_reported
     def add_tape(self, tape: TapeRecord) -> None:
@@ -174,7 +184,7 @@ class Catalog:
     @_sqlite_errors_reported
     def segments(self, image_id: str) -> list[SegmentRecord]:
         cur = self._db.execute(f"SELECT {', '.join(_columns(SegmentRecord))} FROM segments "
-                               "WHERE image_id = ? ORDER BY kind, sequence", (image_id,))
+                               "WHERE image_id = ? ORDER BY kind, segment", (image_id,))
         return [SegmentRecord(*row) for row in cur]
 
 

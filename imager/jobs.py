@@ -918,7 +918,7 @@ def _locate_on_tape(spec: TapeSpec, image_id: str | None, catalog: Catalog | Non
         except UsageError:
             record = None
         if record is not None:
-            first = next((s for s in catalog.segments(record.id) if s.kind == "tape" and s.sequence == 0), None)
+            first = next((s for s in catalog.segments(record.id) if s.kind == "tape" and s.segment == 0), None)
             if first is not None:
                 return record.id, first.tape_label, first.tape_file
     candidates = [f for f in scan_tape(spec) if f.kind == "image" and f.segment == 0

@@ -96,7 +96,7 @@ def test_backup_records_the_image_in_the_catalog(ext4_volume, tmp_path, private_
     assert entry["image"]["id"] == summary["image_id"]
     assert entry["image"]["source"] == dev and entry["image"]["fs_type"] == "ext4"
     assert entry["image"]["stream_bytes"] == image.stat().st_size
-    assert entry["segments"] == [{"image_id": summary["image_id"], "sequence": 0, "kind": "file",
+    assert entry["segments"] == [{"image_id": summary["image_id"], "segment": 0, "kind": "file",
                                   "path": str(image), "tape_label": None, "tape_set": None,
                                   "tape_file": None, "stream_offset": 0,
                                   "stream_length": image.stat().st_size}]
