@@ -34,8 +34,9 @@ import stat
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence, Union
+from typing import Callable, Iterable, Iterator, Sequence, Union
 
 from devices import discover, loop
 from devices.block import freeze, mounts_of, stat_volume, thaw
@@ -264,9 +265,39 @@ def snapshot_create(names: str | Iterable[str], pre_freeze_hooks: Sequence[Hook]
             mount_points.append(mounted[0].mount_point)
 
     created: list[SnapshotInfo] = []
-    frozen: list[str] = []
-    window_ms = 0.0
     created_at = time.time()
+    try:
+        with freeze_window(mount_points, pre_freeze_hooks, post_thaw_hooks) as window:
+            for v in volumes:
+                reply = _request(v.name, {"op": "snapshot-create"}, timeout=FROZEN_REQUEST_TIMEOUT)
+                created.append(_volume_from(reply["volume"]).snapshot)
+            if while_frozen is not None:
+                while_frozen()
+    except BaseException:
+        # Every volume of the set, not only those that answered: a daemon whose answer timed
+        # out may still have switched COW on.
+        for v in volumes:
+            try:
+                _request(v.name, {"op": "snapshot-delete", "force": True})
+            except ImagerError:
+                pass
+        raise
+    return SnapshotSetInfo(created, window.milliseconds, window.frozen, created_at)
+
+
+@dataclass
+class FreezeWindow:
+    frozen: list[str] = field(default_factory=list)
+    milliseconds: float = 0.0
+
+
+@contextmanager
+def freeze_window(mount_points: Sequence[str], pre_freeze_hooks: Sequence[Hook] = (),
+                  post_thaw_hooks: Sequence[Hook] = ()) -> Iterator[FreezeWindow]:
+    """Run the pre-freeze hooks, FIFREEZE every mount point, run the body, FITHAW every one
+    (always), run the post-thaw hooks (always, once the pre-freeze hooks started). The first
+    failure is the one raised; the window's length is measured from first freeze to last thaw."""
+    window = FreezeWindow()
     failure: BaseException | None = None
     try:
         run_hooks(pre_freeze_hooks, "pre-freeze")
@@ -277,15 +308,11 @@ def snapshot_create(names: str | Iterable[str], pre_freeze_hooks: Sequence[Hook]
                     freeze(point)
                 except DeviceError as e:
                     raise SnapshotError(str(e)) from None
-                frozen.append(point)
-            for v in volumes:
-                reply = _request(v.name, {"op": "snapshot-create"}, timeout=FROZEN_REQUEST_TIMEOUT)
-                created.append(_volume_from(reply["volume"]).snapshot)
-            if while_frozen is not None:
-                while_frozen()
+                window.frozen.append(point)
+            yield window
         finally:
-            thaw_failures = _thaw_all(reversed(frozen))
-            window_ms = (time.perf_counter() - started) * 1000.0
+            thaw_failures = _thaw_all(reversed(window.frozen))
+            window.milliseconds = (time.perf_counter() - started) * 1000.0
         if thaw_failures:
             raise SnapshotError("; ".join(thaw_failures))
     except BaseException as e:
@@ -295,15 +322,7 @@ def snapshot_create(names: str | Iterable[str], pre_freeze_hooks: Sequence[Hook]
     except SnapshotError as e:
         failure = failure or e     # the first failure is the one to report
     if failure is not None:
-        # Every volume of the set, not only those that answered: a daemon whose answer timed
-        # out may still have switched COW on.
-        for v in volumes:
-            try:
-                _request(v.name, {"op": "snapshot-delete", "force": True})
-            except ImagerError:
-                pass
         raise failure
-    return SnapshotSetInfo(created, window_ms, frozen, created_at)
 
 
 def _thaw_all(mount_points: Iterable[str]) -> list[str]:

@@ -449,14 +449,8 @@ def _backup_frozen(devices: list[BlockDevice], dest: Destination, options: Imagi
         raise UsageError("--exclude needs every source mounted, to find the files' blocks")
     _refuse_destination_on(mounted, dest, many, catalog)
     results = []
-    front.run_hooks(pre_freeze, "pre-freeze")
-    frozen = []
-    started = time.perf_counter()
     created = _now()
-    try:
-        for point in mounted.values():
-            block.freeze(point)
-            frozen.append(point)
+    with front.freeze_window(list(mounted.values()), pre_freeze, post_thaw) as window:
         plans = {path: _frozen_plan(path, point, options) for path, point in mounted.items()}
         if while_frozen is not None:
             while_frozen()
@@ -467,18 +461,8 @@ def _backup_frozen(devices: list[BlockDevice], dest: Destination, options: Imagi
             results.append(_write_one(dev, dest, _volume_name(dev.path), options, many=many, plan=plan,
                                       partitions=partitions, source_meta=probe_filesystem(dev.path),
                                       snapshot_meta=meta, progress=progress, catalog=catalog))
-    finally:
-        failures = []
-        for point in reversed(frozen):
-            try:
-                block.thaw(point)
-            except DeviceError as e:
-                failures.append(str(e))
-        front.run_hooks(post_thaw, "post-thaw")
-    if failures:
-        raise SnapshotError("; ".join(failures))
     for r in results:
-        r.freeze_window_ms = round((time.perf_counter() - started) * 1000, 1)
+        r.freeze_window_ms = round(window.milliseconds, 1)
     return results
 
 
