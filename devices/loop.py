@@ -113,14 +113,21 @@ def info(device: str) -> LoopInfo:
         os.close(fd)
     fields = _LOOP_INFO64.unpack(raw)
     offset, size_limit, flags, name = fields[3], fields[4], fields[8], fields[9]
-    backing = _sysfs_backing_file(device) or name.rstrip(b"\0").decode(errors="replace")
+    backing = backing_file(device) or name.rstrip(b"\0").decode(errors="replace")
     return LoopInfo(device, backing, offset, size_limit, bool(flags & LO_FLAGS_READ_ONLY),
                     bool(flags & LO_FLAGS_AUTOCLEAR))
 
 
-def _sysfs_backing_file(device: str) -> str | None:
+def backing_file(device: str | int) -> str | None:
+    """The file behind a loop device, given as a path or a device number; None for a device
+    that is not an attached loop device. Read from sysfs, which answers also when the file's
+    filesystem is gone (a dead FUSE mount), where the loop ioctls fail."""
+    if isinstance(device, int):
+        path = f"/sys/dev/block/{os.major(device)}:{os.minor(device)}/loop/backing_file"
+    else:
+        path = f"/sys/block/{os.path.basename(device)}/loop/backing_file"
     try:
-        with open(f"/sys/block/{os.path.basename(device)}/loop/backing_file") as f:
+        with open(path) as f:
             return f.read().strip()
     except OSError:
         return None
@@ -142,7 +149,7 @@ def detach(device: str, *, wait: float = 5.0) -> None:
     finally:
         os.close(fd)
     deadline = time.monotonic() + wait
-    while _sysfs_backing_file(device) is not None and time.monotonic() < deadline:
+    while backing_file(device) is not None and time.monotonic() < deadline:
         time.sleep(0.01)
 
 
@@ -150,7 +157,7 @@ def list_attached() -> list[LoopInfo]:
     result = []
     for name in sorted(os.listdir("/sys/block")):
         device = "/dev/" + name
-        backing = _sysfs_backing_file(device) if name.startswith("loop") else None
+        backing = backing_file(device) if name.startswith("loop") else None
         if backing is None:
             continue
         try:

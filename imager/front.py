@@ -430,17 +430,7 @@ def _clear_stale_run_dir(run_dir: str) -> None:
 
 
 def _loop_devices_backed_by(path: str) -> list[str]:
-    # Straight from sysfs: loop.list_attached() opens each device, which a loop device on a
-    # dead FUSE file may refuse.
-    found = []
-    for name in os.listdir("/sys/block"):
-        try:
-            with open(f"/sys/block/{name}/loop/backing_file") as f:
-                if f.read().strip() == path:
-                    found.append(f"/dev/{name}")
-        except OSError:
-            continue
-    return found
+    return [info.device for info in loop.list_attached() if info.backing_file == path]
 
 
 def _is_dead_fuse_mount(path: str) -> bool:

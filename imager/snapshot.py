@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from devices import loop
 from devices.block import preallocate
 from devices.buffers import AlignedBuffer
 from devices.errors import DeviceError
@@ -727,9 +728,9 @@ def _storage_under(path: str) -> tuple[set[int], set[tuple[int, int]]]:
 
 
 def _loop_backing_stat(dev: int) -> os.stat_result | None:
+    path = loop.backing_file(dev)
     try:
-        with open(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/loop/backing_file") as f:
-            return os.stat(f.read().strip())
+        return os.stat(path) if path else None
     except OSError:
         return None
 
