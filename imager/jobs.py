@@ -770,6 +770,25 @@ def restore_feed(feed, target: str, *, force: bool = False, verify: bool = False
                          verified=verify)
 
 
+@dataclass
+class _Prefix:
+    """The first `size` bytes of a device: a restore target may be larger than the volume."""
+
+    device: BlockDevice
+    size: int
+
+    @property
+    def path(self) -> str:
+        return self.device.path
+
+    @property
+    def logical_sector_size(self) -> int:
+        return self.device.logical_sector_size
+
+    def read_into(self, buf: memoryview, offset: int) -> int:
+        return self.device.read_into(buf, offset)
+
+
 def compare_with_image(target: str, header: ImageHeader, trailer: ImageTrailer, *,
                        workers: int | None = None) -> None:
     """Re-read the volume's length of `target` from the medium and compare every chunk's
@@ -779,13 +798,6 @@ def compare_with_image(target: str, header: ImageHeader, trailer: ImageTrailer, 
     try:
         dev.drop_cache()
         pool = BufferPool(workers * 2 + 2, header.chunk_size)
-
-        class _Range:
-            path, size, logical_sector_size = target, header.volume_size, dev.logical_sector_size
-
-            @staticmethod
-            def read_into(buf: memoryview, offset: int) -> int:
-                return dev.read_into(buf, offset)
 
         def digest(item: tuple[int, AlignedBuffer, int]) -> tuple[int, bytes]:
             index, buf, length = item
@@ -801,8 +813,8 @@ def compare_with_image(target: str, header: ImageHeader, trailer: ImageTrailer, 
                                   f"{index} (volume offset {index * header.chunk_size})")
 
         try:
-            run_ordered(_read_chunks(_Range, header.chunk_size, pool, lambda n: None), digest, check,
-                        workers=workers)
+            run_ordered(_read_chunks(_Prefix(dev, header.volume_size), header.chunk_size, pool, lambda n: None),
+                        digest, check, workers=workers)
         finally:
             pool.close()
     finally:
