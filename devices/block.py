@@ -234,9 +234,6 @@ class BlockDevice:
             self.write_at(zeros[:n], offset)
             offset += n
 
-    def truncate(self, size: int) -> None:
-        os.ftruncate(self.fd, size)
-
     def flush(self) -> None:
         try:
             os.fsync(self.fd)
