@@ -232,7 +232,6 @@ def write_label(drive: TapeDrive, name: str, *, force: bool = False, tape_set: s
         if existing is not None:
             raise TapeMediaError(f"{drive.path}: tape is already labelled {existing.label!r}; "
                                  f"--force overwrites it and everything on it")
-        drive.rewind()
         if not _is_blank(drive):
             raise TapeMediaError(f"{drive.path}: tape holds data that is not an imager label; "
                                  f"--force overwrites it")
@@ -248,6 +247,8 @@ def write_label(drive: TapeDrive, name: str, *, force: bool = False, tape_set: s
 
 
 def _is_blank(drive: TapeDrive) -> bool:
+    """Whether nothing is recorded on the tape; rewinds it first."""
+    drive.rewind()
     try:
         return drive.read_block(METADATA_READ_SIZE) == b"" and drive.read_block(METADATA_READ_SIZE) == b""
     except TapeError as e:
@@ -325,7 +326,7 @@ class TapeSink:
         drive = self.spec.open(sequence)
         try:
             label = read_label(drive)
-            if label is None and self.spec.is_pattern and sequence == 1 and _is_blank_at_bot(drive):
+            if label is None and self.spec.is_pattern and sequence == 1 and _is_blank(drive):
                 label = write_label(drive, _member_label(self.spec, 1), block_size=self.block_size)
                 self.labelled.append(label)
             elif label is None:
@@ -387,7 +388,6 @@ class TapeSink:
         self._drive = drive
         label = read_label(drive)
         if label is None:
-            drive.rewind()
             if not _is_blank(drive):
                 raise TapeMediaError(f"{drive.path}: cartridge {sequence} holds data that is not imager's; "
                                      f"it is not overwritten")
@@ -485,11 +485,6 @@ class TapeSink:
             self._drive.close()
         except DeviceError:
             pass
-
-
-def _is_blank_at_bot(drive: TapeDrive) -> bool:
-    drive.rewind()
-    return _is_blank(drive)
 
 
 def _member_label(spec: TapeSpec, sequence: int, first: Label | None = None) -> str:
