@@ -265,11 +265,12 @@ class ImagingOptions:
     excludes: tuple[str, ...] = ()
 
 
-def plan_source(source: str, size: int, options: ImagingOptions,
+def plan_source(source: str, size: int, options: ImagingOptions, fs_meta: dict,
                 on_notice: Callable[[str], None] | None = None) -> tuple[UsedMap, dict | None]:
-    """The used-block plan of an unsnapshotted source and its partition table (if it is a disk)."""
+    """The used-block plan of an unsnapshotted source and its partition table (if it is a disk,
+    which `fs_meta`, the source's probe_filesystem(), tells by holding no filesystem type)."""
     partitions = None
-    if not discover.probe_with_blkid(source).get("TYPE"):
+    if not fs_meta.get("fs_type"):
         try:
             table = read_partition_table(source)
             partitions = table.to_dict() if table else None
@@ -396,10 +397,11 @@ def backup_volumes(sources: list[str], dest: Destination, *, snapshot: str = "no
                                   on_notice, catalog)
         results = []
         for dev in devices:
-            plan, partitions = plan_source(dev.path, dev.size, options, on_notice)
+            fs_meta = probe_filesystem(dev.path)
+            plan, partitions = plan_source(dev.path, dev.size, options, fs_meta, on_notice)
             _warn_if_mounted_rw(dev.path, on_notice)
             results.append(_write_one(dev, dest, _volume_name(dev.path), options, many=many, plan=plan,
-                                      partitions=partitions, source_meta=probe_filesystem(dev.path),
+                                      partitions=partitions, source_meta=fs_meta,
                                       snapshot_meta={"provider": "none", "time": _now()}, progress=progress,
                                       catalog=catalog))
         return results
@@ -412,10 +414,9 @@ def _volume_name(path: str) -> str:
     return os.path.basename(os.path.realpath(path)) or "volume"
 
 
-def _frozen_plan(device: str, mount_point: str, options: ImagingOptions) -> UsedMap:
+def _frozen_plan(device: str, size: int, mount_point: str, options: ImagingOptions) -> UsedMap:
     if options.all_blocks:
-        with BlockDevice(device, direct=False) as dev:
-            return UsedMap.all_blocks(dev.size, "--all-blocks")
+        return UsedMap.all_blocks(size, "--all-blocks")
     plan = plan_mounted(device, mount_point)
     if options.excludes:
         plan = plan.minus(plan_excludes(mount_point, list(options.excludes), device))
@@ -451,15 +452,17 @@ def _backup_frozen(devices: list[BlockDevice], dest: Destination, options: Imagi
     results = []
     created = _now()
     with front.freeze_window(list(mounted.values()), pre_freeze, post_thaw) as window:
-        plans = {path: _frozen_plan(path, point, options) for path, point in mounted.items()}
+        plans = {dev.path: _frozen_plan(dev.path, dev.size, mounted[dev.path], options)
+                 for dev in devices if dev.path in mounted}
         if while_frozen is not None:
             while_frozen()
         for dev in devices:
+            fs_meta = probe_filesystem(dev.path)
             plan, partitions = (plans[dev.path], None) if dev.path in plans else plan_source(
-                dev.path, dev.size, options, on_notice)
+                dev.path, dev.size, options, fs_meta, on_notice)
             meta = {"provider": "freeze", "time": created, "frozen": list(mounted.values())}
             results.append(_write_one(dev, dest, _volume_name(dev.path), options, many=many, plan=plan,
-                                      partitions=partitions, source_meta=probe_filesystem(dev.path),
+                                      partitions=partitions, source_meta=fs_meta,
                                       snapshot_meta=meta, progress=progress, catalog=catalog))
     for r in results:
         r.freeze_window_ms = round(window.milliseconds, 1)
@@ -494,7 +497,7 @@ def _backup_cow(sources: list[str], dest: Destination, options: ImagingOptions, 
     def inside_window() -> None:
         for v in volumes:
             if v.front in mounted:
-                plans[v.name] = _frozen_plan(v.front, mounted[v.front], options)
+                plans[v.name] = _frozen_plan(v.front, v.size, mounted[v.front], options)
         if while_frozen is not None:
             while_frozen()
 
