@@ -18,7 +18,7 @@ from . import __version__
 from .catalog import Catalog, TapeRecord, record_dict
 from .errors import ImagerError, UsageError
 from .units import count, human_bytes, parse_size, positive_int, positive_size
-from .tape import DEFAULT_BLOCK_SIZE, TapeSpec, operator_prompt, read_label, require_label, write_label
+from .tape import DEFAULT_BLOCK_SIZE, TapeSpec, drive_status, operator_prompt, require_label, write_label
 
 class Output:
     """Where a command's progress, notices and results go, by --json / --quiet / tty."""
@@ -27,6 +27,8 @@ class Output:
         self.json = getattr(args, "json", False)
         self.quiet = getattr(args, "quiet", False)
         self.verbose = getattr(args, "verbose", False)
+        # With `-o -` standard output carries the image: the summary goes to stderr.
+        self.summary_stream = sys.stderr if getattr(args, "output", None) == "-" else sys.stdout
 
     def notice(self, message: str) -> None:
         if not self.quiet:
@@ -52,9 +54,9 @@ class Output:
 
     def result(self, data: dict, lines: list[str]) -> None:
         if self.json:
-            print(json.dumps(data, indent=2, sort_keys=True))
+            print(json.dumps(data, indent=2, sort_keys=True), file=self.summary_stream)
         elif not self.quiet:
-            print("\n".join(lines))
+            print("\n".join(lines), file=self.summary_stream)
 
 
 def _volume_size_of(path: str) -> int:
@@ -85,7 +87,8 @@ def cmd_backup(args, out: Output) -> int:
                             block_size=args.block_size or DEFAULT_BLOCK_SIZE, expect_label=args.label,
                             drive_compression=args.drive_compression)
     options = jobs.ImagingOptions(level=args.level, chunk_size=args.chunk_size, workers=args.workers,
-                                  all_blocks=args.all_blocks, excludes=tuple(os.path.abspath(p) for p in args.exclude))
+                                  all_blocks=args.all_blocks, excludes=tuple(os.path.abspath(p) for p in args.exclude),
+                                  backups_as_sources=args.force)
     with out.progress(_source_sizes(args.sources, args.snapshot), "backup") as progress:
         with Catalog(args.catalog) as catalog:
             results = jobs.backup_volumes(args.sources, dest, snapshot=args.snapshot, options=options,
@@ -123,7 +126,7 @@ def cmd_restore(args, out: Output) -> int:
         raise UsageError("give IMAGE and TARGET (or --tape T --image ID TARGET)")
     elif args.paths[0] == "-":
         target = args.paths[1]
-        feed = jobs.StreamFeed(sys.stdin.buffer, "standard input")
+        feed = _stdin_feed()
         with out.progress(feed.header.volume_size, "restore") as progress:
             r = jobs.restore_feed(feed, target, force=args.force, verify=args.verify, workers=args.workers,
                                   progress=progress)
@@ -148,6 +151,10 @@ def cmd_verify(args, out: Output) -> int:
         with Catalog(args.catalog) as catalog:
             results = jobs.verify_tape(tape_spec(args), args.image, catalog=catalog, block_size=args.block_size,
                                        workers=args.workers)
+    elif args.image_file == "-":
+        feed = _stdin_feed()
+        with out.progress(feed.header.volume_size, "verify") as progress:
+            results = [jobs.verify_feed(feed, workers=args.workers, progress=progress)]
     elif args.image_file:
         with ImageReader(args.image_file) as reader, out.progress(reader.header.volume_size, "verify") as progress:
             results = [jobs.verify_feed(jobs.SeekableFeed(reader), workers=args.workers, progress=progress)]
@@ -165,10 +172,19 @@ def cmd_verify(args, out: Output) -> int:
     return 0
 
 
+def _stdin_feed():
+    from . import jobs
+
+    if sys.stdin.isatty():
+        raise UsageError("refusing to read an image from a terminal: pipe one in (zstdcat is not needed: "
+                         "ssh host cat vol.zst | imager restore - TARGET)")
+    return jobs.StreamFeed(sys.stdin.buffer, "standard input")
+
+
 def cmd_info(args, out: Output) -> int:
     from . import jobs
 
-    d = jobs.info(args.image)
+    d = jobs.info_feed(_stdin_feed()) if args.image == "-" else jobs.info(args.image)
     h, t = d["header"], d["totals"]
     src = h.get("source", {})
     out.result(d, [
@@ -203,15 +219,16 @@ def _open_tape(args, *, create: bool = False):
 
 def cmd_tape_status(args, out: Output) -> int:
     with _open_tape(args) as drive:
-        st = drive.status()
-        label = None if args.no_label else read_label(drive)
+        if args.label:
+            out.notice(f"{args.tape}: rewinding to read the label")
+        st, label = drive_status(drive, with_label=args.label)
     flags = [name for name in ("bot", "eof", "eot", "eod", "write_protected", "online") if getattr(st, name)]
     data = {"tape": args.tape, "status": {k: v for k, v in st.__dict__.items()},
             "label": label.__dict__ if label else None}
     out.result(data, [f"{args.tape}: file {st.file_number}, block {st.block_number}, "
                       f"block size {st.block_size or 'variable'}, {' '.join(flags) or 'no flags'}",
                       f"label: {label.label} (cartridge {label.sequence} of set {label.tape_set[:12]})"
-                      if label else "label: none"])
+                      if label else ("label: none" if args.label else "label: not read (--label rewinds to read it)")])
     return 0
 
 
@@ -465,7 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--pre-freeze", action="append", default=[], metavar="CMD",
                    help="run before freezing (e.g. flush a database); repeatable")
     b.add_argument("--post-thaw", action="append", default=[], metavar="CMD", help="run after thawing; repeatable")
-    b.add_argument("-o", "--output", help="image file to write (.zst); a directory for several volumes")
+    b.add_argument("-o", "--output", help="image file to write (.zst); a directory for several volumes; "
+                   "- for standard output")
     b.add_argument("--label", help="with --tape: refuse a tape with another label")
     b.add_argument("--drive-compression", action="store_true",
                    help="keep the tape drive's compression on (off by default: the stream is compressed)")
@@ -473,7 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--chunk-size", type=positive_size, default=DEFAULT_CHUNK_SIZE,
                    help=f"bytes of volume per zstd frame (default {DEFAULT_CHUNK_SIZE >> 20}M)")
     b.add_argument("--workers", type=positive_int, default=None, help="compression threads (default: all cores)")
-    b.add_argument("-f", "--force", action="store_true", help="replace an existing image")
+    b.add_argument("-f", "--force", action="store_true",
+                   help="replace an existing image; image a source that is itself an image or tape")
     b.add_argument("--all-blocks", action="store_true",
                    help="read and compress every block, not only those the filesystem uses")
     b.add_argument("--exclude", action="append", default=[], metavar="PATH",
@@ -488,17 +507,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--image", metavar="ID", help="with --tape: the image id (a prefix will do)")
     r.add_argument("--verify", action="store_true", help="re-read what was written and compare checksums")
     r.add_argument("--workers", type=positive_int, default=None)
-    r.add_argument("-f", "--force", action="store_true", help="replace an existing target file")
+    r.add_argument("-f", "--force", action="store_true",
+                   help="replace an existing target file; overwrite a device that holds a filesystem, "
+                        "partition table or RAID/LVM member")
     r.set_defaults(func=cmd_restore)
 
     v = sub.add_parser("verify", parents=[common, catalog_opt, tape_opts], help="check every chunk of an image")
-    v.add_argument("image_file", nargs="?", metavar="IMAGE")
+    v.add_argument("image_file", nargs="?", metavar="IMAGE", help="image file (- for standard input)")
     v.add_argument("--image", metavar="ID", help="with --tape: only this image (default: all on the tape)")
     v.add_argument("--workers", type=positive_int, default=None)
     v.set_defaults(func=cmd_verify)
 
     i = sub.add_parser("info", parents=[common], help="show what an image holds")
-    i.add_argument("image")
+    i.add_argument("image", help="image file (- for standard input)")
     i.set_defaults(func=cmd_info)
 
     lp = sub.add_parser("loop", help="attach and detach loop devices")
@@ -528,8 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
         c.set_defaults(func=func)
         return c
 
-    ts = tape_cmd("status", "drive status and tape label", cmd_tape_status)
-    ts.add_argument("--no-label", action="store_true", help="do not rewind to read the label")
+    ts = tape_cmd("status", "drive status (MTIOCGET), without moving the tape", cmd_tape_status)
+    ts.add_argument("--label", action="store_true", help="also read the tape label (rewinds the tape)")
     tape_cmd("rewind", "rewind the tape", cmd_tape_move)
     tape_cmd("eom", "go to the end of recorded data", cmd_tape_move)
     tape_cmd("unload", "rewind and eject", cmd_tape_move)
@@ -588,7 +609,12 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM unwinds like Ctrl-C, so every job's cleanup (temporary files, snapshots) runs.
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        return args.func(args, out)
+        code = args.func(args, out)
+        sys.stdout.flush()
+        return code
+    except UsageError as e:
+        print(f"imager: error: {e}", file=sys.stderr)
+        return 2
     except (ImagerError, DeviceError) as e:
         print(f"imager: error: {e}", file=sys.stderr)
         return 1
@@ -597,7 +623,23 @@ def main(argv: list[str] | None = None) -> int:
               "restore onto a device or a tape file being written is left partial", file=sys.stderr)
         return 130
     except BrokenPipeError:
+        _quiet_stdout()
         return 141
+    except OSError as e:
+        # Writing a summary to a full or closed stdout (> /dev/full): say so in one line.
+        _quiet_stdout()
+        print(f"imager: error: {e.strerror or e}", file=sys.stderr)
+        return 1
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's flush at exit does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

@@ -19,8 +19,9 @@ from devices.errors import DeviceError
 from . import __version__, front
 from .catalog import Catalog, ImageRecord, SegmentRecord, TapeRecord, record_dict
 from .errors import CacheFullError, ChunkError, ImageFormatError, ImagerError, SnapshotError, UsageError
+from .guards import backup_artifact_kind, check_image_output, check_restore_target, refuse_overwriting_data
 from .pipeline import default_workers, run_ordered
-from .sinks import FileSink, create_beside, fsync_directory_of
+from .sinks import STDOUT, FileSink, StreamSink, create_beside, fsync_directory_of
 from .tape import (DEFAULT_BLOCK_SIZE, TapeFileInfo, TapeImageStream, TapeMediaError, TapeSink, TapeSpec,
                    read_label, require_label, scan_files)
 from .stream import (DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL, DIGEST_SIZE, MAX_CHUNK_SIZE, TRAILER_MAGIC, EncodedChunk,
@@ -117,14 +118,28 @@ def probe_filesystem(path: str) -> dict:
     return {k: values[v] for k, v in (("fs_type", "TYPE"), ("label", "LABEL"), ("uuid", "UUID")) if v in values}
 
 
-def open_source(path: str, on_notice: Callable[[str], None] | None = None) -> BlockDevice:
+# Enough of a source's start to recognise an image, a zstd file or a virtual tape's first record.
+SOURCE_SNIFF_BYTES = 64 << 10
+
+
+def open_source(path: str, on_notice: Callable[[str], None] | None = None, *,
+                backups_as_sources: bool = False) -> BlockDevice:
+    """Open a volume to image. A source that is itself a backup (an imager image, a zstd file,
+    a virtual tape) is refused unless `backups_as_sources`: imaging it again is a mistake."""
     try:
         dev = BlockDevice(path, direct=True, on_notice=on_notice)
     except DeviceError as e:
         raise UsageError(str(e)) from None
-    if dev.size == 0:
+    try:
+        if dev.size == 0:
+            raise UsageError(f"{path}: is empty (size 0)")
+        kind = None if backups_as_sources else backup_artifact_kind(dev.pread(SOURCE_SNIFF_BYTES, 0))
+        if kind:
+            raise UsageError(f"{path} is {kind}, not a volume: to write it back use imager restore "
+                             f"(--force images it anyway)")
+    except BaseException:
         dev.close()
-        raise UsageError(f"{path}: is empty (size 0)")
+        raise
     return dev
 
 
@@ -263,6 +278,7 @@ class ImagingOptions:
     workers: int | None = None
     all_blocks: bool = False
     excludes: tuple[str, ...] = ()
+    backups_as_sources: bool = False    # image a source that is itself an image, zstd file or tape
 
 
 def plan_source(source: str, size: int, options: ImagingOptions, fs_meta: dict,
@@ -301,20 +317,33 @@ class Destination:
     expect_label: str | None = None
     drive_compression: bool = False
 
+    @property
+    def to_stdout(self) -> bool:
+        return self.output == STDOUT
+
     def image_path(self, name: str, many: bool) -> str:
-        if many or os.path.isdir(self.output):
+        if not self.to_stdout and (many or os.path.isdir(self.output)):
             return os.path.join(self.output, f"{name}.zst")
         return self.output
 
     def check(self, many: bool) -> None:
         if bool(self.output) == bool(self.tape):
             raise UsageError("give either an image file (-o) or a tape (--tape)")
-        if self.output and many and not os.path.isdir(self.output):
-            raise UsageError(f"{self.output}: with several volumes, -o names an existing directory")
+        if self.expect_label is not None and not self.tape:
+            raise UsageError("--label names the tape a backup must go to; it goes only with --tape")
+        if self.to_stdout:
+            if many:
+                raise UsageError("-o - writes one image to standard output: give one source")
+            return
+        if self.output:
+            st = check_image_output(self.output)
+            if many and (st is None or not os.path.isdir(self.output)):
+                raise UsageError(f"{self.output}: with several volumes, -o names an existing directory")
 
     def filesystems(self, many: bool, catalog: Catalog | None) -> list[str]:
         """The paths this destination writes to (none of them may be on a frozen filesystem)."""
-        paths = [os.path.dirname(os.path.abspath(self.image_path("x", many)))] if self.output else []
+        paths = ([os.path.dirname(os.path.abspath(self.image_path("x", many)))]
+                 if self.output and not self.to_stdout else [])
         if self.tape and not self.tape.is_real_drive:
             paths.append(os.path.dirname(os.path.abspath(self.tape.path_for(1))))
         if catalog is not None:
@@ -330,6 +359,8 @@ def _write_one(dev: VolumeSource, dest: Destination, name: str, options: Imaging
         sink = TapeSink(dest.tape, image_id=image_id, block_size=dest.block_size,
                         expect_label=dest.expect_label, drive_compression=dest.drive_compression,
                         largest_frame=zstd_frame_bound(options.chunk_size))
+    elif dest.to_stdout:
+        sink = StreamSink()
     else:
         path = dest.image_path(name, many)
         if os.path.exists(path) and os.path.samefile(dev.path, path):
@@ -354,6 +385,10 @@ def _write_one(dev: VolumeSource, dest: Destination, name: str, options: Imaging
     if dest.tape:
         segments = _tape_segment_records(image_id, sink.segments)
         result.image = ", ".join(f"{s.tape_label} file {s.tape_file}" for s in segments)
+    elif dest.to_stdout:
+        # A stream has no place the catalog could find it again.
+        result.image = sink.path
+        return result
     else:
         segments = [SegmentRecord(image_id, 0, "file", os.path.abspath(sink.path), None, None, None, 0,
                                   result.bytes_written)]
@@ -391,7 +426,7 @@ def backup_volumes(sources: list[str], dest: Destination, *, snapshot: str = "no
     devices = []
     try:
         for source in sources:
-            devices.append(open_source(source, on_notice))
+            devices.append(open_source(source, on_notice, backups_as_sources=options.backups_as_sources))
         if snapshot == "freeze":
             return _backup_frozen(devices, dest, options, many, pre_freeze, post_thaw, while_frozen, progress,
                                   on_notice, catalog)
@@ -562,6 +597,13 @@ def backup(source: str, output: str, *, force: bool = False, options: ImagingOpt
 
 # --- restore ----------------------------------------------------------------------------------
 
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 class _RestoreTarget:
     """A block device written in place, or a new file written under a temporary name."""
 
@@ -569,12 +611,7 @@ class _RestoreTarget:
         self.path = path
         self.temp_path: str | None = None
         self.fresh_file = False
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            st = None
-        if st is not None and stat.S_ISDIR(st.st_mode):
-            raise UsageError(f"{path}: is a directory; give a block device or a file name")
+        st = check_restore_target(path)
         if st is not None and stat.S_ISBLK(st.st_mode):
             mounted = block.mounts_of(path)
             if mounted:
@@ -583,16 +620,19 @@ class _RestoreTarget:
                 self.dev = BlockDevice(path, writable=True, direct=False, exclusive=True)
             except DeviceError as e:
                 raise UsageError(str(e)) from None
-            if self.dev.read_only:
+            try:
+                if self.dev.read_only:
+                    raise UsageError(f"{path}: device is read-only")
+                if self.dev.size < volume_size:
+                    raise UsageError(f"{path}: too small: {self.dev.size} bytes, the image holds a volume "
+                                     f"of {volume_size} bytes")
+                if not force:
+                    # Checked while the exclusive open keeps anyone from mounting it meanwhile.
+                    refuse_overwriting_data(path)
+            except BaseException:
                 self.dev.close()
-                raise UsageError(f"{path}: device is read-only")
-            if self.dev.size < volume_size:
-                size = self.dev.size
-                self.dev.close()
-                raise UsageError(f"{path}: too small: {size} bytes, the image holds a volume of {volume_size} bytes")
+                raise
             return
-        if st is not None and not stat.S_ISREG(st.st_mode):
-            raise UsageError(f"{path}: not a block device or regular file")
         if st is not None and not force:
             raise UsageError(f"{path}: already exists (use --force to replace it)")
         directory = os.path.dirname(os.path.abspath(path))
@@ -641,7 +681,7 @@ class SeekableFeed:
     def __init__(self, reader: ImageReader):
         self.reader = reader
         self.header = reader.header
-        self.name = reader.path
+        self.name = self.path = reader.path
 
     def chunks(self) -> Iterator[tuple[int, bytes, int]]:
         for i in range(self.reader.chunk_count):
@@ -665,11 +705,13 @@ class StreamFeed:
         self.header = read_stream_header(self._frames)
         self._trailer: ImageTrailer | None = None
         self._count = 0
+        self.stream_bytes = 0
 
     def chunks(self) -> Iterator[tuple[int, bytes, int]]:
         n = self.header.chunk_count
         try:
             for frame in self._frames:
+                self.stream_bytes = frame.offset + len(frame.data)
                 if frame.skippable:
                     if frame.magic == TRAILER_MAGIC:
                         self._trailer = decode_trailer(frame.payload, n)
@@ -735,6 +777,9 @@ def restore_feed(feed, target: str, *, force: bool = False, verify: bool = False
     workers = workers or default_workers()
     started = time.monotonic()
     header = feed.header
+    image_path = getattr(feed, "path", None)
+    if image_path and _same_file(image_path, target):
+        raise UsageError(f"{target}: is the image being restored; give another target")
     tgt = _RestoreTarget(target, header.volume_size, force)
     totals = {"zero_chunks": 0, "bytes_written": 0}
     digests = bytearray()
@@ -851,9 +896,20 @@ def verify_feed(feed, *, workers: int | None = None, progress: Progress | None =
 
 def info(image: str) -> dict:
     with ImageReader(image) as reader:
-        return {"image": image, "file_size": reader.file_size, "header": reader.header.to_dict(),
-                "totals": reader.trailer.totals,
-                "ratio": round(reader.header.volume_size / reader.file_size, 3)}
+        return _info_dict(image, reader.file_size, reader.header, reader.trailer)
+
+
+def info_feed(feed: StreamFeed) -> dict:
+    """What an image read as a stream holds: its header, and the totals of its trailer, which
+    comes last, so the whole stream is read (not decompressed)."""
+    for _ in feed.chunks():
+        pass
+    return _info_dict(feed.name, feed.stream_bytes, feed.header, feed.finish())
+
+
+def _info_dict(name: str, size: int, header: ImageHeader, trailer: ImageTrailer) -> dict:
+    return {"image": name, "file_size": size, "header": header.to_dict(), "totals": trailer.totals,
+            "ratio": round(header.volume_size / size, 3)}
 
 
 

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import sys
 import tempfile
+from typing import BinaryIO
 
 from .errors import ImagerError, UsageError
+from .guards import check_image_output
+
+# What -o names to write the image stream to standard output.
+STDOUT = "-"
 
 
 def create_beside(path: str) -> tuple[int, str]:
@@ -34,6 +41,7 @@ class FileSink:
 
     def __init__(self, path: str, *, force: bool = False, buffer_size: int = 1 << 20):
         self.path = path
+        check_image_output(path)
         if os.path.isdir(path):
             raise UsageError(f"{path}: is a directory; give an image file name")
         if os.path.exists(path) and not force:
@@ -72,3 +80,41 @@ class FileSink:
             os.unlink(self.temp_path)
         except FileNotFoundError:
             pass
+
+
+class StreamSink:
+    """Writes the image stream to a pipe (standard output by default), for `| ssh`, `| mbuffer`,
+    `| aws s3 cp -`. Nothing can be taken back from a pipe: an aborted stream simply stops, and
+    the missing trailer tells any reader that the image is incomplete."""
+
+    def __init__(self, stream: BinaryIO | None = None, name: str = "standard output"):
+        self._stream = stream if stream is not None else sys.stdout.buffer
+        self.path = name
+        if self._stream.isatty():
+            raise UsageError(f"refusing to write an image to a terminal on {name}: redirect it "
+                             f"(-o - | ssh host 'cat > vol.zst', or > vol.zst)")
+        self.bytes_written = 0
+
+    def write(self, data: bytes) -> None:
+        try:
+            self._stream.write(data)
+        except BrokenPipeError:
+            raise ImagerError(f"{self.path} was closed by the program reading the image") from None
+        except OSError as e:
+            raise ImagerError(f"writing the image to {self.path}: {e.strerror}") from None
+        self.bytes_written += len(data)
+
+    def commit(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            raise ImagerError(f"{self.path} was closed by the program reading the image") from None
+        except OSError as e:
+            raise ImagerError(f"writing the image to {self.path}: {e.strerror}") from None
+
+    def abort(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as e:
+            if e.errno not in (errno.EPIPE, errno.ENOSPC, errno.EIO):
+                raise

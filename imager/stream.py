@@ -32,7 +32,7 @@ import zstandard
 
 from devices.buffers import is_all_zero
 
-from .errors import ChunkError, ImageFormatError
+from .errors import ChunkError, ImageFormatError, UsageError
 
 FORMAT_VERSION = 1
 ZSTD_MAGIC = 0xFD2FB528
@@ -383,9 +383,9 @@ class ImageReader:
         try:
             self._f = open(path, "rb", buffering=0)
         except FileNotFoundError:
-            raise ImageFormatError(f"{path}: no such image file") from None
+            raise UsageError(f"{path}: no such image file") from None
         except IsADirectoryError:
-            raise ImageFormatError(f"{path}: is a directory, not an image") from None
+            raise UsageError(f"{path}: is a directory, not an image") from None
         except OSError as e:
             raise ImageFormatError(f"{path}: {e.strerror}") from None
         try:

@@ -21,7 +21,6 @@ import errno
 import json
 import os
 import queue
-import stat
 import struct
 import subprocess
 import threading
@@ -31,12 +30,13 @@ from datetime import datetime, timezone
 from typing import Callable, Iterator
 
 from devices.errors import DeviceError
-from devices.tape.drive import TapeDrive, TapeError
+from devices.tape.drive import TapeDrive, TapeError, TapeStatus
 from devices.tape.st import StTape
 from devices.tape.virtual import VirtualTape
 
 from . import __version__
 from .errors import ImagerError, UsageError
+from .guards import check_tape_path
 from .stream import skippable_frame
 
 LABEL_MAGIC = 0x184D2A52
@@ -107,16 +107,20 @@ class TapeSpec:
     changer: str | None = None
     prompt: Callable[[str], None] | None = None
 
+    def __post_init__(self) -> None:
+        # Decided once, before anything is opened: a path under /dev is only ever a drive.
+        self._real_drive = check_tape_path(self.path_for(1))
+        if self._real_drive and self.is_pattern:
+            raise UsageError(f"--tape {self.spec!r}: a set of cartridges as a pattern is for virtual tapes; "
+                             f"a real drive is one device (/dev/nstN) with --changer or the operator")
+
     @property
     def is_pattern(self) -> bool:
         return "{n" in self.spec
 
     @property
     def is_real_drive(self) -> bool:
-        try:
-            return stat.S_ISCHR(os.stat(self.spec).st_mode)
-        except OSError:
-            return False
+        return self._real_drive
 
     @property
     def early_warning_zone(self) -> int | None:
@@ -210,6 +214,13 @@ def read_label(drive: TapeDrive) -> Label | None:
         if mark != b"":
             raise TapeMediaError(f"{drive.path}: the label block is not followed by a filemark (damaged tape)")
     return label
+
+
+def drive_status(drive: TapeDrive, *, with_label: bool = False) -> tuple[TapeStatus, Label | None]:
+    """What the drive reports (MTIOCGET), without moving the tape, as `mt status` does; the label
+    only when asked for, which rewinds the tape to read it."""
+    status = drive.status()
+    return status, (read_label(drive) if with_label else None)
 
 
 def require_label(drive: TapeDrive, expect_label: str | None = None) -> Label:
@@ -323,7 +334,14 @@ class TapeSink:
             # A set of virtual cartridges: append to the last one that exists.
             while os.path.exists(self.spec.path_for(sequence + 1)):
                 sequence += 1
-        drive = self.spec.open(sequence)
+        path = self.spec.path_for(sequence)
+        # Only the first cartridge of a virtual set is made (and labelled) by a backup; a single
+        # virtual tape is made by `imager tape label`.
+        creating = self.spec.is_pattern and not self.spec.is_real_drive and not os.path.exists(path)
+        if not self.spec.is_real_drive and not self.spec.is_pattern and not os.path.exists(path):
+            raise TapeMediaError(f"{path}: no such virtual tape; a tape is labelled before its first backup "
+                                 f"(imager tape label NAME --tape {path})")
+        drive = self.spec.open(sequence, create=creating)
         try:
             label = read_label(drive)
             if label is None and self.spec.is_pattern and sequence == 1 and _is_blank(drive):
@@ -338,6 +356,8 @@ class TapeSink:
             drive.seek_end_of_data()
         except BaseException:
             drive.close()
+            if creating:
+                os.unlink(path)
             raise
         return drive, label
 

@@ -40,7 +40,7 @@ from devices.block import BlockDevice
 from devices.errors import DeviceError
 from devices.ioctl import IOWR
 
-from .errors import ImagerError
+from .errors import ImagerError, UsageError
 
 USED_BLOCKS = "used-blocks"
 ALL_BLOCKS = "all-blocks"
@@ -659,7 +659,7 @@ def plan_excludes(mount_point: str, paths: Iterable[str], device: str) -> list[R
     mount = _mount_of(device, mount_point)
     if mount.fs_type not in EXCLUDABLE:
         # elsewhere FIEMAP's physical offsets need not be offsets on the device (btrfs)
-        raise ImagerError(f"--exclude works on {', '.join(EXCLUDABLE)} only; {mount_point} is {mount.fs_type}")
+        raise UsageError(f"--exclude works on {', '.join(EXCLUDABLE)} only; {mount_point} is {mount.fs_type}")
     fs_device = os.stat(mount_point).st_dev
     ranges: list[Range] = []
     for given in paths:
@@ -667,11 +667,11 @@ def plan_excludes(mount_point: str, paths: Iterable[str], device: str) -> list[R
         try:
             st = os.stat(path)
         except FileNotFoundError:
-            raise ImagerError(f"--exclude {given}: no such file or directory") from None
+            raise UsageError(f"--exclude {given}: no such file or directory") from None
         except OSError as e:
-            raise ImagerError(f"--exclude {given}: {e.strerror}") from None
+            raise UsageError(f"--exclude {given}: {e.strerror}") from None
         if st.st_dev != fs_device:
-            raise ImagerError(f"--exclude {given}: not on the filesystem of {device} "
+            raise UsageError(f"--exclude {given}: not on the filesystem of {device} "
                               f"(mounted at {mount_point})")
         for file_path in _files_under(os.path.realpath(path), fs_device):
             ranges += file_extents(file_path)

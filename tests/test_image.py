@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from imager import jobs
-from imager.errors import ImageFormatError, UsageError
+from imager.errors import UsageError
 from imager.stream import SEEK_TABLE_MAGIC, ImageReader
 
 from conftest import device_size, file_checksums, fsck_clean, imager, run, same_bytes
@@ -174,7 +174,7 @@ def test_backup_bad_inputs_give_one_line_errors(tmp_path, ext4_volume):
     ]
     for args, message in cases:
         r = imager(*args)
-        assert r.returncode == 1, args
+        assert r.returncode == 2, args
         assert message in r.stderr, (args, r.stderr)
         assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert existing.read_bytes() == b"keep me"
@@ -193,25 +193,25 @@ def test_restore_refuses_too_small_mounted_and_existing_targets(imaged, loops, t
     dev, _, image, _ = imaged
     small = loops.create(device_size(dev) // 2)
     r = imager("restore", str(image), small)
-    assert r.returncode == 1 and "too small" in r.stderr
+    assert r.returncode == 2 and "too small" in r.stderr
 
     mounted = loops.create(device_size(dev), fs="ext4")
     point = loops.mount(mounted)
     (point / "precious").write_text("do not lose")
     r = imager("restore", str(image), mounted)
-    assert r.returncode == 1 and "mounted" in r.stderr
+    assert r.returncode == 2 and "mounted" in r.stderr
     assert (point / "precious").read_text() == "do not lose"
 
     existing = tmp_path / "exists.raw"
     existing.write_bytes(b"keep")
     r = imager("restore", str(image), str(existing))
-    assert r.returncode == 1 and "already exists" in r.stderr
+    assert r.returncode == 2 and "already exists" in r.stderr
     assert existing.read_bytes() == b"keep"
     assert imager("restore", str(image), str(existing), "--force").returncode == 0
     assert same_bytes(dev, str(existing), device_size(dev))
 
     r = imager("restore", str(tmp_path / "nope.zst"), str(tmp_path / "x"))
-    assert r.returncode == 1 and "no such image" in r.stderr
+    assert r.returncode == 2 and "no such image" in r.stderr
     for res in (r,):
         assert "Traceback" not in res.stderr
 
@@ -259,7 +259,7 @@ def test_info_and_verify_json(imaged):
 
 
 def test_image_reader_rejects_what_is_not_an_image(tmp_path):
-    with pytest.raises(ImageFormatError, match="no such image"):
+    with pytest.raises(UsageError, match="no such image"):
         ImageReader(str(tmp_path / "missing.zst"))
-    with pytest.raises(ImageFormatError, match="is a directory"):
+    with pytest.raises(UsageError, match="is a directory"):
         ImageReader(str(tmp_path))

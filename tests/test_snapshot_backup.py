@@ -328,9 +328,10 @@ def imager(*args: str, **kw) -> subprocess.CompletedProcess:
                           cwd=REPO_ROOT, timeout=kw.pop("timeout", 120), **kw)
 
 
-def one_line_error(result: subprocess.CompletedProcess, *patterns: str) -> str:
-    """The command failed with exit 1 and one line on stderr, no traceback; returns that line."""
-    assert result.returncode == 1, f"exit {result.returncode}: {result.stdout}{result.stderr}"
+def one_line_error(result: subprocess.CompletedProcess, *patterns: str, code: int = 1) -> str:
+    """The command failed with exit `code` (1 a failed job, 2 a wrong command line) and one line
+    on stderr, no traceback; returns that line."""
+    assert result.returncode == code, f"exit {result.returncode}: {result.stdout}{result.stderr}"
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert lines[0].startswith("imager: error: "), lines[0]
@@ -630,15 +631,19 @@ def fill_with_data(mnt: str, size: int, name: str = "data.bin") -> bytes:
 def test_failure_after_the_snapshot_leaves_nothing_behind(bench):
     vol, source, mnt = bench.ext4_volume("fail")
     fill_with_data(mnt, 8 * MiB)
-    not_a_dir = bench.tmp / "plain-file"
-    not_a_dir.write_bytes(b"a file where a directory should be")
+    vanishing = bench.tmp / "vanishing"
+    vanishing.mkdir()
     taken = []
+
+    def inside_window():
+        taken.append(front.status("fail").snapshot)
+        vanishing.rmdir()  # the destination goes away once the snapshot exists
     with pytest.raises(UsageError, match="no such directory"):
-        jobs.backup_volumes(["fail"], jobs.Destination(output=str(not_a_dir / "fail.zst")), snapshot="cow",
-                            while_frozen=lambda: taken.append(front.status("fail").snapshot))
+        jobs.backup_volumes(["fail"], jobs.Destination(output=str(vanishing / "fail.zst")), snapshot="cow",
+                            while_frozen=inside_window)
     assert taken and taken[0] is not None, "the failure came before the snapshot was taken"
     assert_no_snapshot_leftovers([vol], None)
-    assert not_a_dir.read_bytes() == b"a file where a directory should be"
+    assert not vanishing.exists()
 
     # a destination that fills up half-way through the image (random data does not compress)
     full = bench.tmpfs("full", "1m")
@@ -768,7 +773,7 @@ def test_errors_are_one_line_and_lose_nothing(bench):
     out = bench.tmp / "out"
     out.mkdir()
     one_line_error(imager("backup", "--snapshot", "cow", "nosuch", "-o", str(out / "x.zst")),
-                   "nosuch is not an attached volume", "busy")
+                   "nosuch is not an attached volume", "busy", code=2)
     one_line_error(imager("snapshot", "create", "nosuch"), "no managed volume named 'nosuch'")
     assert os.listdir(out) == []
 
@@ -816,7 +821,7 @@ def test_freeze_backup_blocks_writers_and_thaws(bench):
 
     # an image on the filesystem being frozen is refused, and nothing stays frozen
     refused = imager("backup", "--snapshot", "freeze", device, "-o", os.path.join(mnt, "self.zst"))
-    one_line_error(refused, "which this backup freezes")
+    one_line_error(refused, "which this backup freezes", code=2)
     with pytest.raises(UsageError, match="which this backup freezes"):
         jobs.backup_volumes([device], jobs.Destination(output=os.path.join(mnt, "self.zst")), snapshot="freeze")
     subprocess.run([sys.executable, "-c", f"open({os.path.join(mnt, 'thawed')!r}, 'w').write('ok')"],

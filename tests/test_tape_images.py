@@ -122,6 +122,10 @@ def test_unlabelled_wrong_and_write_protected_tapes_are_refused(volumes, tmp_pat
     dev = volumes[0]
     tape = tmp_path / "t.tap"
     r = imager("backup", dev, "--tape", str(tape))
+    assert r.returncode == 1 and "labelled before its first backup" in r.stderr
+    assert not tape.exists()
+    tape.touch()
+    r = imager("backup", dev, "--tape", str(tape))
     assert r.returncode == 1 and "not labelled" in r.stderr
 
     assert imager("tape", "label", "MONDAY", "--tape", str(tape)).returncode == 0
@@ -216,5 +220,5 @@ def test_verify_of_a_whole_tape_checks_every_image_past_a_damaged_one(volumes, t
 def test_a_cartridge_too_small_for_a_chunk_is_refused_before_writing(volumes, tmp_path):
     pattern = str(tmp_path / "small-{n}.tap")
     r = imager("backup", volumes[0], "--tape", pattern, "--tape-capacity", "8M")
-    assert r.returncode == 1 and "too small" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "too small" in r.stderr and "Traceback" not in r.stderr
     assert not list(tmp_path.glob("small-*.tap"))

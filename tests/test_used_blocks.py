@@ -426,7 +426,7 @@ def test_exclude_leaves_a_mounted_files_data_out(loops, tmp_path, fs):
 
 
 def _assert_refused(result: subprocess.CompletedProcess, outdir: Path, pattern: str) -> None:
-    assert result.returncode == 1, (result.returncode, result.stderr)
+    assert result.returncode == 2, (result.returncode, result.stderr)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("imager: error:"), result.stderr
     assert re.search(pattern, lines[0]), lines[0]

@@ -53,7 +53,7 @@ class StTape(TapeDrive):
             self.status()
         except TapeError as e:
             self.close()
-            if e.errno in (errno.ENOTTY, errno.EINVAL):
+            if e.errno in (errno.ENOTTY, errno.EINVAL, errno.ENOSYS):
                 raise TapeError(errno.ENOTTY, self.path, "not a tape drive (MTIOCGET refused)") from None
             raise
 

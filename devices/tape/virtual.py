@@ -127,13 +127,13 @@ class VirtualTape(TapeDrive):
         try:
             if not self.write_protected:
                 try:
-                    fd = os.open(self.path, os.O_RDWR | extra, 0o666)
+                    fd = os.open(self.path, os.O_RDWR | extra, 0o600)
                 except OSError as e:
                     if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
                         raise
                     self.write_protected = True
             if self.write_protected:
-                fd = os.open(self.path, os.O_RDONLY | extra, 0o666)
+                fd = os.open(self.path, os.O_RDONLY | extra, 0o600)
         except FileNotFoundError:
             raise TapeError(errno.ENOENT, self.path, "no such virtual tape file") from None
         except OSError as e:
