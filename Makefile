@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-deps demo test bench lint clean
+.PHONY: setup system-deps demo test test-long bench lint clean
 
 setup: system-deps $(STAMP)
 
@@ -21,6 +21,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider --benchmark-disable tests
+
+# The fault sweeps at full size (hundreds of kills, thousands of damaged images): hours, not minutes.
+test-long: setup
+	IMAGER_TEST_LONG=1 $(PY) -m pytest -q -p no:cacheprovider --benchmark-disable tests
 
 # The side-by-side tables of the README, then the micro benchmarks (builds the volumes once).
 bench: setup

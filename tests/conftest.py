@@ -13,6 +13,16 @@ from devices import loop
 from devices.block import mounts
 from imager.demo import file_checksums, populate_sample
 
+# Fault sweeps (kills at random moments, damaged images, ...) run in full under `make test-long`
+# (IMAGER_TEST_LONG=1) and at a reduced size in `make test` and CI.
+LONG = os.environ.get("IMAGER_TEST_LONG") == "1"
+
+
+def sweep_size(full: int, reduced: int) -> int:
+    """How many cases a sweep runs: `full` in the long run, `reduced` otherwise."""
+    return full if LONG else reduced
+
+
 def run(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(list(cmd), check=check, capture_output=True, text=True, **kw)
 
