@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from .errors import ImagerError, UsageError
+from .private import check_private_path
 
 SCHEMA_VERSION = 1
 SCHEMA = """
@@ -110,16 +111,19 @@ def _sqlite_errors_reported(method):
 
 class Catalog:
     def __init__(self, path: str | os.PathLike | None = None):
-        self.path = Path(path) if path else default_path()
+        self.path = Path(os.path.abspath(path)) if path else default_path()
+        check_private_path(str(self.path), "catalog")
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # Created 0600 before SQLite opens it: the catalog says where every volume's data is.
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
             self._db = sqlite3.connect(self.path, timeout=30)
             self._db.execute("PRAGMA foreign_keys = ON")
-            with self._db:
-                fresh = not self._db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone()
-                self._db.executescript(SCHEMA)
-                if fresh:
-                    self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            fresh = not self._db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone()
+            if fresh:
+                # One transaction: a process killed half-way leaves an empty file, not tables
+                # without a version.
+                self._db.executescript(f"BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
         except (OSError, sqlite3.Error) as e:
             raise UsageError(f"cannot open the catalog {self.path}: {e}") from None

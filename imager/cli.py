@@ -17,7 +17,8 @@ from devices.errors import DeviceError
 from . import __version__
 from .catalog import Catalog, TapeRecord, record_dict
 from .errors import ImagerError, UsageError
-from .units import count, human_bytes, parse_size, positive_int, positive_size
+from .freeze import DEFAULT_MAX_FREEZE, DEFAULT_MAX_FREEZE_READ
+from .units import count, human_bytes, parse_size, positive_float, positive_size, worker_count
 from .tape import DEFAULT_BLOCK_SIZE, TapeSpec, drive_status, operator_prompt, require_label, write_label
 
 class Output:
@@ -88,7 +89,7 @@ def cmd_backup(args, out: Output) -> int:
                             drive_compression=args.drive_compression)
     options = jobs.ImagingOptions(level=args.level, chunk_size=args.chunk_size, workers=args.workers,
                                   all_blocks=args.all_blocks, excludes=tuple(os.path.abspath(p) for p in args.exclude),
-                                  backups_as_sources=args.force)
+                                  backups_as_sources=args.force, max_freeze=args.max_freeze)
     with out.progress(_source_sizes(args.sources, args.snapshot), "backup") as progress:
         with Catalog(args.catalog) as catalog:
             results = jobs.backup_volumes(args.sources, dest, snapshot=args.snapshot, options=options,
@@ -307,6 +308,8 @@ def _partition_lines(table: dict | None) -> list[str]:
 
 
 def _volume_line(v) -> str:
+    if v.state != "running":
+        return f"{v.name}\t{v.device} -> front {v.front}\t{human_bytes(v.size)}\t{v.state.upper()}: {v.problem}"
     snap = "no snapshot"
     if v.snapshot:
         s = v.snapshot
@@ -327,6 +330,16 @@ def cmd_attach(args, out: Output) -> int:
 
 def _volume_dict(v) -> dict:
     return asdict(v)
+
+
+def cmd_recover(args, out: Output) -> int:
+    from . import front
+    from .fsck import check_filesystem
+
+    v = front.recover(args.name, check=check_filesystem)
+    out.result(_volume_dict(v), [f"recovered {v.name}: {v.device} -> front {v.front}", f"filesystem: {v.problem}"])
+    out.notice(f"mount {v.front} again where it was (its device number may have changed)")
+    return 0
 
 
 def cmd_detach(args, out: Output) -> int:
@@ -350,7 +363,7 @@ def cmd_volumes(args, out: Output) -> int:
 def cmd_snapshot_create(args, out: Output) -> int:
     from . import front
 
-    info = front.snapshot_create(args.names, args.pre_freeze, args.post_thaw)
+    info = front.snapshot_create(args.names, args.pre_freeze, args.post_thaw, max_freeze=args.max_freeze)
     out.result(asdict(info), [f"{s.name}: snapshot at {s.path}" for s in info.snapshots]
                + [f"freeze window {info.freeze_window_ms:.1f} ms"
                   + (f" ({', '.join(info.frozen_mounts)})" if info.frozen_mounts else " (nothing mounted)")])
@@ -482,6 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--pre-freeze", action="append", default=[], metavar="CMD",
                    help="run before freezing (e.g. flush a database); repeatable")
     b.add_argument("--post-thaw", action="append", default=[], metavar="CMD", help="run after thawing; repeatable")
+    b.add_argument("--max-freeze", type=positive_float, metavar="SECONDS",
+                   help="thaw the filesystems after this long whatever happens, and fail the backup "
+                        f"(default {DEFAULT_MAX_FREEZE:g} s for cow, {DEFAULT_MAX_FREEZE_READ:g} s for freeze)")
     b.add_argument("-o", "--output", help="image file to write (.zst); a directory for several volumes; "
                    "- for standard output")
     b.add_argument("--label", help="with --tape: refuse a tape with another label")
@@ -490,7 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--level", type=int, default=DEFAULT_LEVEL, help=f"zstd level (default {DEFAULT_LEVEL})")
     b.add_argument("--chunk-size", type=positive_size, default=DEFAULT_CHUNK_SIZE,
                    help=f"bytes of volume per zstd frame (default {DEFAULT_CHUNK_SIZE >> 20}M)")
-    b.add_argument("--workers", type=positive_int, default=None, help="compression threads (default: all cores)")
+    b.add_argument("--workers", type=worker_count, default=None,
+                   help="compression threads (default: all cores)")
     b.add_argument("-f", "--force", action="store_true",
                    help="replace an existing image; image a source that is itself an image or tape")
     b.add_argument("--all-blocks", action="store_true",
@@ -506,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image file (- for standard input) and target device or file")
     r.add_argument("--image", metavar="ID", help="with --tape: the image id (a prefix will do)")
     r.add_argument("--verify", action="store_true", help="re-read what was written and compare checksums")
-    r.add_argument("--workers", type=positive_int, default=None)
+    r.add_argument("--workers", type=worker_count, default=None, help="decompression threads (default: all cores)")
     r.add_argument("-f", "--force", action="store_true",
                    help="replace an existing target file; overwrite a device that holds a filesystem, "
                         "partition table or RAID/LVM member")
@@ -515,7 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", parents=[common, catalog_opt, tape_opts], help="check every chunk of an image")
     v.add_argument("image_file", nargs="?", metavar="IMAGE", help="image file (- for standard input)")
     v.add_argument("--image", metavar="ID", help="with --tape: only this image (default: all on the tape)")
-    v.add_argument("--workers", type=positive_int, default=None)
+    v.add_argument("--workers", type=worker_count, default=None, help="decompression threads (default: all cores)")
     v.set_defaults(func=cmd_verify)
 
     i = sub.add_parser("info", parents=[common], help="show what an image holds")
@@ -576,12 +593,18 @@ def build_parser() -> argparse.ArgumentParser:
     de.set_defaults(func=cmd_detach)
     vo = sub.add_parser("volumes", parents=[common], help="list managed volumes and their snapshots")
     vo.set_defaults(func=cmd_volumes)
+    rc = sub.add_parser("recover", parents=[common],
+                        help="bring back a volume whose daemon died: re-attach and check its filesystem")
+    rc.add_argument("name", metavar="NAME")
+    rc.set_defaults(func=cmd_recover)
     sp = sub.add_parser("snapshot", help="point-in-time snapshots of managed volumes")
     ssub = sp.add_subparsers(dest="snapshot_command", required=True, metavar="ACTION")
     sc = ssub.add_parser("create", parents=[common], help="snapshot volumes in one freeze window")
     sc.add_argument("names", nargs="+", metavar="NAME")
     sc.add_argument("--pre-freeze", action="append", default=[], metavar="CMD")
     sc.add_argument("--post-thaw", action="append", default=[], metavar="CMD")
+    sc.add_argument("--max-freeze", type=positive_float, default=DEFAULT_MAX_FREEZE, metavar="SECONDS",
+                    help=f"thaw after this long whatever happens, and fail (default {DEFAULT_MAX_FREEZE:g} s)")
     sc.set_defaults(func=cmd_snapshot_create)
     sl = ssub.add_parser("list", parents=[common], help="list snapshots")
     sl.set_defaults(func=cmd_snapshot_list)

@@ -25,6 +25,7 @@ region and the daemon's log, and survives a reboot.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -34,15 +35,16 @@ import stat
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Sequence, Union
+from typing import Callable, Iterable, Sequence
 
 from devices import discover, loop
-from devices.block import freeze, mounts_of, stat_volume, thaw
+from devices.block import mounts_of, stat_volume
 from devices.errors import DeviceError
 
 from .errors import CacheFullError, ImagerError, SnapshotError, UsageError
+from .freeze import DEFAULT_MAX_FREEZE, Hook, freeze_window
+from .private import make_private_dir, open_private
 from .snapshot import state_dir_is_on
 
 RUN_DIR_ENV = "IMAGER_RUN_DIR"
@@ -54,16 +56,18 @@ MOUNT_DIR_NAME = "mnt"
 VOLUME_FILE = "volume"
 SNAPSHOT_FILE = "snapshot"
 LOG_NAME = "daemon.log"
+# What a running daemon says of itself, in its run directory: read without asking the daemon,
+# so that a dead or stuck daemon of one volume never holds up work on another.
+RECORD_NAME = "volume.json"
 READY_TIMEOUT = 60.0
-REQUEST_TIMEOUT = 60.0
-# Filesystems are frozen while this runs out: a daemon that does not answer must not keep
-# every writer of them waiting for long.
-FROZEN_REQUEST_TIMEOUT = 10.0
+# A daemon answers status and snapshot-create in milliseconds; one that does not within these
+# is stopped or stuck, and must not hold up a job for long (filesystems may be frozen meanwhile).
+STATUS_TIMEOUT = 2.0
+# Deleting a snapshot or detaching waits up to a few seconds for the kernel to release handles.
+REQUEST_TIMEOUT = 20.0
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL
 _MAX_SOCKET_PATH = 107
-
-Hook = Union[Callable[[], object], str, Sequence[str]]
 
 
 class VolumeError(ImagerError):
@@ -97,6 +101,8 @@ class VolumeInfo:
     pid: int
     log_path: str
     snapshot: SnapshotInfo | None
+    state: str = "running"      # running | failed (the daemon is gone) | not answering
+    problem: str = ""           # for a volume not running: what happened and what to do
 
 
 @dataclass(frozen=True)
@@ -151,28 +157,30 @@ def _attach(device: str, name: str | None, cache_path: str | None, cache_size: i
             block_size: int | None) -> VolumeInfo:
     device = os.path.abspath(device)
     _check_attachable(device)
-    name = check_name(name or _default_name(device))
-    volumes = list_volumes()
+    name = check_name(name if name is not None else _default_name(device))
+    volumes = records()
     for v in volumes:
-        if v.name == name:
-            raise VolumeError(f"a volume named {name!r} is already attached ({v.device})")
-        if _same_file(v.device, device):
-            raise VolumeError(f"{device} is already managed as {v.name!r} (front {v.front})")
-        if v.front and _same_file(v.front, device):
-            raise VolumeError(f"{device} is the front device of managed volume {v.name!r}, "
-                              f"which is already managed through {v.device}")
+        failed = _daemon_state(v)[0] == "failed"
+        recovery = (f"; its daemon died: recover it with imager recover {v['name']}" if failed else "")
+        if v["name"] == name:
+            raise VolumeError(f"a volume named {name!r} is already attached ({v['device']}){recovery}")
+        if _same_file(v["device"], device):
+            raise VolumeError(f"{device} is already managed as {v['name']!r} (front {v.get('front')}){recovery}")
+        if v.get("front") and _same_file(v["front"], device):
+            raise VolumeError(f"{device} is the front device of managed volume {v['name']!r}, "
+                              f"which is already managed through {v['device']}")
     state_dir = os.path.abspath(cache_path or default_state_dir(name))
-    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    make_private_dir(state_dir)
     for v in volumes:
-        if v.front and state_dir_is_on(v.front, state_dir):
+        if v.get("front") and state_dir_is_on(v["front"], state_dir):
             raise VolumeError(f"the state directory {state_dir} is on the front of managed volume "
-                              f"{v.name!r}; freezing that volume would stall this daemon")
+                              f"{v['name']!r}; freezing that volume would stall this daemon")
     run_dir = run_dir_of(name)
     if len(os.path.join(run_dir, SOCKET_NAME)) > _MAX_SOCKET_PATH:
         raise VolumeError(f"run directory {run_dir} is too long for a Unix socket path; set "
                           f"{RUN_DIR_ENV} to a shorter directory")
     _clear_stale_run_dir(run_dir)
-    os.makedirs(run_dir, mode=0o700, exist_ok=True)
+    make_private_dir(run_dir)
 
     log_path = os.path.join(state_dir, LOG_NAME)
     ready_read, ready_write = os.pipe()
@@ -187,7 +195,7 @@ def _attach(device: str, name: str | None, cache_path: str | None, cache_size: i
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     try:
-        with open(log_path, "ab") as log:
+        with open_private(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, "ab") as log:
             starter = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                        pass_fds=(ready_write,), start_new_session=True, cwd="/", env=env)
         os.close(ready_write)
@@ -206,134 +214,277 @@ def _attach(device: str, name: str | None, cache_path: str | None, cache_size: i
 
 def detach(name: str) -> None:
     """Stop managing a volume: the front loop device goes away, the daemon exits. Refused while a
-    snapshot exists or while the front is mounted or open."""
-    with _connect(name) as conn:
-        reply = conn.request({"op": "detach"})
-        if not reply.get("ok"):
-            raise _error_from(reply)
-        # The daemon closes the connection by exiting: wait for that rather than guess.
+    snapshot exists or while the front is mounted or open. A volume whose daemon died is cleaned
+    up (refused while its dead front is still mounted)."""
+    record = read_record(check_name(name))
+    if record is not None and _daemon_state(record)[0] == "failed":
+        _clear_failed(record)
+        return
+    with _connect(name, REQUEST_TIMEOUT) as conn:
+        pid = _checked(conn.request({"op": "status"}))["volume"]["pid"]
+        _checked(conn.request({"op": "detach"}))
+        # The daemon closes the connection as it exits, then removes its run directory: wait for
+        # the exit itself, so that what it cleans up is gone when detach returns.
         conn.wait_closed(REQUEST_TIMEOUT)
+    _wait_for_exit(pid, REQUEST_TIMEOUT)
+
+
+def _wait_for_exit(pid: int, timeout: float) -> None:
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        if not select.select([pidfd], [], [], timeout)[0]:
+            raise VolumeError(f"the volume daemon (pid {pid}) did not exit in {timeout:g} s")
+    finally:
+        os.close(pidfd)
 
 
 def status(name: str) -> VolumeInfo:
-    return _volume_from(_request(name, {"op": "status"})["volume"])
+    return _volume_from(_request(name, {"op": "status"}, STATUS_TIMEOUT)["volume"])
+
+
+def read_record(name: str) -> dict | None:
+    """What the daemon of volume `name` wrote of itself when it started, or None."""
+    try:
+        with open(os.path.join(run_dir_of(name), RECORD_NAME), "rb") as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("name") == name else None
+
+
+def records() -> list[dict]:
+    """The record of every attached volume, running or not, without asking any daemon."""
+    try:
+        names = sorted(os.listdir(run_base()))
+    except OSError:
+        return []
+    return [r for r in (read_record(n) for n in names) if r is not None]
+
+
+def known_volumes() -> list[VolumeInfo]:
+    """Every attached volume as its record describes it (no snapshot details), without waiting on
+    any daemon: for jobs that only need to know which devices are managed."""
+    return [_volume_from(dict(r, snapshot=None)) for r in records()]
 
 
 def list_volumes() -> list[VolumeInfo]:
-    """Every volume whose daemon answers, by name."""
-    base = run_base()
-    try:
-        names = sorted(os.listdir(base))
-    except FileNotFoundError:
-        return []
+    """Every attached volume by name: what its daemon says, or, for a daemon that is gone or
+    does not answer, what its record says with `state` and `problem` set."""
     result = []
-    for name in names:
-        if not os.path.exists(os.path.join(base, name, SOCKET_NAME)):
-            continue
-        try:
-            result.append(status(name))
-        except VolumeError:
-            continue    # a daemon that died: attach() of that name clears what it left
+    for record in records():
+        state, problem = _daemon_state(record)
+        if state == "running":
+            try:
+                result.append(status(record["name"]))
+                continue
+            except VolumeError as e:
+                state, problem = _daemon_state(record)
+                if state == "running":
+                    state, problem = "not answering", f"{e} (stopped or stuck; see {record['log_path']})"
+        result.append(_volume_from(dict(record, snapshot=None, state=state, problem=problem)))
     return result
+
+
+def _daemon_state(record: dict) -> tuple[str, str]:
+    """("running", "") or ("failed", what happened and what to do) for a volume's record."""
+    try:
+        os.kill(int(record["pid"]), 0)
+        alive = True
+    except ProcessLookupError:
+        alive = False
+    except PermissionError:
+        alive = True
+    if alive and _socket_answers(socket_path_of(record["name"])):
+        return "running", ""
+    front = record.get("front") or "its front"
+    mounted = mounts_of(record["front"]) if record.get("front") else []
+    where = f", mounted at {', '.join(m.mount_point for m in mounted)}," if mounted else ""
+    steps = (f"umount {' '.join(m.mount_point for m in mounted)}; imager recover {record['name']}"
+             if mounted else f"imager recover {record['name']} (or imager detach {record['name']})")
+    return "failed", (f"the volume daemon (pid {record['pid']}) is gone: {front}{where} fails every request; "
+                      f"recover: {steps} (re-attaches {record['device']} and checks the filesystem); "
+                      f"log: {record['log_path']}")
+
+
+def _socket_answers(path: str) -> bool:
+    """Whether a daemon listens on `path`: a connect is accepted by the kernel even while the
+    daemon is stopped, so this tells a dead daemon from a live (maybe stuck) one without waiting."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def require_running(name: str) -> dict:
+    """The record of volume `name`, which must be attached and have a live daemon."""
+    record = read_record(check_name(name))
+    if record is None:
+        attached = [r["name"] for r in records()]
+        hint = f" (attached: {', '.join(attached)})" if attached else ""
+        raise VolumeError(f"no managed volume named {name!r}{hint}")
+    state, problem = _daemon_state(record)
+    if state != "running":
+        raise VolumeError(f"{name}: {problem}")
+    return record
+
+
+def recover(name: str, *, check: Callable[[str], str] | None = None) -> VolumeInfo:
+    """Bring back a volume whose daemon died: clear what the dead daemon left (its front loop
+    device and FUSE mount), attach the source again with the same state directory and cache
+    size, and check the filesystem on the new front with `check` (front -> one-line verdict,
+    returned in `problem`). Refused while the dead front is still mounted: only the user can
+    unmount it safely."""
+    record = read_record(check_name(name))
+    if record is None:
+        raise VolumeError(f"no managed volume named {name!r} to recover")
+    if _daemon_state(record)[0] == "running":
+        raise VolumeError(f"{name}: its daemon is running; nothing to recover")
+    _clear_failed(record)
+    info = attach(record["device"], name=name, cache_path=record["state_dir"],
+                  cache_size=record.get("cache_size"), block_size=record.get("block_size"))
+    if check is not None and info.front:
+        return dataclasses.replace(info, problem=check(info.front))
+    return info
+
+
+def _clear_failed(record: dict) -> None:
+    """Remove what a dead daemon left: its front loop device, its dead FUSE mount, its run dir."""
+    mounted = mounts_of(record["front"]) if record.get("front") else []
+    if mounted:
+        raise VolumeError(f"{record['name']}: its daemon is gone and its front {record['front']} is still "
+                          f"mounted at {', '.join(m.mount_point for m in mounted)}; unmount it first (fuser -m "
+                          f"shows who still uses it), then imager recover {record['name']}")
+    run_dir = record["run_dir"]
+    _clear_stale_run_dir(run_dir)
+    for leftover in (RECORD_NAME, SOCKET_NAME):
+        try:
+            os.unlink(os.path.join(run_dir, leftover))
+        except FileNotFoundError:
+            pass
+    for directory in (os.path.join(run_dir, MOUNT_DIR_NAME), run_dir):
+        try:
+            os.rmdir(directory)
+        except OSError:
+            pass
 
 
 # -- snapshots -------------------------------------------------------------------------------
 
 def snapshot_create(names: str | Iterable[str], pre_freeze_hooks: Sequence[Hook] = (),
                     post_thaw_hooks: Sequence[Hook] = (),
-                    while_frozen: Callable[[], object] | None = None) -> SnapshotSetInfo:
-    """One point-in-time snapshot of every named volume, all in one freeze window.
+                    while_frozen: Callable[[], object] | None = None, *,
+                    max_freeze: float = DEFAULT_MAX_FREEZE) -> SnapshotSetInfo:
+    """One point-in-time snapshot of every named volume, all in one freeze window; they stay until
+    snapshot_delete(). See HeldSnapshots for what the window does."""
+    with HeldSnapshots(names, pre_freeze_hooks, post_thaw_hooks, while_frozen, max_freeze=max_freeze,
+                       hold=False) as held:
+        return held.info
 
-    Runs the pre-freeze hooks, FIFREEZEs every filesystem mounted from the volumes' fronts,
-    switches COW on in every daemon, FITHAWs (always), runs the post-thaw hooks (always, once the
-    pre-freeze hooks started). Either every snapshot exists afterwards or none does.
-    Hooks are callables, shell command strings, or argv lists. `while_frozen` runs inside the
-    window, after COW is on everywhere: what it reads of the filesystems is the snapshot's state
-    (the engine makes its used-block plans there)."""
-    names = _name_list(names)
-    volumes = [status(name) for name in names]
-    for v in volumes:
-        if v.snapshot is not None:
-            raise SnapshotError(f"{v.name} already has a snapshot (generation {v.snapshot.generation}); "
-                                f"delete it first")
-    # Every mount of one block device shares its superblock: freeze it through one of them
-    # (a second FIFREEZE of the same filesystem fails with EBUSY).
-    mount_points = []
-    for v in volumes:
-        mounted = mounts_of(v.front) if v.front else []
-        if mounted:
-            mount_points.append(mounted[0].mount_point)
 
-    created: list[SnapshotInfo] = []
-    created_at = time.time()
-    try:
-        with freeze_window(mount_points, pre_freeze_hooks, post_thaw_hooks) as window:
-            for v in volumes:
-                reply = _request(v.name, {"op": "snapshot-create"}, timeout=FROZEN_REQUEST_TIMEOUT)
+class HeldSnapshots:
+    """A snapshot of every named volume, taken in one freeze window.
+
+    Runs the pre-freeze hooks, FIFREEZEs every filesystem mounted from the volumes' fronts (held
+    by a guard process that thaws when this process dies), switches COW on in every daemon,
+    thaws (always), runs the post-thaw hooks (always, once the pre-freeze hooks started). Either
+    every snapshot exists afterwards or none does. `while_frozen` runs inside the window, after
+    COW is on everywhere: what it reads of the filesystems is the snapshot's state (the engine
+    makes its used-block plans there).
+
+    With `hold` (a backup), each snapshot is tied to a connection to its daemon: close() deletes
+    them, and if this process dies instead, each daemon deletes its snapshot when the connection
+    drops. Without it (`imager snapshot create`) the snapshots stay until deleted."""
+
+    def __init__(self, names: str | Iterable[str], pre_freeze_hooks: Sequence[Hook] = (),
+                 post_thaw_hooks: Sequence[Hook] = (), while_frozen: Callable[[], object] | None = None, *,
+                 max_freeze: float = DEFAULT_MAX_FREEZE, hold: bool = True):
+        self.names = _name_list(names)
+        self.hold = hold
+        self._connections: list[_Connection] = []
+        self._asked: list[str] = []       # the volumes told to switch COW on
+        try:
+            self.info = self._take(pre_freeze_hooks, post_thaw_hooks, while_frozen, max_freeze)
+        except BaseException:
+            self._drop_all()
+            raise
+
+    def _take(self, pre_freeze_hooks, post_thaw_hooks, while_frozen, max_freeze) -> SnapshotSetInfo:
+        for name in self.names:
+            require_running(name)
+            self._connections.append(_connect(name, STATUS_TIMEOUT))
+        volumes = [_volume_from(_checked(conn.request({"op": "status"}))["volume"]) for conn in self._connections]
+        for v in volumes:
+            if v.snapshot is not None:
+                raise SnapshotError(f"{v.name} already has a snapshot (generation {v.snapshot.generation}); "
+                                    f"delete it first")
+        # Every mount of one block device shares its superblock: freeze it through one of them
+        # (a second FIFREEZE of the same filesystem fails with EBUSY).
+        mount_points = []
+        for v in volumes:
+            mounted = mounts_of(v.front) if v.front else []
+            if mounted:
+                mount_points.append(mounted[0].mount_point)
+        created: list[SnapshotInfo] = []
+        created_at = time.time()
+        with freeze_window(mount_points, pre_freeze_hooks, post_thaw_hooks, max_seconds=max_freeze) as window:
+            for conn in self._connections:
+                self._asked.append(conn.name)
+                reply = _checked(conn.request({"op": "snapshot-create", "hold": self.hold}))
                 created.append(_volume_from(reply["volume"]).snapshot)
             if while_frozen is not None:
                 while_frozen()
-    except BaseException:
-        # Every volume of the set, not only those that answered: a daemon whose answer timed
-        # out may still have switched COW on.
-        for v in volumes:
+            window.check()
+        return SnapshotSetInfo(created, window.milliseconds, window.frozen, created_at)
+
+    def _drop_all(self) -> None:
+        """Delete every snapshot this set asked for, not only those that answered: a daemon whose
+        answer timed out may still have switched COW on. (A held one also goes when its
+        connection closes; a stuck daemon is not waited for long.)"""
+        for conn in self._connections:
+            conn.close()
+        self._connections = []
+        for name in self._asked:
             try:
-                _request(v.name, {"op": "snapshot-delete", "force": True})
+                _request(name, {"op": "snapshot-delete", "force": True}, STATUS_TIMEOUT)
             except ImagerError:
                 pass
-        raise
-    return SnapshotSetInfo(created, window.milliseconds, window.frozen, created_at)
 
+    def close(self) -> None:
+        """Delete the snapshots of a held set, waiting for each daemon's answer."""
+        failures = []
+        for conn in self._connections:
+            try:
+                conn.timeout = REQUEST_TIMEOUT
+                _checked(conn.request({"op": "snapshot-delete", "force": True}))
+            except ImagerError as e:
+                failures.append(str(e))
+            finally:
+                conn.close()
+        self._connections = []
+        if failures:
+            raise SnapshotError("; ".join(failures))
 
-@dataclass
-class FreezeWindow:
-    frozen: list[str] = field(default_factory=list)
-    milliseconds: float = 0.0
+    def __enter__(self) -> "HeldSnapshots":
+        return self
 
-
-@contextmanager
-def freeze_window(mount_points: Sequence[str], pre_freeze_hooks: Sequence[Hook] = (),
-                  post_thaw_hooks: Sequence[Hook] = ()) -> Iterator[FreezeWindow]:
-    """Run the pre-freeze hooks, FIFREEZE every mount point, run the body, FITHAW every one
-    (always), run the post-thaw hooks (always, once the pre-freeze hooks started). The first
-    failure is the one raised; the window's length is measured from first freeze to last thaw."""
-    window = FreezeWindow()
-    failure: BaseException | None = None
-    try:
-        run_hooks(pre_freeze_hooks, "pre-freeze")
-        started = time.perf_counter()
-        try:
-            for point in mount_points:
-                try:
-                    freeze(point)
-                except DeviceError as e:
-                    raise SnapshotError(str(e)) from None
-                window.frozen.append(point)
-            yield window
-        finally:
-            thaw_failures = _thaw_all(reversed(window.frozen))
-            window.milliseconds = (time.perf_counter() - started) * 1000.0
-        if thaw_failures:
-            raise SnapshotError("; ".join(thaw_failures))
-    except BaseException as e:
-        failure = e
-    try:
-        run_hooks(post_thaw_hooks, "post-thaw")
-    except SnapshotError as e:
-        failure = failure or e     # the first failure is the one to report
-    if failure is not None:
-        raise failure
-
-
-def _thaw_all(mount_points: Iterable[str]) -> list[str]:
-    """Thaw every one, whatever fails: a filesystem left frozen hangs its writers."""
-    failures = []
-    for point in mount_points:
-        try:
-            thaw(point)
-        except DeviceError as e:
-            failures.append(str(e))
-    return failures
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.hold:
+            try:
+                self.close()
+            except ImagerError:
+                if exc_type is None:
+                    raise   # a failure of the job itself is the one to report
+        else:
+            for conn in self._connections:
+                conn.close()
+            self._connections = []
 
 
 def snapshot_delete(names: str | Iterable[str], *, force: bool = False, missing_ok: bool = False) -> None:
@@ -348,7 +499,7 @@ def snapshot_delete(names: str | Iterable[str], *, force: bool = False, missing_
                 if not missing_ok:
                     failures.append(f"{name} has no snapshot")
                 continue
-            _request(name, {"op": "snapshot-delete", "force": force})
+            _request(name, {"op": "snapshot-delete", "force": force}, REQUEST_TIMEOUT)
         except ImagerError as e:
             failures.append(str(e))
     if failures:
@@ -366,6 +517,8 @@ def _check_attachable(device: str) -> None:
         st = stat_volume(device)
     except DeviceError as e:
         raise VolumeError(str(e)) from None
+    if stat.S_ISREG(st.st_mode) and st.st_size == 0:
+        raise VolumeError(f"{device}: is empty (size 0); a volume needs room for a filesystem")
     if stat.S_ISBLK(st.st_mode):
         refuse_esp(device, "cow")
     mounted = mounts_of(device)
@@ -482,23 +635,6 @@ def _name_list(names: str | Iterable[str]) -> list[str]:
     return [check_name(n) for n in result]
 
 
-def run_hooks(hooks: Sequence[Hook], stage: str) -> None:
-    for hook in hooks:
-        try:
-            if callable(hook):
-                hook()
-            elif isinstance(hook, str):
-                subprocess.run(hook, shell=True, check=True)
-            else:
-                subprocess.run(list(hook), check=True)
-        except subprocess.CalledProcessError as e:
-            raise SnapshotError(f"{stage} hook {hook!r} failed with exit status {e.returncode}") from None
-        except ImagerError:
-            raise
-        except Exception as e:
-            raise SnapshotError(f"{stage} hook {hook!r} failed: {e}") from None
-
-
 _ERRORS = {cls.__name__: cls for cls in (ImagerError, UsageError, SnapshotError, CacheFullError, VolumeError)}
 
 
@@ -511,7 +647,14 @@ def _volume_from(d: dict) -> VolumeInfo:
     return VolumeInfo(
         name=d["name"], device=d["device"], size=d["size"], front=d.get("front"),
         fuse_file=d["fuse_file"], state_dir=d["state_dir"], run_dir=d["run_dir"], pid=d["pid"],
-        log_path=d["log_path"], snapshot=SnapshotInfo(**snap) if snap else None)
+        log_path=d["log_path"], snapshot=SnapshotInfo(**snap) if snap else None,
+        state=d.get("state", "running"), problem=d.get("problem", ""))
+
+
+def _checked(reply: dict) -> dict:
+    if not reply.get("ok"):
+        raise _error_from(reply)
+    return reply
 
 
 class _Connection:
@@ -525,7 +668,10 @@ class _Connection:
             self.sock.connect(path)
         except (FileNotFoundError, ConnectionRefusedError):
             self.sock.close()
-            attached = [n for n in _names_with_sockets() if n != name]
+            record = read_record(name)
+            if record is not None:
+                raise VolumeError(f"{name}: {_daemon_state(record)[1]}") from None
+            attached = [r["name"] for r in records() if r["name"] != name]
             hint = f" (attached: {', '.join(attached)})" if attached else ""
             raise VolumeError(f"no managed volume named {name!r}{hint}") from None
         except OSError as e:
@@ -534,12 +680,13 @@ class _Connection:
         self.reader = self.sock.makefile("rb")
 
     def request(self, payload: dict) -> dict:
+        self.sock.settimeout(self.timeout)
         try:
             self.sock.sendall(json.dumps(payload).encode() + b"\n")
             line = self.reader.readline()
         except socket.timeout:
-            raise VolumeError(f"the daemon of {self.name!r} did not answer {payload['op']!r} "
-                              f"in {self.timeout:.0f} s") from None
+            raise VolumeError(f"the daemon of volume {self.name!r} did not answer {payload['op']!r} in "
+                              f"{self.timeout:g} s (stopped or stuck? see its log)") from None
         except OSError as e:
             raise VolumeError(f"lost the daemon of {self.name!r}: {e.strerror}") from None
         if not line:
@@ -571,14 +718,4 @@ def _connect(name: str, timeout: float = REQUEST_TIMEOUT) -> _Connection:
 
 def _request(name: str, payload: dict, timeout: float = REQUEST_TIMEOUT) -> dict:
     with _connect(name, timeout) as conn:
-        reply = conn.request(payload)
-    if not reply.get("ok"):
-        raise _error_from(reply)
-    return reply
-
-
-def _names_with_sockets() -> list[str]:
-    try:
-        return sorted(n for n in os.listdir(run_base()) if os.path.exists(os.path.join(run_base(), n, SOCKET_NAME)))
-    except OSError:
-        return []
+        return _checked(conn.request(payload))

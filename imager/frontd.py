@@ -36,8 +36,9 @@ from devices import loop
 from devices.block import BlockDevice, mounts_of
 from devices.errors import DeviceError
 
-from . import front
+from . import failpoints, front
 from .errors import ImagerError, SnapshotError
+from .private import open_private
 from .snapshot import DEFAULT_BLOCK_SIZE, CowStore, SnapshotView
 
 log = logging.getLogger("imager.frontd")
@@ -158,15 +159,20 @@ class VolumeFilesystem(mfusepy.Operations):
 
     def read_into(self, path, dst: memoryview, offset: int, fi) -> int:
         view = self._handles.get(fi.fh)
-        if view is None:
-            return self.store.read_into(dst, offset)
         try:
+            if view is None:
+                return self.store.read_into(dst, offset)
             return view.read_into(dst, offset)
         except SnapshotError as e:
             # Say why once per snapshot, not once per request.
             if self.store.generation != self._reported_unreadable_generation:
                 self._reported_unreadable_generation = self.store.generation
                 log.error("%s", e)
+            raise mfusepy.FuseOSError(errno.EIO) from None
+        except (ImagerError, DeviceError, OSError) as e:
+            # The reader gets EIO, as from a disk; the offset and the cause go to the log.
+            log.error("read of %d bytes at offset %d of %s failed: %s", len(dst), offset,
+                      "the snapshot" if view is not None else "the volume", e)
             raise mfusepy.FuseOSError(errno.EIO) from None
 
     def write_from(self, path, src: memoryview, offset: int, fi) -> int:
@@ -177,8 +183,8 @@ class VolumeFilesystem(mfusepy.Operations):
         src = src[:self.store.size - offset]
         try:
             self.store.write(offset, src)
-        except (ImagerError, DeviceError) as e:
-            log.error("write of %d bytes at %d failed: %s", len(src), offset, e)
+        except (ImagerError, DeviceError, OSError) as e:
+            log.error("write of %d bytes at offset %d failed: %s", len(src), offset, e)
             raise mfusepy.FuseOSError(errno.EIO) from None
         return len(src)
 
@@ -339,6 +345,10 @@ class VolumeDaemon:
         op = request.get("op")
         if op == "status":
             return {"ok": True, "volume": self.describe()}
+        if op == "failpoints" and failpoints.ENABLED:
+            failpoints.configure(str(request.get("set", "")))
+            log.warning("failpoints armed: %r", request.get("set"))
+            return {"ok": True}
         with self._control_lock:
             if op == "snapshot-create":
                 self.store.start_snapshot()
@@ -351,6 +361,26 @@ class VolumeDaemon:
                 self.detach()
                 return {"ok": True, "stopping": True}
         raise front.VolumeError(f"unknown request {op!r}")
+
+    def drop_abandoned_snapshot(self, generation: int) -> None:
+        """The backup that held snapshot `generation` is gone without deleting it: delete it."""
+        with self._control_lock:
+            if not self.store.snapshot_active or self.store.generation != generation:
+                return
+            log.warning("the backup holding snapshot generation %d went away: deleting the snapshot", generation)
+            try:
+                self._delete_snapshot(force=True)
+            except (ImagerError, DeviceError) as e:
+                log.error("could not delete the abandoned snapshot: %s", e)
+
+    def write_record(self) -> None:
+        """Say who we are in the run directory, for clients that must not wait on a daemon that
+        may be stuck (and to tell what a dead daemon left behind)."""
+        record = dict(self.describe(), snapshot=None, cache_size=self.cache_size, block_size=self.block_size)
+        path = os.path.join(self.run_dir, front.RECORD_NAME)
+        with open_private(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "w") as f:
+            json.dump(record, f)
+        os.replace(path + ".tmp", path)
 
     def _delete_snapshot(self, force: bool) -> None:
         if not self.store.snapshot_active:
@@ -447,21 +477,35 @@ class _ControlServer(socketserver.ThreadingUnixStreamServer):
 class _ControlHandler(socketserver.StreamRequestHandler):
     def handle(self) -> None:
         daemon: VolumeDaemon = self.server.daemon
-        for line in self.rfile:
-            try:
-                reply = daemon.handle(json.loads(line))
-            except (ImagerError, DeviceError) as e:
-                reply = {"ok": False, "error": str(e), "kind": type(e).__name__}
-            except Exception as e:
-                log.exception("request %r failed", line)
-                reply = {"ok": False, "error": f"internal error in the volume daemon: {e}", "kind": "VolumeError"}
-            stopping = reply.pop("stopping", False)
-            self.wfile.write(json.dumps(reply).encode() + b"\n")
-            self.wfile.flush()
-            if stopping:
-                # The client learns that the daemon is gone when this connection closes at exit.
-                self.server.shutdown()
-                return
+        # The snapshot generation this connection holds (a backup's): when the connection drops
+        # before the backup deletes it, the backup died, and the snapshot goes with it.
+        held: int | None = None
+        try:
+            for line in self.rfile:
+                try:
+                    request = json.loads(line)
+                    reply = daemon.handle(request)
+                    if request.get("op") == "snapshot-create" and request.get("hold"):
+                        held = daemon.store.generation
+                    elif request.get("op") == "snapshot-delete":
+                        held = None
+                except (ImagerError, DeviceError) as e:
+                    reply = {"ok": False, "error": str(e), "kind": type(e).__name__}
+                except Exception as e:
+                    log.exception("request %r failed", line)
+                    reply = {"ok": False, "error": f"internal error in the volume daemon: {e}", "kind": "VolumeError"}
+                stopping = reply.pop("stopping", False)
+                self.wfile.write(json.dumps(reply).encode() + b"\n")
+                self.wfile.flush()
+                if stopping:
+                    # The client learns that the daemon is gone when this connection closes at exit.
+                    self.server.shutdown()
+                    return
+        except OSError:
+            pass    # the client went away mid-request: handled below like any other drop
+        finally:
+            if held is not None:
+                daemon.drop_abandoned_snapshot(held)
 
 
 def _check_not_claimed(device: str) -> None:
@@ -563,16 +607,18 @@ def main(argv: list[str] | None = None) -> int:
         _send_ready(args.ready_fd, failure)
         return 1
 
+    daemon.write_record()
     _send_ready(args.ready_fd, {"ok": True, "volume": daemon.describe()})
     try:
         # The poll interval bounds how long detach waits for the server loop to notice shutdown().
         daemon.server.serve_forever(poll_interval=0.05)
     finally:
         daemon.server.server_close()
-        try:
-            os.unlink(daemon.socket_path)
-        except FileNotFoundError:
-            pass
+        for path in (daemon.socket_path, os.path.join(daemon.run_dir, front.RECORD_NAME)):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
         try:
             os.rmdir(daemon.run_dir)
         except OSError:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import stat
+import subprocess
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -17,11 +19,12 @@ from devices.buffers import AlignedBuffer, BufferPool
 from devices.errors import DeviceError
 
 from . import __version__, front
+from .freeze import DEFAULT_MAX_FREEZE, DEFAULT_MAX_FREEZE_READ, freeze_window
 from .catalog import Catalog, ImageRecord, SegmentRecord, TapeRecord, record_dict
 from .errors import CacheFullError, ChunkError, ImageFormatError, ImagerError, SnapshotError, UsageError
 from .guards import backup_artifact_kind, check_image_output, check_restore_target, refuse_overwriting_data
 from .pipeline import default_workers, run_ordered
-from .sinks import STDOUT, FileSink, StreamSink, create_beside, fsync_directory_of
+from .sinks import STDOUT, AtomicFile, FileSink, StreamSink
 from .tape import (DEFAULT_BLOCK_SIZE, TapeFileInfo, TapeImageStream, TapeMediaError, TapeSink, TapeSpec,
                    read_label, require_label, scan_files)
 from .stream import (DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL, DIGEST_SIZE, MAX_CHUNK_SIZE, TRAILER_MAGIC, EncodedChunk,
@@ -261,7 +264,7 @@ def _warn_if_mounted_rw(source: str, on_notice: Callable[[str], None] | None) ->
     if os.path.isdir(partitions_dir):
         through += [f"/dev/{entry}" for entry in sorted(os.listdir(partitions_dir))
                     if os.path.exists(f"{partitions_dir}/{entry}/partition")]
-    through += [v.front for v in front.list_volumes() if v.front and os.path.realpath(v.device) == real]
+    through += [v.front for v in front.known_volumes() if v.front and os.path.realpath(v.device) == real]
     for path in through:
         for m in block.mounts_of(path):
             if not m.read_only:
@@ -279,6 +282,22 @@ class ImagingOptions:
     all_blocks: bool = False
     excludes: tuple[str, ...] = ()
     backups_as_sources: bool = False    # image a source that is itself an image, zstd file or tape
+    max_freeze: float | None = None     # seconds; None: the provider's default
+
+
+def remove_stale_planning_mounts(on_notice: Callable[[str], None] | None = None) -> None:
+    """Earlier versions planned unmounted volumes on mounts under /run/imager-plan-*, which a
+    killed job left behind; plans are made in private mount namespaces now, which nothing can
+    leave behind. Remove what an old one left, and say so."""
+    for point in sorted(glob.glob("/run/imager-plan-*")):
+        if os.path.ismount(point):
+            subprocess.run(["umount", "-l", point], capture_output=True)
+        try:
+            os.rmdir(point)
+        except OSError:
+            continue
+        if on_notice:
+            on_notice(f"removed {point}, a planning mount left by a killed imager")
 
 
 def plan_source(source: str, size: int, options: ImagingOptions, fs_meta: dict,
@@ -353,7 +372,10 @@ class Destination:
 
 def _write_one(dev: VolumeSource, dest: Destination, name: str, options: ImagingOptions, *, many: bool,
                plan: UsedMap | None, partitions: dict | None, source_meta: dict, snapshot_meta: dict,
-               progress: Progress | None, catalog: Catalog | None) -> BackupResult:
+               progress: Progress | None, catalog: Catalog | None,
+               before_commit: Callable[[], None] | None = None) -> BackupResult:
+    """Image one volume into the destination. `before_commit` may still refuse the image (the
+    freeze it was read under expired) before it takes its final name."""
     image_id = uuid.uuid4().hex
     if dest.tape:
         sink = TapeSink(dest.tape, image_id=image_id, block_size=dest.block_size,
@@ -372,6 +394,8 @@ def _write_one(dev: VolumeSource, dest: Destination, name: str, options: Imaging
                              progress=progress, image_id=image_id, plan=plan, partitions=partitions,
                              excludes=list(options.excludes))
         record = image_record(result.header, result.bytes_written, result.image_digest)
+        if before_commit is not None:
+            before_commit()
         if dest.tape:
             sink.commit(record_dict(record))
         else:
@@ -419,6 +443,7 @@ def backup_volumes(sources: list[str], dest: Destination, *, snapshot: str = "no
         raise UsageError("nothing to back up: give at least one source")
     many = len(sources) > 1
     dest.check(many)
+    remove_stale_planning_mounts(on_notice)
     if options.excludes and options.all_blocks:
         raise UsageError("--exclude leaves blocks out of the used-block plan; it cannot go with --all-blocks")
     if snapshot == "cow":
@@ -486,7 +511,8 @@ def _backup_frozen(devices: list[BlockDevice], dest: Destination, options: Imagi
     _refuse_destination_on(mounted, dest, many, catalog)
     results = []
     created = _now()
-    with front.freeze_window(list(mounted.values()), pre_freeze, post_thaw) as window:
+    with freeze_window(list(mounted.values()), pre_freeze, post_thaw,
+                       max_seconds=options.max_freeze or DEFAULT_MAX_FREEZE_READ) as window:
         plans = {dev.path: _frozen_plan(dev.path, dev.size, mounted[dev.path], options)
                  for dev in devices if dev.path in mounted}
         if while_frozen is not None:
@@ -498,7 +524,8 @@ def _backup_frozen(devices: list[BlockDevice], dest: Destination, options: Imagi
             meta = {"provider": "freeze", "time": created, "frozen": list(mounted.values())}
             results.append(_write_one(dev, dest, _volume_name(dev.path), options, many=many, plan=plan,
                                       partitions=partitions, source_meta=fs_meta,
-                                      snapshot_meta=meta, progress=progress, catalog=catalog))
+                                      snapshot_meta=meta, progress=progress, catalog=catalog,
+                                      before_commit=window.check))
     for r in results:
         r.freeze_window_ms = round(window.milliseconds, 1)
     return results
@@ -506,7 +533,7 @@ def _backup_frozen(devices: list[BlockDevice], dest: Destination, options: Imagi
 
 def resolve_volumes(sources: list[str]) -> list:
     """The managed volumes named by `sources`: a volume name, its front device or its source device."""
-    volumes = front.list_volumes()
+    volumes = front.known_volumes()
     chosen = []
     for source in sources:
         real = os.path.realpath(source)
@@ -536,33 +563,38 @@ def _backup_cow(sources: list[str], dest: Destination, options: ImagingOptions, 
         if while_frozen is not None:
             while_frozen()
 
-    snapshot_set = front.snapshot_create([v.name for v in volumes], pre_freeze, post_thaw,
-                                         while_frozen=inside_window)
+    # Held: if this process dies, every daemon deletes its snapshot when the connection drops.
+    with front.HeldSnapshots([v.name for v in volumes], pre_freeze, post_thaw, inside_window,
+                             max_freeze=options.max_freeze or DEFAULT_MAX_FREEZE) as held:
+        return _write_snapshots(volumes, held.info, dest, options, many, plans, progress, catalog)
+
+
+def _write_snapshots(volumes: list, snapshot_set: front.SnapshotSetInfo, dest: Destination, options: ImagingOptions,
+                     many: bool, plans: dict[str, UsedMap], progress, catalog) -> list[BackupResult]:
     # One instant for the whole set: when COW went on in the first volume, inside the window.
     set_time = datetime.fromtimestamp(min(s.created_at for s in snapshot_set.snapshots), timezone.utc)
     results = []
-    try:
-        for v, snap in zip(volumes, snapshot_set.snapshots):
-            with BlockDevice(snap.path, direct=True) as view:
-                plan = plans.get(v.name)
-                if plan is None:
-                    plan = UsedMap.all_blocks(view.size, "--all-blocks") if options.all_blocks else plan_volume(snap.path)
-                meta = {"provider": "cow", "time": set_time.isoformat(timespec="milliseconds"),
-                        "freeze_window_ms": round(snapshot_set.freeze_window_ms, 2),
-                        "volumes": [x.name for x in volumes], "volume": v.name}
-                try:
-                    result = _write_one(view, dest, v.name, options, many=many, plan=plan, partitions=None,
-                                        source_meta=dict(probe_filesystem(snap.path), path=v.device, volume=v.name,
-                                                         front=v.front, view=snap.path),
-                                        snapshot_meta=meta, progress=progress, catalog=catalog)
-                except (DeviceError, SnapshotError):
-                    # The daemon answers a read of an invalidated snapshot with EIO: say why.
-                    _raise_if_invalidated(v.name)
-                    raise
-            result.freeze_window_ms = round(snapshot_set.freeze_window_ms, 2)
-            results.append(result)
-    finally:
-        front.snapshot_delete([v.name for v in volumes], force=True, missing_ok=True)
+    for v, snap in zip(volumes, snapshot_set.snapshots):
+        with BlockDevice(snap.path, direct=True) as view:
+            plan = plans.get(v.name)
+            if plan is None:
+                plan = UsedMap.all_blocks(view.size, "--all-blocks") if options.all_blocks else plan_volume(snap.path)
+            meta = {"provider": "cow", "time": set_time.isoformat(timespec="milliseconds"),
+                    "freeze_window_ms": round(snapshot_set.freeze_window_ms, 2),
+                    "volumes": [x.name for x in volumes], "volume": v.name}
+            try:
+                result = _write_one(view, dest, v.name, options, many=many, plan=plan, partitions=None,
+                                    source_meta=dict(probe_filesystem(snap.path), path=v.device, volume=v.name,
+                                                     front=v.front, view=snap.path),
+                                    snapshot_meta=meta, progress=progress, catalog=catalog)
+            except (DeviceError, SnapshotError) as e:
+                # The daemon answers a read of an invalidated snapshot with EIO: say why; any
+                # other read error is the source's, which the daemon's log names.
+                _raise_if_invalidated(v.name)
+                raise ImagerError(f"{e} (reading the snapshot of {v.name}; its daemon's log says why: "
+                                  f"{v.log_path})") from None
+        result.freeze_window_ms = round(snapshot_set.freeze_window_ms, 2)
+        results.append(result)
     return results
 
 
@@ -609,7 +641,7 @@ class _RestoreTarget:
 
     def __init__(self, path: str, volume_size: int, force: bool):
         self.path = path
-        self.temp_path: str | None = None
+        self.file: AtomicFile | None = None
         self.fresh_file = False
         st = check_restore_target(path)
         if st is not None and stat.S_ISBLK(st.st_mode):
@@ -638,15 +670,13 @@ class _RestoreTarget:
         directory = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(directory):
             raise UsageError(f"{directory}: no such directory")
-        fd, self.temp_path = create_beside(path)
+        self.file = AtomicFile(path, replace=force)
         try:
-            os.ftruncate(fd, volume_size)
-            self.dev = BlockDevice(self.temp_path, writable=True, direct=False)
+            os.ftruncate(self.file.fd, volume_size)
+            self.dev = BlockDevice(self.file.open_path, writable=True, direct=False)
         except (OSError, DeviceError) as e:
-            os.unlink(self.temp_path)
+            self.file.abort()
             raise UsageError(f"cannot create {path}: {getattr(e, 'strerror', None) or e}") from None
-        finally:
-            os.close(fd)
         self.fresh_file = True
 
     def write_chunk(self, offset: int, data: bytes | None, length: int) -> None:
@@ -658,18 +688,17 @@ class _RestoreTarget:
 
     def finish(self) -> None:
         self.dev.flush()
-        if self.temp_path:
-            os.rename(self.temp_path, self.path)
-            self.temp_path = None
-            fsync_directory_of(self.path)
+        if self.file is not None:
+            try:
+                self.file.commit()
+            except FileExistsError:
+                raise UsageError(f"{self.path}: appeared while restoring; not replaced (use --force)") from None
+            self.file = None
 
     def abort(self) -> None:
         self.dev.close()
-        if self.temp_path:
-            try:
-                os.unlink(self.temp_path)
-            except FileNotFoundError:
-                pass
+        if self.file is not None:
+            self.file.abort()
 
     def close(self) -> None:
         self.dev.close()

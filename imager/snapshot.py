@@ -38,6 +38,7 @@ import os
 import stat
 import threading
 import time
+import dataclasses
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -47,7 +48,9 @@ from devices.block import preallocate
 from devices.buffers import AlignedBuffer
 from devices.errors import DeviceError
 
+from . import failpoints
 from .errors import CacheFullError, SnapshotError
+from .private import make_private_dir, open_private
 from .units import human_bytes
 
 DEFAULT_BLOCK_SIZE = 64 * 1024
@@ -105,7 +108,7 @@ class CowStore:
         self.cache_capacity = cache_capacity
         self._capacity_slots = None if cache_capacity is None else cache_capacity // block_size
 
-        os.makedirs(self.state_dir, exist_ok=True)
+        make_private_dir(self.state_dir)
         refuse_state_dir_on_volume(device.path, self.state_dir)
 
         self._stripes = [threading.Lock() for _ in range(LOCK_STRIPES)]
@@ -114,7 +117,7 @@ class CowStore:
         self._io = _AlignedDeviceIO(device)
         self._closed = False
         # One store per state directory: two would hand out the same cache slots.
-        self._lock_fd = os.open(self._path(LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._lock_fd = os.open(self._path(LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -136,7 +139,7 @@ class CowStore:
         self._index_map = _open_mapped(self._path(INDEX_FILE), self.block_count * 8)
         self._index = memoryview(self._index_map).cast("q")
         self._index_array = np.frombuffer(self._index_map, dtype=np.int64)
-        self._cache_fd = os.open(self._path(CACHE_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._cache_fd = os.open(self._path(CACHE_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         self._cache_slots_used = -(-os.fstat(self._cache_fd).st_size // block_size)
         self._cache_preallocated = 0
         self._cow_active = self._state.active
@@ -187,7 +190,8 @@ class CowStore:
         path = self._path(STATE_FILE)
         tmp = path + ".tmp"
         try:
-            with open(tmp, "w") as f:
+            failpoints.check("state.persist")
+            with open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "w") as f:
                 json.dump(asdict(state), f)
                 f.flush()
                 os.fsync(f.fileno())
@@ -262,11 +266,14 @@ class CowStore:
             with self._state_lock:
                 self._cache_slots_used = 0
                 self._cache_preallocated = 0
-                state = self._state
-                state.active, state.invalid, state.invalid_reason, state.cache_full = True, False, "", False
-                state.generation += 1
-                state.started_at = time.time()
-                self._persist(state)
+                state = dataclasses.replace(self._state, active=True, invalid=False, invalid_reason="",
+                                            cache_full=False, generation=self._state.generation + 1,
+                                            started_at=time.time())
+                try:
+                    self._persist(state)
+                except OSError as e:
+                    raise SnapshotError(f"cannot record the snapshot in {self.state_dir}: {e.strerror}") from None
+                self._state = state
             self._cow_active = True
 
     def end_snapshot(self) -> None:
@@ -312,7 +319,11 @@ class CowStore:
         held = self._lock_blocks(first, last)
         try:
             if self._cow_active:
-                self._preserve_originals(first, last)
+                try:
+                    self._preserve_originals(first, last)
+                except Exception as e:
+                    # Whatever goes wrong keeping originals costs the snapshot, never the write.
+                    self._invalidate(f"keeping the originals of blocks {first}-{last} failed: {e}")
             self._io.write(src, offset)
         finally:
             self._unlock(held)
@@ -333,11 +344,19 @@ class CowStore:
         return bytes(buf[:got])
 
     def flush(self) -> None:
-        """Make everything written so far durable, originals before the writes that replaced them."""
+        """Make everything written so far durable, originals before the writes that replaced them.
+        Only the device's flush can fail the caller: if the originals cannot be made durable
+        (a full or failing state filesystem), the snapshot is invalid instead."""
         self._check_open()
-        os.fsync(self._cache_fd)
-        self._index_map.flush()
-        self._bitmap_map.flush()
+        if self._cow_active and not self._state.invalid:
+            try:
+                failpoints.check("cow.cache-sync")
+                os.fsync(self._cache_fd)
+                self._index_map.flush()
+                self._bitmap_map.flush()
+            except OSError as e:
+                self._invalidate(f"the cache region could not be made durable: {e.strerror}")
+        failpoints.check("source.flush")
         self.device.flush()
 
     def _preserve_originals(self, first: int, last: int) -> None:
@@ -366,13 +385,15 @@ class CowStore:
         scratch = _scratch(max(SCRATCH_SIZE, self.block_size))
         length = count * self.block_size
         try:
+            failpoints.check("cow.read-original", block * self.block_size, length)
             got = self._io.read(scratch.view[:length], block * self.block_size)
-        except DeviceError as e:
+        except (DeviceError, OSError) as e:
             # The write may still succeed (drives remap a bad sector on write): let it, but the
             # snapshot has lost this block's original.
             self._invalidate(f"the original of block {block} could not be read: {e}")
             return
         try:
+            failpoints.check("cow.cache-write")
             _pwrite_all(self._cache_fd, scratch.view[:got], slot * self.block_size)
         except OSError as e:
             reason = "the cache region's filesystem is full" if e.errno == errno.ENOSPC else \
@@ -473,7 +494,12 @@ class CowStore:
                            and self._index[block + run] - 1 == slot + run):
                         run += 1
                     n = min(end, (block + run) * bs) - pos
-                    _pread_all(self._cache_fd, dst[pos - offset:pos - offset + n], slot * bs + pos - block * bs)
+                    try:
+                        failpoints.check("cow.cache-read")
+                        _pread_all(self._cache_fd, dst[pos - offset:pos - offset + n], slot * bs + pos - block * bs)
+                    except OSError as e:
+                        raise SnapshotError(f"reading the original of block {block} from the cache region "
+                                            f"failed: {e.strerror}") from None
                 else:
                     run = 1
                     while block + run <= last and not self._bit(block + run):
@@ -595,6 +621,7 @@ class _AlignedDeviceIO:
         return offset % s == 0 and len(buf) % s == 0 and _address(buf) % s == 0
 
     def read(self, dst: memoryview, offset: int) -> int:
+        failpoints.check("source.read", offset, len(dst))
         if not getattr(self.device, "direct", False) or self._aligned(dst, offset):
             return self.device.read_into(dst, offset)
         scratch = _scratch(SCRATCH_SIZE)
@@ -613,6 +640,7 @@ class _AlignedDeviceIO:
         return done
 
     def write(self, src: memoryview, offset: int) -> None:
+        failpoints.check("source.write", offset, len(src))
         if not getattr(self.device, "direct", False) or self._aligned(src, offset):
             self.device.write_at(src, offset)
             return
@@ -650,14 +678,43 @@ def _address(buf: memoryview) -> int:
 
 
 def _open_mapped(path: str, size: int) -> mmap.mmap:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
         if os.fstat(fd).st_size != size:
             os.ftruncate(fd, size)
+        # Every page allocated now: a store into a mapped page the filesystem cannot allocate
+        # (a full state filesystem) is a SIGBUS, which would kill the daemon in a writer's path.
+        try:
+            preallocate(fd, 0, size)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise SnapshotError(f"no room for {size} bytes of snapshot state in {os.path.dirname(path)}") from None
+            _write_zeros_where_holes(fd, size)
         mapped = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     finally:
         os.close(fd)
     return mapped
+
+
+def _write_zeros_where_holes(fd: int, size: int) -> None:
+    """Allocate the holes of a file by writing zeros into them (where fallocate is refused)."""
+    zeros = bytes(1 << 20)
+    offset = 0
+    while offset < size:
+        try:
+            hole = os.lseek(fd, offset, os.SEEK_HOLE)
+        except OSError:
+            hole = offset
+        if hole >= size:
+            return
+        try:
+            data = os.lseek(fd, hole, os.SEEK_DATA)
+        except OSError:
+            data = size
+        end = min(data, size)
+        while hole < end:
+            hole += os.pwrite(fd, zeros[:min(len(zeros), end - hole)], hole)
+        offset = end
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:

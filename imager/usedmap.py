@@ -10,8 +10,9 @@ A plan is a `UsedMap`. It is made one of three ways:
   Blocks allocated or freed after the thaw do not change it, and need not: the snapshot holds
   the instant's contents, and the plan is the instant's allocation.
 - `plan_device(path)`: an unmounted filesystem or a snapshot view file. The filesystem is
-  mounted read-only on a private temporary mount point over a read-only loop device and asked
-  the same way (see `plan_device` for why this rather than parsing bitmaps).
+  mounted read-only in a mount namespace of its own over an autoclear loop device and asked
+  the same way (see `plan_device` for why this rather than parsing bitmaps); a job killed in
+  the middle leaves neither mount nor loop device behind.
 - `UsedMap.all_blocks(size, reason)`: an unknown, unsupported or damaged filesystem, or one
   that must be imaged whole (an EFI system partition); the reason goes into the image header.
 
@@ -27,17 +28,14 @@ import fcntl
 import os
 import stat
 import struct
-import subprocess
-import tempfile
-import time
-from contextlib import ExitStack
 from typing import Iterable, Sequence
 
 import numpy as np
 
-from devices import block, discover, loop
+from devices import block, discover
 from devices.block import BlockDevice
 from devices.errors import DeviceError
+from devices.fs import MountRefused, MountUnreadable, private_mount
 from devices.ioctl import IOWR
 
 from .errors import ImagerError, UsageError
@@ -283,10 +281,8 @@ def _sync_filesystem(fd: int, mount_point: str) -> None:
 
 def free_ranges_by_getfsmap(mount_point: str) -> list[Range]:
     """The free space of the filesystem mounted at `mount_point`, on its data device, as
-    physical byte ranges, after a syncfs. Loops the query as xfs_io's fsmap does: after each
-    batch the last record becomes the low key, until a record carries FMR_OF_LAST."""
+    physical byte ranges, after a syncfs."""
     try:
-        fs_device = _new_encode_dev(os.stat(mount_point).st_dev)
         fd = os.open(mount_point, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as e:
         # xfs shuts itself down when it finds damaged metadata; its root then fails with EIO
@@ -294,10 +290,23 @@ def free_ranges_by_getfsmap(mount_point: str) -> list[Range]:
             raise _FilesystemRefused(f"damaged filesystem: {e.strerror}") from None
         raise ImagerError(f"{mount_point}: {e.strerror}") from None
     try:
-        _sync_filesystem(fd, mount_point)
-        return _query_free_space(fd, fs_device, mount_point)
+        return free_ranges_of(fd, mount_point)
     finally:
         os.close(fd)
+
+
+def free_ranges_of(fd: int, name: str) -> list[Range]:
+    """The free space of the filesystem whose root (or any directory) `fd` is open on. Loops the
+    query as xfs_io's fsmap does: after each batch the last record becomes the low key, until a
+    record carries FMR_OF_LAST."""
+    try:
+        fs_device = _new_encode_dev(os.fstat(fd).st_dev)
+    except OSError as e:
+        if e.errno in _DAMAGED:
+            raise _FilesystemRefused(f"damaged filesystem: {e.strerror}") from None
+        raise ImagerError(f"{name}: {e.strerror}") from None
+    _sync_filesystem(fd, name)
+    return _query_free_space(fd, fs_device, name)
 
 
 def _query_free_space(fd: int, fs_device: int, mount_point: str) -> list[Range]:
@@ -444,77 +453,36 @@ def _ext_state_problem(path: str) -> str | None:
     return None
 
 
-def _run(*cmd: str) -> subprocess.CompletedProcess:
-    return subprocess.run(list(cmd), capture_output=True, text=True, errors="replace")
-
-
-def _mount_error(result: subprocess.CompletedProcess, point: str) -> str:
-    """mount(8)'s complaint without its "mount: POINT: " prefix and its dmesg hint."""
-    lines = [line.strip() for line in (result.stderr or result.stdout).splitlines()
-             if line.strip() and "dmesg(1)" not in line]
-    if not lines:
-        return f"mount exit status {result.returncode}"
-    return lines[0].removeprefix("mount: ").removeprefix(f"{point}: ")
-
-
-class _MountRefused(Exception):
-    pass
-
-
-def _mount_point_parent() -> str | None:
-    """/run, a tmpfs on any ordinary system: making a directory there cannot block on a frozen
-    filesystem, as one in TMPDIR could while a snapshot's freeze window is open."""
-    return "/run" if os.path.isdir("/run") and os.access("/run", os.W_OK) else None
-
-
-class _PrivateMount:
-    """A read-only mount on a fresh 0700 temporary directory, undone by `close()`."""
-
-    def __init__(self, device: str, fs_type: str, options: str):
-        self.point = tempfile.mkdtemp(prefix="imager-plan-", dir=_mount_point_parent())
-        result = _run("mount", "-t", fs_type, "-o", options, device, self.point)
-        if result.returncode:
-            os.rmdir(self.point)
-            raise _MountRefused(_mount_error(result, self.point))
-
-    def close(self) -> None:
-        for _ in range(50):
-            # a udev probe or a closing descriptor can keep it busy for a moment
-            if _run("umount", self.point).returncode == 0:
-                break
-            time.sleep(0.05)
-        else:
-            _run("umount", "-l", self.point)
-        try:
-            os.rmdir(self.point)
-        except OSError:
-            pass
-
-
-def _mount_for_planning(view: str, fs_type: str) -> _PrivateMount:
-    """Mount the read-only loop device `view` so GETFSMAP can be asked; the kernel cannot write
-    to it whatever the options say. Raises _FilesystemRefused with the reason when the
-    filesystem cannot be planned."""
+def _free_ranges_unmounted(device_path: str, fs_type: str) -> list[Range]:
+    """The free space of the unmounted filesystem on `device_path`, from a private read-only
+    mount that nothing can leave behind (devices.fs.private_mount): its descriptor is all there
+    is of it, and closing it, or this process dying, unmounts it and clears its loop device.
+    Raises _FilesystemRefused with the reason when the filesystem cannot be planned."""
     if fs_type in EXT_FAMILY:
         # _ext_state_problem has made sure the journal has nothing to replay; noload keeps
         # the kernel from even opening it. The ext4 driver mounts ext2 and ext3 too.
-        try:
-            return _PrivateMount(view, "ext4", "ro,noload")
-        except _MountRefused as e:
-            raise _FilesystemRefused(f"damaged filesystem: the kernel refuses to mount it ({e})") from None
-    # xfs. Plain ro first: on a read-only device the kernel refuses an xfs whose log needs
-    # recovery, which is exactly the test wanted. nouuid: a snapshot of a mounted xfs has the
-    # original's UUID, and xfs refuses to mount a UUID twice.
+        attempts = [("ext4", "ro,noload")]
+    else:
+        # xfs. Plain ro first: on a read-only device the kernel refuses an xfs whose log needs
+        # recovery, which is exactly the test wanted; norecovery then tells a log to replay
+        # from damage. nouuid: a snapshot of a mounted xfs has the original's UUID, and xfs
+        # refuses to mount a UUID twice.
+        attempts = [("xfs", "ro,nouuid"), ("xfs", "ro,norecovery,nouuid")]
     try:
-        return _PrivateMount(view, "xfs", "ro,nouuid")
-    except _MountRefused as e:
-        refusal = str(e)
-    try:
-        _PrivateMount(view, "xfs", "ro,norecovery,nouuid").close()
-    except _MountRefused:
-        raise _FilesystemRefused(f"damaged filesystem: the kernel refuses to mount it ({refusal})") from None
-    raise _FilesystemRefused("xfs log needs recovery (not cleanly unmounted, or a copy taken while "
-                             "frozen): the on-disk free space btrees may not be current")
+        mounted = private_mount(device_path, attempts)
+    except MountRefused as e:
+        raise _FilesystemRefused(f"damaged filesystem: the kernel refuses to mount it ({e.refusals[0]})") from None
+    except MountUnreadable as e:
+        if e.errno in _DAMAGED:
+            raise _FilesystemRefused(f"damaged filesystem: {os.strerror(e.errno)}") from None
+        raise ImagerError(f"cannot plan {device_path}: {e}") from None
+    except DeviceError as e:
+        raise ImagerError(f"cannot plan {device_path}: {e}") from None
+    with mounted:
+        if mounted.options != attempts[0][1]:
+            raise _FilesystemRefused("xfs log needs recovery (not cleanly unmounted, or a copy taken while "
+                                     "frozen): the on-disk free space btrees may not be current")
+        return free_ranges_of(mounted.fd, device_path)
 
 
 def plan_device(device_path: str) -> UsedMap:
@@ -522,8 +490,8 @@ def plan_device(device_path: str) -> UsedMap:
     view file.
 
     How: blkid -p names the type. ext2/3/4 and xfs are mounted read-only, without journal
-    replay, on a private temporary directory over a read-only loop device, asked by GETFSMAP,
-    unmounted and detached (always, also on failure). This rather than parsing dumpe2fs or
+    replay, privately (devices.fs.private_mount) and asked by GETFSMAP; the mount and its loop
+    device go away when its descriptor closes, also when the job is killed. This rather than parsing dumpe2fs or
     xfs_db output: the kernel's own allocator code answers, the same code that answers for
     mounted volumes; it understands every feature (flex_bg, uninitialised groups, bigalloc,
     xfs AGs with or without rmapbt) and reports in bytes, where the debug tools' text is not
@@ -552,19 +520,11 @@ def plan_device(device_path: str) -> UsedMap:
     problem = _ext_state_problem(device_path) if fs_type in EXT_FAMILY else None
     if problem:
         return UsedMap.all_blocks(size, problem, fs_type=fs_type)
-    with ExitStack() as cleanup:
-        try:
-            view = loop.attach(device_path, read_only=True)
-        except DeviceError as e:
-            raise ImagerError(f"cannot plan {device_path}: {e}") from None
-        cleanup.callback(loop.detach, view)
-        try:
-            mounted_view = _mount_for_planning(view, fs_type)
-            cleanup.callback(mounted_view.close)
-            free = free_ranges_by_getfsmap(mounted_view.point)
-        except _FilesystemRefused as refused:
-            return UsedMap.all_blocks(size, str(refused), fs_type=fs_type)
-        return _used_outside_free(free, size, fs_type)
+    try:
+        free = _free_ranges_unmounted(device_path, fs_type)
+    except _FilesystemRefused as refused:
+        return UsedMap.all_blocks(size, str(refused), fs_type=fs_type)
+    return _used_outside_free(free, size, fs_type)
 
 
 # --- --exclude PATH: FS_IOC_FIEMAP (include/uapi/linux/fiemap.h) ----------------------------

@@ -23,6 +23,23 @@ def sweep_size(full: int, reduced: int) -> int:
     return full if LONG else reduced
 
 
+def writing_into(pid: int, directory) -> bool:
+    """Whether process `pid` holds a file open in `directory`: an image being written, named or
+    unnamed (O_TMPFILE shows as "DIR/#NNN (deleted)")."""
+    prefix = str(directory).rstrip("/") + "/"
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(prefix):
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def run(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(list(cmd), check=check, capture_output=True, text=True, **kw)
 

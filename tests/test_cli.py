@@ -11,7 +11,7 @@ import time
 
 from devices import loop
 
-from conftest import imager
+from conftest import imager, writing_into
 
 
 def test_devices_lists_a_loop_volume_with_its_filesystem(ext4_volume):
@@ -50,7 +50,7 @@ def test_sigterm_during_backup_leaves_no_partial_image(tmp_path, loops):
     proc = subprocess.Popen([sys.executable, "-m", "imager.cli", "backup", dev, "-o", str(image),
                              "--level", "19", "--workers", "1"], stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
-    while not any(p.name.startswith(".big.zst.part") for p in tmp_path.iterdir()):
+    while not writing_into(proc.pid, tmp_path):
         assert proc.poll() is None and time.monotonic() < deadline, "backup never started writing"
         time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)

@@ -104,6 +104,7 @@ def _stop_volume(info: front.VolumeInfo):
         _detach_loop(info.front)
     subprocess.run(["umount", "-l", os.path.join(info.run_dir, front.MOUNT_DIR_NAME)],
                    stderr=subprocess.DEVNULL)
+    front.detach(info.name)  # what the dead daemon left in its run directory
 
 
 def _kill_and_wait(pid, sig=signal.SIGKILL, timeout=10):
@@ -358,9 +359,14 @@ def test_daemon_outlives_its_starter_and_keeps_a_snapshot_across_restart(lab, tm
         f.write(os.urandom(4 * MiB))
         os.fsync(f.fileno())
 
-    # the daemon dies; a new one on the same state directory serves the same snapshot
+    # the daemon dies: it is reported as failed, attach points to recover, and the recovered
+    # daemon on the same state directory serves the same snapshot
     _kill_and_wait(pid)
-    restarted = front.attach(source, name="bg", cache_path=state)
+    (listed,) = front.list_volumes()
+    assert listed.state == "failed" and "imager recover bg" in listed.problem
+    with pytest.raises(front.VolumeError, match="imager recover bg"):
+        front.attach(source, name="bg", cache_path=state)
+    restarted = front.recover("bg")
     lab._undo.append(lambda: _stop_volume(restarted))
     assert restarted.snapshot is not None
     with open(restarted.snapshot.path, "rb") as f:

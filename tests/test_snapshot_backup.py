@@ -33,6 +33,7 @@ import pytest
 from devices.discover import ESP_GPT_TYPE
 from imager import front, jobs
 from imager.errors import UsageError
+from conftest import writing_into
 from test_front import Lab, _stop_volume, _umount, fsck_clean
 
 MiB = 1 << 20
@@ -304,6 +305,11 @@ class Bench(Lab):
 
 @pytest.fixture
 def bench(tmp_path, monkeypatch):
+    yield from bench_setup(tmp_path, monkeypatch)
+
+
+def bench_setup(tmp_path, monkeypatch):
+    """The `bench` fixture's body, for other test modules' fixtures."""
     # A short run directory: a Unix socket path must fit in 107 bytes.
     run_dir = tempfile.mkdtemp(prefix="imgr-", dir="/tmp")
     monkeypatch.setenv(front.RUN_DIR_ENV, run_dir)
@@ -672,7 +678,7 @@ def test_sigterm_during_cow_backup_cleans_up(bench):
         time.sleep(0.02)
     # the image is being written under its temporary name
     deadline = time.monotonic() + WAIT
-    while not any(".part" in n for n in os.listdir(out)):
+    while not writing_into(proc.pid, out):
         assert proc.poll() is None and time.monotonic() < deadline, "no temporary image appeared"
         time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
