@@ -27,10 +27,11 @@ from .pipeline import default_workers, run_ordered
 from .sinks import STDOUT, AtomicFile, FileSink, StreamSink
 from .tape import (DEFAULT_BLOCK_SIZE, TapeFileInfo, TapeImageStream, TapeMediaError, TapeSink, TapeSpec,
                    read_label, require_label, scan_files)
-from .stream import (DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL, DIGEST_SIZE, MAX_CHUNK_SIZE, TRAILER_MAGIC, EncodedChunk,
-                     ImageHeader, ImageReader, ImageTrailer, ImageWriter, TruncatedFrame, chunk_digest,
-                     decode_chunk, decode_trailer, encode_chunk, iter_frames, read_stream_header,
-                     zero_digest, zero_frame, zstd_frame_bound)
+from .stream import (DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL, DIGEST_SIZE, MAX_CHUNK_SIZE, TRAILER_MAGIC, ZSTD_MAGIC,
+                     EncodedChunk, Frame, FrameError, FrameLog, ImageHeader, ImageReader, ImageTrailer, ImageWriter,
+                     TruncatedFrame, chunk_digest, count_rest, decode_chunk, decode_trailer, encode_chunk,
+                     garbage_after, iter_frames, read_header, seek_table_mismatch, zero_digest, zero_frame,
+                     zstd_frame_bound)
 from .partitions import plan_volume, read_partition_table
 from .usedmap import ALL_BLOCKS, UsedMap, plan_excludes, plan_mounted
 
@@ -711,47 +712,94 @@ class SeekableFeed:
         self.reader = reader
         self.header = reader.header
         self.name = self.path = reader.path
+        self._log = FrameLog()
 
     def chunks(self) -> Iterator[tuple[int, bytes, int]]:
+        self._log.add(self.reader.header_frame, 0)
         for i in range(self.reader.chunk_count):
-            yield i, self.reader.frame(i), self.reader.chunk_offsets[i]
+            frame = self.reader.frame(i)
+            self._log.add(frame, self.header.chunk_length(i))
+            yield i, frame, self.reader.chunk_offsets[i]
 
     def expected_digest(self, index: int) -> bytes | None:
         return self.reader.trailer.digest(index)
 
     def finish(self) -> ImageTrailer:
+        """The trailer, once every chunk was read: what was read must be what was written."""
+        self.reader.trailer.check_stream_digest(self._log.digest(), self.name)
         return self.reader.trailer
 
 
 class StreamFeed:
     """Chunks of an image read front to back from a pipe or tape: the trailer with the
-    digests comes last, so every chunk is checked against it when the stream ends."""
+    digests comes last, so every chunk is checked against it when the stream ends. The frames
+    must come exactly as a writer emits them: header, chunks, trailer, seek table, nothing more."""
 
     def __init__(self, stream: BinaryIO, name: str):
         self.name = name
         self._stream = stream
-        self._frames = iter_frames(stream)
-        self.header = read_stream_header(self._frames)
+        try:
+            self.header, header_frame = read_header(stream)
+        except ImageFormatError as e:
+            raise ImageFormatError(f"{name}: {e}") from None
+        self._frames = iter_frames(stream, self.header, len(header_frame))
+        self._log = FrameLog()
+        self._log.add(header_frame, 0)
         self._trailer: ImageTrailer | None = None
+        self._stream_digest = ""
+        self._ended = False
         self._count = 0
-        self.stream_bytes = 0
+        self.stream_bytes = len(header_frame)
 
     def chunks(self) -> Iterator[tuple[int, bytes, int]]:
         n = self.header.chunk_count
         try:
             for frame in self._frames:
-                self.stream_bytes = frame.offset + len(frame.data)
-                if frame.skippable:
-                    if frame.magic == TRAILER_MAGIC:
-                        self._trailer = decode_trailer(frame.payload, n)
-                    continue
-                if self._trailer is not None or self._count >= n:
+                self.stream_bytes = frame.end
+                if frame.magic == ZSTD_MAGIC and (self._trailer is not None or self._count >= n):
                     raise ImageFormatError(f"{self.name}: more chunks than the header's {n} (image corrupted)")
-                yield self._count, frame.data, frame.offset
-                self._count += 1
+                if self._count < n:
+                    if frame.magic != ZSTD_MAGIC:
+                        raise ChunkError(self._count, frame.offset, self._count * self.header.chunk_size,
+                                         f"a metadata frame (magic {frame.magic:#010x}) where the chunk belongs")
+                    self._log.add(frame.data, self.header.chunk_length(self._count))
+                    yield self._count, frame.data, frame.offset
+                    self._count += 1
+                elif self._trailer is None:
+                    self._read_trailer(frame)
+                else:
+                    self._read_seek_table(frame)
+                    return
         except TruncatedFrame as e:
-            raise ChunkError(self._count, e.offset, self._count * self.header.chunk_size,
-                             f"image stream cut short: {e}") from None
+            if self._count < n:
+                raise ChunkError(self._count, e.offset, self._count * self.header.chunk_size,
+                                 f"image stream cut short: {e}") from None
+            raise ImageFormatError(f"{self.name}: image stream cut short after its last chunk: {e}") from None
+        except FrameError as e:
+            if self._count < n:
+                raise ChunkError(self._count, e.offset, self._count * self.header.chunk_size, str(e)) from None
+            raise ImageFormatError(f"{self.name}: image stream corrupted after its last chunk: {e}") from None
+
+    def _read_trailer(self, frame: Frame) -> None:
+        if frame.magic != TRAILER_MAGIC:
+            raise ImageFormatError(f"{self.name}: image trailer missing or corrupted at image offset {frame.offset}")
+        self._stream_digest = self._log.digest()
+        self._log.add(frame.data, 0)
+        try:
+            self._trailer = decode_trailer(frame.payload, self.header)
+        except ImageFormatError as e:
+            raise ImageFormatError(f"{self.name}: {e} (at image offset {frame.offset})") from None
+
+    def _read_seek_table(self, frame: Frame) -> None:
+        """The seek table must list the frames that came, and the image ends with it."""
+        mismatch = seek_table_mismatch(frame.data, self._log.entries, self.header.chunk_count)
+        if mismatch:
+            raise ImageFormatError(f"{self.name}: the seek table at image offset {frame.offset} is corrupted "
+                                   f"or the frames were moved: {mismatch}")
+        extra = count_rest(self._stream)
+        if extra:
+            raise garbage_after(self.name, extra, frame.end)
+        self._ended = True
 
     def expected_digest(self, index: int) -> bytes | None:
         return None
@@ -767,6 +815,10 @@ class StreamFeed:
                                    f"{self.header.chunk_count} chunks")
         if self._trailer is None or not self._trailer.complete:
             raise ImageFormatError(f"{self.name}: image stream has no trailer (incomplete image)")
+        if not self._ended:
+            raise ImageFormatError(f"{self.name}: image stream ends without its seek table (at image offset "
+                                   f"{self.stream_bytes})")
+        self._trailer.check_stream_digest(self._stream_digest, self.name)
         return self._trailer
 
 
