@@ -118,9 +118,10 @@ class ImageTrailer:
     def digest(self, index: int) -> bytes:
         return self.digests[index * DIGEST_SIZE:(index + 1) * DIGEST_SIZE]
 
-    def check_stream_digest(self, stream_digest: str, name: str) -> None:
-        """`stream_digest` is the BLAKE3 of the image's bytes before its trailer, as read."""
-        if self.totals.get("stream_digest") != stream_digest:
+    def check_stream_digest(self, stream_digest: str | None, name: str) -> None:
+        """`stream_digest` is the BLAKE3 of the image's bytes before its trailer, as read (None:
+        not computed, nothing to check)."""
+        if stream_digest is not None and self.totals.get("stream_digest") != stream_digest:
             raise ImageFormatError(f"{name}: image is corrupted: its header and chunk frames differ from what was "
                                    f"written (stream checksum mismatch) although every chunk decodes")
 
@@ -288,15 +289,20 @@ class FrameLog:
     def __init__(self) -> None:
         self.entries: list[tuple[int, int]] = []
         self.size = 0
-        self._hash = blake3.blake3()
+        self._hash: blake3.blake3 | None = blake3.blake3()
+
+    def stop_hashing(self) -> None:
+        """Keep the entries only: the stream digest is not wanted (restore; see restore_feed)."""
+        self._hash = None
 
     def add(self, frame: bytes, decompressed: int) -> None:
-        self._hash.update(frame)
+        if self._hash is not None:
+            self._hash.update(frame)
         self.entries.append((len(frame), decompressed))
         self.size += len(frame)
 
-    def digest(self) -> str:
-        return self._hash.hexdigest()
+    def digest(self) -> str | None:
+        return None if self._hash is None else self._hash.hexdigest()
 
 
 def zstd_frame_bound(chunk_size: int) -> int:
