@@ -16,10 +16,10 @@ import time
 import pytest
 
 from devices.tape import HostFileError, TapeError, VirtualTape
-from imager.tape import SEGMENT_TAG
+from imager.tape import SEGMENT_TAG, TapeImageStream, TapeSink, TapeSpec, read_label, scan_files, write_label
 
 from conftest import device_size, imager, run, same_bytes, sweep_size
-from test_tape_drive import payload, read_simh
+from test_tape_drive import REAL_TAPE, payload, read_simh
 from test_tape_images import _backup, _record_offsets, _tape_list, _volume_with_files
 
 # A metadata block's JSON starts after the frame header, the tag and the BLAKE3 checksum.
@@ -146,6 +146,54 @@ def test_a_full_host_filesystem_is_not_the_end_of_the_cartridge(loops, tmp_path)
 
 
 # --- interrupted writes: the next backup replaces what they left --------------------------------
+
+@pytest.fixture(params=["virtual"] + (["st"] if REAL_TAPE else []))
+def any_tape(request, tmp_path) -> TapeSpec:
+    """A labelled tape on every drive there is: a virtual one, and a real one through st when
+    IMAGER_TEST_TAPE names its non-rewinding node (its cartridge is overwritten)."""
+    spec = TapeSpec(str(tmp_path / "t.tap") if request.param == "virtual" else REAL_TAPE)
+    with spec.open() as drive:
+        write_label(drive, "ANYDRIVE", force=True)
+    return spec
+
+
+def _image_on(spec: TapeSpec, image_id: str, data: bytes, *, finish: bool = True, notices=None) -> TapeSink:
+    """Write `data` as the stream of an image; without `finish` the write stops as when the
+    backup is interrupted: the drive is closed (st writes a filemark then) with no end block."""
+    sink = TapeSink(spec, image_id=image_id, block_size=64 << 10,
+                    on_notice=notices.append if notices is not None else None)
+    for start in range(0, len(data), 100_000):
+        sink.write(data[start:start + 100_000])
+    if finish:
+        sink.commit({"id": image_id})
+    else:
+        sink.abort()
+    return sink
+
+
+def test_an_interrupted_file_is_replaced_on_every_drive(any_tape):
+    """The append checks the end of data with TapeDrive operations only: the same on st."""
+    first, second = payload(1, 0, 700_000), payload(2, 0, 900_000)
+    _image_on(any_tape, "first", first)
+    _image_on(any_tape, "interrupted", payload(3, 0, 800_000), finish=False)
+    with any_tape.open() as drive:
+        assert [(f.tape_file, f.image_id, f.incomplete) for f in scan_files(drive)] == [
+            (1, "first", False), (2, "interrupted", True)]
+    notices: list[str] = []
+    sink = _image_on(any_tape, "second", second, notices=notices)
+    assert [s.tape_file for s in sink.segments] == [2]
+    assert len(notices) == 1 and "tape file 2" in notices[0] and "replaces it" in notices[0]
+    with any_tape.open() as drive:
+        assert [(f.tape_file, f.image_id, f.complete) for f in scan_files(drive)] == [
+            (1, "first", True), (2, "second", True)]
+    for tape_file, image_id, data in ((1, "first", first), (2, "second", second)):
+        drive = any_tape.open()
+        stream = TapeImageStream(any_tape, drive, read_label(drive), tape_file, image_id)
+        try:
+            assert stream.read() == data
+        finally:
+            stream.close()
+
 
 def _cut_file(tape, tape_file: int, keep_records: int, filemark: bool) -> None:
     """Keep the first `keep_records` records of `tape_file` (the last file), then a filemark or
