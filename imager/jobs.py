@@ -1044,6 +1044,10 @@ def verify_tape(spec: TapeSpec, image_id: str | None = None, *, catalog: Catalog
         name = f"{spec.spec} {f.label} file {f.tape_file}"
         if f.kind == "damaged":
             results.append(_failed_verify(name, f.problem))
+        elif f.incomplete and f.segment == 0:
+            results.append(_failed_verify(f"{name} (image {f.image_id[:12]})", "incomplete: an interrupted write "
+                                          "left it without its end block (the next backup to this cartridge "
+                                          "replaces it)"))
         elif f.kind == "image" and f.segment == 0:
             try:
                 results.append(_verify_on_tape(spec, f.image_id, f.label, f.tape_file, block_size, **kw))

@@ -137,6 +137,8 @@ def test_a_full_host_filesystem_is_not_the_end_of_the_cartridge(loops, tmp_path)
     message = _one_line_error(r)
     assert "the filesystem holding the virtual tape is full" in message and "early-warning" not in message
     assert [state for _, _, state in _states(tape)] == ["incomplete"]
+    r = imager("verify", "--tape", str(tape))
+    assert r.returncode == 1 and "file 1" in r.stdout and "incomplete: an interrupted write" in r.stdout, r.stdout
     # The next backup replaces the unfinished file, which frees its space.
     r = imager("backup", little, "--tape", str(tape), "--json")
     assert r.returncode == 0, r.stderr
