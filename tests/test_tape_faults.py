@@ -15,10 +15,12 @@ import time
 
 import pytest
 
+from devices import loop
+from devices.block import mounts
 from devices.tape import HostFileError, TapeError, VirtualTape
 from imager.tape import SEGMENT_TAG, TapeImageStream, TapeSink, TapeSpec, read_label, scan_files, write_label
 
-from conftest import device_size, imager, run, same_bytes, sweep_size
+from conftest import device_size, imager, run, same_bytes, sweep_size, unmount_everything_on
 from test_tape_drive import REAL_TAPE, payload, read_simh
 from test_tape_images import _backup, _record_offsets, _tape_list, _volume_with_files
 
@@ -394,6 +396,21 @@ def _timed(*argv: str) -> tuple[subprocess.CompletedProcess, float]:
     return r, time.monotonic() - started
 
 
+def _remove_planning_views_of(device: str) -> None:
+    """A backup killed while it plans leaves its read-only loop view of the source attached, and
+    maybe mounted on /run/imager-plan-*: SIGKILL runs no cleanup. Remove them, so that the
+    fixture can detach the source."""
+    source = os.stat(device).st_rdev
+    for info in loop.list_attached():
+        if os.path.exists(info.backing_file) and os.stat(info.backing_file).st_rdev == source:
+            points = [m.mount_point for m in mounts() if m.device_number == os.stat(info.device).st_rdev]
+            unmount_everything_on(info.device)
+            for point in points:
+                if os.path.basename(point).startswith("imager-plan-"):
+                    os.rmdir(point)
+            loop.detach(info.device)
+
+
 KILLS = sweep_size(30, 4)
 SIGNALS = [signal.SIGKILL, signal.SIGTERM]
 
@@ -411,7 +428,10 @@ def test_a_backup_killed_at_any_moment_leaves_the_tape_fit_for_the_next(loops, t
     interrupted = 0
     for n, signum in enumerate(SIGNALS * KILLS):
         delay = rng.uniform(0, duration)
-        _killed(["backup", dev, "--tape", str(tape), "-q"], delay, signum)
+        try:
+            _killed(["backup", dev, "--tape", str(tape), "-q"], delay, signum)
+        finally:
+            _remove_planning_views_of(dev)
         # The duration of this backup bounds the next delay: the machine's load changes.
         r, duration = _timed("backup", dev, "--tape", str(tape), "--json")
         assert r.returncode == 0, f"after {signum.name} at {delay:.3f} s: {r.stderr}"
