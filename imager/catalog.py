@@ -151,8 +151,18 @@ class Catalog:
                          [getattr(record, c) for c in cols])
 
     @_sqlite_errors_reported
-    def add_image(self, image: ImageRecord, segments: list[SegmentRecord]) -> None:
+    def add_image(self, image: ImageRecord, segments: list[SegmentRecord], *,
+                  replaces_tape_files: bool = False) -> None:
+        """Record an image and where its segments are. With `replaces_tape_files` (the image was
+        just written to tape), images that had a segment in one of its tape files or after it on
+        the same cartridge are dropped first: writing a tape file erases everything after it."""
         with self._db:
+            if replaces_tape_files:
+                for s in segments:
+                    self._db.execute(
+                        "DELETE FROM images WHERE id != ? AND id IN (SELECT image_id FROM segments WHERE "
+                        "kind = 'tape' AND tape_set = ? AND tape_label = ? AND tape_file >= ?)",
+                        (image.id, s.tape_set, s.tape_label, s.tape_file))
             self._upsert("images", image, ("id",))
             for s in segments:
                 self._upsert("segments", s, ("image_id", "segment", "kind"))

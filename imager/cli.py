@@ -19,7 +19,8 @@ from .catalog import Catalog, TapeRecord, record_dict
 from .errors import ImagerError, UsageError
 from .freeze import DEFAULT_MAX_FREEZE, DEFAULT_MAX_FREEZE_READ
 from .units import count, human_bytes, parse_size, positive_float, positive_size, worker_count
-from .tape import DEFAULT_BLOCK_SIZE, TapeSpec, drive_status, operator_prompt, require_label, write_label
+from .tape import (DEFAULT_BLOCK_SIZE, TapeSpec, drive_status, operator_prompt, require_label, tape_is_blank,
+                   write_label)
 
 class Output:
     """Where a command's progress, notices and results go, by --json / --quiet / tty."""
@@ -223,13 +224,21 @@ def cmd_tape_status(args, out: Output) -> int:
         if args.label:
             out.notice(f"{args.tape}: rewinding to read the label")
         st, label = drive_status(drive, with_label=args.label)
+        blank = tape_is_blank(drive, may_move=args.label) if label is None else False
     flags = [name for name in ("bot", "eof", "eot", "eod", "write_protected", "online") if getattr(st, name)]
     data = {"tape": args.tape, "status": {k: v for k, v in st.__dict__.items()},
-            "label": label.__dict__ if label else None}
+            "label": label.__dict__ if label else None, "blank": blank}
+    if label:
+        label_line = f"label: {label.label} (cartridge {label.sequence} of set {label.tape_set[:12]})"
+    elif blank:
+        label_line = f"label: none, the tape is blank (label it with: imager tape label NAME --tape {args.tape})"
+    elif args.label:
+        label_line = "label: none; the tape holds data that is not an imager label"
+    else:
+        label_line = "label: not read (--label rewinds to read it)"
     out.result(data, [f"{args.tape}: file {st.file_number}, block {st.block_number}, "
-                      f"block size {st.block_size or 'variable'}, {' '.join(flags) or 'no flags'}",
-                      f"label: {label.label} (cartridge {label.sequence} of set {label.tape_set[:12]})"
-                      if label else ("label: none" if args.label else "label: not read (--label rewinds to read it)")])
+                      f"block size {st.block_size or 'variable'}, {' '.join(flags) or 'no flags'}"
+                      + (", blank tape (nothing recorded)" if blank else ""), label_line])
     return 0
 
 
@@ -260,13 +269,21 @@ def cmd_tape_list(args, out: Output) -> int:
     files = jobs.scan_tape(tape_spec(args))
     lines = []
     for f in files:
+        if f.kind == "damaged":
+            lines.append(f"{f.label} file {f.tape_file}: DAMAGED: {f.problem}")
+            continue
         if f.kind != "image":
             lines.append(f"{f.label} file {f.tape_file}: not an imager image")
             continue
         img = f.image or {}
-        state = "continues on the next cartridge" if f.continued else ("complete" if f.complete else "INCOMPLETE")
-        lines.append(f"{f.label} file {f.tape_file}: image {f.image_id[:12]} segment {f.segment}, "
-                     f"{human_bytes(f.stream_length or 0)} on tape, {state}"
+        if f.problem:
+            state = f"DAMAGED: {f.problem}"
+        elif f.incomplete:
+            state = "INCOMPLETE (an interrupted write; the next backup to this cartridge replaces it)"
+        else:
+            state = "continues on the next cartridge" if f.continued else "complete"
+        size = f"{human_bytes(f.stream_length)} on tape, " if f.stream_length is not None else ""
+        lines.append(f"{f.label} file {f.tape_file}: image {f.image_id[:12]} segment {f.segment}, {size}{state}"
                      + (f", {img.get('source')} ({human_bytes(img.get('volume_size', 0))}) {img.get('created')}"
                         if img else ""))
     out.result({"tape": args.tape, "files": [f.to_dict() for f in files]}, lines or [f"{args.tape}: no images"])

@@ -374,6 +374,7 @@ class Destination:
 def _write_one(dev: VolumeSource, dest: Destination, name: str, options: ImagingOptions, *, many: bool,
                plan: UsedMap | None, partitions: dict | None, source_meta: dict, snapshot_meta: dict,
                progress: Progress | None, catalog: Catalog | None,
+               on_notice: Callable[[str], None] | None,
                before_commit: Callable[[], None] | None = None) -> BackupResult:
     """Image one volume into the destination. `before_commit` may still refuse the image (the
     freeze it was read under expired) before it takes its final name."""
@@ -381,7 +382,7 @@ def _write_one(dev: VolumeSource, dest: Destination, name: str, options: Imaging
     if dest.tape:
         sink = TapeSink(dest.tape, image_id=image_id, block_size=dest.block_size,
                         expect_label=dest.expect_label, drive_compression=dest.drive_compression,
-                        largest_frame=zstd_frame_bound(options.chunk_size))
+                        largest_frame=zstd_frame_bound(options.chunk_size), on_notice=on_notice)
     elif dest.to_stdout:
         sink = StreamSink()
     else:
@@ -419,7 +420,7 @@ def _write_one(dev: VolumeSource, dest: Destination, name: str, options: Imaging
                                   result.bytes_written)]
         result.image = sink.path
     if catalog is not None:
-        catalog.add_image(record, segments)
+        catalog.add_image(record, segments, replaces_tape_files=bool(dest.tape))
     return result
 
 
@@ -448,7 +449,8 @@ def backup_volumes(sources: list[str], dest: Destination, *, snapshot: str = "no
     if options.excludes and options.all_blocks:
         raise UsageError("--exclude leaves blocks out of the used-block plan; it cannot go with --all-blocks")
     if snapshot == "cow":
-        return _backup_cow(sources, dest, options, many, pre_freeze, post_thaw, while_frozen, progress, catalog)
+        return _backup_cow(sources, dest, options, many, pre_freeze, post_thaw, while_frozen, progress, on_notice,
+                           catalog)
     devices = []
     try:
         for source in sources:
@@ -464,7 +466,7 @@ def backup_volumes(sources: list[str], dest: Destination, *, snapshot: str = "no
             results.append(_write_one(dev, dest, _volume_name(dev.path), options, many=many, plan=plan,
                                       partitions=partitions, source_meta=fs_meta,
                                       snapshot_meta={"provider": "none", "time": _now()}, progress=progress,
-                                      catalog=catalog))
+                                      catalog=catalog, on_notice=on_notice))
         return results
     finally:
         for dev in devices:
@@ -526,7 +528,7 @@ def _backup_frozen(devices: list[BlockDevice], dest: Destination, options: Imagi
             results.append(_write_one(dev, dest, _volume_name(dev.path), options, many=many, plan=plan,
                                       partitions=partitions, source_meta=fs_meta,
                                       snapshot_meta=meta, progress=progress, catalog=catalog,
-                                      before_commit=window.check))
+                                      on_notice=on_notice, before_commit=window.check))
     for r in results:
         r.freeze_window_ms = round(window.milliseconds, 1)
     return results
@@ -547,7 +549,7 @@ def resolve_volumes(sources: list[str]) -> list:
 
 
 def _backup_cow(sources: list[str], dest: Destination, options: ImagingOptions, many: bool, pre_freeze,
-                post_thaw, while_frozen, progress, catalog) -> list[BackupResult]:
+                post_thaw, while_frozen, progress, on_notice, catalog) -> list[BackupResult]:
     volumes = resolve_volumes(sources)
     for v in volumes:
         front.refuse_esp(v.device, "cow")
@@ -567,11 +569,11 @@ def _backup_cow(sources: list[str], dest: Destination, options: ImagingOptions, 
     # Held: if this process dies, every daemon deletes its snapshot when the connection drops.
     with front.HeldSnapshots([v.name for v in volumes], pre_freeze, post_thaw, inside_window,
                              max_freeze=options.max_freeze or DEFAULT_MAX_FREEZE) as held:
-        return _write_snapshots(volumes, held.info, dest, options, many, plans, progress, catalog)
+        return _write_snapshots(volumes, held.info, dest, options, many, plans, progress, catalog, on_notice)
 
 
 def _write_snapshots(volumes: list, snapshot_set: front.SnapshotSetInfo, dest: Destination, options: ImagingOptions,
-                     many: bool, plans: dict[str, UsedMap], progress, catalog) -> list[BackupResult]:
+                     many: bool, plans: dict[str, UsedMap], progress, catalog, on_notice) -> list[BackupResult]:
     # One instant for the whole set: when COW went on in the first volume, inside the window.
     set_time = datetime.fromtimestamp(min(s.created_at for s in snapshot_set.snapshots), timezone.utc)
     results = []
@@ -587,7 +589,8 @@ def _write_snapshots(volumes: list, snapshot_set: front.SnapshotSetInfo, dest: D
                 result = _write_one(view, dest, v.name, options, many=many, plan=plan, partitions=None,
                                     source_meta=dict(probe_filesystem(snap.path), path=v.device, volume=v.name,
                                                      front=v.front, view=snap.path),
-                                    snapshot_meta=meta, progress=progress, catalog=catalog)
+                                    snapshot_meta=meta, progress=progress, catalog=catalog,
+                                    on_notice=on_notice)
             except (DeviceError, SnapshotError) as e:
                 # The daemon answers a read of an invalidated snapshot with EIO: say why; any
                 # other read error is the source's, which the daemon's log names.
@@ -1067,11 +1070,13 @@ def _locate_on_tape(spec: TapeSpec, image_id: str | None, catalog: Catalog | Non
             first = next((s for s in catalog.segments(record.id) if s.kind == "tape" and s.segment == 0), None)
             if first is not None:
                 return record.id, first.tape_label, first.tape_file
-    candidates = [f for f in scan_tape(spec) if f.kind == "image" and f.segment == 0
+    files = scan_tape(spec)
+    candidates = [f for f in files if f.kind == "image" and f.segment == 0
                   and (image_id is None or f.image_id.startswith(image_id))]
     if not candidates:
-        raise UsageError(f"{spec.spec}: no image {image_id!r} on this tape" if image_id
-                         else f"{spec.spec}: the tape holds no image")
+        damaged = "".join(f"; {f.label} file {f.tape_file}: {f.problem}" for f in files if f.kind == "damaged")
+        raise UsageError((f"{spec.spec}: no image {image_id!r} on this tape" if image_id
+                          else f"{spec.spec}: the tape holds no image") + damaged)
     if image_id and len({c.image_id for c in candidates}) > 1:
         raise UsageError(f"image id {image_id!r} is ambiguous on {spec.spec}")
     if image_id is None and len(candidates) > 1:
@@ -1120,26 +1125,37 @@ def restore_from_tape(spec: TapeSpec, image_id: str | None, target: str, *, cata
 def verify_tape(spec: TapeSpec, image_id: str | None = None, *, catalog: Catalog | None = None,
                 block_size: int | None = None, **kw) -> list[VerifyResult]:
     """Read back and check one image, or every image whose first segment is on the tape; a
-    damaged or incomplete image is reported in its result and the others are still checked."""
+    damaged or incomplete image, and a tape file whose segment header is damaged, is reported in
+    its result and the others are still checked."""
     if image_id:
-        located = [_locate_on_tape(spec, image_id, catalog)]
-    else:
-        located = [(f.image_id, f.label, f.tape_file) for f in scan_tape(spec)
-                   if f.kind == "image" and f.segment == 0]
-        if not located:
-            raise UsageError(f"{spec.spec}: the tape holds no image")
+        return [_verify_on_tape(spec, *_locate_on_tape(spec, image_id, catalog), block_size, **kw)]
     results = []
-    for full_id, label_name, tape_file in located:
-        try:
-            feed = _open_located(spec, full_id, label_name, tape_file, block_size)
+    for f in scan_tape(spec):
+        name = f"{spec.spec} {f.label} file {f.tape_file}"
+        if f.kind == "damaged":
+            results.append(_failed_verify(name, f.problem))
+        elif f.incomplete and f.segment == 0:
+            results.append(_failed_verify(f"{name} (image {f.image_id[:12]})", "incomplete: an interrupted write "
+                                          "left it without its end block (the next backup to this cartridge "
+                                          "replaces it)"))
+        elif f.kind == "image" and f.segment == 0:
             try:
-                results.append(verify_feed(feed, **kw))
-            finally:
-                feed.close()
-        except ImagerError as e:
-            if image_id:
-                raise
-            results.append(VerifyResult(image=f"{spec.spec} file {tape_file} (image {full_id[:12]})",
-                                        volume_size=0, chunks=0, zero_chunks=0, seconds=0.0, ok=False,
-                                        errors=[str(e)]))
+                results.append(_verify_on_tape(spec, f.image_id, f.label, f.tape_file, block_size, **kw))
+            except ImagerError as e:
+                results.append(_failed_verify(f"{name} (image {f.image_id[:12]})", str(e)))
+    if not results:
+        raise UsageError(f"{spec.spec}: the tape holds no image")
     return results
+
+
+def _verify_on_tape(spec: TapeSpec, full_id: str, label_name: str, tape_file: int, block_size: int | None,
+                    **kw) -> VerifyResult:
+    feed = _open_located(spec, full_id, label_name, tape_file, block_size)
+    try:
+        return verify_feed(feed, **kw)
+    finally:
+        feed.close()
+
+
+def _failed_verify(name: str, error: str) -> VerifyResult:
+    return VerifyResult(image=name, volume_size=0, chunks=0, zero_chunks=0, seconds=0.0, ok=False, errors=[error])

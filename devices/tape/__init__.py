@@ -2,6 +2,6 @@
 
 from .drive import TapeDrive, TapeError, TapeStatus
 from .st import StTape
-from .virtual import VirtualTape
+from .virtual import HostFileError, VirtualTape
 
-__all__ = ["StTape", "TapeDrive", "TapeError", "TapeStatus", "VirtualTape"]
+__all__ = ["HostFileError", "StTape", "TapeDrive", "TapeError", "TapeStatus", "VirtualTape"]

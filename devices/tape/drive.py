@@ -11,6 +11,8 @@ real /dev/nstN and `VirtualTape` with a SIMH .tap file. Both follow Documentatio
 - A read of a filemark returns 0 bytes and leaves the tape after it; end of data shows as a second
   0-byte read after a filemark, then EIO.
 - Writing anywhere ends the recorded data there: what followed is gone.
+- Closing the device after writes writes a filemark, also when the program is killed (the kernel
+  closes its descriptor): a killed writer's last file is closed, but holds whatever it got to.
 - Past the early-warning mark near the end of the medium, writes alternately succeed and fail
   with ENOSPC (see VirtualTape); at the physical end every write fails with ENOSPC.
 - `status()` file and block numbers are -1 where st cannot know them (after a backward filemark

@@ -2,8 +2,9 @@
 
 The file format (SIMH magtape): each block is a 32-bit little-endian length, the data, one pad
 byte if the length is odd, and the same length again; a length of 0 is a filemark; 0xFFFFFFFF
-marks the end of the medium (read as end of data). Any other word with one of the top four bits
-set is a SIMH marker this emulation does not produce and refuses to read.
+marks the end of the medium (read as end of data). A block holds at most 0xFFFFFF bytes (SIMH's
+and st's limit); any other word with one of the top eight bits set is a SIMH marker this
+emulation does not produce and refuses to read.
 
 The user-visible behaviour is st's (Documentation/scsi/st.rst, drivers/scsi/st.c), including
 its internal end-of-file state, so a program tested here meets the same answers on a real drive:
@@ -46,6 +47,24 @@ backward_space_files: the block number; after seek(): both, unless seeking to 0;
 seek_end_of_data: the block number). Where st would write part of a fixed-mode request at the
 physical end, VirtualTape writes all of it or nothing.
 
+What is a tape. Opening a file checks the structure of its first records (each length word
+matched by the one after the data, at most eight objects): a file that fails it (a text file, an
+image, a disk image, a file of zeros) is refused with EMEDIUMTYPE before anything reads or
+writes it, so it can never pass for a blank tape and be overwritten. An empty file is a blank
+tape; is_blank() says whether anything is recorded without moving the tape. A damaged record
+further on reads as EIO, as a medium error does on st.
+
+Interrupted writes. A writer killed in the middle of a write leaves a torn last record: the file
+ends inside it. That record reads as the end of data (a read there fails with EIO, as at any end
+of data not preceded by a filemark, and says the record is torn), and the next write at the end
+of data replaces it, as a real drive's end of data after a power loss. Unlike st, which writes
+the closing filemark when a killed process's descriptor is closed, a killed VirtualTape writes
+none: the last file simply ends at the end of data.
+
+Host file errors. A write the file cannot take (its filesystem is full, an I/O error) is undone
+and raises HostFileError: errno EIO, as a drive reports a write it could not do, never st's
+ENOSPC of the early-warning zone; `host_errno` is what the filesystem answered.
+
 Speed: a block is one os.pwritev of the caller's buffer between its two length words, a read is
 one pread for the length and one for the data. The position index is built lazily from the
 length words and costs 8 bytes per block and filemark seen.
@@ -67,12 +86,27 @@ from .drive import TapeDrive, TapeError, TapeStatus, check_count
 _WORD = struct.Struct("<I")
 _FILEMARK = 0
 _END_OF_MEDIUM = 0xFFFFFFFF
-_MARKER_CLASS_BITS = 0xF0000000
 _FILEMARK_WORD = _WORD.pack(_FILEMARK)
 _RECORD_OVERHEAD = 2 * _WORD.size
 _LARGEST_BLOCK = mtio.MT_ST_BLKSIZE_MASK
 _IOV_MAX = os.sysconf("SC_IOV_MAX")
 DEFAULT_EARLY_WARNING = 32 << 20
+# How many objects at the start of a file are checked before it is taken for a tape; a file that
+# starts with this many filemarks (zero bytes) is a disk image or a preallocated file, not a tape.
+_CHECKED_OBJECTS = 8
+
+
+class HostFileError(TapeError):
+    """The file holding a virtual tape could not take a write: a fault of the host (a full
+    filesystem, an I/O error), not of the tape. `errno` is EIO, as st reports a write it could
+    not do; `host_errno` is what the filesystem answered (ENOSPC, EDQUOT, EIO, ...)."""
+
+    def __init__(self, device: str, host_errno: int, what: str):
+        super().__init__(errno.EIO, device, what)
+        self.host_errno = host_errno
+
+    def __str__(self) -> str:
+        return f"{self.filename}: {self.what}: {os.strerror(self.host_errno)}"
 
 
 class _EofState(IntEnum):
@@ -117,10 +151,18 @@ class VirtualTape(TapeDrive):
         self._starts = array("q", [0])
         self._marks = array("q")
         self._indexed_all = False
+        # Where a torn last record begins (the end of data), and what is wrong with it.
+        self._torn: tuple[int, str] | None = None
         self._loaded = True
         self._block_size = 0
         self._writing = False
         self._go_to_bot()
+        try:
+            self._check_medium()
+        except BaseException:
+            os.close(self._fd)
+            self._fd = -1
+            raise
 
     def _open(self, create: bool) -> int:
         extra = os.O_CLOEXEC | (os.O_CREAT if create else 0)
@@ -144,6 +186,26 @@ class VirtualTape(TapeDrive):
             os.close(fd)
             raise TapeError(errno.EBUSY, self.path, "the virtual tape is in use by another program") from None
         return fd
+
+    def _check_medium(self) -> None:
+        """Refuse a file that is not a SIMH tape, by the structure of its first objects: any
+        other file would read as a blank tape (EIO at BOT) and be overwritten by the first write."""
+        if self._size == 0:
+            return
+        not_a_tape = "not a virtual tape (SIMH .tap), so it is left as it is"
+        if self._size < _WORD.size:
+            raise self._error(errno.EMEDIUMTYPE, f"{not_a_tape} ({self._size} bytes cannot hold a record)")
+        try:
+            self._exists(_CHECKED_OBJECTS - 1)
+        except TapeError as e:
+            raise self._error(errno.EMEDIUMTYPE, f"{not_a_tape} ({e.what})") from None
+        if len(self._marks) == _CHECKED_OBJECTS:
+            raise self._error(errno.EMEDIUMTYPE, f"{not_a_tape} (it starts with zero bytes, not records)")
+
+    def is_blank(self) -> bool:
+        """Whether nothing is recorded on the tape; known from the file, without moving the tape."""
+        self._require_tape()
+        return not self._exists(0)
 
     def _error(self, error: int, what: str) -> TapeError:
         return TapeError(error, self.path, what)
@@ -172,23 +234,40 @@ class VirtualTape(TapeDrive):
             self._indexed_all = True
             return
         if len(word) < _WORD.size:
-            raise self._corrupt(offset, "the file ends inside a length word")
+            self._end_at_torn_record(offset, "the file ends inside a length word")
+            return
         (length,) = _WORD.unpack(word)
         if length == _END_OF_MEDIUM:
             self._indexed_all = True
         elif length == _FILEMARK:
             self._marks.append(len(self._starts) - 1)
             self._starts.append(offset + _WORD.size)
-        elif length & _MARKER_CLASS_BITS:
-            raise self._corrupt(offset, f"unsupported SIMH marker 0x{length:08x}")
+        elif length > _LARGEST_BLOCK:
+            raise self._corrupt(offset, f"0x{length:08x} is no record length (nor a marker this emulation reads)")
         else:
             end = offset + _RECORD_OVERHEAD + length + (length & 1)
             if end > self._size:
-                raise self._corrupt(offset, f"a block of {length} bytes runs past the end of the file")
+                self._end_at_torn_record(offset, f"the file ends inside a block of {length} bytes")
+                return
+            after = os.pread(self._fd, _WORD.size, end - _WORD.size)
+            if after != word:
+                raise self._corrupt(offset, f"a block of {length} bytes is not followed by its length")
             self._starts.append(end)
+
+    def _end_at_torn_record(self, offset: int, why: str) -> None:
+        """A record cut short by an interrupted write ends the recorded data where it begins."""
+        self._torn = (offset, why)
+        self._indexed_all = True
 
     def _corrupt(self, offset: int, why: str) -> TapeError:
         return self._error(errno.EIO, f"not a valid SIMH tape image at byte {offset}: {why}")
+
+    def _at_end_of_data(self, what: str) -> str:
+        if self._torn is None or self._position != len(self._starts) - 1:
+            return f"{what} at the end of recorded data"
+        offset, why = self._torn
+        return (f"{what} at the end of recorded data, where the file holds a torn record (not a valid "
+                f"SIMH tape image at byte {offset}: {why}; an interrupted write, replaced by the next write)")
 
     def _exists(self, position: int) -> bool:
         """Whether tape object `position` exists, indexing the tape as far as needed."""
@@ -242,7 +321,10 @@ class VirtualTape(TapeDrive):
         except OSError as e:
             os.ftruncate(self._fd, self._starts[self._position])
             self._size = self._starts[self._position]
-            raise self._error(e.errno, "the file holding the virtual tape could not be written") from None
+            raise HostFileError(self.path, e.errno, "the file holding the virtual tape could not be written") from None
+        finally:
+            # Whatever was torn at the end of data is gone: overwritten or truncated away.
+            self._torn = None
         self._size = offset
         self._starts.extend(object_ends)
         self._marks.extend(marks)
@@ -341,7 +423,7 @@ class VirtualTape(TapeDrive):
                 if self._eof == _EofState.FM:
                     self._eof = _EofState.EOD
                     return []
-                raise self._error(errno.EIO, "read at the end of recorded data")
+                raise self._error(errno.EIO, self._at_end_of_data("read"))
             if self._is_filemark(position):
                 if taken:
                     break
