@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/imager demo
 
-test: setup
+test: setup lint
 	$(PY) -m pytest -q -p no:cacheprovider --benchmark-disable tests
 
 # The fault sweeps at full size (hundreds of kills, thousands of damaged images): hours, not minutes.
@@ -34,10 +34,13 @@ bench: setup
 	$(PY) bench/front.py
 	$(PY) -m pytest -q -p no:cacheprovider -o python_files="bench_*.py" bench
 
+# pyflakes everywhere, the layering of the data flow, mypy on the seams (strict on format, ends and plan).
 lint: setup
 	$(PY) -m compileall -q imager devices tests bench
 	$(PY) -m pyflakes imager devices tests bench scripts
 	$(PY) scripts/check-layering.py
+	$(PY) -m mypy imager/format imager/ends imager/plan imager/pipeline.py imager/api.py imager/jobs/backup.py \
+		imager/jobs/restore.py imager/jobs/verify.py imager/jobs/info.py imager/snapshot/provider.py
 
 clean:
 	rm -rf $(VENV) bench/work

@@ -15,7 +15,7 @@ import pytest
 from devices import loop
 from devices.block import BlockDevice
 from devices.buffers import AlignedBuffer
-from imager.snapshot import CowStore
+from imager.snapshot.cow import CowStore
 
 VOLUME_SIZE = 64 << 20
 PASS_BYTES = 16 << 20

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from devices.buffers import AlignedBuffer, is_all_zero
-from imager.stream import chunk_digest, encode_chunk
+from imager.format import ZstdCodec, chunk_digest
 
 CHUNK = 4 << 20
 
@@ -56,23 +56,23 @@ def test_blake3_digest_of_a_chunk(benchmark, text_chunk):
 
 @pytest.mark.parametrize("level", [1, 3])
 def test_encode_text_chunk(benchmark, text_chunk, level):
-    chunk = benchmark(encode_chunk, 0, memoryview(text_chunk), level)
+    chunk = benchmark(ZstdCodec(level).encode, 0, memoryview(text_chunk))
     assert not chunk.zero and len(chunk.frame) < CHUNK
 
 
 def test_encode_random_chunk(benchmark):
     data = memoryview(np.random.default_rng(1).integers(0, 256, CHUNK, dtype=np.uint8).tobytes())
-    assert not benchmark(encode_chunk, 0, data, 3).zero
+    assert not benchmark(ZstdCodec(3).encode, 0, data).zero
 
 
 def test_encode_zero_chunk_costs_no_compression(benchmark, zero_buffer):
-    assert benchmark(encode_chunk, 0, zero_buffer.view, 3).zero
+    assert benchmark(ZstdCodec(3).encode, 0, zero_buffer.view).zero
 
 
 @pytest.fixture(scope="module")
 def fragmented_plan():
     """A used-block plan of a 16 TiB volume with a million used extents."""
-    from imager.usedmap import UsedMap
+    from imager.plan.usedmap import UsedMap
 
     rng = np.random.default_rng(7)
     size = 16 << 40

@@ -9,9 +9,9 @@
 - reading the snapshot file;
 - backup from a snapshot view against backup of the raw device, same data.
 
-    python bench/front.py [--size-gib 2] [--runtime 8]
+    python bench/daemon.py [--size-gib 2] [--runtime 8]
 
-Writes the table to bench/results/front.json.
+Writes the table to bench/results/daemon.json.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from devices import loop  # noqa: E402
-from imager import front, jobs  # noqa: E402
+from imager import jobs  # noqa: E402
+from imager.snapshot import daemon  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WORK = Path(__file__).resolve().parent / "work"
@@ -69,8 +70,8 @@ def main() -> int:
     seq_size = min(size, 1 << 30)
     WORK.mkdir(exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=WORK, prefix="front-"))
-    os.environ.setdefault(front.RUN_DIR_ENV, str(tmp / "run"))
-    os.environ.setdefault(front.STATE_DIR_ENV, str(tmp / "state"))
+    os.environ.setdefault(daemon.RUN_DIR_ENV, str(tmp / "run"))
+    os.environ.setdefault(daemon.STATE_DIR_ENV, str(tmp / "state"))
     name = "benchfront"
     rows: dict[str, float] = {}
     devices = []
@@ -79,7 +80,7 @@ def main() -> int:
     try:
         plain_file, managed_file = tmp / "plain.img", tmp / "managed.img"
         # Allocated, written backing files: the first pass over a sparse file would measure the
-        # filesystem's block allocation, not the front.
+        # filesystem's block allocation, not the daemon.
         block = os.urandom(4 << 20)
         for f in (plain_file, managed_file):
             with open(f, "wb") as fh:
@@ -90,7 +91,7 @@ def main() -> int:
         devices.append(plain)
         source = loop.attach(str(managed_file), direct_io=True)
         devices.append(source)
-        volume = front.attach(source, name=name)
+        volume = daemon.attach(source, name=name)
         attached = True
         f = volume.front
 
@@ -99,17 +100,17 @@ def main() -> int:
         # for allocating it, later passes show the steady state.
         rows["seq write, front, no snapshot, first pass"] = fio(f, "write", seq_size, args.runtime)
         rows["seq write, front, no snapshot"] = fio(f, "write", seq_size, args.runtime)
-        front.snapshot_create(name)
+        daemon.snapshot_create(name)
         rows["seq write, front, snapshot, first writes"] = fio(f, "write", seq_size, args.runtime)
         rows["seq write, front, snapshot, rewrites"] = fio(f, "write", seq_size, args.runtime)
-        front.snapshot_delete(name, force=True)
+        daemon.snapshot_delete(name, force=True)
 
         rows["rand 4k write, loop device"] = fio(plain, "randwrite", size, args.runtime)
         rows["rand 4k write, front, no snapshot"] = fio(f, "randwrite", size, args.runtime)
-        front.snapshot_create(name)
+        daemon.snapshot_create(name)
         rows["rand 4k write, front, snapshot, first writes"] = fio(f, "randwrite", size, args.runtime)
         rows["rand 4k write, front, snapshot, rewrites"] = fio(f, "randwrite", size, args.runtime)
-        front.snapshot_delete(name, force=True)
+        daemon.snapshot_delete(name, force=True)
 
         # A filesystem of real files on the front, idle, for the freeze window and the backups.
         sh("mkfs.ext4", "-q", "-F", f)
@@ -123,16 +124,16 @@ def main() -> int:
         os.sync()
         windows = []
         for _ in range(10):
-            windows.append(front.snapshot_create(name).freeze_window_ms)
-            front.snapshot_delete(name, force=True)
+            windows.append(daemon.snapshot_create(name).freeze_window_ms)
+            daemon.snapshot_delete(name, force=True)
         rows["freeze window, idle ext4, median ms"] = statistics.median(windows)
 
-        snap = front.snapshot_create(name).snapshots[0]
+        snap = daemon.snapshot_create(name).snapshots[0]
         drop_caches()
         start = time.monotonic()
         sh("dd", f"if={snap.path}", "of=/dev/null", "bs=4M", "status=none")
         rows["read the snapshot file (dd bs=4M)"] = size / (time.monotonic() - start) / 1e6
-        front.snapshot_delete(name, force=True)
+        daemon.snapshot_delete(name, force=True)
 
         out = tmp / "out"
         out.mkdir()
@@ -150,8 +151,8 @@ def main() -> int:
         if mounted is not None:
             subprocess.run(["umount", str(mounted)])
         if attached:
-            front.snapshot_delete(name, force=True, missing_ok=True)
-            front.detach(name)
+            daemon.snapshot_delete(name, force=True, missing_ok=True)
+            daemon.detach(name)
         for d in devices:
             loop.detach(d)
         subprocess.run(["rm", "-rf", str(tmp)])
@@ -170,7 +171,7 @@ def main() -> int:
     lines += ["", f"{'ratio':48} {'':>14}"] + [f"{k:48} {v:14.2f}" for k, v in ratios.items()]
     print("\n".join(lines))
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "front.json").write_text(json.dumps({"rows": rows, "ratios": ratios}, indent=2) + "\n")
+    (RESULTS / "daemon.json").write_text(json.dumps({"rows": rows, "ratios": ratios}, indent=2) + "\n")
     return 0
 
 

@@ -8,17 +8,17 @@ filesystems, odd lengths) the device falls back to buffered reads and says so th
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import os
-import re
 import stat
 import struct
-from dataclasses import dataclass
 from typing import Callable
 
 from .errors import DeviceError
-from .ioctl import IO, IOR, IOWR
+from .ioctl import IO, IOR
+from .libc import check, libc
 
 BLKROGET = IO(0x12, 94)
 BLKFLSBUF = IO(0x12, 97)
@@ -26,76 +26,9 @@ BLKSSZGET = IO(0x12, 104)
 BLKGETSIZE64 = IOR(0x12, 114, 8)
 BLKPBSZGET = IO(0x12, 123)
 BLKZEROOUT = IO(0x12, 127)
-FIFREEZE = IOWR("X", 119, 4)
-FITHAW = IOWR("X", 120, 4)
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
-
-
-@dataclass(frozen=True)
-class Mount:
-    device_number: int
-    mount_point: str
-    fs_type: str
-    source: str
-    read_only: bool
-
-
-def mounts() -> list[Mount]:
-    """Every mount in this mount namespace, from /proc/self/mountinfo."""
-    result = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields = left.split()
-            major, minor = (int(x) for x in fields[2].split(":"))
-            opts = fields[5].split(",")
-            fs_type, source = (right.split() + ["", ""])[:2]
-            point = _unescape_mountinfo(fields[4])
-            result.append(Mount(os.makedev(major, minor), point, fs_type, source, "ro" in opts))
-    return result
-
-
-def _unescape_mountinfo(field: str) -> str:
-    """mountinfo writes space, tab, newline and backslash as octal escapes (\\040); anything else,
-    UTF-8 included, is as it is on disk."""
-    raw = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), os.fsencode(field))
-    return os.fsdecode(raw)
-
-
-def mounts_of(path: str) -> list[Mount]:
-    """The mounts whose filesystem lives on the block device at `path` (empty for a file)."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return []
-    if not stat.S_ISBLK(st.st_mode):
-        real = os.path.realpath(path)
-        return [m for m in mounts() if m.source == real]
-    return [m for m in mounts() if m.device_number == st.st_rdev]
-
-
-def freeze(mount_point: str) -> None:
-    """FIFREEZE: flush the filesystem and block new writes until thaw()."""
-    _fs_ioctl(mount_point, FIFREEZE, "freeze")
-
-
-def thaw(mount_point: str) -> None:
-    _fs_ioctl(mount_point, FITHAW, "thaw")
-
-
-def _fs_ioctl(mount_point: str, request: int, what: str) -> None:
-    try:
-        fd = os.open(mount_point, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError as e:
-        raise DeviceError(f"cannot {what} the filesystem at {mount_point}: {e.strerror}") from None
-    try:
-        fcntl.ioctl(fd, request, 0)
-    except OSError as e:
-        raise DeviceError(f"cannot {what} the filesystem at {mount_point}: {e.strerror}") from None
-    finally:
-        os.close(fd)
 
 
 def stat_volume(path: str) -> os.stat_result:
@@ -250,6 +183,12 @@ class BlockDevice:
         os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
+def size_of(path: str) -> int:
+    """The size in bytes of the block device or file at `path` (DeviceError if it is neither)."""
+    with BlockDevice(path, direct=False) as dev:
+        return dev.size
+
+
 def preallocate(fd: int, offset: int, length: int) -> None:
     """Reserve disk blocks for [offset, offset+length) of a file without changing its size, so
     later writes there skip the filesystem's block allocation. Raises OSError where the
@@ -258,11 +197,4 @@ def preallocate(fd: int, offset: int, length: int) -> None:
 
 
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    import ctypes
-    import ctypes.util
-
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-    if libc.fallocate(fd, mode, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+    check(libc.fallocate(fd, mode, ctypes.c_long(offset), ctypes.c_long(length)))

@@ -25,14 +25,12 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
-from .block import Mount, mounts
 from .errors import DeviceError
+from .fs import Mount, mounts
+from .partitions import ESP_GPT_TYPE, ESP_MBR_TYPE
 
 SYSFS_ROOT = "/sys"
 
-# The EFI system partition's type: a GUID in a GPT, a one-byte id in an MBR.
-ESP_GPT_TYPE = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b"
-ESP_MBR_TYPE = "0xef"
 
 # sysfs gives sizes in 512-byte units whatever the device's logical sector size.
 _SYSFS_SECTOR = 512
@@ -193,7 +191,7 @@ def _describe_record(record: _DeviceRecord, all_mounts: list[Mount]) -> BlockDev
         partition_type=partition_type,
         partition_scheme=props.get("ID_PART_ENTRY_SCHEME") or probed.get("PART_ENTRY_SCHEME"),
         partition_table=partition_table,
-        is_esp=partition_type in (ESP_GPT_TYPE, ESP_MBR_TYPE),
+        is_esp=partition_type in (ESP_GPT_TYPE, f"{ESP_MBR_TYPE:#04x}"),
         read_only=_read_int(os.path.join(sys_path, "ro")) != 0,
         backing_file=backing_file,
     )

@@ -12,7 +12,9 @@ import os
 import stat
 import struct
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 from .errors import DeviceError
 
@@ -49,13 +51,32 @@ def attach(path: str, *, offset: int = 0, size_limit: int = 0, read_only: bool =
            block_size: int = 0, autoclear: bool = False, direct_io: bool = False) -> str:
     """Attach `path` to a free loop device and return the device's path (/dev/loopN)."""
     try:
-        return _attach(path, offset, size_limit, read_only, block_size, autoclear, direct_io)
+        device, fd = _attach(path, offset, size_limit, read_only, block_size, autoclear, direct_io)
     except OSError as e:
         raise DeviceError(f"cannot attach {path} to a loop device: {e.strerror}") from None
+    os.close(fd)
+    return device
+
+
+@contextmanager
+def held(path: str, *, offset: int = 0, size_limit: int = 0, read_only: bool = True) -> Iterator[str]:
+    """A loop device on `path` that exists exactly as long as this process holds it: attached
+    with autoclear and kept open, so that leaving the block, or dying in it even by SIGKILL,
+    detaches it (once whatever else opened it meanwhile has let go)."""
+    try:
+        device, fd = _attach(path, offset, size_limit, read_only, 0, True, False)
+    except OSError as e:
+        raise DeviceError(f"cannot attach {path} to a loop device: {e.strerror}") from None
+    try:
+        yield device
+    finally:
+        os.close(fd)
 
 
 def _attach(path: str, offset: int, size_limit: int, read_only: bool, block_size: int, autoclear: bool,
-            direct_io: bool) -> str:
+            direct_io: bool) -> tuple[str, int]:
+    """The device, and a descriptor of it that the caller closes (with autoclear, the close
+    that detaches it)."""
     try:
         st = os.stat(path)
     except OSError as e:
@@ -79,13 +100,12 @@ def _attach(path: str, offset: int, size_limit: int, read_only: bool, block_size
                 dev_fd = os.open(device, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
                 try:
                     fcntl.ioctl(dev_fd, LOOP_CONFIGURE, config)
-                    return device
+                    return device, dev_fd
                 except OSError as e:
+                    os.close(dev_fd)
                     if e.errno == errno.EBUSY:
                         continue  # another process took this device between GET_FREE and CONFIGURE
                     raise DeviceError(f"cannot attach {path} to {device}: {e.strerror}") from None
-                finally:
-                    os.close(dev_fd)
             raise DeviceError(f"cannot attach {path}: no free loop device")
         finally:
             os.close(ctl)

@@ -1,3 +1,39 @@
-"""imager: point-in-time images of block devices in use, to seekable zstd images and tape."""
+"""imager: point-in-time images of block devices in use, to seekable zstd images and tape.
+
+The public Python API (the command line is a thin layer over it):
+
+    import imager
+    result = imager.backup("/dev/sdb1", "sdb1.zst", level=3)      # -> BackupResult
+    imager.verify("sdb1.zst")                                     # -> VerifyResult
+    imager.restore("sdb1.zst", "/dev/sdc1", verify=True)          # -> RestoreResult
+    imager.info("sdb1.zst")                                       # -> ImageInfo
+    with imager.ImageReader("sdb1.zst") as image:                 # random access to the volume
+        image.read(offset, length)
+
+Every error a user should see is an imager.ImagerError (imager.errors) with a one-line message;
+imager.jobs holds the whole jobs (several volumes, snapshots, tape), imager.jobs.volumes the
+managed volumes.
+"""
 
 __version__ = "0.1.0"
+
+# Loaded on first use: `import imager` stays cheap for the helper processes that import only a
+# part of it (the freeze guard, the volume daemon).
+_PUBLIC = {
+    "backup": "api", "info": "api", "restore": "api", "verify": "api",
+    "ImageReader": "format",
+    "BackupResult": "jobs.results", "ImageInfo": "jobs.results", "RestoreResult": "jobs.results",
+    "VerifyResult": "jobs.results",
+    "CacheFullError": "errors", "ChunkError": "errors", "ImageFormatError": "errors", "ImagerError": "errors",
+    "SnapshotError": "errors", "TapeMediaError": "errors", "UsageError": "errors", "VolumeError": "errors",
+}
+
+__all__ = ["__version__", *_PUBLIC]
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+    raise AttributeError(f"module 'imager' has no attribute {name!r}")

@@ -10,6 +10,7 @@ through a virtual tape onto a third loop device.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -21,9 +22,10 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from devices import loop
-from devices.block import mounts_of
+from devices.fs import mounts_of
 
-from . import front, jobs
+from . import jobs
+from .jobs import volumes
 from .errors import ImagerError
 from .tape import TapeSpec, write_label
 
@@ -147,62 +149,68 @@ def run(out) -> int:
         with ExitStack() as stack:
             scratch = _Scratch(stack, workdir)
             source = scratch.loop_device("source.img", VOLUME_SIZE)
-            volume = front.attach(source, name=name, cache_path=str(workdir / "cow-state"))
-            stack.callback(front.detach, name)
+            volume = volumes.attach(source, name=name, cache_path=str(workdir / "cow-state"))
+            stack.callback(volumes.detach, name)
             _run("mkfs.ext4", "-q", "-L", "imager-demo", volume.front)
             point = scratch.mount(volume.front, "live")
             populate_sample(point, random_mib=64)
             sample = file_checksums(point)
             say(f"1. sample volume {source} ({VOLUME_SIZE >> 20} MiB) attached as {name!r}: ext4 on its "
                 f"copy-on-write front {volume.front}, mounted, {len(sample)} files")
-
-            image = workdir / "source.zst"
-            with _Writer(point) as writer:
-                at_instant: dict[str, str] = {}
-                (b,) = jobs.backup_volumes([name], jobs.Destination(output=str(image)), snapshot="cow",
-                                           while_frozen=lambda: at_instant.update(writer.snapshot_instant()))
-                written_during = writer.writes
-            expected = dict(sample, **at_instant)
-            say(f"2. backup from a cow snapshot while a writer made {written_during} changes: "
-                f"frozen {b.freeze_window_ms:.1f} ms; {b.volume_size >> 20} MiB -> "
-                f"{b.bytes_written / 2**20:.1f} MiB (ratio {b.ratio:.2f}), {b.bytes_read >> 20} MiB read "
-                f"(used blocks only) in {b.seconds:.2f} s, {b.mb_per_second:.0f} MB/s")
-            summary["backup"] = b.to_dict()
-
-            v = jobs.verify(str(image))
-            say(f"3. verify: {v.chunks} chunks ok in {v.seconds:.2f} s")
-
-            target = scratch.loop_device("target.img", VOLUME_SIZE)
-            r = jobs.restore(str(image), target, verify=True)
-            say(f"4. restore onto {target} with read-back verify: {r.seconds:.2f} s, {r.mb_per_second:.0f} MB/s")
-            summary["restore"] = r.to_dict()
-            _check_restored(scratch, target, expected, "restored")
-            say(f"5. restored filesystem passes fsck -n; all {len(expected)} files are as they were at the "
-                f"snapshot instant, the writer's files included")
-
-            tape = TapeSpec(str(workdir / "demo.tap"))
-            with tape.open() as drive:
-                write_label(drive, "DEMO01")
-            with _Writer(point) as writer:
-                at_instant = {}
-                (t,) = jobs.backup_volumes([name], jobs.Destination(tape=tape), snapshot="cow",
-                                           while_frozen=lambda: at_instant.update(writer.snapshot_instant()))
-            say(f"6. backup from a new snapshot to virtual tape {tape.spec} ({t.image}), writer still "
-                f"running: {t.seconds:.2f} s, {t.mb_per_second:.0f} MB/s")
-            summary["tape_backup"] = t.to_dict()
-            tape_target = scratch.loop_device("tape-target.img", VOLUME_SIZE)
-            tr = jobs.restore_from_tape(tape, t.image_id, tape_target, verify=True)
-            _check_restored(scratch, tape_target, dict(sample, **at_instant), "from-tape")
-            say(f"7. restore from tape onto {tape_target} with read-back verify: {tr.seconds:.2f} s; "
-                f"fsck -n passes, every file as at that snapshot's instant")
-            summary["tape_restore"] = tr.to_dict()
+            _image_file(scratch, workdir, name, point, sample, say, summary)
+            _image_tape(scratch, workdir, name, point, sample, say, summary)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     summary["seconds"] = round(time.monotonic() - started, 2)
     if out.json:
-        import json
-
         print(json.dumps(summary, indent=2, sort_keys=True))
     else:
         say(f"demo ok in {summary['seconds']} s (everything it created has been removed)")
     return 0
+
+
+def _image_file(scratch: "_Scratch", workdir: Path, name: str, point: Path, sample: dict[str, str], say,
+                summary: dict) -> None:
+    """Steps 2-5: back up from a snapshot while a writer runs, verify, restore, check every file."""
+    image = workdir / "source.zst"
+    with _Writer(point) as writer:
+        at_instant: dict[str, str] = {}
+        (b,) = jobs.backup_volumes([name], jobs.Destination(output=str(image)), snapshot="cow",
+                                   while_frozen=lambda: at_instant.update(writer.snapshot_instant()))
+        written_during = writer.writes
+    expected = dict(sample, **at_instant)
+    say(f"2. backup from a cow snapshot while a writer made {written_during} changes: "
+        f"frozen {b.freeze_window_ms:.1f} ms; {b.volume_size >> 20} MiB -> "
+        f"{b.bytes_written / 2**20:.1f} MiB (ratio {b.ratio:.2f}), {b.bytes_read >> 20} MiB read "
+        f"(used blocks only) in {b.seconds:.2f} s, {b.mb_per_second:.0f} MB/s")
+    summary["backup"] = b.to_dict()
+    v = jobs.verify(str(image))
+    say(f"3. verify: {v.chunks} chunks ok in {v.seconds:.2f} s")
+    target = scratch.loop_device("target.img", VOLUME_SIZE)
+    r = jobs.restore(str(image), target, verify=True)
+    say(f"4. restore onto {target} with read-back verify: {r.seconds:.2f} s, {r.mb_per_second:.0f} MB/s")
+    summary["restore"] = r.to_dict()
+    _check_restored(scratch, target, expected, "restored")
+    say(f"5. restored filesystem passes fsck -n; all {len(expected)} files are as they were at the "
+        f"snapshot instant, the writer's files included")
+
+
+def _image_tape(scratch: "_Scratch", workdir: Path, name: str, point: Path, sample: dict[str, str], say,
+                summary: dict) -> None:
+    """Steps 6-7: the same through a labelled virtual tape."""
+    tape = TapeSpec(str(workdir / "demo.tap"))
+    with tape.open() as drive:
+        write_label(drive, "DEMO01")
+    with _Writer(point) as writer:
+        at_instant: dict[str, str] = {}
+        (t,) = jobs.backup_volumes([name], jobs.Destination(tape=tape), snapshot="cow",
+                                   while_frozen=lambda: at_instant.update(writer.snapshot_instant()))
+    say(f"6. backup from a new snapshot to virtual tape {tape.spec} ({t.image}), writer still "
+        f"running: {t.seconds:.2f} s, {t.mb_per_second:.0f} MB/s")
+    summary["tape_backup"] = t.to_dict()
+    tape_target = scratch.loop_device("tape-target.img", VOLUME_SIZE)
+    tr = jobs.restore_from_tape(tape, t.image_id, tape_target, verify=True)
+    _check_restored(scratch, tape_target, dict(sample, **at_instant), "from-tape")
+    say(f"7. restore from tape onto {tape_target} with read-back verify: {tr.seconds:.2f} s; "
+        f"fsck -n passes, every file as at that snapshot's instant")
+    summary["tape_restore"] = tr.to_dict()

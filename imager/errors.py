@@ -1,12 +1,21 @@
-"""Engine errors. Each message is one line a user can act on; the CLI prints it without a traceback."""
+"""Every error the engine reports to a user. Each message is one line a user can act on; the
+CLI prints it without a traceback and exits with the class's `exit_code`: 2 for a request that
+is wrong in itself (fix the command line), 1 for a job that failed."""
+
+from __future__ import annotations
 
 
 class ImagerError(Exception):
     """Base of every error the engine reports to a user."""
 
+    exit_code = 1
+
 
 class UsageError(ImagerError):
-    """The request itself is wrong: a missing source, an existing output, a too-small target."""
+    """The request itself is wrong: a missing source, an existing output, a too-small target,
+    a device that holds data and no --force."""
+
+    exit_code = 2
 
 
 class ImageFormatError(ImagerError):
@@ -28,4 +37,26 @@ class SnapshotError(ImagerError):
 
 
 class CacheFullError(SnapshotError):
-    """The snapshot's cache region overflowed; the snapshot is no longer point-in-time."""
+    """The snapshot's cache region overflowed; the snapshot is no longer point-in-time. Says how
+    much cache it would have needed, and what to do."""
+
+    def __init__(self, volume: str, reason: str, needed_bytes: int, capacity: int | None):
+        self.needed_bytes = needed_bytes
+        self.capacity = capacity
+        remedy = ("a larger cache (imager attach --cache-size)" if capacity is not None and needed_bytes > capacity
+                  else "more free space where the cache lives")
+        super().__init__(f"the snapshot of {volume} is no longer point-in-time: {reason}; at least {needed_bytes} "
+                         f"bytes ({needed_bytes / (1 << 20):.1f} MiB) of cache would have been needed, retry with "
+                         f"{remedy}")
+
+
+class VolumeError(ImagerError):
+    """A managed volume could not be attached, detached or reached."""
+
+
+class TapeMediaError(ImagerError):
+    """The tape does not hold what was expected: unlabelled, another tape, damaged, cut short."""
+
+
+class CartridgeFull(TapeMediaError):
+    """A cartridge reached its physical end before an image segment could be closed."""

@@ -4,6 +4,10 @@ A producer thread reads (so reads overlap compression), a thread pool does the w
 (zstandard and blake3 release the GIL), and the caller's thread consumes results in the
 order they were produced. At most `depth` items are in flight, so memory stays bounded
 whatever the volume size.
+
+The stages: read_chunks (a volume into pooled buffers, only the planned ranges), encoder
+(buffers into frames), decoder (frames into checked chunks) and digester (buffers into
+digests), each used by run_ordered.
 """
 
 from __future__ import annotations
@@ -12,7 +16,15 @@ import os
 import queue
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Iterable, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar
+
+from devices.buffers import AlignedBuffer, BufferPool
+
+from .ends.feeds import Feed
+from .ends.sources import VolumeSource
+from .errors import ImagerError, UsageError
+from .format import Codec, EncodedChunk, chunk_digest, codec_of, zero_digest
+from .plan.usedmap import UsedMap
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -20,8 +32,21 @@ R = TypeVar("R")
 _DONE = object()
 
 
+# More threads than this only fight over the cores (and each holds buffers of a chunk).
+MAX_WORKERS = 256
+
+
 def default_workers() -> int:
     return len(os.sched_getaffinity(0)) or 1
+
+
+def worker_count(workers: int | None) -> int:
+    """`workers`, or one per core when None; refuses a count no machine can use."""
+    if workers is None:
+        return default_workers()
+    if not 1 <= workers <= MAX_WORKERS:
+        raise UsageError(f"workers must be 1..{MAX_WORKERS}, not {workers}")
+    return workers
 
 
 class _ProducerFailed:
@@ -94,3 +119,81 @@ def _drain(q: queue.Queue) -> None:
         if isinstance(entry, Future):
             # Let started work finish: it may hold a pooled buffer the producer waits for.
             entry.exception()
+
+
+# --- the stages ----------------------------------------------------------------------------------
+
+ReadChunk = tuple[int, AlignedBuffer | None, int]     # (index, buffer or None for unused, length)
+
+
+def read_chunks(source: VolumeSource, chunk_size: int, pool: BufferPool, on_read: Callable[[int], None],
+                plan: UsedMap | None = None) -> Iterator[ReadChunk]:
+    """Each chunk of the source in a pooled buffer; with a plan, only the used ranges are read
+    (the rest of the buffer is zeros) and a chunk with nothing used comes without a buffer."""
+    count = -(-source.size // chunk_size)
+    for index in range(count):
+        offset = index * chunk_size
+        length = min(chunk_size, source.size - offset)
+        pieces = plan.ranges_in(offset, length) if plan is not None else [(0, length)]
+        if not pieces:
+            yield index, None, length
+            continue
+        buf = pool.acquire()
+        try:
+            if pieces != [(0, length)]:
+                buf.array[:length] = 0
+            for start, end in pieces:
+                got = source.read_into(buf.view[start:end], offset + start)
+                if got != end - start:
+                    raise ImagerError(f"{source.path}: short read at offset {offset + start + got} "
+                                      f"(device shrank or ended early)")
+                on_read(got)
+        except BaseException:
+            pool.release(buf)
+            raise
+        yield index, buf, length
+
+
+def encoder(pool: BufferPool, codec: Codec) -> Callable[[ReadChunk], EncodedChunk]:
+    """A chunk read into a pooled buffer (or an unused chunk) as its frame; frees the buffer."""
+    def encode(item: ReadChunk) -> EncodedChunk:
+        index, buf, length = item
+        if buf is None:
+            return codec.zero_chunk(index, length)
+        try:
+            return codec.encode(index, buf.view[:length])
+        finally:
+            pool.release(buf)
+    return encode
+
+
+def digester(pool: BufferPool) -> Callable[[ReadChunk], tuple[int, bytes]]:
+    """A chunk read into a pooled buffer as its digest; frees the buffer."""
+    def digest(item: ReadChunk) -> tuple[int, bytes]:
+        index, buf, length = item
+        if buf is None:
+            return index, zero_digest(length)
+        try:
+            return index, chunk_digest(buf.view[:length])
+        finally:
+            pool.release(buf)
+    return digest
+
+
+DecodedChunk = tuple[int, "bytes | None", bytes]        # (index, data or None for zeros, digest)
+
+
+def decoder(feed: Feed) -> Callable[[tuple[int, bytes, int]], DecodedChunk]:
+    """A frame of `feed` as its checked contents and digest (None for an all-zero chunk)."""
+    header = feed.header
+    codec = codec_of(header)
+
+    def decode(item: tuple[int, bytes, int]) -> DecodedChunk:
+        index, frame, image_offset = item
+        length = header.chunk_length(index)
+        expected = feed.expected_digest(index)
+        data = codec.decode(frame, index, length, expected, image_offset, index * header.chunk_size)
+        if expected is not None:
+            return index, data, expected
+        return index, data, zero_digest(length) if data is None else chunk_digest(data)
+    return decode

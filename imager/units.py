@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from datetime import datetime, timezone
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 
@@ -66,3 +67,17 @@ def positive_float(text: str) -> float:
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive number: {text!r}")
     return value
+
+
+def now_iso() -> str:
+    """Now, in UTC, as ISO 8601 to the second: the time every record and header carries."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def check_block_size(value: int, sector: int, what: str, maximum: int | None = None) -> str | None:
+    """Why `value` cannot be the size of a block of I/O (a chunk, a COW block): not a power of two,
+    not a multiple of the `sector` size, above `maximum`; None when it can."""
+    if value <= 0 or value & (value - 1) or value % sector or (maximum is not None and value > maximum):
+        limit = f", and at most {human_bytes(maximum)}" if maximum is not None else ""
+        return f"{what} {value} must be a power of two and a multiple of the sector size {sector}{limit}"
+    return None

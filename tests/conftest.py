@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from devices import loop
-from devices.block import mounts
+from devices.fs import mounts
 from imager.demo import file_checksums, populate_sample
 
 # Fault sweeps (kills at random moments, damaged images, ...) run in full under `make test-long`
@@ -44,9 +44,13 @@ def run(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(list(cmd), check=check, capture_output=True, text=True, **kw)
 
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def imager(*args: str, check: bool = False, **kw) -> subprocess.CompletedProcess:
     """Run the imager CLI as a user would, in a child process."""
-    return run(sys.executable, "-m", "imager.cli", *args, check=check, **kw)
+    kw.setdefault("timeout", 300)
+    return run(sys.executable, "-m", "imager.cli", *args, check=check, cwd=REPO_ROOT, **kw)
 
 
 def unmount_everything_on(device: str) -> None:
@@ -153,3 +157,17 @@ def private_catalog(tmp_path, monkeypatch):
     """Keep every test's catalog (the default one under XDG_DATA_HOME) out of the user's home."""
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg-data"))
     return tmp_path / "xdg-data" / "imager" / "catalog.sqlite"
+
+
+@pytest.fixture
+def lab(tmp_path, monkeypatch):
+    """Loop devices, managed volumes and mounts, undone at teardown (tests/lab.py)."""
+    from lab import lab_setup
+    yield from lab_setup(tmp_path, monkeypatch)
+
+
+@pytest.fixture
+def bench(tmp_path, monkeypatch):
+    """The lab plus writer processes, frozen filesystems and tmpfs mounts (tests/lab.py)."""
+    from lab import bench_setup
+    yield from bench_setup(tmp_path, monkeypatch)

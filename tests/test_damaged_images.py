@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from imager import jobs
+from imager.ends.feeds import StreamFeed
 from imager.errors import ImageFormatError, ImagerError
-from imager.stream import HEADER_MAGIC, HEADER_TAG, ImageReader, decode_header, encode_header, skippable_frame, zero_frame
+from imager.format import HEADER_MAGIC, HEADER_TAG, ImageReader, decode_header, encode_header, skippable_frame, zero_frame
 
 from conftest import LoopFactory, imager, run, sweep_size
 
@@ -136,7 +137,7 @@ def _check_reported(image: Path, target: Path, volume: bytes) -> None:
         _one_line(e)
     with open(image, "rb") as stream:
         with pytest.raises(ImageFormatError) as caught:
-            jobs.verify_feed(jobs.StreamFeed(stream, "standard input"), workers=2)
+            jobs.verify_feed(StreamFeed(stream, "standard input"), workers=2)
         _one_line(caught.value)
     try:
         jobs.restore(str(image), str(target), workers=2)
@@ -230,7 +231,7 @@ def _reported(image: Path, match: str) -> None:
         jobs.verify(str(image), workers=2)
     _one_line(caught.value)
     with open(image, "rb") as stream, pytest.raises(ImageFormatError, match=match) as caught:
-        jobs.verify_feed(jobs.StreamFeed(stream, "stdin"), workers=2)
+        jobs.verify_feed(StreamFeed(stream, "stdin"), workers=2)
     _one_line(caught.value)
 
 

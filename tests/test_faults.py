@@ -23,19 +23,16 @@ import time
 import pytest
 
 from devices import loop
-from devices.block import FIFREEZE, FITHAW
-from imager import front, jobs
+from devices.fs import FIFREEZE, FITHAW
+from imager import jobs
+from imager.snapshot import daemon
 from imager.errors import SnapshotError
+from imager.snapshot.daemon.protocol import request
 
 from conftest import sweep_size
-from test_front import _kill_and_wait, _umount, fsck_clean
-from test_snapshot_backup import (MiB, REPO_ROOT, WAIT, Writers, _kill_process, bench_setup, fill_with_data,
-                                  imager, one_line_error, snapshot_names)
-
-
-@pytest.fixture
-def bench(tmp_path, monkeypatch):
-    yield from bench_setup(tmp_path, monkeypatch)
+from conftest import fsck_clean
+from lab import (MiB, REPO_ROOT, WAIT, Writers, fill_with_data, imager, kill_and_wait, kill_process,
+                 one_line_error, snapshot_names, umount_point)
 
 
 def frozen(point: str) -> bool:
@@ -111,20 +108,20 @@ def test_sigkill_inside_a_snapshot_window_thaws_and_drops_the_snapshot(bench):
     flag = bench.tmp / "in-window"
     script = textwrap.dedent(f"""
         import time
-        from imager import front
+        from imager.snapshot import daemon
         def hold():
             open({str(flag)!r}, "w").close()
             time.sleep(600)
-        front.HeldSnapshots(["win"], while_frozen=hold, max_freeze=600)
+        daemon.HeldSnapshots(["win"], while_frozen=hold, max_freeze=600)
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO_ROOT)
-    bench.defer(lambda: _kill_process(proc))
+    bench.defer(lambda: kill_process(proc))
     wait_until(lambda: flag.exists() or proc.poll() is not None, "the window never opened")
-    assert frozen(mnt) and front.status("win").snapshot is not None
+    assert frozen(mnt) and daemon.status("win").snapshot is not None
     proc.kill()
     proc.wait()
     wait_until(lambda: not frozen(mnt), "the filesystem stayed frozen after SIGKILL in the window")
-    wait_until(lambda: front.status("win").snapshot is None,
+    wait_until(lambda: daemon.status("win").snapshot is None,
                "the daemon kept the snapshot of a backup that died")
 
 
@@ -142,8 +139,8 @@ def test_a_freeze_longer_than_its_maximum_is_thawed_and_fails(bench):
     vol, _, cow_mnt = bench.ext4_volume("cowlong")
     bench.thaw_at_teardown(cow_mnt)
     with pytest.raises(SnapshotError, match="longer than the maximum"):
-        front.snapshot_create("cowlong", while_frozen=lambda: time.sleep(1.0), max_freeze=0.2)
-    assert not frozen(cow_mnt) and front.status("cowlong").snapshot is None
+        daemon.snapshot_create("cowlong", while_frozen=lambda: time.sleep(1.0), max_freeze=0.2)
+    assert not frozen(cow_mnt) and daemon.status("cowlong").snapshot is None
 
 
 # -- 2. the daemon survives every fault on its paths -------------------------------------------
@@ -167,12 +164,12 @@ def test_every_daemon_error_path_keeps_the_daemon_serving(bench, monkeypatch, fa
     monkeypatch.setenv("IMAGER_FAILPOINTS", "on")
     vol = bench.attach(bench.loop_device(16 * MiB), "faulty")
     monkeypatch.delenv("IMAGER_FAILPOINTS")
-    front._request("faulty", {"op": "failpoints", "set": failpoint})
+    request("faulty", {"op": "failpoints", "set": failpoint})
     block = os.urandom(64 << 10)
     fd = os.open(vol.fuse_file, os.O_RDWR)
 
     def disarm_and_close():
-        front._request("faulty", {"op": "failpoints", "set": ""})
+        request("faulty", {"op": "failpoints", "set": ""})
         os.close(fd)
     bench.defer(disarm_and_close)
 
@@ -194,18 +191,18 @@ def test_every_daemon_error_path_keeps_the_daemon_serving(bench, monkeypatch, fa
         assert errno_of(lambda: os.fsync(fd)) == errno.EIO, "a failed device flush must reach the writer"
     elif case == "snapshot-create-fails":
         with pytest.raises(SnapshotError):
-            front.snapshot_create("faulty")
-        assert front.status("faulty").snapshot is None
+            daemon.snapshot_create("faulty")
+        assert daemon.status("faulty").snapshot is None
         assert os.pwrite(fd, block, 0) == len(block)
     else:
         original = os.urandom(2 << 20)
         os.pwrite(fd, original, 0)
         os.fsync(fd)
-        snap = front.snapshot_create("faulty").snapshots[0]
+        snap = daemon.snapshot_create("faulty").snapshots[0]
         assert os.pwrite(fd, block, 0) == len(block), "a fault in the copy-on-write path failed a writer"
         os.fsync(fd)
         assert os.pread(fd, len(block), 0) == block
-        status = front.status("faulty").snapshot
+        status = daemon.status("faulty").snapshot
         with open(snap.path, "rb", buffering=0) as view:
             if case == "snapshot-read-eio":
                 assert not status.invalid
@@ -214,8 +211,8 @@ def test_every_daemon_error_path_keeps_the_daemon_serving(bench, monkeypatch, fa
             else:
                 assert status.invalid, status
                 assert errno_of(lambda: os.pread(view.fileno(), 65536, 1 << 20)) == errno.EIO
-        front.snapshot_delete("faulty", force=True)
-    assert front.status("faulty").state == "running"
+        daemon.snapshot_delete("faulty", force=True)
+    assert daemon.status("faulty").state == "running"
     assert os.pwrite(fd, block, 3 << 20) == len(block), "the daemon stopped serving writes"
 
 
@@ -228,7 +225,7 @@ def test_a_full_state_filesystem_invalidates_the_snapshot_and_fails_no_writer(be
     subprocess.run(["mkfs.ext4", "-q", "-F", vol.front], check=True)
     mnt = bench.mount(vol.front, "mnt-full")
     fill_with_data(mnt, 48 * MiB)
-    snapshot_path = os.path.join(vol.run_dir, front.MOUNT_DIR_NAME, front.SNAPSHOT_FILE)
+    snapshot_path = os.path.join(vol.run_dir, daemon.MOUNT_DIR_NAME, daemon.SNAPSHOT_FILE)
     bulk = Writers(bench, mnt, ("bulk",), extra=snapshot_path)
     writers = Writers(bench, mnt, ("doc", "sqlite"))
     out = bench.tmp / "out"
@@ -238,11 +235,11 @@ def test_a_full_state_filesystem_invalidates_the_snapshot_and_fails_no_writer(be
     one_line_error(backup, r"(?i)full")
     bulk.stop()             # every writer exits 0: none ever saw an error
     writers.stop()
-    assert front.status("full").state == "running"
+    assert daemon.status("full").state == "running"
     options = next(line.split()[5] for line in open("/proc/self/mountinfo") if f" {mnt} " in line)
     assert options.split(",")[0] == "rw", f"the front's filesystem went read-only: {options}"
-    _umount(mnt)
-    front.detach("full")
+    umount_point(mnt)
+    daemon.detach("full")
     checked = fsck_clean(source)
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
@@ -254,7 +251,7 @@ def test_a_killed_daemon_is_reported_and_recovered(bench):
     with open(os.path.join(mnt, "kept.txt"), "wb", buffering=0) as f:
         f.write(b"acknowledged")
         os.fsync(f.fileno())
-    _kill_and_wait(vol.pid)
+    kill_and_wait(vol.pid)
     listed = imager("volumes")
     assert listed.returncode == 0 and "FAILED" in listed.stdout and "imager recover dead" in listed.stdout, listed.stdout
     (entry,) = json.loads(imager("volumes", "--json").stdout)["volumes"]
@@ -263,7 +260,7 @@ def test_a_killed_daemon_is_reported_and_recovered(bench):
     assert "died" in line
     one_line_error(imager("recover", "dead"), "still mounted", "unmount it first")
     one_line_error(imager("snapshot", "create", "dead"), "is gone", "imager recover dead")
-    _umount(mnt)
+    umount_point(mnt)
     recovered = imager("recover", "dead", "--json")
     assert recovered.returncode == 0, recovered.stderr
     info = json.loads(recovered.stdout)
@@ -272,11 +269,11 @@ def test_a_killed_daemon_is_reported_and_recovered(bench):
     point = bench.mount(info["front"], "mnt-again")
     with open(os.path.join(point, "kept.txt"), "rb") as f:
         assert f.read() == b"acknowledged"
-    _umount(point)
+    umount_point(point)
     # A dead volume that is not mounted is simply cleaned up by detach.
-    _kill_and_wait(info["pid"])
+    kill_and_wait(info["pid"])
     assert imager("detach", "dead").returncode == 0
-    assert front.list_volumes() == [] and not any(i.backing_file == info["fuse_file"] for i in loop.list_attached())
+    assert daemon.list_volumes() == [] and not any(i.backing_file == info["fuse_file"] for i in loop.list_attached())
 
 
 # -- 4. a stuck daemon holds up only its own volume -------------------------------------------------
@@ -356,7 +353,7 @@ def test_killed_backups_leave_no_planning_mount_and_no_snapshot(bench):
 def test_a_killed_restore_leaves_no_file_at_its_final_name(bench):
     device, mnt = bench.plain_ext4("rst", 64 * MiB)
     fill_with_data(mnt, 24 * MiB)
-    _umount(mnt)
+    umount_point(mnt)
     image = bench.tmp / "rst.zst"
     assert imager("backup", device, "-o", str(image)).returncode == 0
     rng = random.Random(3)
@@ -398,8 +395,8 @@ def test_bad_inputs_are_refused_in_one_line(bench, tmp_path):
 
 def test_private_files_and_paths_other_users_control(bench, tmp_path):
     vol = bench.attach(bench.loop_device(16 * MiB, name="priv.img"), "priv")
-    front.snapshot_create("priv")
-    bench.defer(lambda: front.snapshot_delete("priv", force=True, missing_ok=True))
+    daemon.snapshot_create("priv")
+    bench.defer(lambda: daemon.snapshot_delete("priv", force=True, missing_ok=True))
     for name in os.listdir(vol.state_dir):
         mode = stat.S_IMODE(os.stat(os.path.join(vol.state_dir, name)).st_mode)
         assert mode & 0o077 == 0, f"{name} is {oct(mode)}"

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from imager import jobs
 from imager.errors import UsageError
-from imager.stream import SEEK_TABLE_MAGIC, ImageReader
+from imager.format import SEEK_TABLE_MAGIC, ImageReader
 
 from conftest import device_size, file_checksums, fsck_clean, imager, run, same_bytes
 
@@ -230,8 +230,8 @@ def test_api_backup_restore_verify_round_trip(ext4_volume, tmp_path):
     jobs.restore(image, out, verify=True)
     assert same_bytes(dev, out, result.volume_size)
     info = jobs.info(image)
-    assert info["header"]["source"]["fs_type"] == "ext4"
-    assert info["header"]["level"] == 1 and info["totals"]["complete"]
+    assert info.header.source["fs_type"] == "ext4"
+    assert info.header.level == 1 and info.totals["complete"]
 
 
 def test_verify_after_restore_catches_a_target_that_lost_writes(imaged, tmp_path):

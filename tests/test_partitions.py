@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 
 from devices import loop
-from imager.errors import ImagerError
 from devices.discover import ESP_GPT_TYPE
-from imager.partitions import plan_disk, plan_volume, read_partition_table
-from imager.usedmap import UsedMap, file_extents
+from devices.fs import file_extents
+from devices.partitions import PartitionTableDamaged, read_partition_table
+from imager.plan.planner import plan_disk, plan_volume
+from imager.plan.usedmap import UsedMap
 
 from conftest import run
 
@@ -123,7 +124,7 @@ def test_damaged_backup_gpt_is_reported_and_the_primary_used(gpt_image):
 def test_both_gpt_headers_damaged_is_an_error(gpt_image):
     flip_byte(gpt_image, 512 + 60)
     flip_byte(gpt_image, 16 * MiB - 512 + 60)
-    with pytest.raises(ImagerError, match="GPT is damaged.*primary.*CRC.*backup.*CRC"):
+    with pytest.raises(PartitionTableDamaged, match="GPT is damaged.*primary.*CRC.*backup.*CRC"):
         read_partition_table(str(gpt_image))
 
 

@@ -16,9 +16,10 @@ import time
 import pytest
 
 from devices import loop
-from devices.block import mounts
+from devices.fs import mounts
 from devices.tape import HostFileError, TapeError, VirtualTape
-from imager.tape import SEGMENT_TAG, TapeImageStream, TapeSink, TapeSpec, read_label, scan_files, write_label
+from imager.tape.blocks import SEGMENT_TAG
+from imager.tape import TapeImageStream, TapeSink, TapeSpec, read_label, scan_files, write_label
 
 from conftest import device_size, imager, run, same_bytes, sweep_size, unmount_everything_on
 from test_tape_drive import REAL_TAPE, payload, read_simh

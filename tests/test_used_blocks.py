@@ -17,8 +17,7 @@ import numpy as np
 import pytest
 
 from devices import loop
-from imager.partitions import plan_disk
-from imager.usedmap import plan_device
+from imager.plan.planner import plan_device, plan_disk
 
 from conftest import (LoopFactory, device_size, file_checksums, fsck_clean, imager, populate_sample, run,
                       same_bytes)

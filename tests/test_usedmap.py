@@ -16,11 +16,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from devices import block, loop
-from imager import usedmap
+from devices import fs as block, loop
+from devices.fs import file_extents
 from imager.errors import ImagerError
-from imager.usedmap import (ALL_BLOCKS, USED_BLOCKS, UsedMap, file_extents, plan_device,
-                            plan_excludes, plan_mounted)
+from imager.plan.planner import plan_device, plan_excludes, plan_mounted
+from imager.plan.usedmap import ALL_BLOCKS, USED_BLOCKS, UsedMap
 
 from conftest import LoopFactory, populate_sample, run
 
@@ -246,8 +246,8 @@ def test_queries_in_small_batches_give_the_same_answers(aged, monkeypatch):
     whole = plan_mounted(aged.device, str(aged.point))
     fragmented = [str(aged.point / f"small{n}") for n in range(1, 64, 2)] + [str(aged.point / "random.bin")]
     extents = {path: file_extents(path) for path in fragmented}
-    monkeypatch.setattr(usedmap, "_FSMAP_RECORDS_PER_CALL", 3)
-    monkeypatch.setattr(usedmap, "_FIEMAP_EXTENTS_PER_CALL", 1)
+    monkeypatch.setattr(block, "_FSMAP_RECORDS_PER_CALL", 3)
+    monkeypatch.setattr(block, "_FIEMAP_EXTENTS_PER_CALL", 1)
     assert plan_mounted(aged.device, str(aged.point)).ranges == whole.ranges
     assert {path: file_extents(path) for path in fragmented} == extents
 

@@ -1,0 +1,98 @@
+"""Which device is which: a device's identity across restarts, and whether a path is stored on
+a given device (directly, on a partition of it, or inside a loop device whose backing file is
+on it)."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from . import loop
+from .errors import DeviceError
+
+def path_is_on(device_path: str, path: str) -> bool:
+    """Whether `path` is stored on the block device or image file at `device_path`, directly, on a
+    partition of it, or inside a loop device whose backing file is on it."""
+    try:
+        target = os.stat(device_path)
+    except OSError as e:
+        raise DeviceError(f"{device_path}: {e.strerror}") from None
+    devices, backing_files = _storage_under(path)
+    if not stat.S_ISBLK(target.st_mode):
+        return (target.st_dev, target.st_ino) in backing_files
+    if target.st_rdev in devices:
+        return True
+    # Two loop devices on one file are one volume.
+    target_backing = _loop_backing_identity(target.st_rdev)
+    return target_backing is not None and target_backing in backing_files
+
+
+def _storage_under(path: str) -> tuple[set[int], set[tuple[int, int]]]:
+    """The block devices the filesystem holding `path` is stored on: its own device, the whole
+    disk of a partition and, through loop devices, whatever holds their backing files; plus the
+    (st_dev, st_ino) of every loop backing file met on the way."""
+    devices: set[int] = set()
+    files: set[tuple[int, int]] = set()
+    todo = [os.stat(path).st_dev]
+    while todo:
+        dev = todo.pop()
+        if dev in devices:
+            continue
+        devices.add(dev)
+        sysfs = f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}"
+        if os.path.exists(os.path.join(sysfs, "partition")):
+            parent = _read_dev_number(os.path.join(os.path.realpath(sysfs), "..", "dev"))
+            if parent is not None:
+                todo.append(parent)
+        backing = _loop_backing_stat(dev)
+        if backing is None:
+            continue
+        files.add((backing.st_dev, backing.st_ino))
+        todo.append(backing.st_rdev if stat.S_ISBLK(backing.st_mode) else backing.st_dev)
+    return devices, files
+
+
+def _loop_backing_stat(dev: int) -> os.stat_result | None:
+    path = loop.backing_file(dev)
+    try:
+        return os.stat(path) if path else None
+    except OSError:
+        return None
+
+
+def device_identity(path: str) -> str:
+    """What makes a device the same one across restarts: the block device number, and for a
+    loop device the file behind it (/dev/loop3 can be attached to another file tomorrow)."""
+    st = os.stat(path)
+    if not stat.S_ISBLK(st.st_mode):
+        return f"file:{st.st_dev}:{st.st_ino}"
+    backing = _loop_backing_identity(st.st_rdev)
+    if backing is not None:
+        return f"loop:{backing[0]}:{backing[1]}"
+    return f"block:{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+
+
+def _loop_backing_identity(dev: int) -> tuple[int, int] | None:
+    backing = _loop_backing_stat(dev)
+    return None if backing is None else (backing.st_dev, backing.st_ino)
+
+
+def _read_dev_number(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            major, minor = f.read().strip().split(":")
+        return os.makedev(int(major), int(minor))
+    except (OSError, ValueError):
+        return None
+
+
+def same_file(a: str, b: str) -> bool:
+    """Whether two paths name the same file, or the same block device (two nodes of one device
+    number count as one)."""
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return False
+    if stat.S_ISBLK(sa.st_mode) and stat.S_ISBLK(sb.st_mode):
+        return sa.st_rdev == sb.st_rdev
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)

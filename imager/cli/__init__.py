@@ -1,0 +1,55 @@
+"""`imager ...`: a thin command-line layer over the public API (imager.jobs). Errors are one
+line on stderr and an exit code: 2 for a wrong command line or a refused request, 1 for a job
+that failed, 130 after Ctrl-C or SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+from devices.errors import DeviceError
+
+from ..errors import ImagerError
+from .output import Output
+from .parser import build_parser
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out = Output(args)
+    # SIGTERM unwinds like Ctrl-C, so every job's cleanup (temporary files, snapshots) runs.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        code = args.func(args, out)
+        sys.stdout.flush()
+        return code
+    except (ImagerError, DeviceError) as e:
+        print(f"imager: error: {e}", file=sys.stderr)
+        return getattr(e, "exit_code", 1)
+    except KeyboardInterrupt:
+        print("imager: interrupted; image files are only ever renamed into place when complete, but a "
+              "restore onto a device or a tape file being written is left partial", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 141
+    except OSError as e:
+        # Writing a summary to a full or closed stdout (> /dev/full): say so in one line.
+        _quiet_stdout()
+        print(f"imager: error: {e.strerror or e}", file=sys.stderr)
+        return 1
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's flush at exit does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass

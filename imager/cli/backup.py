@@ -1,0 +1,91 @@
+"""imager backup: image volumes, each at one point in time, to files, standard output or tape."""
+
+from __future__ import annotations
+
+import os
+
+from devices.block import size_of
+from devices.errors import DeviceError
+
+from .. import jobs
+from ..catalog import Catalog
+from ..errors import ImagerError
+from ..format import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL
+from ..snapshot.freeze import DEFAULT_MAX_FREEZE, DEFAULT_MAX_FREEZE_READ
+from ..snapshot.provider import PROVIDERS, resolve_volumes
+from ..tape import DEFAULT_BLOCK_SIZE
+from ..units import human_bytes, positive_float, positive_size, worker_count
+from .output import Output
+from .tape import tape_spec
+
+
+def register(sub, parents) -> None:
+    b = sub.add_parser("backup", parents=[parents.common, parents.catalog, parents.tape],
+                       help="image a block device or file")
+    b.add_argument("sources", nargs="+", metavar="SOURCE",
+                   help="block device or file to image; with --snapshot cow, attached volumes")
+    b.add_argument("--snapshot", choices=tuple(PROVIDERS), default="none",
+                   help="cow: snapshot attached volumes in one freeze window and image the snapshots; "
+                        "freeze: keep the filesystems frozen while reading; none: read as is (default)")
+    b.add_argument("--pre-freeze", action="append", default=[], metavar="CMD",
+                   help="run before freezing (e.g. flush a database); repeatable")
+    b.add_argument("--post-thaw", action="append", default=[], metavar="CMD", help="run after thawing; repeatable")
+    b.add_argument("--max-freeze", type=positive_float, metavar="SECONDS",
+                   help="thaw the filesystems after this long whatever happens, and fail the backup "
+                        f"(default {DEFAULT_MAX_FREEZE:g} s for cow, {DEFAULT_MAX_FREEZE_READ:g} s for freeze)")
+    b.add_argument("-o", "--output", help="image file to write (.zst); a directory for several volumes; "
+                   "- for standard output")
+    b.add_argument("--label", help="with --tape: refuse a tape with another label")
+    b.add_argument("--drive-compression", action="store_true",
+                   help="keep the tape drive's compression on (off by default: the stream is compressed)")
+    b.add_argument("--level", type=int, default=DEFAULT_LEVEL, help=f"zstd level (default {DEFAULT_LEVEL})")
+    b.add_argument("--chunk-size", type=positive_size, default=DEFAULT_CHUNK_SIZE,
+                   help=f"bytes of volume per zstd frame (default {DEFAULT_CHUNK_SIZE >> 20}M)")
+    b.add_argument("--workers", type=worker_count, default=None, help="compression threads (default: all cores)")
+    b.add_argument("-f", "--force", action="store_true",
+                   help="replace an existing image; image a source that is itself an image or tape")
+    b.add_argument("--all-blocks", action="store_true",
+                   help="read and compress every block, not only those the filesystem uses")
+    b.add_argument("--exclude", action="append", default=[], metavar="PATH",
+                   help="leave out the data blocks of this file (on a mounted filesystem); repeatable")
+    b.set_defaults(func=run)
+
+
+def run(args, out: Output) -> int:
+    dest = jobs.Destination(output=args.output, tape=tape_spec(args) if args.tape else None, force=args.force,
+                            block_size=args.block_size or DEFAULT_BLOCK_SIZE, expect_label=args.label,
+                            drive_compression=args.drive_compression)
+    options = jobs.ImagingOptions(level=args.level, chunk_size=args.chunk_size, workers=args.workers,
+                                  all_blocks=args.all_blocks, excludes=tuple(os.path.abspath(p) for p in args.exclude),
+                                  backups_as_sources=args.force, max_freeze=args.max_freeze)
+    with out.progress(_source_sizes(args.sources, args.snapshot), "backup") as progress:
+        with Catalog(args.catalog) as catalog:
+            results = jobs.backup_volumes(args.sources, dest, snapshot=args.snapshot, options=options,
+                                          pre_freeze=args.pre_freeze, post_thaw=args.post_thaw,
+                                          progress=progress, on_notice=out.notice, catalog=catalog)
+    lines = []
+    for r in results:
+        lines += [f"imaged {r.source} ({human_bytes(r.volume_size)}) to {r.image}, image id {r.image_id}",
+                  f"  {human_bytes(r.bytes_read)} read, {human_bytes(r.bytes_written)} written, ratio {r.ratio:.2f}, "
+                  f"{r.zero_chunks} of {r.chunks} chunks zero, {r.seconds:.2f} s, {r.mb_per_second:.0f} MB/s"]
+    if results and results[0].freeze_window_ms is not None:
+        lines.append(f"snapshot ({args.snapshot}): filesystems frozen for {results[0].freeze_window_ms:.1f} ms")
+    data = results[0].to_dict() if len(results) == 1 else {"images": [r.to_dict() for r in results]}
+    out.result(data, lines)
+    return 0
+
+
+def _source_sizes(sources: list[str], provider: str) -> int:
+    """The bytes the progress bar counts to (0 when unknown: the bar still shows throughput)."""
+    if provider == "cow":
+        try:
+            return sum(v.size for v in resolve_volumes(sources))
+        except ImagerError:
+            return 0
+    total = 0
+    for path in sources:
+        try:
+            total += size_of(path)
+        except DeviceError:
+            pass
+    return total

@@ -1,0 +1,44 @@
+"""imager loop attach | detach | list: loop devices, for images and tests."""
+
+from __future__ import annotations
+
+from devices import loop
+
+from ..units import parse_size
+from .output import Output
+
+
+def register(sub, parents) -> None:
+    lp = sub.add_parser("loop", help="attach and detach loop devices")
+    lsub = lp.add_subparsers(dest="loop_command", required=True, metavar="ACTION")
+    la = lsub.add_parser("attach", parents=[parents.common], help="attach a file as /dev/loopN")
+    la.add_argument("file")
+    la.add_argument("--offset", type=parse_size, default=0, help="start this many bytes into the file")
+    la.add_argument("--size-limit", type=parse_size, default=0, help="this many bytes at most (0: to the end)")
+    la.add_argument("--read-only", action="store_true", help="a read-only device")
+    la.set_defaults(func=attach)
+    ld = lsub.add_parser("detach", parents=[parents.common], help="detach loop devices")
+    ld.add_argument("devices", nargs="+")
+    ld.set_defaults(func=detach)
+    lsub.add_parser("list", parents=[parents.common], help="list attached loop devices").set_defaults(func=listing)
+
+
+def attach(args, out: Output) -> int:
+    dev = loop.attach(args.file, offset=args.offset, size_limit=args.size_limit, read_only=args.read_only)
+    out.result({"device": dev, "file": args.file}, [dev])
+    return 0
+
+
+def detach(args, out: Output) -> int:
+    for dev in args.devices:
+        loop.detach(dev)
+    out.result({"detached": args.devices}, [f"detached {d}" for d in args.devices])
+    return 0
+
+
+def listing(args, out: Output) -> int:
+    rows = loop.list_attached()
+    out.result({"loops": [r.__dict__ for r in rows]},
+               [f"{r.device}\t{r.backing_file}" + (f"\toffset {r.offset}" if r.offset else "")
+                + ("\tro" if r.read_only else "") for r in rows] or ["no loop devices attached"])
+    return 0

@@ -1,0 +1,52 @@
+"""Where a command's progress, notices, details and results go, by --json, --quiet, -v and
+whether there is a terminal."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+
+class Output:
+    def __init__(self, args: argparse.Namespace):
+        self.json = getattr(args, "json", False)
+        self.quiet = getattr(args, "quiet", False)
+        self.verbose = getattr(args, "verbose", False)
+        # With `-o -` standard output carries the image: the summary goes to stderr.
+        self.summary_stream = sys.stderr if getattr(args, "output", None) == "-" else sys.stdout
+        # -v: the engine's details (phases, plans, I/O fallbacks) are logged at INFO level.
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("imager: %(message)s"))
+        engine = logging.getLogger("imager")
+        engine.handlers[:] = [handler]
+        engine.setLevel(logging.INFO if self.verbose and not self.quiet else logging.WARNING)
+        engine.propagate = False
+
+    def notice(self, message: str) -> None:
+        if not self.quiet:
+            print(f"imager: {message}", file=sys.stderr)
+
+    @contextmanager
+    def progress(self, total: int, label: str) -> Iterator[Callable[[int], None] | None]:
+        if self.quiet or self.json or not sys.stdout.isatty():
+            yield None
+            return
+        from tqdm import tqdm
+
+        # A terminal that reports no size (a bare pty) still gets a bar: tqdm hides bars that
+        # do not fit in zero rows.
+        size = shutil.get_terminal_size((100, 24))
+        with tqdm(total=total, desc=label, unit="B", unit_scale=True, unit_divisor=1024,
+                  file=sys.stderr, ncols=size.columns, nrows=size.lines, smoothing=0.1) as bar:
+            yield bar.update
+
+    def result(self, data: dict, lines: list[str]) -> None:
+        if self.json:
+            print(json.dumps(data, indent=2, sort_keys=True), file=self.summary_stream)
+        elif not self.quiet:
+            print("\n".join(lines), file=self.summary_stream)

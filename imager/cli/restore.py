@@ -1,0 +1,61 @@
+"""imager restore: write an image back to a block device or a file."""
+
+from __future__ import annotations
+
+from .. import jobs
+from ..catalog import Catalog
+from ..ends.feeds import SeekableFeed
+from ..errors import UsageError
+from ..format import ImageReader
+from ..units import human_bytes, worker_count
+from .feeds import stdin_feed
+from .output import Output
+from .tape import tape_spec
+
+
+def register(sub, parents) -> None:
+    r = sub.add_parser("restore", parents=[parents.common, parents.catalog, parents.tape],
+                       help="write an image back to a device or file",
+                       usage="imager restore [options] IMAGE TARGET | --tape T [--image ID] TARGET")
+    r.add_argument("paths", nargs="+", metavar="IMAGE TARGET",
+                   help="image file (- for standard input) and target device or file")
+    r.add_argument("--image", metavar="ID", help="with --tape: the image id (a prefix will do)")
+    r.add_argument("--verify", action="store_true", help="re-read what was written and compare checksums")
+    r.add_argument("--workers", type=worker_count, default=None, help="decompression threads (default: all cores)")
+    r.add_argument("-f", "--force", action="store_true",
+                   help="replace an existing target file; overwrite a device that holds a filesystem, "
+                        "partition table or RAID/LVM member")
+    r.set_defaults(func=run)
+
+
+def run(args, out: Output) -> int:
+    if args.tape:
+        if len(args.paths) != 1:
+            raise UsageError("with --tape, give only the TARGET (the image is chosen with --image)")
+        target = args.paths[0]
+        with Catalog(args.catalog) as catalog:
+            feed = jobs.open_tape_image(tape_spec(args), args.image, catalog=catalog, block_size=args.block_size)
+            try:
+                r = _restore(feed, target, args, out)
+            finally:
+                feed.close()
+    elif len(args.paths) != 2:
+        raise UsageError("give IMAGE and TARGET (or --tape T --image ID TARGET)")
+    elif args.paths[0] == "-":
+        target = args.paths[1]
+        r = _restore(stdin_feed(), target, args, out)
+    else:
+        image, target = args.paths
+        with ImageReader(image) as reader:
+            r = _restore(SeekableFeed(reader), target, args, out)
+    out.result(r.to_dict(), [
+        f"restored {r.image} to {target} ({human_bytes(r.volume_size)})" + (", verified" if r.verified else ""),
+        f"  {r.zero_chunks} of {r.chunks} chunks zero, {r.seconds:.2f} s, {r.mb_per_second:.0f} MB/s",
+    ])
+    return 0
+
+
+def _restore(feed, target: str, args, out: Output) -> jobs.RestoreResult:
+    with out.progress(feed.header.volume_size, "restore") as progress:
+        return jobs.restore_feed(feed, target, force=args.force, verify=args.verify, workers=args.workers,
+                                 progress=progress)

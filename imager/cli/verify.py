@@ -1,0 +1,50 @@
+"""imager verify: decompress and check every chunk of an image, or of every image on a tape."""
+
+from __future__ import annotations
+
+import sys
+
+from .. import jobs
+from ..catalog import Catalog
+from ..ends.feeds import SeekableFeed
+from ..errors import UsageError
+from ..format import ImageReader
+from ..units import human_bytes, worker_count
+from .feeds import stdin_feed
+from .output import Output
+from .tape import tape_spec
+
+
+def register(sub, parents) -> None:
+    v = sub.add_parser("verify", parents=[parents.common, parents.catalog, parents.tape],
+                       help="check every chunk of an image")
+    v.add_argument("image_file", nargs="?", metavar="IMAGE", help="image file (- for standard input)")
+    v.add_argument("--image", metavar="ID", help="with --tape: only this image (default: all on the tape)")
+    v.add_argument("--workers", type=worker_count, default=None, help="decompression threads (default: all cores)")
+    v.set_defaults(func=run)
+
+
+def run(args, out: Output) -> int:
+    if args.tape:
+        with Catalog(args.catalog) as catalog:
+            results = jobs.verify_tape(tape_spec(args), args.image, catalog=catalog, block_size=args.block_size,
+                                       workers=args.workers)
+    elif args.image_file == "-":
+        feed = stdin_feed()
+        with out.progress(feed.header.volume_size, "verify") as progress:
+            results = [jobs.verify_feed(feed, workers=args.workers, progress=progress)]
+    elif args.image_file:
+        with ImageReader(args.image_file) as reader, out.progress(reader.header.volume_size, "verify") as progress:
+            results = [jobs.verify_feed(SeekableFeed(reader), workers=args.workers, progress=progress)]
+    else:
+        raise UsageError("give an IMAGE file or --tape T")
+    ok = all(r.ok for r in results)
+    out.result({"images": [r.to_dict() for r in results], "ok": ok},
+               [f"{r.image}: ok, {r.chunks} chunks ({r.zero_chunks} zero), "
+                f"{human_bytes(r.volume_size)} volume, {r.seconds:.2f} s" if r.ok
+                else f"{r.image}: FAILED: {'; '.join(r.errors)}" for r in results])
+    if not ok:
+        print(f"imager: error: {sum(not r.ok for r in results)} of {len(results)} images failed verification",
+              file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,109 @@
+"""imager attach | detach | volumes | recover | snapshot ...: managed volumes and their snapshots."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from ..jobs import volumes
+from ..snapshot.freeze import DEFAULT_MAX_FREEZE
+from ..units import human_bytes, positive_float, positive_size
+from .output import Output
+
+
+def register(sub, parents) -> None:
+    at = sub.add_parser("attach", parents=[parents.common],
+                        help="manage a device: serve it through a copy-on-write front")
+    at.add_argument("device")
+    at.add_argument("--name", help="volume name (default: from the device)")
+    at.add_argument("--cache", metavar="PATH", help="state directory for the bitmap and cache region "
+                    "(not on the device itself; default /var/lib/imager/NAME)")
+    at.add_argument("--cache-size", type=positive_size, metavar="SIZE", help="cap on the snapshot cache region")
+    at.set_defaults(func=attach)
+    de = sub.add_parser("detach", parents=[parents.common], help="stop managing volumes")
+    de.add_argument("names", nargs="+", metavar="NAME")
+    de.set_defaults(func=detach)
+    sub.add_parser("volumes", parents=[parents.common],
+                   help="list managed volumes and their snapshots").set_defaults(func=listing)
+    rc = sub.add_parser("recover", parents=[parents.common],
+                        help="bring back a volume whose daemon died: re-attach and check its filesystem")
+    rc.add_argument("name", metavar="NAME")
+    rc.set_defaults(func=recover)
+    _register_snapshot(sub, parents)
+
+
+def _register_snapshot(sub, parents) -> None:
+    sp = sub.add_parser("snapshot", help="point-in-time snapshots of managed volumes")
+    ssub = sp.add_subparsers(dest="snapshot_command", required=True, metavar="ACTION")
+    sc = ssub.add_parser("create", parents=[parents.common], help="snapshot volumes in one freeze window")
+    sc.add_argument("names", nargs="+", metavar="NAME")
+    sc.add_argument("--pre-freeze", action="append", default=[], metavar="CMD", help="run before freezing; repeatable")
+    sc.add_argument("--post-thaw", action="append", default=[], metavar="CMD", help="run after thawing; repeatable")
+    sc.add_argument("--max-freeze", type=positive_float, default=DEFAULT_MAX_FREEZE, metavar="SECONDS",
+                    help=f"thaw after this long whatever happens, and fail (default {DEFAULT_MAX_FREEZE:g} s)")
+    sc.set_defaults(func=snapshot_create)
+    ssub.add_parser("list", parents=[parents.common], help="list snapshots").set_defaults(func=snapshot_list)
+    sd = ssub.add_parser("delete", parents=[parents.common], help="delete snapshots")
+    sd.add_argument("names", nargs="+", metavar="NAME")
+    sd.add_argument("--force", action="store_true", help="even while the snapshot file is open")
+    sd.set_defaults(func=snapshot_delete)
+
+
+def attach(args, out: Output) -> int:
+    v = volumes.attach(args.device, name=args.name, cache_path=args.cache, cache_size=args.cache_size)
+    out.result(asdict(v), [v.front or ""])
+    out.notice(f"{args.device} is managed as {v.name!r}: mount and write {v.front}; "
+               f"snapshot with: imager snapshot create {v.name}")
+    return 0
+
+
+def recover(args, out: Output) -> int:
+    v = volumes.recover(args.name)
+    out.result(asdict(v), [f"recovered {v.name}: {v.device} -> front {v.front}", f"filesystem: {v.problem}"])
+    out.notice(f"mount {v.front} again where it was (its device number may have changed)")
+    return 0
+
+
+def detach(args, out: Output) -> int:
+    for name in args.names:
+        volumes.detach(name)
+    out.result({"detached": args.names}, [f"detached {n}" for n in args.names])
+    return 0
+
+
+def listing(args, out: Output) -> int:
+    found = volumes.list_volumes()
+    out.result({"volumes": [asdict(v) for v in found]}, [_volume_line(v) for v in found] or ["no attached volumes"])
+    return 0
+
+
+def _volume_line(v: volumes.VolumeInfo) -> str:
+    if v.state != "running":
+        return f"{v.name}\t{v.device} -> front {v.front}\t{human_bytes(v.size)}\t{v.state.upper()}: {v.problem}"
+    snap = "no snapshot"
+    if v.snapshot:
+        s = v.snapshot
+        snap = (f"snapshot {s.path} ({'INVALID: ' + s.invalid_reason if s.invalid else 'valid'}, "
+                f"{human_bytes(s.cache_bytes_used)} cache used)")
+    return f"{v.name}\t{v.device} -> front {v.front}\t{human_bytes(v.size)}\t{snap}"
+
+
+def snapshot_create(args, out: Output) -> int:
+    info = volumes.snapshot_create(args.names, args.pre_freeze, args.post_thaw, max_freeze=args.max_freeze)
+    out.result(asdict(info), [f"{s.name}: snapshot at {s.path}" for s in info.snapshots]
+               + [f"freeze window {info.freeze_window_ms:.1f} ms"
+                  + (f" ({', '.join(info.frozen_mounts)})" if info.frozen_mounts else " (nothing mounted)")])
+    return 0
+
+
+def snapshot_list(args, out: Output) -> int:
+    snaps = volumes.snapshot_list()
+    out.result({"snapshots": [asdict(s) for s in snaps]},
+               [f"{s.name}\t{s.path}\t{human_bytes(s.cache_bytes_used)} cache\t"
+                + ("INVALID: " + s.invalid_reason if s.invalid else "valid") for s in snaps] or ["no snapshots"])
+    return 0
+
+
+def snapshot_delete(args, out: Output) -> int:
+    volumes.snapshot_delete(args.names, force=args.force)
+    out.result({"deleted": args.names}, [f"deleted the snapshot of {n}" for n in args.names])
+    return 0

@@ -1,0 +1,87 @@
+"""Where a restore writes a volume: a block device written in place, or a new file written as
+an AtomicFile (it appears only when complete). A device that holds data is refused unless
+forced; see guards.py for what a path may be."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from devices.block import BlockDevice
+from devices.errors import DeviceError
+from devices.fs import mounts_of
+
+from ..errors import UsageError
+from .atomic import AtomicFile
+from .guards import check_restore_target, refuse_overwriting_data
+
+
+class RestoreTarget:
+    """A block device written in place, or a new file written under a temporary name."""
+
+    def __init__(self, path: str, volume_size: int, force: bool):
+        self.path = path
+        self.file: AtomicFile | None = None
+        self.fresh_file = False
+        st = check_restore_target(path)
+        if st is not None and stat.S_ISBLK(st.st_mode):
+            mounted = mounts_of(path)
+            if mounted:
+                raise UsageError(f"{path}: is mounted at {mounted[0].mount_point}; unmount it before restoring onto it")
+            try:
+                self.dev = BlockDevice(path, writable=True, direct=False, exclusive=True)
+            except DeviceError as e:
+                raise UsageError(str(e)) from None
+            try:
+                if self.dev.read_only:
+                    raise UsageError(f"{path}: device is read-only")
+                if self.dev.size < volume_size:
+                    raise UsageError(f"{path}: too small: {self.dev.size} bytes, the image holds a volume "
+                                     f"of {volume_size} bytes")
+                if not force:
+                    # Checked while the exclusive open keeps anyone from mounting it meanwhile.
+                    refuse_overwriting_data(path)
+            except BaseException:
+                self.dev.close()
+                raise
+            return
+        if st is not None and not force:
+            raise UsageError(f"{path}: already exists (use --force to replace it)")
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            raise UsageError(f"{directory}: no such directory")
+        try:
+            self.file = AtomicFile(path, replace=force)
+        except OSError as e:
+            raise UsageError(f"cannot create {path}: {e.strerror}") from None
+        try:
+            os.ftruncate(self.file.fd, volume_size)
+            self.dev = BlockDevice(self.file.open_path, writable=True, direct=False)
+        except (OSError, DeviceError) as e:
+            self.file.abort()
+            raise UsageError(f"cannot create {path}: {getattr(e, 'strerror', None) or e}") from None
+        self.fresh_file = True
+
+    def write_chunk(self, offset: int, data: bytes | None, length: int) -> None:
+        if data is not None:
+            self.dev.write_at(data, offset)
+        elif not self.fresh_file:
+            self.dev.zero_range(offset, length)
+        # a zero chunk in a fresh file stays a hole
+
+    def finish(self) -> None:
+        self.dev.flush()
+        if self.file is not None:
+            try:
+                self.file.commit()
+            except FileExistsError:
+                raise UsageError(f"{self.path}: appeared while restoring; not replaced (use --force)") from None
+            self.file = None
+
+    def abort(self) -> None:
+        self.dev.close()
+        if self.file is not None:
+            self.file.abort()
+
+    def close(self) -> None:
+        self.dev.close()

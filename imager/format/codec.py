@@ -1,0 +1,146 @@
+"""The chunk codec: one chunk of a volume as one frame of an image, and back (the Codec seam;
+ZstdCodec is the one the format has). Each thread has its own compressor and decompressor."""
+
+from __future__ import annotations
+
+import struct
+import threading
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Protocol
+
+import blake3
+import zstandard
+
+from devices.buffers import is_all_zero
+
+from ..errors import ChunkError
+from .frames import ZSTD_MAGIC
+from .meta import DEFAULT_LEVEL, ImageHeader
+
+
+def zstd_frame_bound(chunk_size: int) -> int:
+    """The largest frame a chunk can compress to (incompressible data is stored raw, with a
+    few bytes of framing per 128 KiB block)."""
+    return chunk_size + chunk_size // (128 << 10) * 3 + 64
+
+
+@lru_cache(maxsize=8)
+def zero_frame(length: int, level: int = DEFAULT_LEVEL) -> bytes:
+    """The one zstd frame every all-zero chunk of this length is written as."""
+    return _compressor(level).compress(bytes(length))
+
+
+@lru_cache(maxsize=8)
+def zero_digest(length: int) -> bytes:
+    return blake3.blake3(bytes(length)).digest()
+
+
+def chunk_digest(data: bytes | memoryview) -> bytes:
+    return blake3.blake3(data).digest()
+
+
+_local = threading.local()
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    cache = getattr(_local, "compressors", None)
+    if cache is None:
+        cache = _local.compressors = {}
+    c = cache.get(level)
+    if c is None:
+        c = cache[level] = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
+    return c
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    d = getattr(_local, "decompressor", None)
+    if d is None:
+        d = _local.decompressor = zstandard.ZstdDecompressor()
+    return d
+
+
+@dataclass
+class EncodedChunk:
+    index: int
+    length: int
+    frame: bytes
+    digest: bytes
+    zero: bool
+
+
+class Codec(Protocol):
+    """How one chunk of a volume becomes one frame of an image, and back. Thread-safe: the
+    pipeline calls it from every worker at once."""
+
+    name: str
+
+    def encode(self, index: int, data: memoryview) -> EncodedChunk: ...
+
+    def zero_chunk(self, index: int, length: int) -> EncodedChunk: ...
+
+    def decode(self, frame: bytes, index: int, expected_length: int, digest: bytes | None,
+               image_offset: int, volume_offset: int) -> bytes | None: ...
+
+
+@dataclass(frozen=True)
+class ZstdCodec:
+    """One zstd frame per chunk, with its content size and content checksum; an all-zero chunk
+    is one precomputed frame per length, which decodes to None without any work."""
+
+    level: int = DEFAULT_LEVEL
+    name = "zstd"
+
+    def encode(self, index: int, data: memoryview) -> EncodedChunk:
+        length = len(data)
+        if is_all_zero(data):
+            return self.zero_chunk(index, length)
+        return EncodedChunk(index, length, _compressor(self.level).compress(data), chunk_digest(data), False)
+
+    def zero_chunk(self, index: int, length: int) -> EncodedChunk:
+        return EncodedChunk(index, length, zero_frame(length, self.level), zero_digest(length), True)
+
+    def decode(self, frame: bytes, index: int, expected_length: int, digest: bytes | None,
+               image_offset: int, volume_offset: int) -> bytes | None:
+        """The chunk's bytes, checked against `digest` when given; None for a zero chunk."""
+        if frame == zero_frame(expected_length, self.level):
+            if digest is not None and digest != zero_digest(expected_length):
+                raise ChunkError(index, image_offset, volume_offset, "checksum mismatch")
+            return None
+        if len(frame) < 4 or struct.unpack_from("<I", frame)[0] != ZSTD_MAGIC:
+            raise ChunkError(index, image_offset, volume_offset, "not a zstd frame (image corrupted)")
+        problem = _frame_header_problem(frame, expected_length)
+        if problem:
+            raise ChunkError(index, image_offset, volume_offset, problem)
+        try:
+            data = _decompressor().decompress(frame, max_output_size=expected_length)
+        except zstandard.ZstdError as e:
+            raise ChunkError(index, image_offset, volume_offset, f"corrupted: {e}") from None
+        if len(data) != expected_length:
+            raise ChunkError(index, image_offset, volume_offset,
+                             f"holds {len(data)} bytes, expected {expected_length}")
+        if digest is not None and chunk_digest(data) != digest:
+            raise ChunkError(index, image_offset, volume_offset, "checksum mismatch")
+        return data
+
+
+def codec_of(header: ImageHeader) -> Codec:
+    """The codec an image's chunks were written with (format version 2: zstd at the header's level)."""
+    return ZstdCodec(header.level)
+
+
+def _frame_header_problem(frame: bytes, expected_length: int) -> str | None:
+    """What is wrong with a chunk frame's header, checked before decompressing it: zstandard
+    allocates the content size a frame claims up front, so a damaged one could claim terabytes."""
+    try:
+        params = zstandard.get_frame_parameters(frame)
+    except zstandard.ZstdError as e:
+        return f"corrupted zstd frame header: {e}"
+    if params.content_size != expected_length:
+        claim = "no size" if params.content_size >= 1 << 63 else f"{params.content_size} bytes"
+        return f"corrupted zstd frame header: it claims {claim}, the chunk holds {expected_length}"
+    # imager's frames always carry the content checksum, no dictionary, and a window zstd
+    # sized to the chunk (at least 1 KiB).
+    if not params.has_checksum or params.dict_id or params.window_size > max(1 << 10, 2 * expected_length):
+        return "corrupted zstd frame header: flags this imager never writes"
+    return None

@@ -1,0 +1,47 @@
+"""The frames an image is made of, at the byte level: zstd frames and skippable frames (magic
+0x184D2A50..5F, a 32-bit length, a payload zstd ignores)."""
+
+from __future__ import annotations
+
+import struct
+from typing import Protocol
+
+ZSTD_MAGIC = 0xFD2FB528
+SKIPPABLE_MASK = 0xFFFFFFF0
+SKIPPABLE_BASE = 0x184D2A50
+# Reads of a stream go in pieces of at most this, so a cut stream never costs what a size
+# field claims.
+READ_PIECE = 1 << 20
+
+
+def skippable_frame(magic: int, payload: bytes) -> bytes:
+    return struct.pack("<II", magic, len(payload)) + payload
+
+
+def skippable_payload(frame: bytes, magic: int) -> bytes | None:
+    """The payload of a skippable frame of this magic whose size field matches its length."""
+    if len(frame) < 8 or struct.unpack_from("<II", frame) != (magic, len(frame) - 8):
+        return None
+    return frame[8:]
+
+
+class Readable(Protocol):
+    """A byte stream read front to back: a file, a pipe, standard input, an image on tape."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
+def read_exact(f: Readable, n: int) -> bytes:
+    """`n` bytes, or fewer where the stream ends; read in bounded pieces, so a size field
+    that claims more than the stream holds costs no more memory than the stream has."""
+    parts = []
+    got = 0
+    while got < n:
+        piece = f.read(min(n - got, READ_PIECE))
+        if not piece:
+            break
+        parts.append(piece)
+        got += len(piece)
+    return b"".join(parts)
+
+

@@ -1,0 +1,292 @@
+"""Backup: sources, each at one point in time (snapshot.provider), planned (plan), read,
+compressed on every core (pipeline), written as images (format) to a sink (ends.sinks, tape),
+and recorded in the catalog."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from devices.buffers import BufferPool
+from devices.errors import DeviceError
+
+from .. import __version__
+from ..catalog import Catalog, ImageRecord, SegmentRecord, record_dict
+from ..ends.guards import check_image_output
+from ..ends.sinks import STDOUT, FileSink, Sink, StreamSink
+from ..ends.sources import VolumeSource
+from ..errors import ImagerError, SnapshotError, UsageError
+from ..format import (DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL, MAX_CHUNK_SIZE, EncodedChunk, ImageHeader, ImageWriter,
+                      ZstdCodec, zstd_frame_bound)
+from ..pipeline import encoder, read_chunks, run_ordered, worker_count
+from ..plan.planner import PlanRules, remove_stale_planning_mounts
+from ..plan.usedmap import ALL_BLOCKS, UsedMap
+from ..snapshot.freeze import Hook
+from ..snapshot.provider import PlannedVolume, SnapshotRequest, SnapshotSet, provider
+from ..tape import DEFAULT_BLOCK_SIZE, TapeSink, TapeSpec
+from ..units import check_block_size, now_iso
+from .results import BackupResult
+from .tape import record_labels, tape_segment_records
+
+Progress = Callable[[int], None]
+Notice = Callable[[str], None]
+
+log = logging.getLogger("imager.backup")
+
+
+@dataclass
+class ImagingOptions:
+    """How a volume is imaged, whatever the destination."""
+
+    level: int = DEFAULT_LEVEL
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    workers: int | None = None
+    all_blocks: bool = False
+    excludes: tuple[str, ...] = ()
+    backups_as_sources: bool = False    # image a source that is itself an image, zstd file or tape
+    max_freeze: float | None = None     # seconds; None: the provider's default
+
+    @property
+    def rules(self) -> PlanRules:
+        return PlanRules(self.all_blocks, tuple(self.excludes))
+
+    def check(self, sector_size: int) -> None:
+        problem = check_block_size(self.chunk_size, sector_size, "chunk size", MAX_CHUNK_SIZE)
+        if problem:
+            raise UsageError(problem)
+        if not 1 <= self.level <= 22:
+            raise UsageError(f"compression level {self.level} is out of range (1..22)")
+
+
+@dataclass
+class Destination:
+    """Where backups go: an image file (a directory of them for several volumes), standard
+    output ("-"), or a tape."""
+
+    output: str | None = None
+    tape: TapeSpec | None = None
+    force: bool = False
+    block_size: int = DEFAULT_BLOCK_SIZE
+    expect_label: str | None = None
+    drive_compression: bool = False
+
+    @property
+    def to_stdout(self) -> bool:
+        return self.output == STDOUT
+
+    def image_path(self, name: str, many: bool) -> str:
+        assert self.output is not None
+        if not self.to_stdout and (many or os.path.isdir(self.output)):
+            return os.path.join(self.output, f"{name}.zst")
+        return self.output
+
+    def check(self, many: bool) -> None:
+        if bool(self.output) == bool(self.tape):
+            raise UsageError("give either an image file (-o) or a tape (--tape)")
+        if self.expect_label is not None and not self.tape:
+            raise UsageError("--label names the tape a backup must go to; it goes only with --tape")
+        if self.to_stdout:
+            if many:
+                raise UsageError("-o - writes one image to standard output: give one source")
+            return
+        if self.output:
+            st = check_image_output(self.output)
+            if many and (st is None or not os.path.isdir(self.output)):
+                raise UsageError(f"{self.output}: with several volumes, -o names an existing directory")
+
+    def filesystems(self, many: bool, catalog: Catalog | None) -> list[str]:
+        """The paths this destination writes to (none of them may be on a frozen filesystem)."""
+        paths = ([os.path.dirname(os.path.abspath(self.image_path("x", many)))]
+                 if self.output and not self.to_stdout else [])
+        if self.tape and not self.tape.is_real_drive:
+            paths.append(os.path.dirname(os.path.abspath(self.tape.path_for(1))))
+        if catalog is not None:
+            paths.append(str(catalog.path.parent))
+        return paths
+
+
+def backup_volumes(sources: list[str], dest: Destination, *, snapshot: str = "none",
+                   options: ImagingOptions | None = None, pre_freeze: Sequence[Hook] = (),
+                   post_thaw: Sequence[Hook] = (), while_frozen: Callable[[], object] | None = None,
+                   progress: Progress | None = None, on_notice: Notice | None = None,
+                   catalog: Catalog | None = None) -> list[BackupResult]:
+    """Image every source, each from one point in time shared by all of them.
+
+    `snapshot` is the provider (imager.snapshot.provider): "cow" snapshots managed volumes
+    (names, front or source devices) in one freeze window and reads the snapshot views; "freeze"
+    keeps the filesystems frozen while their devices are read; "none" reads the devices as they
+    are. `while_frozen` runs inside the freeze window (cow and freeze)."""
+    options = options or ImagingOptions()
+    chosen = provider(snapshot)
+    if not sources:
+        raise UsageError("nothing to back up: give at least one source")
+    many = len(sources) > 1
+    dest.check(many)
+    options.rules.check()
+    remove_stale_planning_mounts(on_notice)
+    request = SnapshotRequest(options.rules, pre_freeze, post_thaw, while_frozen, options.max_freeze,
+                              options.backups_as_sources, dest.filesystems(many, catalog), on_notice)
+    results = []
+    log.info("taking %s of %s", "a snapshot set" if snapshot != "none" else "the volumes as they are",
+             ", ".join(sources))
+    with chosen.take(sources, request) as snapshot_set:
+        if snapshot_set.freeze_window_ms is not None:
+            log.info("snapshot set taken, filesystems frozen %.1f ms", snapshot_set.freeze_window_ms)
+        for volume in snapshot_set.volumes:
+            plan = volume.plan
+            log.info("%s: %s, %d of %d bytes to read%s", volume.name, plan.mode, plan.used_bytes, plan.size,
+                     f" ({plan.reason})" if plan.reason else "")
+            results.append(_image_volume(volume, snapshot_set, dest, options, many, progress, catalog, on_notice))
+    for result in results:
+        if snapshot_set.freeze_window_ms is not None:
+            result.freeze_window_ms = round(snapshot_set.freeze_window_ms, 2)
+    return results
+
+
+def backup(source: str, output: str, *, force: bool = False, options: ImagingOptions | None = None,
+           progress: Progress | None = None, on_notice: Notice | None = None,
+           catalog: Catalog | None = None) -> BackupResult:
+    """Image the block device or file `source` as it is to the image file `output`."""
+    return backup_volumes([source], Destination(output=output, force=force), options=options,
+                          progress=progress, on_notice=on_notice, catalog=catalog)[0]
+
+
+def _image_volume(volume: PlannedVolume, snapshot_set: SnapshotSet, dest: Destination, options: ImagingOptions,
+                  many: bool, progress: Progress | None, catalog: Catalog | None,
+                  on_notice: Notice | None) -> BackupResult:
+    try:
+        return _write_one(volume, dest, options, many=many, progress=progress, catalog=catalog,
+                          on_notice=on_notice, before_commit=snapshot_set.before_commit)
+    except (DeviceError, SnapshotError) as e:
+        # A read error of the volume: the provider may know why (a snapshot no longer valid).
+        if snapshot_set.explain is None:
+            raise
+        raise snapshot_set.explain(volume, e) from None
+
+
+def _open_sink(volume: PlannedVolume, dest: Destination, options: ImagingOptions, image_id: str, many: bool,
+               on_notice: Notice | None) -> Sink:
+    if dest.tape:
+        return TapeSink(dest.tape, image_id=image_id, block_size=dest.block_size, expect_label=dest.expect_label,
+                        drive_compression=dest.drive_compression,
+                        largest_frame=zstd_frame_bound(options.chunk_size), on_notice=on_notice)
+    if dest.to_stdout:
+        return StreamSink()
+    path = dest.image_path(volume.name, many)
+    if os.path.exists(path) and os.path.samefile(volume.source.path, path):
+        raise UsageError(f"{path}: the image cannot be written over its own source")
+    return FileSink(path, force=dest.force)
+
+
+def _write_one(volume: PlannedVolume, dest: Destination, options: ImagingOptions, *, many: bool,
+               progress: Progress | None, catalog: Catalog | None, on_notice: Notice | None,
+               before_commit: Callable[[], None] | None = None) -> BackupResult:
+    """Image one volume into the destination. `before_commit` may still refuse the image (the
+    freeze it was read under expired) before it takes its final name."""
+    image_id = uuid.uuid4().hex
+    sink = _open_sink(volume, dest, options, image_id, many, on_notice)
+    log.info("%s: writing image %s to %s", volume.name, image_id, sink.path)
+    try:
+        result = write_image(volume.source, sink, options=options, image_id=image_id, plan=volume.plan,
+                             source_meta=volume.source_meta, snapshot_meta=volume.snapshot_meta,
+                             partitions=volume.partitions, progress=progress)
+        record = image_record(result.header, result.bytes_written, result.image_digest)
+        if before_commit is not None:
+            before_commit()
+        if isinstance(sink, TapeSink):
+            sink.commit(record_dict(record))
+        else:
+            sink.commit()
+    except BaseException:
+        sink.abort()
+        raise
+    finally:
+        if isinstance(sink, TapeSink):
+            record_labels(catalog, sink.labelled)
+    if isinstance(sink, TapeSink):
+        segments = tape_segment_records(image_id, sink.segments)
+        result.image = ", ".join(f"{s.tape_label} file {s.tape_file}" for s in segments)
+    elif isinstance(sink, StreamSink):
+        result.image = sink.path
+        return result    # a stream has no place the catalog could find it again
+    else:
+        segments = [SegmentRecord(image_id, 0, "file", os.path.abspath(sink.path), None, None, None, 0,
+                                  result.bytes_written)]
+        result.image = sink.path
+    if catalog is not None:
+        catalog.add_image(record, segments, replaces_tape_files=isinstance(sink, TapeSink))
+    return result
+
+
+def write_image(source: VolumeSource, sink: Sink, *, options: ImagingOptions | None = None,
+                image_id: str | None = None, plan: UsedMap | None = None, source_meta: dict | None = None,
+                snapshot_meta: dict | None = None, partitions: dict | None = None,
+                progress: Progress | None = None) -> BackupResult:
+    """Image `source` into `sink` (which the caller commits or aborts). With a used-block
+    `plan`, blocks the filesystem does not use go into the image as zeros, unread."""
+    options = options or ImagingOptions()
+    options.check(source.logical_sector_size)
+    workers = worker_count(options.workers)
+    if plan is not None:
+        if plan.size != source.size:
+            raise ImagerError(f"the used-block plan covers {plan.size} bytes, the volume has {source.size}")
+        plan = plan.aligned(source.logical_sector_size)
+    header = _header(source, options, image_id, plan, source_meta, snapshot_meta, partitions)
+    if plan is not None and plan.mode == ALL_BLOCKS:
+        plan = None
+    started = time.monotonic()
+    writer = ImageWriter(sink, header)
+    pool = BufferPool(workers * 2 + 2, options.chunk_size)
+    totals = {"bytes_read": 0, "zero_chunks": 0}
+
+    def count_read(n: int) -> None:
+        totals["bytes_read"] += n
+
+    def consume(chunk: EncodedChunk) -> None:
+        writer.write_chunk(chunk)
+        totals["zero_chunks"] += chunk.zero
+        if progress:
+            progress(chunk.length)
+
+    try:
+        run_ordered(read_chunks(source, options.chunk_size, pool, count_read, plan), encoder(pool, ZstdCodec(options.level)),
+                    consume, workers=workers, depth=workers * 2)
+    finally:
+        pool.close()
+    seconds = time.monotonic() - started
+    writer.finish({"bytes_read": totals["bytes_read"], "zero_chunks": totals["zero_chunks"],
+                   "seconds": round(seconds, 3), "finished": now_iso()})
+    return BackupResult(image_id=header.image_id, image=sink.path, source=source.path, volume_size=source.size,
+                        chunks=header.chunk_count, zero_chunks=totals["zero_chunks"],
+                        bytes_read=totals["bytes_read"], bytes_written=writer.bytes_written, seconds=seconds,
+                        level=options.level, chunk_size=options.chunk_size, image_digest=writer.image_digest,
+                        header=header)
+
+
+def _header(source: VolumeSource, options: ImagingOptions, image_id: str | None, plan: UsedMap | None,
+            source_meta: dict | None, snapshot_meta: dict | None, partitions: dict | None) -> ImageHeader:
+    header = ImageHeader(volume_size=source.size, chunk_size=options.chunk_size,
+                         sector_size=source.logical_sector_size, level=options.level,
+                         source=dict({"path": source.path}, **(source_meta or {})),
+                         snapshot=snapshot_meta or {"provider": "none", "time": now_iso()},
+                         created=now_iso(), tool=f"imager {__version__}", partitions=partitions)
+    if plan is not None:
+        header.plan = plan.to_dict()
+    if options.excludes:
+        header.plan["excludes"] = list(options.excludes)
+    if image_id:
+        header.image_id = image_id
+    return header
+
+
+def image_record(header: ImageHeader, stream_bytes: int, image_digest: str) -> ImageRecord:
+    return ImageRecord(id=header.image_id, created=header.created, source=header.source.get("path", ""),
+                       fs_type=header.source.get("fs_type"), volume_size=header.volume_size,
+                       chunk_size=header.chunk_size, chunks=header.chunk_count, level=header.level,
+                       stream_bytes=stream_bytes, image_digest=image_digest,
+                       snapshot=json.dumps(header.snapshot, sort_keys=True))

@@ -1,0 +1,166 @@
+"""Tape jobs: what the cartridges of a tape hold (scan, rebuilding the catalog from the media),
+finding an image on tape, and restoring or verifying it from there."""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable, Iterator
+
+from ..catalog import Catalog, ImageRecord, SegmentRecord, TapeRecord
+from ..ends.feeds import StreamFeed
+from ..errors import ImagerError, TapeMediaError, UsageError
+from ..tape import Label, TapeFileInfo, TapeImageStream, TapeSpec, WrittenSegment, read_label, require_label, scan_files
+from .restore import restore_feed
+from .results import RestoreResult, VerifyResult
+from .verify import verify_feed
+
+def tape_segment_records(image_id: str, segments: Iterable[WrittenSegment]) -> list[SegmentRecord]:
+    return [SegmentRecord(image_id, i, "tape", None, seg.label, seg.tape_set, seg.tape_file,
+                          seg.stream_offset, seg.stream_length) for i, seg in enumerate(segments)]
+
+
+def record_labels(catalog: Catalog | None, labels: Iterable[Label]) -> None:
+    if catalog is not None:
+        for label in labels:
+            catalog.add_tape(TapeRecord(label.label, label.tape_set, label.sequence, label.created))
+
+
+def _cartridge_sequences(spec: TapeSpec) -> Iterator[int]:
+    sequence = 1
+    while True:
+        yield sequence
+        if not spec.is_pattern or not os.path.exists(spec.path_for(sequence + 1)):
+            return
+        sequence += 1
+
+
+def scan_tape(spec: TapeSpec, catalog: Catalog | None = None) -> list[TapeFileInfo]:
+    """Read what every cartridge of `spec` holds from the media alone; with a catalog, replace
+    what it says of these cartridges by what was found."""
+    found: list[TapeFileInfo] = []
+    segments: dict[str, list[SegmentRecord]] = {}
+    records: dict[str, dict] = {}
+    labels = []
+    for sequence in _cartridge_sequences(spec):
+        with spec.open(sequence, create=False) as drive:
+            label = require_label(drive)
+            labels.append(label)
+            for info in scan_files(drive):
+                info.label = label.label
+                found.append(info)
+                if info.kind == "image" and info.complete:
+                    segments.setdefault(info.image_id, []).append(SegmentRecord(
+                        info.image_id, info.segment, "tape", None, label.label, label.tape_set, info.tape_file,
+                        info.stream_offset, info.stream_length))
+                    if info.image:
+                        records[info.image_id] = info.image
+    if catalog is not None:
+        for label in labels:
+            catalog.forget_tape(label.label)
+        record_labels(catalog, labels)
+        for image_id, record in records.items():
+            catalog.add_image(ImageRecord(**record), segments[image_id])
+    return found
+
+
+def _locate_on_tape(spec: TapeSpec, image_id: str | None, catalog: Catalog | None) -> tuple[str, str, int]:
+    """(full image id, tape label, tape file) of the first segment of an image: from the
+    catalog when it knows the image, else by scanning the tape."""
+    if catalog is not None and image_id:
+        try:
+            record = catalog.image(image_id)
+        except UsageError:
+            record = None
+        if record is not None:
+            first = next((s for s in catalog.segments(record.id) if s.kind == "tape" and s.segment == 0), None)
+            if first is not None:
+                return record.id, first.tape_label, first.tape_file
+    files = scan_tape(spec)
+    candidates = [f for f in files if f.kind == "image" and f.segment == 0
+                  and (image_id is None or f.image_id.startswith(image_id))]
+    if not candidates:
+        damaged = "".join(f"; {f.label} file {f.tape_file}: {f.problem}" for f in files if f.kind == "damaged")
+        raise UsageError((f"{spec.spec}: no image {image_id!r} on this tape" if image_id
+                          else f"{spec.spec}: the tape holds no image") + damaged)
+    if image_id and len({c.image_id for c in candidates}) > 1:
+        raise UsageError(f"image id {image_id!r} is ambiguous on {spec.spec}")
+    if image_id is None and len(candidates) > 1:
+        raise UsageError(f"{spec.spec} holds {len(candidates)} images; choose one with --image ID "
+                         f"(see imager tape list)")
+    c = candidates[0]
+    return c.image_id, c.label, c.tape_file
+
+
+def open_tape_image(spec: TapeSpec, image_id: str | None, *, catalog: Catalog | None = None,
+                    block_size: int | None = None) -> StreamFeed:
+    """The image stream of one image on tape, positioned at its first segment."""
+    return _open_located(spec, *_locate_on_tape(spec, image_id, catalog), block_size)
+
+
+def _open_located(spec: TapeSpec, full_id: str, label_name: str, tape_file: int,
+                  block_size: int | None) -> StreamFeed:
+    sequence = 1
+    if spec.is_pattern:
+        for sequence in _cartridge_sequences(spec):
+            with spec.open(sequence, create=False) as probe:
+                label = read_label(probe)
+            if label is not None and label.label == label_name:
+                break
+        else:
+            raise TapeMediaError(f"{spec.spec}: no cartridge labelled {label_name!r} in the set")
+    drive = spec.open(sequence, create=False)
+    try:
+        label = require_label(drive, label_name)
+        stream = TapeImageStream(spec, drive, label, tape_file, full_id, block_size)
+        return StreamFeed(stream, f"{spec.spec} file {tape_file} (image {full_id[:12]})")
+    except BaseException:
+        drive.close()
+        raise
+
+
+def restore_from_tape(spec: TapeSpec, image_id: str | None, target: str, *, catalog: Catalog | None = None,
+                      block_size: int | None = None, **kw) -> RestoreResult:
+    feed = open_tape_image(spec, image_id, catalog=catalog, block_size=block_size)
+    try:
+        return restore_feed(feed, target, **kw)
+    finally:
+        feed.close()
+
+
+def verify_tape(spec: TapeSpec, image_id: str | None = None, *, catalog: Catalog | None = None,
+                block_size: int | None = None, **kw) -> list[VerifyResult]:
+    """Read back and check one image, or every image whose first segment is on the tape; a
+    damaged or incomplete image, and a tape file whose segment header is damaged, is reported in
+    its result and the others are still checked."""
+    if image_id:
+        return [_verify_on_tape(spec, *_locate_on_tape(spec, image_id, catalog), block_size, **kw)]
+    results = []
+    for f in scan_tape(spec):
+        name = f"{spec.spec} {f.label} file {f.tape_file}"
+        if f.kind == "damaged":
+            results.append(_failed_verify(name, f.problem))
+        elif f.incomplete and f.segment == 0:
+            results.append(_failed_verify(f"{name} (image {f.image_id[:12]})", "incomplete: an interrupted write "
+                                          "left it without its end block (the next backup to this cartridge "
+                                          "replaces it)"))
+        elif f.kind == "image" and f.segment == 0:
+            try:
+                results.append(_verify_on_tape(spec, f.image_id, f.label, f.tape_file, block_size, **kw))
+            except ImagerError as e:
+                results.append(_failed_verify(f"{name} (image {f.image_id[:12]})", str(e)))
+    if not results:
+        raise UsageError(f"{spec.spec}: the tape holds no image")
+    return results
+
+
+def _verify_on_tape(spec: TapeSpec, full_id: str, label_name: str, tape_file: int, block_size: int | None,
+                    **kw) -> VerifyResult:
+    feed = _open_located(spec, full_id, label_name, tape_file, block_size)
+    try:
+        return verify_feed(feed, **kw)
+    finally:
+        feed.close()
+
+
+def _failed_verify(name: str, error: str) -> VerifyResult:
+    return VerifyResult(image=name, volume_size=0, chunks=0, zero_chunks=0, seconds=0.0, ok=False, errors=[error])

@@ -1,0 +1,17 @@
+"""Managed volumes: a daemon per volume serves the device through FUSE with a COW store in its
+write path (server.py); clients attach, detach, recover and snapshot them (client.py,
+launch.py, snapshots.py) over the control protocol (protocol.py)."""
+
+from .client import (clear_stale_run_dir, detach, known_volumes, list_volumes, recover, require_running,
+                     status)
+from .launch import attach, refuse_esp
+from .protocol import (MOUNT_DIR_NAME, RECORD_NAME, RUN_DIR_ENV, SNAPSHOT_FILE, STATE_DIR_ENV, VOLUME_FILE,
+                       SnapshotInfo, SnapshotSetInfo, VolumeInfo, cache_full_error, read_record, records)
+from .snapshots import HeldSnapshots, snapshot_create, snapshot_delete, snapshot_list
+
+__all__ = [
+    "MOUNT_DIR_NAME", "RECORD_NAME", "RUN_DIR_ENV", "SNAPSHOT_FILE", "STATE_DIR_ENV", "VOLUME_FILE",
+    "HeldSnapshots", "SnapshotInfo", "cache_full_error", "SnapshotSetInfo", "VolumeInfo", "attach", "clear_stale_run_dir", "detach",
+    "known_volumes", "list_volumes", "read_record", "records", "recover", "refuse_esp", "require_running",
+    "snapshot_create", "snapshot_delete", "snapshot_list", "status",
+]

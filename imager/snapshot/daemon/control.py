@@ -1,0 +1,70 @@
+"""The daemon's control socket: one thread per connection, one JSON request per line (see
+protocol.py). A connection that holds a snapshot takes it down when it drops."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socketserver
+from typing import TYPE_CHECKING
+
+from devices.errors import DeviceError
+
+from ...errors import ImagerError
+from .protocol import error_reply
+
+if TYPE_CHECKING:
+    from .server import VolumeDaemon
+
+log = logging.getLogger("imager.daemon")
+
+
+class ControlServer(socketserver.ThreadingUnixStreamServer):
+    daemon_threads = True
+
+    def __init__(self, path: str, daemon: VolumeDaemon):
+        self.daemon = daemon
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        old_umask = os.umask(0o177)
+        try:
+            super().__init__(path, ControlHandler)
+        finally:
+            os.umask(old_umask)
+
+
+class ControlHandler(socketserver.StreamRequestHandler):
+    def handle(self) -> None:
+        daemon: VolumeDaemon = self.server.daemon
+        # The snapshot generation this connection holds (a backup's): when the connection drops
+        # before the backup deletes it, the backup died, and the snapshot goes with it.
+        held: int | None = None
+        try:
+            for line in self.rfile:
+                try:
+                    request = json.loads(line)
+                    reply = daemon.handle(request)
+                    if request.get("op") == "snapshot-create" and request.get("hold"):
+                        held = daemon.store.generation
+                    elif request.get("op") == "snapshot-delete":
+                        held = None
+                except (ImagerError, DeviceError) as e:
+                    reply = error_reply(e)
+                except Exception as e:
+                    log.exception("request %r failed", line)
+                    reply = {"ok": False, "error": f"internal error in the volume daemon: {e}", "kind": "VolumeError"}
+                stopping = reply.pop("stopping", False)
+                self.wfile.write(json.dumps(reply).encode() + b"\n")
+                self.wfile.flush()
+                if stopping:
+                    # The client learns that the daemon is gone when this connection closes at exit.
+                    self.server.shutdown()
+                    return
+        except OSError:
+            pass    # the client went away mid-request: handled below like any other drop
+        finally:
+            if held is not None:
+                daemon.drop_abandoned_snapshot(held)

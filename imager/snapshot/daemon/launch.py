@@ -1,0 +1,161 @@
+"""Starting a volume's daemon: `attach(DEV)` checks what may be attached where, starts the
+daemon (server.py) in its own session, and waits until it serves the front or says why not."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import stat
+import subprocess
+import sys
+import time
+
+from devices import discover
+from devices.block import stat_volume
+from devices.errors import DeviceError
+from devices.fs import mounts_of
+from devices.topology import path_is_on, same_file
+
+from ...errors import VolumeError
+from ...private import make_private_dir, open_private
+from ...spawn import engine_env
+from .protocol import (LOG_NAME, MAX_SOCKET_PATH, RUN_DIR_ENV, SOCKET_NAME, VolumeInfo, check_name, daemon_state,
+                       default_state_dir, error_from, records, run_dir_of, volume_from)
+
+READY_TIMEOUT = 60.0
+
+
+def attach(device: str, name: str | None = None, cache_path: str | None = None,
+           cache_size: int | None = None, *, block_size: int | None = None) -> VolumeInfo:
+    """Start managing `device`: returns once the daemon serves it and its front loop device exists.
+
+    `cache_path` is the state directory (bitmap, index, cache region, log); it must not be on the
+    device itself nor on the front of any managed volume. `cache_size` caps the cache region in
+    bytes (None: bounded only by free space there)."""
+    try:
+        return _attach(device, name, cache_path, cache_size, block_size)
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        raise VolumeError(f"cannot attach {device}: {e.strerror}{where}") from None
+
+
+def _attach(device: str, name: str | None, cache_path: str | None, cache_size: int | None,
+            block_size: int | None) -> VolumeInfo:
+    device = os.path.abspath(device)
+    _check_attachable(device)
+    name = check_name(name if name is not None else _default_name(device))
+    volumes = records()
+    for v in volumes:
+        failed = daemon_state(v)[0] == "failed"
+        recovery = (f"; its daemon died: recover it with imager recover {v['name']}" if failed else "")
+        if v["name"] == name:
+            raise VolumeError(f"a volume named {name!r} is already attached ({v['device']}){recovery}")
+        if same_file(v["device"], device):
+            raise VolumeError(f"{device} is already managed as {v['name']!r} (front {v.get('front')}){recovery}")
+        if v.get("front") and same_file(v["front"], device):
+            raise VolumeError(f"{device} is the front device of managed volume {v['name']!r}, "
+                              f"which is already managed through {v['device']}")
+    state_dir = os.path.abspath(cache_path or default_state_dir(name))
+    make_private_dir(state_dir)
+    for v in volumes:
+        if v.get("front") and path_is_on(v["front"], state_dir):
+            raise VolumeError(f"the state directory {state_dir} is on the front of managed volume "
+                              f"{v['name']!r}; freezing that volume would stall this daemon")
+    run_dir = run_dir_of(name)
+    if len(os.path.join(run_dir, SOCKET_NAME)) > MAX_SOCKET_PATH:
+        raise VolumeError(f"run directory {run_dir} is too long for a Unix socket path; set "
+                          f"{RUN_DIR_ENV} to a shorter directory")
+    from .client import clear_stale_run_dir  # the client cleans up after dead daemons
+
+    clear_stale_run_dir(run_dir)
+    make_private_dir(run_dir)
+
+    log_path = os.path.join(state_dir, LOG_NAME)
+    ready_read, ready_write = os.pipe()
+    command = [sys.executable, "-m", "imager.snapshot.daemon.process", "--name", name, "--device", device,
+               "--state-dir", state_dir, "--run-dir", run_dir, "--ready-fd", str(ready_write)]
+    if cache_size is not None:
+        command += ["--cache-size", str(int(cache_size))]
+    if block_size is not None:
+        command += ["--block-size", str(int(block_size))]
+    env = engine_env()
+    try:
+        with open_private(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, "ab") as log:
+            starter = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                       pass_fds=(ready_write,), start_new_session=True, cwd="/", env=env)
+        os.close(ready_write)
+        ready_write = -1
+        # The starter forks the daemon and exits at once; reap it so no zombie stays behind.
+        starter.wait()
+        reply = _read_ready(ready_read, log_path)
+    finally:
+        os.close(ready_read)
+        if ready_write >= 0:
+            os.close(ready_write)
+    if not reply.get("ok"):
+        raise error_from(reply)
+    return volume_from(reply["volume"])
+
+
+def _check_attachable(device: str) -> None:
+    try:
+        st = stat_volume(device)
+    except DeviceError as e:
+        raise VolumeError(str(e)) from None
+    if stat.S_ISREG(st.st_mode) and st.st_size == 0:
+        raise VolumeError(f"{device}: is empty (size 0); a volume needs room for a filesystem")
+    if stat.S_ISBLK(st.st_mode):
+        refuse_esp(device, "cow")
+    mounted = mounts_of(device)
+    if mounted:
+        raise VolumeError(f"{device} is mounted at {', '.join(m.mount_point for m in mounted)}; "
+                          f"unmount it, attach, then mount the front device instead")
+
+
+def refuse_esp(device: str, provider: str) -> None:
+    """The cow provider cannot stand between the firmware and an EFI system partition: the
+    firmware and boot loaders write it before any daemon can intercept their writes."""
+    try:
+        info = discover.describe(device)
+    except DeviceError:
+        return
+    if info.is_esp:
+        raise VolumeError(f"{device} is an EFI system partition: the {provider} provider cannot snapshot it "
+                          f"(firmware and boot loaders write it where no daemon can intercept the writes); image it "
+                          f"with --snapshot freeze (kept frozen while read; it is small) or, unmounted, "
+                          f"with --snapshot none")
+
+
+def _default_name(device: str) -> str:
+    base = os.path.basename(device)
+    return re.sub(r"[^A-Za-z0-9._-]", "_", base).lstrip("._-") or "volume"
+
+
+def _read_ready(fd: int, log_path: str) -> dict:
+    data = b""
+    deadline = time.monotonic() + READY_TIMEOUT
+    while b"\n" not in data:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise VolumeError(f"the volume daemon did not get ready in {READY_TIMEOUT:.0f} s; see {log_path}")
+        readable, _, _ = select.select([fd], [], [], remaining)
+        if not readable:
+            continue
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            raise VolumeError(f"the volume daemon exited before it was ready: {_log_tail(log_path)}")
+        data += chunk
+    return json.loads(data.split(b"\n", 1)[0])
+
+
+def _log_tail(log_path: str) -> str:
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 2000))
+            lines = [ln for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return f"see {log_path}"
+    return (lines[-1] if lines else "no message") + f" (log: {log_path})"

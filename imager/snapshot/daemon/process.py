@@ -1,0 +1,139 @@
+"""The volume daemon as a process: started by launch.attach() in its own session, it forks once
+more (no session leader, never a controlling terminal), logs to the state directory, tells its
+starter on a pipe when it serves the front or why it cannot, and serves until detached.
+
+    python -m imager.snapshot.daemon.process --name N --device DEV --state-dir DIR --run-dir DIR [--ready-fd FD]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+
+from devices.errors import DeviceError
+from devices.libc import check, libc
+
+from ...errors import ImagerError, VolumeError
+from ..cow import DEFAULT_BLOCK_SIZE
+from .protocol import RECORD_NAME, error_reply
+from .server import VolumeDaemon
+
+log = logging.getLogger("imager.daemon")
+
+PR_SET_IO_FLUSHER = 57
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if not args.foreground:
+        _become_daemon()
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                        format=f"%(asctime)s imager-daemon[{os.getpid()}] {args.name}: %(levelname)s %(message)s")
+    _mark_io_flusher()
+    if args.ready_fd is not None:
+        os.set_inheritable(args.ready_fd, False)
+    daemon = VolumeDaemon(args.name, args.device, args.state_dir, args.run_dir, args.cache_size, args.block_size)
+    # Installed before FUSE starts, so that libfuse does not install its own (which would
+    # unmount under a mounted front).
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda signum, frame: _stop_as_detach_would(daemon, signum))
+    try:
+        daemon.start()
+    except Exception as e:
+        if isinstance(e, (ImagerError, DeviceError)):
+            log.error("%s", e)
+            failure = error_reply(e)
+        else:
+            log.exception("start failed")
+            failure = error_reply(VolumeError(f"volume daemon failed to start: {e}"))
+        daemon.abandon()
+        _send_ready(args.ready_fd, failure)
+        return 1
+    daemon.write_record()
+    _send_ready(args.ready_fd, {"ok": True, "volume": daemon.describe()})
+    try:
+        # The poll interval bounds how long detach waits for the server loop to notice shutdown().
+        daemon.server.serve_forever(poll_interval=0.05)
+    finally:
+        _remove_run_dir(daemon)
+    log.info("stopped")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m imager.snapshot.daemon.process",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--device", required=True)
+    parser.add_argument("--state-dir", required=True)
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--cache-size", type=int)
+    parser.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE)
+    parser.add_argument("--ready-fd", type=int, help="write one JSON line here when ready or failed")
+    parser.add_argument("--foreground", action="store_true", help="do not fork (for debugging)")
+    return parser
+
+
+def _stop_as_detach_would(daemon: VolumeDaemon, signum: int) -> None:
+    """On SIGTERM/SIGINT: detach, refusing the same way while the volume is in use."""
+    def stop() -> None:
+        if daemon.server is None:
+            return
+        try:
+            with daemon._control_lock:
+                daemon.detach()
+        except (ImagerError, DeviceError) as e:
+            log.error("not stopping on signal %d: %s", signum, e)
+            return
+        daemon.server.shutdown()
+    threading.Thread(target=stop, name="stop", daemon=True).start()
+
+
+def _remove_run_dir(daemon: VolumeDaemon) -> None:
+    daemon.server.server_close()
+    for path in (daemon.socket_path, os.path.join(daemon.run_dir, RECORD_NAME)):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+    try:
+        os.rmdir(daemon.run_dir)
+    except OSError:
+        pass  # not empty: something else lives there, leave it
+
+
+def _become_daemon() -> None:
+    # attach() started us with setsid(); fork once more so the daemon is no session leader (it
+    # can never get a controlling terminal again) and the starter exits at once.
+    if os.fork() > 0:
+        os._exit(0)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+def _mark_io_flusher() -> None:
+    # This process sits in the write-back path of the front device: memory reclaim must not make
+    # it wait for its own writes (PR_SET_IO_FLUSHER, Linux 5.6, as loop and NBD servers do).
+    try:
+        check(libc.prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0))
+    except OSError as e:
+        log.info("PR_SET_IO_FLUSHER refused (%s): reclaim may wait on this daemon", e.strerror)
+
+
+def _send_ready(fd: int | None, reply: dict) -> None:
+    if fd is None:
+        return
+    try:
+        os.write(fd, json.dumps(reply).encode() + b"\n")
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

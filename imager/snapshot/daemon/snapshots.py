@@ -1,0 +1,147 @@
+"""Snapshot sets of managed volumes, client side: one freeze window for all of them, held by a
+backup for its lifetime or kept until deleted."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterable, Sequence
+
+from devices.fs import mounts_of
+
+from ...errors import ImagerError, SnapshotError
+from ..freeze import DEFAULT_MAX_FREEZE, Hook, freeze_window
+from .client import list_volumes, require_running, status
+from .protocol import (REQUEST_TIMEOUT, STATUS_TIMEOUT, Connection, SnapshotInfo, SnapshotSetInfo, checked, connect,
+                       name_list, request, volume_from)
+
+def snapshot_create(names: str | Iterable[str], pre_freeze_hooks: Sequence[Hook] = (),
+                    post_thaw_hooks: Sequence[Hook] = (),
+                    while_frozen: Callable[[], object] | None = None, *,
+                    max_freeze: float = DEFAULT_MAX_FREEZE) -> SnapshotSetInfo:
+    """One point-in-time snapshot of every named volume, all in one freeze window; they stay until
+    snapshot_delete(). See HeldSnapshots for what the window does."""
+    with HeldSnapshots(names, pre_freeze_hooks, post_thaw_hooks, while_frozen, max_freeze=max_freeze,
+                       hold=False) as held:
+        return held.info
+
+
+class HeldSnapshots:
+    """A snapshot of every named volume, taken in one freeze window.
+
+    Runs the pre-freeze hooks, FIFREEZEs every filesystem mounted from the volumes' fronts (held
+    by a guard process that thaws when this process dies), switches COW on in every daemon,
+    thaws (always), runs the post-thaw hooks (always, once the pre-freeze hooks started). Either
+    every snapshot exists afterwards or none does. `while_frozen` runs inside the window, after
+    COW is on everywhere: what it reads of the filesystems is the snapshot's state (the engine
+    makes its used-block plans there).
+
+    With `hold` (a backup), each snapshot is tied to a connection to its daemon: close() deletes
+    them, and if this process dies instead, each daemon deletes its snapshot when the connection
+    drops. Without it (`imager snapshot create`) the snapshots stay until deleted."""
+
+    def __init__(self, names: str | Iterable[str], pre_freeze_hooks: Sequence[Hook] = (),
+                 post_thaw_hooks: Sequence[Hook] = (), while_frozen: Callable[[], object] | None = None, *,
+                 max_freeze: float = DEFAULT_MAX_FREEZE, hold: bool = True):
+        self.names = name_list(names)
+        self.hold = hold
+        self._connections: list[Connection] = []
+        self._asked: list[str] = []       # the volumes told to switch COW on
+        try:
+            self.info = self._take(pre_freeze_hooks, post_thaw_hooks, while_frozen, max_freeze)
+        except BaseException:
+            self._drop_all()
+            raise
+
+    def _take(self, pre_freeze_hooks, post_thaw_hooks, while_frozen, max_freeze) -> SnapshotSetInfo:
+        for name in self.names:
+            require_running(name)
+            self._connections.append(connect(name, STATUS_TIMEOUT))
+        volumes = [volume_from(checked(conn.request({"op": "status"}))["volume"]) for conn in self._connections]
+        for v in volumes:
+            if v.snapshot is not None:
+                raise SnapshotError(f"{v.name} already has a snapshot (generation {v.snapshot.generation}); "
+                                    f"delete it first")
+        # Every mount of one block device shares its superblock: freeze it through one of them
+        # (a second FIFREEZE of the same filesystem fails with EBUSY).
+        mount_points = []
+        for v in volumes:
+            mounted = mounts_of(v.front) if v.front else []
+            if mounted:
+                mount_points.append(mounted[0].mount_point)
+        created: list[SnapshotInfo] = []
+        created_at = time.time()
+        with freeze_window(mount_points, pre_freeze_hooks, post_thaw_hooks, max_seconds=max_freeze) as window:
+            for conn in self._connections:
+                self._asked.append(conn.name)
+                reply = checked(conn.request({"op": "snapshot-create", "hold": self.hold}))
+                created.append(volume_from(reply["volume"]).snapshot)
+            if while_frozen is not None:
+                while_frozen()
+            window.check()
+        return SnapshotSetInfo(created, window.milliseconds, window.frozen, created_at)
+
+    def _drop_all(self) -> None:
+        """Delete every snapshot this set asked for, not only those that answered: a daemon whose
+        answer timed out may still have switched COW on. (A held one also goes when its
+        connection closes; a stuck daemon is not waited for long.)"""
+        for conn in self._connections:
+            conn.close()
+        self._connections = []
+        for name in self._asked:
+            try:
+                request(name, {"op": "snapshot-delete", "force": True}, STATUS_TIMEOUT)
+            except ImagerError:
+                pass
+
+    def close(self) -> None:
+        """Delete the snapshots of a held set, waiting for each daemon's answer."""
+        failures = []
+        for conn in self._connections:
+            try:
+                conn.timeout = REQUEST_TIMEOUT
+                checked(conn.request({"op": "snapshot-delete", "force": True}))
+            except ImagerError as e:
+                failures.append(str(e))
+            finally:
+                conn.close()
+        self._connections = []
+        if failures:
+            raise SnapshotError("; ".join(failures))
+
+    def __enter__(self) -> "HeldSnapshots":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.hold:
+            try:
+                self.close()
+            except ImagerError:
+                if exc_type is None:
+                    raise   # a failure of the job itself is the one to report
+        else:
+            for conn in self._connections:
+                conn.close()
+            self._connections = []
+
+
+def snapshot_delete(names: str | Iterable[str], *, force: bool = False, missing_ok: bool = False) -> None:
+    """Delete the snapshots of the named volumes: COW off, cache discarded. Refused while a
+    snapshot file is still open unless `force` (its readers then get EIO). Tries every name and
+    reports every failure."""
+    failures = []
+    for name in name_list(names):
+        try:
+            info = status(name)
+            if info.snapshot is None:
+                if not missing_ok:
+                    failures.append(f"{name} has no snapshot")
+                continue
+            request(name, {"op": "snapshot-delete", "force": force}, REQUEST_TIMEOUT)
+        except ImagerError as e:
+            failures.append(str(e))
+    if failures:
+        raise SnapshotError("; ".join(failures))
+
+
+def snapshot_list() -> list[SnapshotInfo]:
+    return [v.snapshot for v in list_volumes() if v.snapshot is not None]

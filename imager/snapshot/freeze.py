@@ -1,0 +1,292 @@
+"""The freeze window: pre-freeze hooks, FIFREEZE, the body, FITHAW (always), post-thaw hooks.
+
+FIFREEZE is not tied to the process that issued it: a frozen filesystem stays frozen, and every
+writer of it blocked, until someone thaws it. So the freeze is held by a guard, a small child
+process in its own session that issues FIFREEZE and FITHAW for the job and thaws
+
+- when the job asks (the normal end of the window),
+- when the job's end of the pipe closes: the job exited, crashed or was killed with SIGKILL,
+- when it receives SIGTERM, SIGINT or SIGHUP,
+- when the window has lasted `max_seconds`, whatever the job is doing (a job blocked forever
+  writing to a filesystem it froze itself, a daemon that does not answer).
+
+A window that expired is reported to the job, which fails: what it made inside the window is
+not of one instant. The guard measures the window itself, from the first FIFREEZE to the last
+FITHAW.
+
+    python -m imager.snapshot.freeze        (the guard; JSON lines on stdin and stdout)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence, Union
+
+from ..errors import ImagerError, SnapshotError
+from ..spawn import engine_env
+
+Hook = Union[Callable[[], object], str, Sequence[str]]
+
+# How long the filesystems of a snapshot may stay frozen: taking a snapshot needs milliseconds.
+DEFAULT_MAX_FREEZE = 5.0
+# The freeze provider reads whole volumes while frozen (small ones): a longer, still finite bound.
+DEFAULT_MAX_FREEZE_READ = 300.0
+_GUARD_START_TIMEOUT = 30.0
+# The guard's own answers come within milliseconds, except a FIFREEZE that has to flush a lot.
+_GUARD_REPLY_TIMEOUT = 120.0
+
+
+@dataclass
+class FreezeWindow:
+    frozen: list[str] = field(default_factory=list)
+    milliseconds: float = 0.0
+    guard: "FreezeGuard | None" = None
+
+    def check(self) -> None:
+        """Raise if the filesystems are no longer frozen (the window outlived its maximum): call it
+        before committing anything that claims to be of the window's instant."""
+        if self.guard is not None:
+            self.guard.check()
+
+
+@contextmanager
+def freeze_window(mount_points: Sequence[str], pre_freeze_hooks: Sequence[Hook] = (),
+                  post_thaw_hooks: Sequence[Hook] = (), *,
+                  max_seconds: float = DEFAULT_MAX_FREEZE) -> Iterator[FreezeWindow]:
+    """Run the pre-freeze hooks, freeze every mount point, run the body, thaw every one (always),
+    run the post-thaw hooks (always, once the pre-freeze hooks started). The first failure is
+    the one raised. The freeze is held by a guard process (see the module docstring)."""
+    if max_seconds <= 0:
+        raise SnapshotError(f"the longest freeze must be a positive number of seconds, not {max_seconds}")
+    window = FreezeWindow()
+    failure: BaseException | None = None
+    guard = FreezeGuard(max_seconds) if mount_points else None
+    window.guard = guard
+    try:
+        run_hooks(pre_freeze_hooks, "pre-freeze")
+        thaw_failure: SnapshotError | None = None
+        try:
+            if guard is not None:
+                window.frozen = guard.freeze(mount_points)
+            yield window
+        finally:
+            if guard is not None:
+                try:
+                    window.milliseconds = guard.thaw()
+                except SnapshotError as e:
+                    thaw_failure = e
+        if thaw_failure is not None:
+            raise thaw_failure
+    except BaseException as e:
+        failure = e
+    finally:
+        if guard is not None:
+            guard.close()
+    try:
+        run_hooks(post_thaw_hooks, "post-thaw")
+    except SnapshotError as e:
+        failure = failure or e     # the first failure is the one to report
+    if failure is not None:
+        raise failure
+
+
+def run_hooks(hooks: Sequence[Hook], stage: str) -> None:
+    for hook in hooks:
+        try:
+            if callable(hook):
+                hook()
+            elif isinstance(hook, str):
+                subprocess.run(hook, shell=True, check=True)
+            else:
+                subprocess.run(list(hook), check=True)
+        except subprocess.CalledProcessError as e:
+            raise SnapshotError(f"{stage} hook {hook!r} failed with exit status {e.returncode}") from None
+        except ImagerError:
+            raise
+        except Exception as e:
+            raise SnapshotError(f"{stage} hook {hook!r} failed: {e}") from None
+
+
+class FreezeGuard:
+    """The job's side of the guard process: freeze(), check(), thaw(), close()."""
+
+    def __init__(self, max_seconds: float):
+        self.max_seconds = max_seconds
+        env = engine_env()
+        # Its own session: a Ctrl-C or a signal to the job's process group must not kill the
+        # guard before it thaws (it thaws when the job is gone anyway).
+        self._proc = subprocess.Popen([sys.executable, "-m", "imager.snapshot.freeze"], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, start_new_session=True, env=env, cwd="/")
+        self._frozen = False
+        self._expired: str | None = None
+        self._window_ms = 0.0
+        reply = self._receive(_GUARD_START_TIMEOUT)
+        if not reply.get("ready"):
+            raise SnapshotError(f"the freeze guard did not start: {reply}")
+
+    def _send(self, message: dict) -> None:
+        try:
+            self._proc.stdin.write(json.dumps(message).encode() + b"\n")
+            self._proc.stdin.flush()
+        except OSError:
+            raise SnapshotError("the freeze guard is gone (killed?): the filesystems were thawed when it "
+                                "ended, or by its deadline") from None
+
+    def _receive(self, timeout: float) -> dict:
+        fd = self._proc.stdout.fileno()
+        if not select.select([fd], [], [], timeout)[0]:
+            raise SnapshotError(f"the freeze guard did not answer in {timeout:.0f} s")
+        line = self._proc.stdout.readline()
+        if not line:
+            raise SnapshotError("the freeze guard ended unexpectedly (killed?); it thaws what it froze "
+                                "when it ends")
+        return json.loads(line)
+
+    def freeze(self, mount_points: Sequence[str]) -> list[str]:
+        self._send({"op": "freeze", "mount_points": list(mount_points), "max_seconds": self.max_seconds})
+        reply = self._receive(_GUARD_REPLY_TIMEOUT)
+        if not reply.get("ok"):
+            raise SnapshotError(reply.get("error") or "freeze failed")
+        self._frozen = True
+        return list(reply["frozen"])
+
+    def check(self) -> None:
+        if self._expired is None and self._frozen:
+            fd = self._proc.stdout.fileno()
+            if select.select([fd], [], [], 0)[0]:
+                reply = self._receive(0)
+                self._note_expiry(reply)
+        if self._expired is not None:
+            raise SnapshotError(self._expired)
+
+    def _note_expiry(self, reply: dict) -> None:
+        if reply.get("expired"):
+            self._frozen = False
+            self._window_ms = reply.get("milliseconds", 0.0)
+            self._expired = (f"the filesystems stayed frozen longer than the maximum of {self.max_seconds:g} s "
+                             f"and were thawed then; what was made in the window is not of one instant"
+                             + (f" ({'; '.join(reply['failures'])})" if reply.get("failures") else ""))
+
+    def thaw(self) -> float:
+        """Thaw now; returns the window's length in ms. Raises if it expired or a thaw failed."""
+        if self._frozen:
+            self._send({"op": "thaw"})
+            reply = self._receive(_GUARD_REPLY_TIMEOUT)
+            if reply.get("expired"):
+                self._note_expiry(reply)
+            else:
+                self._frozen = False
+                self._window_ms = reply.get("milliseconds", 0.0)
+                if reply.get("failures"):
+                    raise SnapshotError("; ".join(reply["failures"]))
+        self.check()
+        return self._window_ms
+
+    def close(self) -> None:
+        # Closing its stdin is the guard's signal to thaw (if still frozen) and exit.
+        try:
+            self._proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self._proc.wait(_GUARD_REPLY_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._proc.stdout.close()
+
+
+# --- the guard process --------------------------------------------------------------------------
+
+class _Guard:
+    """The guard's side: holds the freezes, thaws on any way out (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.out = sys.stdout.buffer
+        self.frozen: list[str] = []
+        self.started = 0.0
+        self.deadline: float | None = None
+        self.expired: dict | None = None
+
+    def reply(self, message: dict) -> None:
+        try:
+            self.out.write(json.dumps(message).encode() + b"\n")
+            self.out.flush()
+        except OSError:
+            pass  # the job is gone: thawing is all that is left to do
+
+    def thaw_all(self) -> dict:
+        from devices.errors import DeviceError
+        from devices.fs import thaw
+
+        failures = []
+        for point in reversed(self.frozen):
+            try:
+                thaw(point)
+            except DeviceError as e:
+                failures.append(str(e))
+        milliseconds = (time.perf_counter() - self.started) * 1000.0 if self.frozen else 0.0
+        self.frozen.clear()
+        self.deadline = None
+        return {"milliseconds": milliseconds, "failures": failures}
+
+    def freeze(self, mount_points: list[str], max_seconds: float) -> None:
+        from devices.errors import DeviceError
+        from devices.fs import freeze
+
+        self.started = time.perf_counter()
+        self.deadline = time.monotonic() + max_seconds
+        try:
+            for point in mount_points:
+                freeze(point)
+                self.frozen.append(point)
+        except DeviceError as e:
+            self.thaw_all()
+            self.reply({"ok": False, "error": str(e)})
+            return
+        self.reply({"ok": True, "frozen": list(self.frozen)})
+
+    def serve(self) -> int:
+        stdin = sys.stdin.buffer
+        self.reply({"ready": True})
+        while True:
+            timeout = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+            if not select.select([stdin], [], [], timeout)[0]:
+                # The window outlived its maximum: thaw whatever the job is doing, and tell it.
+                self.expired = dict(self.thaw_all(), expired=True)
+                self.reply(self.expired)
+                continue
+            line = stdin.readline()
+            if not line:
+                self.thaw_all()   # the job ended, normally or not
+                return 0
+            request = json.loads(line)
+            if request["op"] == "freeze":
+                self.freeze(request["mount_points"], float(request["max_seconds"]))
+            elif request["op"] == "thaw":
+                self.reply(self.expired if self.expired is not None else dict(self.thaw_all(), ok=True))
+                return 0
+
+
+def _guard_main() -> int:
+    guard = _Guard()
+
+    def on_signal(signum, frame):
+        guard.thaw_all()
+        os._exit(128 + signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
+        signal.signal(signum, on_signal)
+    return guard.serve()
+
+
+if __name__ == "__main__":
+    sys.exit(_guard_main())

@@ -1,0 +1,254 @@
+"""Snapshot providers: how a backup gets each of its volumes at one point in time, planned.
+
+- none:   the devices as they are (crash-consistent at best when mounted read-write: said).
+- freeze: the mounted filesystems frozen, one window for all, for the whole read (small volumes).
+- cow:    managed volumes snapshotted in one freeze window; the snapshot views are read while
+          the volumes stay in use, and the snapshots go with the backup, however it ends.
+
+A provider's take() is a context manager giving a SnapshotSet: the planned volumes, and the
+checks the backup makes before it commits an image. Used-block plans of mounted filesystems
+are made inside the freeze window, so that they describe the snapshot instant.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import AbstractContextManager, ExitStack, contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Callable, Iterator, Protocol, Sequence
+
+from devices.block import BlockDevice
+from devices.fs import mounts_of
+
+from ..ends.sources import VolumeSource, open_source, probe_filesystem
+from ..errors import ImagerError, SnapshotError, UsageError
+from ..plan.planner import PlanRules, partition_table_of, plan_for_backup
+from ..plan.usedmap import UsedMap
+from ..units import now_iso
+from . import daemon
+from .freeze import DEFAULT_MAX_FREEZE, DEFAULT_MAX_FREEZE_READ, Hook, freeze_window
+
+Notice = Callable[[str], None]
+
+
+@dataclass
+class SnapshotRequest:
+    """What a backup asks of a provider."""
+
+    rules: PlanRules = field(default_factory=PlanRules)
+    pre_freeze: Sequence[Hook] = ()
+    post_thaw: Sequence[Hook] = ()
+    while_frozen: Callable[[], object] | None = None
+    max_freeze: float | None = None          # seconds; None: the provider's default
+    backups_as_sources: bool = False         # image a source that is itself an image or tape
+    writes_to: Sequence[str] = ()            # where the backup writes: never on a frozen filesystem
+    on_notice: Notice | None = None
+
+    def notice(self, message: str) -> None:
+        if self.on_notice is not None:
+            self.on_notice(message)
+
+
+@dataclass
+class PlannedVolume:
+    source: VolumeSource
+    name: str                                # names the image of several volumes (NAME.zst)
+    plan: UsedMap
+    source_meta: dict                        # the image header's "source"
+    snapshot_meta: dict                      # the image header's "snapshot"
+    partitions: dict | None = None
+
+
+@dataclass
+class SnapshotSet:
+    volumes: list[PlannedVolume]
+    freeze_window_ms: float | None = None
+    # Raises if what was read is no longer of one instant (a freeze that outlived its maximum).
+    before_commit: Callable[[], None] | None = None
+    # Turns a read error of a volume into what happened (a snapshot that stopped being valid).
+    explain: Callable[[PlannedVolume, Exception], Exception] | None = None
+
+
+class Provider(Protocol):
+    name: str
+
+    def take(self, sources: Sequence[str], request: SnapshotRequest) -> AbstractContextManager[SnapshotSet]: ...
+
+
+def provider(name: str) -> Provider:
+    try:
+        return PROVIDERS[name]
+    except KeyError:
+        raise UsageError(f"unknown snapshot provider {name!r} (choose from {', '.join(PROVIDERS)})") from None
+
+
+class NoneProvider:
+    name = "none"
+
+    @contextmanager
+    def take(self, sources: Sequence[str], request: SnapshotRequest) -> Iterator[SnapshotSet]:
+        with ExitStack() as opened:
+            volumes = []
+            for path in sources:
+                dev = opened.enter_context(open_source(path, backups_as_sources=request.backups_as_sources))
+                fs_meta = probe_filesystem(dev.path)
+                mounted = mounts_of(dev.path)
+                plan = plan_for_backup(dev.path, dev.size, request.rules, on_notice=request.on_notice,
+                                       mount_point=mounted[0].mount_point if mounted else None)
+                warn_if_mounted_rw(dev.path, request.on_notice)
+                volumes.append(PlannedVolume(dev, _volume_name(dev.path), plan, fs_meta,
+                                             {"provider": "none", "time": now_iso()},
+                                             partition_table_of(dev.path, fs_meta)))
+            yield SnapshotSet(volumes)
+
+
+class FreezeProvider:
+    name = "freeze"
+
+    @contextmanager
+    def take(self, sources: Sequence[str], request: SnapshotRequest) -> Iterator[SnapshotSet]:
+        with ExitStack() as opened:
+            devices = [opened.enter_context(open_source(path, backups_as_sources=request.backups_as_sources))
+                       for path in sources]
+            mounted = {}
+            for dev in devices:
+                points = mounts_of(dev.path)
+                if points:
+                    mounted[dev.path] = points[0].mount_point
+                else:
+                    request.notice(f"{dev.path} is not mounted: nothing to freeze, it is read as it is")
+            if request.rules.excludes and len(mounted) != len(devices):
+                raise UsageError("--exclude needs every source mounted, to find the files' blocks")
+            refuse_writing_to_frozen(mounted, request.writes_to)
+            created = now_iso()
+            with freeze_window(list(mounted.values()), request.pre_freeze, request.post_thaw,
+                               max_seconds=request.max_freeze or DEFAULT_MAX_FREEZE_READ) as window:
+                volumes = []
+                for dev in devices:
+                    fs_meta = probe_filesystem(dev.path)
+                    point = mounted.get(dev.path)
+                    plan = plan_for_backup(dev.path, dev.size, request.rules, mount_point=point,
+                                           on_notice=request.on_notice)
+                    volumes.append(PlannedVolume(dev, _volume_name(dev.path), plan, fs_meta,
+                                                 {"provider": "freeze", "time": created,
+                                                  "frozen": list(mounted.values())},
+                                                 None if point else partition_table_of(dev.path, fs_meta)))
+                if request.while_frozen is not None:
+                    request.while_frozen()
+                snapshot_set = SnapshotSet(volumes, before_commit=window.check)
+                yield snapshot_set
+            snapshot_set.freeze_window_ms = window.milliseconds
+
+
+class CowProvider:
+    name = "cow"
+
+    @contextmanager
+    def take(self, sources: Sequence[str], request: SnapshotRequest) -> Iterator[SnapshotSet]:
+        volumes = resolve_volumes(sources)
+        for v in volumes:
+            daemon.refuse_esp(v.device, "cow")
+        mounted = {v.front: mounts_of(v.front)[0].mount_point for v in volumes if v.front and mounts_of(v.front)}
+        if request.rules.excludes and len(mounted) != len(volumes):
+            raise UsageError("--exclude needs every volume's front mounted, to find the files' blocks")
+        refuse_writing_to_frozen(mounted, request.writes_to)
+        plans: dict[str, UsedMap] = {}
+
+        def inside_window() -> None:
+            for v in volumes:
+                if v.front in mounted:
+                    plans[v.name] = plan_for_backup(v.front, v.size, request.rules, mount_point=mounted[v.front])
+            if request.while_frozen is not None:
+                request.while_frozen()
+
+        # Held: if this process dies, every daemon deletes its snapshot when the connection drops.
+        with daemon.HeldSnapshots([v.name for v in volumes], request.pre_freeze, request.post_thaw, inside_window,
+                                  max_freeze=request.max_freeze or DEFAULT_MAX_FREEZE) as held, ExitStack() as opened:
+            info = held.info
+            # One instant for the whole set: when COW went on in the first volume, inside the window.
+            instant = datetime.fromtimestamp(min(s.created_at for s in info.snapshots), timezone.utc)
+            planned = []
+            for v, snap in zip(volumes, info.snapshots):
+                view = opened.enter_context(BlockDevice(snap.path, direct=True))
+                plan = plans.get(v.name) or plan_for_backup(snap.path, view.size, request.rules)
+                meta = {"provider": "cow", "time": instant.isoformat(timespec="milliseconds"),
+                        "freeze_window_ms": round(info.freeze_window_ms, 2),
+                        "volumes": [x.name for x in volumes], "volume": v.name}
+                planned.append(PlannedVolume(view, v.name, plan, dict(probe_filesystem(snap.path), path=v.device,
+                                             volume=v.name, front=v.front, view=snap.path), meta))
+            yield SnapshotSet(planned, info.freeze_window_ms, explain=_explain_cow_read_error(volumes))
+
+
+PROVIDERS: dict[str, Provider] = {p.name: p for p in (NoneProvider(), FreezeProvider(), CowProvider())}
+
+
+def resolve_volumes(sources: Sequence[str]) -> list[daemon.VolumeInfo]:
+    """The managed volumes named by `sources`: a volume name, its front device or its source
+    device (from the daemons' records: no daemon is asked)."""
+    volumes = daemon.known_volumes()
+    chosen = []
+    for source in sources:
+        real = os.path.realpath(source)
+        match = next((v for v in volumes if source == v.name or real in (v.front, v.device)), None)
+        if match is None:
+            raise UsageError(f"{source} is not an attached volume (attach it with: imager attach DEVICE); "
+                             f"attached: {', '.join(v.name for v in volumes) or 'none'}")
+        chosen.append(match)
+    return chosen
+
+
+def refuse_writing_to_frozen(frozen: dict[str, str], paths: Sequence[str]) -> None:
+    """Writing to a filesystem that is frozen blocks forever: refuse before freezing."""
+    frozen_devices = {os.stat(dev).st_rdev: point for dev, point in frozen.items()}
+    for path in paths:
+        probe = path
+        while not os.path.exists(probe):
+            probe = os.path.dirname(probe)
+        point = frozen_devices.get(os.stat(probe).st_dev)
+        if point is not None:
+            raise UsageError(f"{path} is on the filesystem at {point}, which this backup freezes; "
+                             f"write the image (and the catalog) somewhere else")
+
+
+def warn_if_mounted_rw(source: str, on_notice: Notice | None) -> None:
+    """Reading a device as it is gives a crash-consistent image at best when a filesystem on it
+    is mounted read-write: directly, through one of its partitions, or through the front of
+    the managed volume it is the source of."""
+    if not on_notice:
+        return
+    real = os.path.realpath(source)
+    through = [source]
+    partitions_dir = f"/sys/class/block/{os.path.basename(real)}"
+    if os.path.isdir(partitions_dir):
+        through += [f"/dev/{entry}" for entry in sorted(os.listdir(partitions_dir))
+                    if os.path.exists(f"{partitions_dir}/{entry}/partition")]
+    through += [v.front for v in daemon.known_volumes() if v.front and os.path.realpath(v.device) == real]
+    for path in through:
+        for m in mounts_of(path):
+            if not m.read_only:
+                on_notice(f"{path} is mounted read-write at {m.mount_point}; the image is "
+                          f"crash-consistent at best (use a snapshot)")
+
+
+def _explain_cow_read_error(volumes: list[daemon.VolumeInfo]) -> Callable[[PlannedVolume, Exception], Exception]:
+    by_name = {v.name: v for v in volumes}
+
+    def explain(volume: PlannedVolume, error: Exception) -> Exception:
+        # The daemon answers a read of an invalidated snapshot with EIO: say why; any other
+        # read error is the source's, which the daemon's log names.
+        try:
+            snap = daemon.status(volume.name).snapshot
+        except ImagerError:
+            snap = None
+        if snap is not None and snap.invalid:
+            if snap.cache_full:
+                return daemon.cache_full_error(volume.name, snap)
+            return SnapshotError(f"the snapshot of {volume.name} is no longer point-in-time: {snap.invalid_reason}")
+        return ImagerError(f"{error} (reading the snapshot of {volume.name}; its daemon's log says why: "
+                           f"{by_name[volume.name].log_path})")
+    return explain
+
+
+def _volume_name(path: str) -> str:
+    return os.path.basename(os.path.realpath(path)) or "volume"

@@ -1,0 +1,258 @@
+"""Writing an image to tape: one tape file per cartridge it touches, cut into blocks, between
+a segment header and an end block; at the early warning the segment ends at the next zstd frame
+and the image goes on on the next cartridge."""
+
+from __future__ import annotations
+
+import errno
+import os
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+from devices.errors import DeviceError
+from devices.tape.drive import TapeDrive, TapeError
+
+from ..errors import CartridgeFull, ImagerError, TapeMediaError, UsageError
+from .append import position_for_append
+from .blocks import DEFAULT_BLOCK_SIZE, END_MAGIC, END_TAG, SEGMENT_MAGIC, SEGMENT_TAG, _meta_block
+from .labels import Label, _is_blank, _tape_write_problem, check_label, read_label, write_label
+from .spec import TapeSpec, _member_label
+
+
+@dataclass
+class WrittenSegment:
+    label: str
+    tape_set: str
+    sequence: int
+    tape_file: int
+    stream_offset: int
+    stream_length: int
+
+
+class TapeSink:
+    """An image sink that writes the stream as one tape file per cartridge it touches.
+
+    `write()` hands frames to a writer thread through a bounded queue, so the drive keeps
+    streaming while the engine compresses in bursts. The caller commits or aborts.
+    """
+
+    def __init__(self, spec: TapeSpec, *, image_id: str, block_size: int = DEFAULT_BLOCK_SIZE,
+                 expect_label: str | None = None, drive_compression: bool = False,
+                 buffer_bytes: int = 64 << 20, largest_frame: int = 0,
+                 on_notice: Callable[[str], None] | None = None):
+        if block_size <= 0 or block_size % 512:
+            raise UsageError(f"tape block size {block_size} must be a positive multiple of 512")
+        zone = spec.early_warning_zone
+        # At the warning: the rest of the frame, the block it ends in, the end block, a filemark.
+        if zone is not None and zone < largest_frame + block_size + (64 << 10):
+            raise UsageError(f"--tape-capacity {spec.capacity} is too small: its early-warning zone of "
+                             f"{zone} bytes cannot hold the rest of a {largest_frame}-byte chunk when a "
+                             f"cartridge fills (use a larger capacity or a smaller --chunk-size)")
+        self.spec = spec
+        self.image_id = image_id
+        self.block_size = block_size
+        self.drive_compression = drive_compression
+        self.path = spec.spec
+        self.segments: list[WrittenSegment] = []
+        self.labelled: list[Label] = []
+        self.bytes_written = 0
+        self._notice = on_notice or (lambda message: None)
+        self._drive, self._label, tape_file = self._first_cartridge(expect_label)
+        self._pending = bytearray()
+        self._queue: queue.Queue = queue.Queue(maxsize=max(2, buffer_bytes // block_size))
+        self._error: BaseException | None = None
+        self._ending = False
+        try:
+            self._start_segment(tape_file)
+        except BaseException:
+            self._drive.close()
+            raise
+        self._thread = threading.Thread(target=self._writer, name="imager-tape", daemon=True)
+        self._thread.start()
+
+    # -- cartridge handling (writer side) --
+    def _first_cartridge(self, expect_label: str | None) -> tuple[TapeDrive, Label, int]:
+        """The drive with the cartridge the image starts on, its label, and the tape file the
+        image goes to, where the tape now stands."""
+        sequence = 1
+        if self.spec.is_pattern:
+            # A set of virtual cartridges: append to the last one that exists.
+            while os.path.exists(self.spec.path_for(sequence + 1)):
+                sequence += 1
+        path = self.spec.path_for(sequence)
+        # Only the first cartridge of a virtual set is made (and labelled) by a backup; a single
+        # virtual tape is made by `imager tape label`.
+        creating = self.spec.is_pattern and not self.spec.is_real_drive and not os.path.exists(path)
+        if not self.spec.is_real_drive and not self.spec.is_pattern and not os.path.exists(path):
+            raise TapeMediaError(f"{path}: no such virtual tape; a tape is labelled before its first backup "
+                                 f"(imager tape label NAME --tape {path})")
+        drive = self.spec.open(sequence, create=creating)
+        try:
+            label = read_label(drive)
+            if label is None and self.spec.is_pattern and sequence == 1 and _is_blank(drive):
+                label = write_label(drive, _member_label(self.spec, 1), block_size=self.block_size)
+                self.labelled.append(label)
+            label = check_label(drive, label, expect_label)
+            drive.set_block_size(0)
+            drive.set_compression(self.drive_compression)
+            tape_file = self._position_for_append(drive)
+        except BaseException:
+            drive.close()
+            if creating:
+                os.unlink(path)
+            raise
+        return drive, label, tape_file
+
+    def _position_for_append(self, drive: TapeDrive) -> int:
+        tape_file, notice = position_for_append(drive)
+        if notice:
+            self._notice(notice)
+        return tape_file
+
+    def _start_segment(self, tape_file: int) -> None:
+        self._segment = WrittenSegment(self._label.label, self._label.tape_set, self._label.sequence,
+                                       tape_file, self.bytes_written, 0)
+        self._write_block(_meta_block(SEGMENT_MAGIC, SEGMENT_TAG, {
+            "image_id": self.image_id, "label": self._label.label, "tape_set": self._label.tape_set,
+            "sequence": self._label.sequence, "segment": len(self.segments), "tape_file": tape_file,
+            "stream_offset": self.bytes_written, "block_size": self.block_size}))
+
+    def _write_block(self, data) -> None:
+        """One block; past the early-warning mark st fails every other write with ENOSPC, and
+        the write after such a failure is allowed: retry once, then it is the physical end."""
+        for attempt in (0, 1):
+            try:
+                self._drive.write_block(data)
+                return
+            except TapeError as e:
+                if e.errno != errno.ENOSPC:
+                    raise TapeMediaError(_tape_write_problem(e)) from None
+                if attempt:
+                    raise CartridgeFull(
+                        f"{self._drive.path}: cartridge {self._label.label!r} reached its physical end "
+                        f"before the image segment could be closed (early-warning zone too small)") from None
+                self._ending = True
+
+    def _end_segment(self, continued: bool, record: dict | None) -> None:
+        seg = self._segment
+        seg.stream_length = self.bytes_written - seg.stream_offset
+        self._write_block(_meta_block(END_MAGIC, END_TAG, {
+            "image_id": self.image_id, "segment": len(self.segments), "stream_offset": seg.stream_offset,
+            "stream_length": seg.stream_length, "continued": continued, "image": record}))
+        try:
+            self._drive.write_filemarks(1)
+        except TapeError as e:
+            raise TapeMediaError(_tape_write_problem(e)) from None
+        self.segments.append(seg)
+
+    def _switch_cartridge(self) -> None:
+        self._end_segment(True, None)
+        sequence = self._label.sequence + 1
+        drive = self.spec.next_cartridge(self._drive, sequence)
+        self._drive = drive
+        label = read_label(drive)
+        if label is None:
+            if not _is_blank(drive):
+                raise TapeMediaError(f"{drive.path}: cartridge {sequence} holds data that is not imager's; "
+                                     f"it is not overwritten")
+            label = write_label(drive, _member_label(self.spec, sequence, self._label),
+                                tape_set=self._label.tape_set, sequence=sequence, block_size=self.block_size)
+            self.labelled.append(label)
+        elif label.tape_set != self._label.tape_set or label.sequence != sequence:
+            raise TapeMediaError(f"{drive.path}: wrong cartridge: {label.label!r} is cartridge {label.sequence} "
+                                 f"of another set; expected cartridge {sequence} of set {self._label.tape_set[:12]}")
+        drive.set_block_size(0)
+        drive.set_compression(self.drive_compression)
+        tape_file = self._position_for_append(drive)
+        if tape_file != 1:
+            raise TapeMediaError(f"{drive.path}: cartridge {label.label!r} already holds images; a spanned "
+                                 f"image continues only on a blank cartridge")
+        self._label = label
+        self._ending = False
+        self._start_segment(tape_file)
+
+    # -- the stream --
+    def write(self, frame: bytes) -> None:
+        """Queue one whole zstd frame of the image stream (frame boundaries matter for spanning)."""
+        if self._error is not None:
+            raise self._error
+        self._put(frame)
+
+    def _put(self, item) -> None:
+        while True:
+            try:
+                self._queue.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                if self._error is not None:
+                    raise self._error
+
+    def _writer(self) -> None:
+        try:
+            while True:
+                item = self._queue.get()
+                if item is None:
+                    return
+                if isinstance(item, tuple):  # ("finish", record)
+                    self._flush_pending()
+                    self._end_segment(False, item[1])
+                    return
+                self._append_frame(item)
+        except BaseException as e:
+            self._error = e if isinstance(e, ImagerError) else TapeMediaError(f"tape write failed: {e}")
+            # Keep the producer from blocking on a full queue.
+            while True:
+                try:
+                    if self._queue.get_nowait() is None:
+                        break
+                except queue.Empty:
+                    break
+
+    def _append_frame(self, frame: bytes) -> None:
+        view = memoryview(frame)
+        bs = self.block_size
+        if self._pending:
+            take = min(bs - len(self._pending), len(view))
+            self._pending += view[:take]
+            view = view[take:]
+            if len(self._pending) == bs:
+                self._write_block(self._pending)
+                self._pending = bytearray()
+        whole = len(view) - len(view) % bs
+        for start in range(0, whole, bs):
+            self._write_block(view[start:start + bs])
+        self._pending += view[whole:]
+        self.bytes_written += len(frame)
+        if self._ending:
+            self._flush_pending()
+            self._switch_cartridge()
+
+    def _flush_pending(self) -> None:
+        if self._pending:
+            self._write_block(self._pending)
+            self._pending = bytearray()
+
+    def commit(self, record: dict | None = None) -> None:
+        """Close the image's last segment with the image record; waits for the drive."""
+        if self._error is None:
+            self._put(("finish", record))
+        self._thread.join()
+        self._drive.close()
+        if self._error is not None:
+            raise self._error
+
+    def abort(self) -> None:
+        if self._thread.is_alive():
+            self._put(None)
+            self._thread.join()
+        try:
+            self._drive.close()
+        except DeviceError:
+            pass
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+

@@ -1,0 +1,97 @@
+"""The Codec seam's conformance suite: every codec the format knows turns any chunk into a frame
+and back, byte for byte, checks what it gives back, and names the chunk of a damaged frame."""
+
+from __future__ import annotations
+
+import os
+import random
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from imager.errors import ChunkError
+from imager.format import Codec, ImageHeader, ZstdCodec, chunk_digest, codec_of, zero_digest
+
+CODECS = [ZstdCodec(1), ZstdCodec(3), ZstdCodec(19)]
+LENGTHS = [512, 4096, 64 << 10, (1 << 20) + 4096]
+
+
+def sample_chunks(length: int) -> dict[str, bytes]:
+    rng = random.Random(length)
+    text = b"".join(b"line %d of a log file, with some words\n" % i for i in range(length // 30 + 1))[:length]
+    mixed = bytearray(length)
+    mixed[length // 3:length // 2] = rng.randbytes(length // 2 - length // 3)
+    return {"random": rng.randbytes(length), "text": text, "mixed": bytes(mixed),
+            "one byte set": bytes(length - 1) + b"\x01"}
+
+
+def _decode(codec: Codec, frame: bytes, length: int, digest: bytes | None, index: int = 7) -> bytes | None:
+    return codec.decode(frame, index, length, digest, 1000, index * length)
+
+
+@pytest.mark.parametrize("codec", CODECS, ids=lambda c: f"{c.name}-{c.level}")
+@pytest.mark.parametrize("length", LENGTHS)
+def test_every_chunk_comes_back_byte_for_byte(codec, length):
+    for kind, data in sample_chunks(length).items():
+        encoded = codec.encode(3, memoryview(data))
+        assert (encoded.index, encoded.length, encoded.zero) == (3, length, False), kind
+        assert encoded.digest == chunk_digest(data), kind
+        assert _decode(codec, encoded.frame, length, encoded.digest) == data, kind
+        assert _decode(codec, encoded.frame, length, None) == data, kind
+
+
+@pytest.mark.parametrize("codec", CODECS, ids=lambda c: f"{c.name}-{c.level}")
+def test_a_zero_chunk_is_one_frame_that_decodes_without_work(codec):
+    for length in LENGTHS:
+        read = codec.encode(0, memoryview(bytes(length)))
+        unread = codec.zero_chunk(5, length)
+        assert read.zero and unread.zero and read.frame == unread.frame and unread.index == 5
+        assert read.digest == unread.digest == zero_digest(length)
+        assert _decode(codec, read.frame, length, read.digest) is None
+        with pytest.raises(ChunkError, match="chunk 7 .*checksum mismatch"):
+            _decode(codec, read.frame, length, chunk_digest(b"x" * length))
+
+
+@pytest.mark.parametrize("codec", CODECS, ids=lambda c: f"{c.name}-{c.level}")
+def test_damage_is_refused_and_names_the_chunk(codec):
+    data = sample_chunks(64 << 10)["text"]
+    encoded = codec.encode(0, memoryview(data))
+    cases = {
+        "cut short": encoded.frame[:len(encoded.frame) // 2],
+        "not a frame": b"\x00" * 64,
+        "another chunk's length": codec.encode(0, memoryview(data[:4096])).frame,
+    }
+    for offset in range(4, len(encoded.frame), max(1, len(encoded.frame) // 40)):
+        flipped = bytearray(encoded.frame)
+        flipped[offset] ^= 0x55
+        cases[f"flip at {offset}"] = bytes(flipped)
+    for what, frame in cases.items():
+        try:
+            got = _decode(codec, frame, len(data), encoded.digest)
+        except ChunkError as e:
+            assert e.index == 7 and "chunk 7" in str(e), what
+        else:
+            assert got == data, f"{what}: decoded to other bytes without an error"
+
+
+@pytest.mark.parametrize("codec", CODECS, ids=lambda c: f"{c.name}-{c.level}")
+def test_a_wrong_digest_is_a_checksum_mismatch(codec):
+    data = os.urandom(8192)
+    encoded = codec.encode(0, memoryview(data))
+    with pytest.raises(ChunkError, match="checksum mismatch"):
+        _decode(codec, encoded.frame, len(data), chunk_digest(data[::-1]))
+
+
+@pytest.mark.parametrize("codec", CODECS, ids=lambda c: f"{c.name}-{c.level}")
+def test_a_codec_is_safe_from_every_worker_at_once(codec):
+    chunks = [random.Random(i).randbytes(32 << 10) + bytes(32 << 10) for i in range(64)]
+
+    def round_trip(i: int) -> bool:
+        encoded = codec.encode(i, memoryview(chunks[i]))
+        return _decode(codec, encoded.frame, len(chunks[i]), encoded.digest, i) == chunks[i]
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(round_trip, range(len(chunks))))
+
+
+def test_an_image_names_its_codec():
+    assert codec_of(ImageHeader(volume_size=1 << 20, chunk_size=1 << 16, level=9)) == ZstdCodec(9)

@@ -1,0 +1,362 @@
+"""CowStore and SnapshotView on a real loop device: point-in-time reads under writes and races."""
+
+import os
+import random
+import subprocess
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from devices import loop
+from devices.block import BlockDevice
+from devices.buffers import AlignedBuffer
+from imager.errors import CacheFullError, SnapshotError
+from imager.snapshot.cow import CowStore
+
+BS = 64 * 1024
+VOLUME_SIZE = 16 * 1024 * 1024
+
+pytestmark = pytest.mark.skipif(not os.access("/dev/loop-control", os.W_OK),
+                                reason="needs root and /dev/loop-control")
+
+
+@pytest.fixture
+def loop_device(tmp_path):
+    """A loop device over a sparse file filled with a known random pattern; detached even on failure."""
+    backing = tmp_path / "volume.img"
+    content = np.random.default_rng(1).integers(0, 256, VOLUME_SIZE, dtype=np.uint8)
+    backing.write_bytes(content.tobytes())
+    device = loop.attach(str(backing))
+    try:
+        yield device
+    finally:
+        loop.detach(device)
+
+
+@pytest.fixture(params=[False, True], ids=["buffered", "o_direct"])
+def volume(loop_device, request):
+    """The device as the front daemon opens it (buffered), and with O_DIRECT, whose unaligned
+    writes go through the store's read-modify-write path."""
+    with BlockDevice(loop_device, writable=True, direct=request.param) as dev:
+        yield dev
+
+
+@pytest.fixture
+def store(volume, tmp_path):
+    with CowStore(volume, str(tmp_path / "state")) as s:
+        yield s
+
+
+def read_all(reader, size=VOLUME_SIZE, chunk=1 << 20) -> bytes:
+    buf = AlignedBuffer(chunk)
+    out = bytearray()
+    try:
+        for offset in range(0, size, chunk):
+            n = reader.read_into(buf.view[:min(chunk, size - offset)], offset)
+            out += buf.view[:n]
+    finally:
+        buf.close()
+    return bytes(out)
+
+
+def test_view_equals_pre_snapshot_bytes_after_many_writes(store, volume):
+    before = read_all(volume)
+    store.start_snapshot()
+    view = store.view()
+    rng = random.Random(2)
+    expected = bytearray(before)
+    for _ in range(400):
+        length = rng.choice([512, 4096, BS, 3 * BS + 17, rng.randrange(1, 300_000)])
+        offset = rng.randrange(0, VOLUME_SIZE - length)
+        data = rng.randbytes(length)
+        store.write(offset, data)
+        expected[offset:offset + length] = data
+    assert read_all(view) == before
+    assert read_all(view, chunk=BS * 3 + 4096) == before
+    assert view.pread(100_000, 12345) == before[12345:112345]
+    store.flush()
+    assert read_all(volume) == bytes(expected)
+
+
+def test_unaligned_writes_spanning_blocks(store, volume):
+    before = read_all(volume)
+    store.start_snapshot()
+    offset, length = BS - 100, 2 * BS + 300          # touches blocks 0..3
+    data = os.urandom(length)
+    store.write(offset, data)
+    store.write(5 * BS + 1, b"x")                      # one byte inside block 5
+    assert store.changed_blocks() == 5
+    with store.view() as view:
+        assert read_all(view) == before
+        # unaligned reads of the view go through the same paths
+        assert view.pread(2 * BS + 1000, BS - 500) == before[BS - 500:3 * BS + 500]
+    after = read_all(volume)
+    assert after[offset:offset + length] == data
+    assert after[5 * BS + 1] == ord("x")
+    assert after[:offset] == before[:offset]
+    assert after[5 * BS + 2:] == before[5 * BS + 2:]
+
+
+def test_read_past_the_end_is_short(store, volume):
+    store.start_snapshot()
+    view = store.view()
+    assert len(view.pread(4096, VOLUME_SIZE - 1000)) == 1000
+    assert view.pread(10, VOLUME_SIZE) == b""
+    buf = AlignedBuffer(8192)
+    assert view.read_into(buf.view, VOLUME_SIZE - 4096) == 4096
+    buf.close()
+
+
+def test_writes_without_snapshot_do_not_use_the_cache(store, volume, tmp_path):
+    store.write(0, b"a" * BS)
+    assert store.cache_bytes_used() == 0
+    assert store.changed_blocks() == 0
+    with pytest.raises(SnapshotError, match="no active snapshot"):
+        store.view()
+
+
+def test_racing_writes_never_leak_into_the_view(store, volume):
+    """Writers hammer the same few blocks while readers read them through the view, all released
+    at once by a barrier; each round the view must equal the volume as it was at the snapshot."""
+    region = 6 * BS
+    writers, readers, rounds = 4, 2, 300
+    rng = np.random.default_rng(3)
+    errors = []
+    for round_number in range(rounds):
+        before = volume.pread(region, 0)
+        store.start_snapshot()
+        view = store.view()
+        barrier = threading.Barrier(writers + readers)
+        payloads = [rng.integers(0, 256, region, dtype=np.uint8).tobytes() for _ in range(writers)]
+
+        def write(payload, seed):
+            r = random.Random(seed)
+            barrier.wait()
+            for _ in range(6):
+                length = r.choice([512, 4096, BS, 2 * BS + 512, r.randrange(1, 2 * BS)])
+                offset = r.randrange(0, region - length)
+                store.write(offset, payload[offset:offset + length])
+
+        def read():
+            barrier.wait()
+            for _ in range(3):
+                got = view.pread(region, 0)
+                if got != before:
+                    first_bad = next(i for i in range(region) if got[i] != before[i])
+                    errors.append(f"round {round_number}: view differs at byte {first_bad}")
+
+        threads = [threading.Thread(target=write, args=(payloads[i], round_number * 10 + i))
+                   for i in range(writers)] + [threading.Thread(target=read) for _ in range(readers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors[:3]
+        assert view.pread(region, 0) == before
+        store.end_snapshot()
+
+
+def test_cache_full_keeps_writes_going_and_fails_the_view(volume, tmp_path):
+    state = str(tmp_path / "state")
+    with CowStore(volume, state, cache_capacity=4 * BS) as store:
+        store.start_snapshot()
+        view = store.view()
+        writes = {block * BS + 100: os.urandom(BS - 200) for block in range(0, 20, 2)}
+        for offset, data in writes.items():
+            store.write(offset, data)                   # never raises, never blocks
+        store.flush()
+        for offset, data in writes.items():
+            assert volume.pread(len(data), offset) == data
+        assert store.snapshot_invalid
+        with pytest.raises(CacheFullError) as caught:
+            view.pread(4096, 0)
+        needed = 10 * BS
+        assert caught.value.needed_bytes == needed
+        assert str(needed) in str(caught.value)
+        assert "larger cache" in str(caught.value)
+    # the invalid state is persisted: a restarted store still refuses the view
+    with CowStore(volume, state, cache_capacity=4 * BS) as store:
+        assert store.snapshot_active and store.snapshot_invalid
+        with pytest.raises(CacheFullError):
+            store.view().pread(10, 0)
+        store.end_snapshot()
+        store.start_snapshot()
+        store.write(0, b"y" * 10)
+        assert store.view().pread(4096, 0) != b"y" * 10
+
+
+def test_snapshot_survives_reopening_the_store(volume, tmp_path):
+    state = str(tmp_path / "state")
+    before = read_all(volume)
+    with CowStore(volume, state) as store:
+        store.start_snapshot()
+        for block in (0, 7, 100, 200):
+            store.write(block * BS + 3, os.urandom(BS))
+        changed = store.changed_blocks()
+        generation = store.generation
+    with CowStore(volume, state) as store:
+        assert store.snapshot_active
+        assert store.generation == generation
+        assert store.changed_blocks() == changed == 8
+        view = store.view()
+        assert read_all(view) == before
+        store.write(50 * BS, os.urandom(BS))
+        assert read_all(view) == before
+
+
+def test_changed_blocks_of_an_ended_snapshot_survive_reopening(volume, tmp_path):
+    state = str(tmp_path / "state")
+    with CowStore(volume, state) as store:
+        store.start_snapshot()
+        store.write(3 * BS, b"z" * (2 * BS))
+        store.end_snapshot()
+        assert store.changed_blocks() == 2
+    with CowStore(volume, state) as store:
+        assert not store.snapshot_active
+        assert store.changed_blocks() == 2
+    with CowStore(volume, state, block_size=2 * BS) as store:   # another geometry starts anew
+        assert store.changed_blocks() == 0
+
+
+def test_reopening_with_another_block_size_is_refused_while_active(volume, tmp_path):
+    state = str(tmp_path / "state")
+    with CowStore(volume, state) as store:
+        store.start_snapshot()
+    with pytest.raises(SnapshotError, match="active snapshot"):
+        CowStore(volume, state, block_size=BS * 2)
+
+
+def test_end_snapshot_discards_the_cache_and_stales_views(store, volume):
+    store.start_snapshot()
+    view = store.view()
+    store.write(0, os.urandom(3 * BS))
+    assert store.cache_bytes_used() == 3 * BS
+    store.end_snapshot()
+    assert os.path.getsize(os.path.join(store.state_dir, "cache")) == 0
+    with pytest.raises(SnapshotError, match="deleted"):
+        view.pread(10, 0)
+    store.start_snapshot()
+    with pytest.raises(SnapshotError, match="deleted"):
+        view.pread(10, 0)
+
+
+def test_state_dir_on_the_snapshotted_volume_is_refused(loop_device, tmp_path):
+    subprocess.run(["mkfs.ext4", "-q", "-F", loop_device], check=True)
+    mount_point = tmp_path / "mnt"
+    mount_point.mkdir()
+    subprocess.run(["mount", loop_device, str(mount_point)], check=True)
+    try:
+        with BlockDevice(loop_device, writable=True) as dev:
+            with pytest.raises(SnapshotError, match="is on .*being snapshotted"):
+                CowStore(dev, str(mount_point / "state"))
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_state_dir_on_a_file_backed_by_the_volume_file_is_refused(tmp_path):
+    # the volume is a plain file; the state dir sits on a filesystem inside that very file
+    image = tmp_path / "volume.img"
+    with open(image, "wb") as f:
+        f.truncate(VOLUME_SIZE)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+    device = loop.attach(str(image))
+    mount_point = tmp_path / "mnt"
+    mount_point.mkdir()
+    try:
+        subprocess.run(["mount", device, str(mount_point)], check=True)
+        try:
+            with BlockDevice(str(image), writable=True) as dev:
+                with pytest.raises(SnapshotError, match="being snapshotted"):
+                    CowStore(dev, str(mount_point / "state"))
+        finally:
+            subprocess.run(["umount", str(mount_point)], check=True)
+    finally:
+        loop.detach(device)
+
+
+def test_block_size_must_be_a_power_of_two_multiple_of_the_sector(volume, tmp_path):
+    for bad in (1000, 256, 3 * 4096):
+        with pytest.raises(SnapshotError, match="power of two"):
+            CowStore(volume, str(tmp_path / "state"), block_size=bad)
+
+
+SMALL_BS = 4096
+MODEL_REGION = 256 * 1024
+MAX_READ = 40_000
+
+
+@given(writes=st.lists(st.tuples(st.integers(0, MODEL_REGION - 1), st.integers(1, 20_000),
+                                 st.binary(min_size=1, max_size=1)), max_size=25),
+       read=st.tuples(st.integers(0, MODEL_REGION - 1), st.integers(0, MAX_READ)))
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_view_matches_a_model_for_any_writes(volume, tmp_path, writes, read):
+    """Any unaligned writes, any unaligned read: the view is the volume before, the device after."""
+    with CowStore(volume, str(tmp_path / "model-state"), block_size=SMALL_BS) as store:
+        if store.snapshot_active:
+            store.end_snapshot()
+        before = volume.pread(MODEL_REGION + MAX_READ, 0)
+        store.start_snapshot()
+        after = bytearray(before)
+        for offset, length, fill in writes:
+            length = min(length, MODEL_REGION - offset)
+            store.write(offset, fill * length)
+            after[offset:offset + length] = fill * length
+        offset, length = read
+        view = store.view()
+        assert view.pread(length, offset) == before[offset:offset + length]
+        assert view.pread(len(before), 0) == before
+        assert store.read(0, len(after)) == bytes(after)
+        store.end_snapshot()
+
+
+@pytest.fixture
+def tiny_state_fs(tmp_path):
+    """A 1 MiB tmpfs for the state directory, so the cache's filesystem itself fills up."""
+    point = tmp_path / "tiny"
+    point.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(point)], check=True)
+    try:
+        yield point
+    finally:
+        subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+def test_a_full_cache_filesystem_never_fails_or_loses_a_write(volume, tiny_state_fs):
+    with CowStore(volume, str(tiny_state_fs / "state")) as s:
+        s.start_snapshot()
+        with open(tiny_state_fs / "filler", "wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+        data = os.urandom(4 * BS)
+        s.write(0, data)  # must not raise, although no original can be kept
+        s.flush()
+        assert s.snapshot_invalid
+        assert not list(tiny_state_fs.joinpath("state").glob("*.tmp"))
+        with pytest.raises(CacheFullError):
+            read_all(s.view(), size=BS)
+    assert read_all(volume, size=4 * BS, chunk=4 * BS) == data
+
+
+def test_a_state_directory_serves_only_its_own_device(volume, tmp_path):
+    state = str(tmp_path / "state")
+    with CowStore(volume, state) as s:
+        s.start_snapshot()
+        s.write(0, b"x" * BS)
+        with pytest.raises(SnapshotError, match="in use"):
+            CowStore(volume, state)
+    other_file = tmp_path / "other.img"
+    other_file.write_bytes(bytes(VOLUME_SIZE))
+    other = loop.attach(str(other_file))
+    try:
+        with BlockDevice(other, writable=True) as dev:
+            with pytest.raises(SnapshotError, match="another device"):
+                CowStore(dev, state)
+    finally:
+        loop.detach(other)
