@@ -41,7 +41,13 @@ def writing_into(pid: int, directory) -> bool:
 
 
 def run(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(list(cmd), check=check, capture_output=True, text=True, **kw)
+    done = subprocess.run(list(cmd), capture_output=True, text=True, **kw)
+    if check and done.returncode != 0:
+        # The tool's own words, not only its exit status: a failed mkfs or mount in CI
+        # must say why (device busy, too small, ...).
+        raise AssertionError(f"{' '.join(cmd)} exited {done.returncode}: "
+                             f"{(done.stderr or done.stdout).strip()[-2000:]}")
+    return done
 
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
