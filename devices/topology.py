@@ -96,3 +96,32 @@ def same_file(a: str, b: str) -> bool:
     if stat.S_ISBLK(sa.st_mode) and stat.S_ISBLK(sb.st_mode):
         return sa.st_rdev == sb.st_rdev
     return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def write_fingerprint(path: str) -> dict:
+    """What changes whenever anything writes to the block device at `path`: the kernel's count of
+    sectors written to it (and to its whole disk, for a partition: writes through the disk's
+    node reach the partition uncounted), in this boot; for a loop device, the backing file's
+    modification and change times too (the file can be written without the device). Two equal
+    fingerprints mean nothing was written in between."""
+    st = os.stat(path)
+    if not stat.S_ISBLK(st.st_mode):
+        raise DeviceError(f"{path}: not a block device")
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        marks = {"boot": f.read().strip(), "device": f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"}
+    sysfs = os.path.realpath(f"/sys/dev/block/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}")
+    marks["written"] = _sectors_written(sysfs)
+    if os.path.exists(os.path.join(sysfs, "partition")):
+        marks["disk_written"] = _sectors_written(os.path.dirname(sysfs))
+    backing = _loop_backing_stat(st.st_rdev)
+    if backing is not None:
+        marks["backing"] = [backing.st_dev, backing.st_ino, backing.st_size, backing.st_mtime_ns,
+                             backing.st_ctime_ns]
+    return marks
+
+
+def _sectors_written(sysfs_dir: str) -> list[int]:
+    """Sectors written and discarded (Documentation/block/stat.rst: fields 7 and 14)."""
+    with open(os.path.join(sysfs_dir, "stat")) as f:
+        fields = [int(x) for x in f.read().split()]
+    return [fields[6], fields[13] if len(fields) > 13 else 0]

@@ -7,6 +7,8 @@ The public Python API (the command line is a thin layer over it):
     imager.verify("sdb1.zst")                                     # -> VerifyResult
     imager.restore("sdb1.zst", "/dev/sdc1", verify=True)          # -> RestoreResult
     imager.info("sdb1.zst")                                       # -> ImageInfo
+    imager.backup("/dev/sdb1", "mon.zst", incremental=True)       # what changed since the last one
+    imager.consolidate("mon.zst", "full.zst")                     # a full from the chain
     with imager.ImageReader("sdb1.zst") as image:                 # random access to the volume
         image.read(offset, length)
 
@@ -20,7 +22,7 @@ __version__ = "0.1.0"
 # Loaded on first use: `import imager` stays cheap for the helper processes that import only a
 # part of it (the freeze guard, the volume daemon).
 _PUBLIC = {
-    "backup": "api", "info": "api", "restore": "api", "verify": "api",
+    "backup": "api", "consolidate": "api", "info": "api", "restore": "api", "verify": "api",
     "ImageReader": "format",
     "BackupResult": "jobs.results", "ImageInfo": "jobs.results", "RestoreResult": "jobs.results",
     "VerifyResult": "jobs.results",

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import Callable, Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
 
 from . import jobs
 from .catalog import Catalog
@@ -11,36 +12,64 @@ from .format import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL
 from .jobs.results import BackupResult, ImageInfo, RestoreResult, VerifyResult
 
 Progress = Callable[[int], None]
+CatalogChoice = str | os.PathLike | bool
 
 
 def backup(source: str, output: str, *, level: int = DEFAULT_LEVEL, chunk_size: int = DEFAULT_CHUNK_SIZE,
            workers: int | None = None, all_blocks: bool = False, excludes: Sequence[str] = (),
-           snapshot: str = "none", force: bool = False, catalog: str | os.PathLike | bool = True,
-           progress: Progress | None = None, on_notice: Callable[[str], None] | None = None) -> BackupResult:
+           snapshot: str = "none", incremental: bool = False, parent: str | None = None,
+           compare_digests: bool = False, force: bool = False,
+           catalog: CatalogChoice = True, progress: Progress | None = None,
+           on_notice: Callable[[str], None] | None = None) -> BackupResult:
     """Image the volume `source` (a block device or file; a managed volume's name with
     snapshot="cow") to the image file `output` ("-" for standard output), recorded in the
-    catalog (True: the default one, a path: that one, False: none)."""
+    catalog (True: the default one, a path: that one, False: none). `incremental`: only what
+    changed since `parent` (an image file or catalog id; default the volume's newest image in
+    the catalog), a full when there is none; `compare_digests`: find the changes by digests
+    even where the volume's change tracker has them."""
     options = jobs.ImagingOptions(level=level, chunk_size=chunk_size, workers=workers, all_blocks=all_blocks,
-                                  excludes=tuple(os.path.abspath(p) for p in excludes), backups_as_sources=force)
+                                  excludes=tuple(os.path.abspath(p) for p in excludes), backups_as_sources=force,
+                                  incremental=incremental, parent=parent, compare_digests=compare_digests)
     destination = jobs.Destination(output=output, force=force)
-    if catalog is False:
-        return jobs.backup_volumes([source], destination, snapshot=snapshot, options=options, progress=progress,
-                                   on_notice=on_notice)[0]
-    with Catalog(None if catalog is True else catalog) as opened:
+    with _catalog(catalog) as opened:
         return jobs.backup_volumes([source], destination, snapshot=snapshot, options=options, progress=progress,
                                    on_notice=on_notice, catalog=opened)[0]
 
 
 def restore(image: str, target: str, *, force: bool = False, verify: bool = False, workers: int | None = None,
-            progress: Progress | None = None) -> RestoreResult:
+            catalog: CatalogChoice = True, progress: Progress | None = None) -> RestoreResult:
     """Write the volume held by the image file `image` onto the block device or file `target`
-    (`force`: replace a file, overwrite a device that holds data); `verify` reads it back."""
-    return jobs.restore(image, target, force=force, verify=verify, workers=workers, progress=progress)
+    (`force`: replace a file, overwrite a device that holds data); `verify` reads it back. An
+    incremental gives the volume at its point, its parents found in the catalog or beside it."""
+    with _catalog(catalog) as opened:
+        return jobs.restore(image, target, force=force, verify=verify, workers=workers, progress=progress,
+                            catalog=opened)
 
 
-def verify(image: str, *, workers: int | None = None, progress: Progress | None = None) -> VerifyResult:
-    """Decompress and check every chunk of the image file `image`; raises on damage."""
-    return jobs.verify(image, workers=workers, progress=progress)
+def verify(image: str, *, workers: int | None = None, catalog: CatalogChoice = True,
+           progress: Progress | None = None) -> VerifyResult:
+    """Decompress and check every chunk of the image file `image` (and of its chain, for an
+    incremental); raises on damage."""
+    with _catalog(catalog) as opened:
+        return jobs.verify(image, workers=workers, progress=progress, catalog=opened)
+
+
+def consolidate(image: str, output: str, *, force: bool = False, workers: int | None = None,
+                catalog: CatalogChoice = True, progress: Progress | None = None) -> BackupResult:
+    """Write a full image of the chain point `image` to `output` from the chain's compressed
+    frames, without the volume: a synthetic full."""
+    with _catalog(catalog) as opened:
+        return jobs.consolidate(image, jobs.Destination(output=output, force=force), workers=workers,
+                                progress=progress, catalog=opened)
+
+
+@contextmanager
+def _catalog(choice: CatalogChoice) -> Iterator[Catalog | None]:
+    if choice is False:
+        yield None
+        return
+    with Catalog(None if choice is True else choice) as opened:
+        yield opened
 
 
 def info(image: str) -> ImageInfo:

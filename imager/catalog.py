@@ -16,7 +16,7 @@ from pathlib import Path
 from .errors import ImagerError, UsageError
 from .private import check_private_path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
     id            TEXT PRIMARY KEY,
@@ -29,7 +29,15 @@ CREATE TABLE IF NOT EXISTS images (
     level         INTEGER NOT NULL,
     stream_bytes  INTEGER NOT NULL,
     image_digest  TEXT NOT NULL,
-    snapshot      TEXT
+    snapshot      TEXT,
+    kind          TEXT NOT NULL DEFAULT 'full',
+    parent_id     TEXT,              -- an incremental's parent (no foreign key: it may be pruned)
+    method        TEXT,              -- an incremental's: tracker | digest
+    volume        TEXT,              -- which volume, across backups
+    series        TEXT,              -- the change tracker's series and sequence at its snapshot
+    sequence      INTEGER,
+    snapshot_time TEXT,
+    replaces      TEXT               -- a synthetic full: the chain point it stands for
 );
 CREATE TABLE IF NOT EXISTS segments (
     image_id      TEXT NOT NULL REFERENCES images(id) ON DELETE CASCADE,
@@ -42,6 +50,14 @@ CREATE TABLE IF NOT EXISTS segments (
     stream_offset INTEGER NOT NULL,
     stream_length INTEGER NOT NULL,
     PRIMARY KEY (image_id, segment, kind)
+);
+-- The parent state of images on tape (block digests and the filesystem's use of each block),
+-- so that an incremental can be taken against a full on tape without reading the tape.
+CREATE TABLE IF NOT EXISTS block_tables (
+    image_id      TEXT PRIMARY KEY REFERENCES images(id) ON DELETE CASCADE,
+    digests       BLOB NOT NULL,
+    used_any      BLOB NOT NULL,
+    used_full     BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS tapes (
     label         TEXT PRIMARY KEY,
@@ -65,6 +81,33 @@ class ImageRecord:
     stream_bytes: int
     image_digest: str
     snapshot: str | None
+    kind: str = "full"
+    parent_id: str | None = None
+    method: str | None = None
+    volume: str | None = None
+    series: str | None = None
+    sequence: int | None = None
+    snapshot_time: str | None = None
+    replaces: str | None = None
+
+
+# What version 1 catalogs lack: added in place (every image then is a full, as it was).
+MIGRATE_1_TO_2 = """
+ALTER TABLE images ADD COLUMN kind TEXT NOT NULL DEFAULT 'full';
+ALTER TABLE images ADD COLUMN parent_id TEXT;
+ALTER TABLE images ADD COLUMN method TEXT;
+ALTER TABLE images ADD COLUMN volume TEXT;
+ALTER TABLE images ADD COLUMN series TEXT;
+ALTER TABLE images ADD COLUMN sequence INTEGER;
+ALTER TABLE images ADD COLUMN snapshot_time TEXT;
+ALTER TABLE images ADD COLUMN replaces TEXT;
+CREATE TABLE IF NOT EXISTS block_tables (
+    image_id      TEXT PRIMARY KEY REFERENCES images(id) ON DELETE CASCADE,
+    digests       BLOB NOT NULL,
+    used_any      BLOB NOT NULL,
+    used_full     BLOB NOT NULL
+);
+"""
 
 
 @dataclass(frozen=True)
@@ -125,6 +168,9 @@ class Catalog:
                 # without a version.
                 self._db.executescript(f"BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version == 1:
+                self._db.executescript(f"BEGIN; {MIGRATE_1_TO_2} PRAGMA user_version = 2; COMMIT;")
+                version = 2
         except (OSError, sqlite3.Error) as e:
             raise UsageError(f"cannot open the catalog {self.path}: {e}") from None
         if version != SCHEMA_VERSION:
@@ -194,6 +240,43 @@ class Catalog:
         if len(rows) > 1:
             raise UsageError(f"image id {image_id!r} is ambiguous: it starts {len(rows)} image ids")
         return ImageRecord(*rows[0])
+
+    @_sqlite_errors_reported
+    def images_of_volume(self, volume: str) -> list[ImageRecord]:
+        """The images of one volume, newest snapshot first."""
+        cur = self._db.execute(f"SELECT {', '.join(_columns(ImageRecord))} FROM images WHERE volume = ? "
+                               "ORDER BY COALESCE(snapshot_time, created) DESC, created DESC", (volume,))
+        return [ImageRecord(*row) for row in cur]
+
+    @_sqlite_errors_reported
+    def standing_in_for(self, image_id: str) -> list[ImageRecord]:
+        """Synthetic fulls of the chain point `image_id` (which can take its place as a parent)."""
+        cur = self._db.execute(f"SELECT {', '.join(_columns(ImageRecord))} FROM images WHERE replaces = ?",
+                               (image_id,))
+        return [ImageRecord(*row) for row in cur]
+
+    @_sqlite_errors_reported
+    def children(self, image_id: str) -> list[ImageRecord]:
+        cur = self._db.execute(f"SELECT {', '.join(_columns(ImageRecord))} FROM images WHERE parent_id = ?",
+                               (image_id,))
+        return [ImageRecord(*row) for row in cur]
+
+    @_sqlite_errors_reported
+    def add_block_table(self, image_id: str, digests: bytes, used_any: bytes, used_full: bytes) -> None:
+        with self._db:
+            self._db.execute("INSERT OR REPLACE INTO block_tables (image_id, digests, used_any, used_full) "
+                             "VALUES (?, ?, ?, ?)", (image_id, digests, used_any, used_full))
+
+    @_sqlite_errors_reported
+    def block_table(self, image_id: str) -> tuple[bytes, bytes, bytes] | None:
+        row = self._db.execute("SELECT digests, used_any, used_full FROM block_tables WHERE image_id = ?",
+                               (image_id,)).fetchone()
+        return None if row is None else (bytes(row[0]), bytes(row[1]), bytes(row[2]))
+
+    @_sqlite_errors_reported
+    def remove_image(self, image_id: str) -> None:
+        with self._db:
+            self._db.execute("DELETE FROM images WHERE id = ?", (image_id,))
 
     @_sqlite_errors_reported
     def segments(self, image_id: str) -> list[SegmentRecord]:

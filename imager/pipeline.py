@@ -23,7 +23,7 @@ from devices.buffers import AlignedBuffer, BufferPool
 from .ends.feeds import Feed
 from .ends.sources import VolumeSource
 from .errors import ImagerError, UsageError
-from .format import Codec, EncodedChunk, chunk_digest, codec_of, zero_digest
+from .format import Codec, EncodedChunk, block_digests, codec_of, zero_block_digests
 from .plan.usedmap import UsedMap
 
 T = TypeVar("T")
@@ -167,14 +167,14 @@ def encoder(pool: BufferPool, codec: Codec) -> Callable[[ReadChunk], EncodedChun
     return encode
 
 
-def digester(pool: BufferPool) -> Callable[[ReadChunk], tuple[int, bytes]]:
-    """A chunk read into a pooled buffer as its digest; frees the buffer."""
+def digester(pool: BufferPool, block_size: int) -> Callable[[ReadChunk], tuple[int, bytes]]:
+    """A chunk read into a pooled buffer as the digests of its blocks; frees the buffer."""
     def digest(item: ReadChunk) -> tuple[int, bytes]:
         index, buf, length = item
         if buf is None:
-            return index, zero_digest(length)
+            return index, zero_block_digests(length, block_size)
         try:
-            return index, chunk_digest(buf.view[:length])
+            return index, block_digests(buf.view[:length], block_size)
         finally:
             pool.release(buf)
     return digest
@@ -195,5 +195,7 @@ def decoder(feed: Feed) -> Callable[[tuple[int, bytes, int]], DecodedChunk]:
         data = codec.decode(frame, index, length, expected, image_offset, index * header.chunk_size)
         if expected is not None:
             return index, data, expected
-        return index, data, zero_digest(length) if data is None else chunk_digest(data)
+        if data is None:
+            return index, data, zero_block_digests(length, header.block_size)
+        return index, data, block_digests(data, header.block_size)
     return decode

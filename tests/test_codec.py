@@ -10,9 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from imager.errors import ChunkError
-from imager.format import Codec, ImageHeader, ZstdCodec, chunk_digest, codec_of, zero_digest
+from imager.format import Codec, ImageHeader, ZstdCodec, block_digests, codec_of, zero_block_digests
 
-CODECS = [ZstdCodec(1), ZstdCodec(3), ZstdCodec(19)]
+CODECS = [ZstdCodec(1, 64 << 10), ZstdCodec(3, 64 << 10), ZstdCodec(19, 4096), ZstdCodec(3, 1 << 20)]
 LENGTHS = [512, 4096, 64 << 10, (1 << 20) + 4096]
 
 
@@ -29,30 +29,30 @@ def _decode(codec: Codec, frame: bytes, length: int, digest: bytes | None, index
     return codec.decode(frame, index, length, digest, 1000, index * length)
 
 
-@pytest.mark.parametrize("codec", CODECS, ids=lambda c: f"{c.name}-{c.level}")
+@pytest.mark.parametrize("codec", CODECS, ids=lambda c: f"{c.name}-{c.level}-{c.block_size >> 10}k")
 @pytest.mark.parametrize("length", LENGTHS)
 def test_every_chunk_comes_back_byte_for_byte(codec, length):
     for kind, data in sample_chunks(length).items():
         encoded = codec.encode(3, memoryview(data))
         assert (encoded.index, encoded.length, encoded.zero) == (3, length, False), kind
-        assert encoded.digest == chunk_digest(data), kind
+        assert encoded.digest == block_digests(data, codec.block_size), kind
         assert _decode(codec, encoded.frame, length, encoded.digest) == data, kind
         assert _decode(codec, encoded.frame, length, None) == data, kind
 
 
-@pytest.mark.parametrize("codec", CODECS, ids=lambda c: f"{c.name}-{c.level}")
+@pytest.mark.parametrize("codec", CODECS, ids=lambda c: f"{c.name}-{c.level}-{c.block_size >> 10}k")
 def test_a_zero_chunk_is_one_frame_that_decodes_without_work(codec):
     for length in LENGTHS:
         read = codec.encode(0, memoryview(bytes(length)))
         unread = codec.zero_chunk(5, length)
         assert read.zero and unread.zero and read.frame == unread.frame and unread.index == 5
-        assert read.digest == unread.digest == zero_digest(length)
+        assert read.digest == unread.digest == zero_block_digests(length, codec.block_size)
         assert _decode(codec, read.frame, length, read.digest) is None
         with pytest.raises(ChunkError, match="chunk 7 .*checksum mismatch"):
-            _decode(codec, read.frame, length, chunk_digest(b"x" * length))
+            _decode(codec, read.frame, length, block_digests(b"x" * length, codec.block_size))
 
 
-@pytest.mark.parametrize("codec", CODECS, ids=lambda c: f"{c.name}-{c.level}")
+@pytest.mark.parametrize("codec", CODECS, ids=lambda c: f"{c.name}-{c.level}-{c.block_size >> 10}k")
 def test_damage_is_refused_and_names_the_chunk(codec):
     data = sample_chunks(64 << 10)["text"]
     encoded = codec.encode(0, memoryview(data))
@@ -74,15 +74,15 @@ def test_damage_is_refused_and_names_the_chunk(codec):
             assert got == data, f"{what}: decoded to other bytes without an error"
 
 
-@pytest.mark.parametrize("codec", CODECS, ids=lambda c: f"{c.name}-{c.level}")
+@pytest.mark.parametrize("codec", CODECS, ids=lambda c: f"{c.name}-{c.level}-{c.block_size >> 10}k")
 def test_a_wrong_digest_is_a_checksum_mismatch(codec):
     data = os.urandom(8192)
     encoded = codec.encode(0, memoryview(data))
     with pytest.raises(ChunkError, match="checksum mismatch"):
-        _decode(codec, encoded.frame, len(data), chunk_digest(data[::-1]))
+        _decode(codec, encoded.frame, len(data), block_digests(data[::-1], codec.block_size))
 
 
-@pytest.mark.parametrize("codec", CODECS, ids=lambda c: f"{c.name}-{c.level}")
+@pytest.mark.parametrize("codec", CODECS, ids=lambda c: f"{c.name}-{c.level}-{c.block_size >> 10}k")
 def test_a_codec_is_safe_from_every_worker_at_once(codec):
     chunks = [random.Random(i).randbytes(32 << 10) + bytes(32 << 10) for i in range(64)]
 
@@ -94,4 +94,16 @@ def test_a_codec_is_safe_from_every_worker_at_once(codec):
 
 
 def test_an_image_names_its_codec():
-    assert codec_of(ImageHeader(volume_size=1 << 20, chunk_size=1 << 16, level=9)) == ZstdCodec(9)
+    assert codec_of(ImageHeader(volume_size=1 << 30, chunk_size=4 << 20, level=9)) == ZstdCodec(9, 64 << 10)
+    assert codec_of(ImageHeader(volume_size=1 << 40, chunk_size=4 << 20, level=3)) == ZstdCodec(3, 1 << 20)
+
+
+def test_a_digest_per_block_names_where_the_chunk_differs():
+    codec = ZstdCodec(3, 4096)
+    data = bytearray(sample_chunks(64 << 10)["random"])
+    digests = codec.encode(0, memoryview(bytes(data))).digest
+    assert len(digests) == 16 * 32
+    data[5 * 4096 + 17] ^= 1
+    changed = block_digests(bytes(data), 4096)
+    differ = [i for i in range(16) if changed[i * 32:(i + 1) * 32] != digests[i * 32:(i + 1) * 32]]
+    assert differ == [5]

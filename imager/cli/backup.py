@@ -9,7 +9,7 @@ from devices.errors import DeviceError
 
 from .. import jobs
 from ..catalog import Catalog
-from ..errors import ImagerError
+from ..errors import ImagerError, UsageError
 from ..format import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL
 from ..snapshot.freeze import DEFAULT_MAX_FREEZE, DEFAULT_MAX_FREEZE_READ
 from ..snapshot.provider import PROVIDERS, resolve_volumes
@@ -48,6 +48,13 @@ def register(sub, parents) -> None:
                    help="read and compress every block, not only those the filesystem uses")
     b.add_argument("--exclude", action="append", default=[], metavar="PATH",
                    help="leave out the data blocks of this file (on a mounted filesystem); repeatable")
+    b.add_argument("-i", "--incremental", action="store_true",
+                   help="only the blocks that changed since the volume's newest image in the catalog "
+                        "(or --parent); a full image when there is none")
+    b.add_argument("--parent", metavar="IMAGE", help="with --incremental: the parent, an image file or catalog id")
+    b.add_argument("--compare-digests", action="store_true",
+                   help="with --incremental: find the changes by reading and comparing block digests even "
+                        "where a change tracker has them (the certain way)")
     b.set_defaults(func=run)
 
 
@@ -57,7 +64,12 @@ def run(args, out: Output) -> int:
                             drive_compression=args.drive_compression)
     options = jobs.ImagingOptions(level=args.level, chunk_size=args.chunk_size, workers=args.workers,
                                   all_blocks=args.all_blocks, excludes=tuple(os.path.abspath(p) for p in args.exclude),
-                                  backups_as_sources=args.force, max_freeze=args.max_freeze)
+                                  backups_as_sources=args.force, max_freeze=args.max_freeze,
+                                  incremental=args.incremental, parent=args.parent,
+                                  compare_digests=args.compare_digests)
+    if (args.parent or args.compare_digests) and not args.incremental:
+        raise UsageError(f"{'--parent' if args.parent else '--compare-digests'} is about an incremental: "
+                         f"give --incremental too")
     with out.progress(_source_sizes(args.sources, args.snapshot), "backup") as progress:
         with Catalog(args.catalog) as catalog:
             results = jobs.backup_volumes(args.sources, dest, snapshot=args.snapshot, options=options,
@@ -65,9 +77,17 @@ def run(args, out: Output) -> int:
                                           progress=progress, on_notice=out.notice, catalog=catalog)
     lines = []
     for r in results:
-        lines += [f"imaged {r.source} ({human_bytes(r.volume_size)}) to {r.image}, image id {r.image_id}",
-                  f"  {human_bytes(r.bytes_read)} read, {human_bytes(r.bytes_written)} written, ratio {r.ratio:.2f}, "
-                  f"{r.zero_chunks} of {r.chunks} chunks zero, {r.seconds:.2f} s, {r.mb_per_second:.0f} MB/s"]
+        lines.append(f"imaged {r.source} ({human_bytes(r.volume_size)}) to {r.image}, image id {r.image_id}")
+        if r.kind == "incremental":
+            lines += [f"  incremental on {r.parent_id}, changes found by {r.method} ({r.reason})",
+                      f"  {r.changed_blocks} of {r.compared_blocks} blocks compared changed, "
+                      f"{human_bytes(r.bytes_read)} read, {human_bytes(r.bytes_written)} written, {r.seconds:.2f} s"]
+        else:
+            if args.incremental:
+                lines.append("  a full image: no parent to take an incremental on")
+            lines.append(f"  {human_bytes(r.bytes_read)} read, {human_bytes(r.bytes_written)} written, "
+                         f"ratio {r.ratio:.2f}, {r.zero_chunks} of {r.chunks} chunks zero, {r.seconds:.2f} s, "
+                         f"{r.mb_per_second:.0f} MB/s")
     if results and results[0].freeze_window_ms is not None:
         lines.append(f"snapshot ({args.snapshot}): filesystems frozen for {results[0].freeze_window_ms:.1f} ms")
     data = results[0].to_dict() if len(results) == 1 else {"images": [r.to_dict() for r in results]}

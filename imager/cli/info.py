@@ -29,12 +29,33 @@ def run(args, out: Output) -> int:
         + (f" ({human_bytes(plan['used_bytes'])} used)" if plan.get("used_bytes") is not None else "")
         + (f", reason: {plan['reason']}" if plan.get("reason") else "")
         + (f", excluded: {', '.join(plan['excludes'])}" if plan.get("excludes") else ""),
-        f"chunks:      {h.chunk_count} of {human_bytes(h.chunk_size)}, {t.get('zero_chunks', '?')} zero, level {h.level}",
+    ] + _chain_lines(h, t) + [
+        f"chunks:      {t.get('chunks', h.chunk_count)} of {human_bytes(h.chunk_size)}, {t.get('zero_chunks', 0)} zero, "
+        f"level {h.level}",
         f"size:        {human_bytes(found.file_size)}, ratio {found.ratio:.2f}",
         f"created:     {h.created} by {h.tool}",
         f"complete:    {'yes' if t.get('complete') else 'no'}",
     ] + _partition_lines(h.partitions))
     return 0
+
+
+def _chain_lines(h, totals: dict) -> list[str]:
+    chain = h.chain
+    tracker = chain.get("tracker") or {}
+    lines = []
+    if h.incremental:
+        parent = chain.get("parent") or {}
+        lines.append(f"kind:        incremental on {parent.get('id')} ({parent.get('name') or 'no file name'})")
+        lines.append(f"changes:     by {chain.get('method')}: {chain.get('reason')}; {totals.get('held_blocks', '?')} "
+                     f"of {h.block_count} blocks of {human_bytes(h.block_size)} held")
+    elif chain.get("consolidated"):
+        lines.append(f"kind:        full, synthetic: the point of {chain['consolidated'][0]} "
+                     f"(a chain of {len(chain['consolidated'])} images)")
+    else:
+        lines.append("kind:        full" + (f" ({chain['reason']})" if chain.get("reason") else ""))
+    if tracker:
+        lines.append(f"tracker:     series {tracker.get('series')}, sequence {tracker.get('sequence')}")
+    return lines
 
 
 def _partition_lines(table: dict | None) -> list[str]:

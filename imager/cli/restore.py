@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from .. import jobs
 from ..catalog import Catalog
-from ..ends.feeds import SeekableFeed
 from ..errors import UsageError
 from ..format import ImageReader
 from ..units import human_bytes, worker_count
@@ -47,9 +46,13 @@ def run(args, out: Output) -> int:
     else:
         image, target = args.paths
         with ImageReader(image) as reader:
-            r = _restore(SeekableFeed(reader), target, args, out)
+            size = reader.header.volume_size
+        with Catalog(args.catalog) as catalog, out.progress(size, "restore") as progress:
+            r = jobs.restore(image, target, force=args.force, verify=args.verify, workers=args.workers,
+                             progress=progress, catalog=catalog)
     out.result(r.to_dict(), [
         f"restored {r.image} to {target} ({human_bytes(r.volume_size)})" + (", verified" if r.verified else ""),
+    ] + ([f"  the volume at this incremental's point, from a chain of {len(r.chain)} images"] if r.chain else []) + [
         f"  {r.zero_chunks} of {r.chunks} chunks zero, {r.seconds:.2f} s, {r.mb_per_second:.0f} MB/s",
     ])
     return 0

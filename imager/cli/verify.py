@@ -6,7 +6,6 @@ import sys
 
 from .. import jobs
 from ..catalog import Catalog
-from ..ends.feeds import SeekableFeed
 from ..errors import UsageError
 from ..format import ImageReader
 from ..units import human_bytes, worker_count
@@ -34,14 +33,17 @@ def run(args, out: Output) -> int:
         with out.progress(feed.header.volume_size, "verify") as progress:
             results = [jobs.verify_feed(feed, workers=args.workers, progress=progress)]
     elif args.image_file:
-        with ImageReader(args.image_file) as reader, out.progress(reader.header.volume_size, "verify") as progress:
-            results = [jobs.verify_feed(SeekableFeed(reader), workers=args.workers, progress=progress)]
+        with ImageReader(args.image_file) as reader:
+            size = reader.header.volume_size
+        with Catalog(args.catalog) as catalog, out.progress(size, "verify") as progress:
+            results = [jobs.verify(args.image_file, workers=args.workers, progress=progress, catalog=catalog)]
     else:
         raise UsageError("give an IMAGE file or --tape T")
     ok = all(r.ok for r in results)
     out.result({"images": [r.to_dict() for r in results], "ok": ok},
                [f"{r.image}: ok, {r.chunks} chunks ({r.zero_chunks} zero), "
-                f"{human_bytes(r.volume_size)} volume, {r.seconds:.2f} s" if r.ok
+                f"{human_bytes(r.volume_size)} volume, {r.seconds:.2f} s"
+                + (f"; its chain of {len(r.chain)} images makes the volume at its point" if r.chain else "") if r.ok
                 else f"{r.image}: FAILED: {'; '.join(r.errors)}" for r in results])
     if not ok:
         print(f"imager: error: {sum(not r.ok for r in results)} of {len(results)} images failed verification",

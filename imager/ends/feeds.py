@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from typing import Iterator, Protocol
 
+import numpy as np
+
 from ..errors import ChunkError, ImageFormatError
 from ..format.frames import Readable
-from ..format import (TRAILER_MAGIC, ZSTD_MAGIC, Frame, FrameError, FrameLog, ImageHeader, ImageReader, ImageTrailer,
-                      TruncatedFrame, count_rest, decode_trailer, garbage_after, iter_frames, read_header,
-                      seek_table_mismatch)
+from ..format import (RUN_MAGIC, TRAILER_MAGIC, ZSTD_MAGIC, Frame, FrameError, FrameLog, FrameNames, ImageHeader,
+                      ImageReader, ImageTrailer, TruncatedFrame, count_rest, decode_run, decode_trailer, garbage_after,
+                      iter_frames, read_header, seek_table_mismatch, unpack_bits)
 
 
 class Feed(Protocol):
@@ -42,10 +44,12 @@ class SeekableFeed:
 
     def chunks(self) -> Iterator[tuple[int, bytes, int]]:
         self._log.add(self.reader.header_frame, 0)
-        for i in range(self.reader.chunk_count):
-            frame = self.reader.frame(i)
-            self._log.add(frame, self.header.chunk_length(i))
-            yield i, frame, self.reader.chunk_offsets[i]
+        for index, frame, offset in self.reader.frames_in_order():
+            if index is None:
+                self._log.add(frame, 0)          # a run marker of an incremental
+                continue
+            self._log.add(frame, self.header.chunk_length(index))
+            yield index, frame, offset
 
     def expected_digest(self, index: int) -> bytes | None:
         return self.reader.trailer.digest(index)
@@ -80,37 +84,71 @@ class StreamFeed:
         self._trailer: ImageTrailer | None = None
         self._stream_digest: str | None = ""
         self._ended = False
-        self._count = 0
+        self._seen: list[int] = []          # the chunks read, in order
+        self._run: list[int] = []           # the blocks the current run marker still announces
         self.stream_bytes = len(header_frame)
 
     def chunks(self) -> Iterator[tuple[int, bytes, int]]:
-        n = self.header.chunk_count
         try:
             for frame in self._frames:
                 self.stream_bytes = frame.end
-                if frame.magic == ZSTD_MAGIC and (self._trailer is not None or self._count >= n):
-                    raise ImageFormatError(f"{self.name}: more chunks than the header's {n} (image corrupted)")
-                if self._count < n:
-                    if frame.magic != ZSTD_MAGIC:
-                        raise ChunkError(self._count, frame.offset, self._count * self.header.chunk_size,
-                                         f"a metadata frame (magic {frame.magic:#010x}) where the chunk belongs")
-                    self._log.add(frame.data, self.header.chunk_length(self._count))
-                    yield self._count, frame.data, frame.offset
-                    self._count += 1
-                elif self._trailer is None:
-                    self._read_trailer(frame)
-                else:
+                if self._trailer is not None:
+                    if frame.magic == ZSTD_MAGIC:
+                        raise ImageFormatError(f"{self.name}: more chunks than the header's {self.header.chunk_count} "
+                                               f"(image corrupted)")
                     self._read_seek_table(frame)
                     return
+                index = self._place(frame)
+                if index is not None:
+                    self._log.add(frame.data, self.header.chunk_length(index))
+                    self._seen.append(index)
+                    yield index, frame.data, frame.offset
         except TruncatedFrame as e:
-            if self._count < n:
-                raise ChunkError(self._count, e.offset, self._count * self.header.chunk_size,
+            if self._trailer is None:
+                index = self._next_index()
+                raise ChunkError(index, e.offset, index * self.header.chunk_size,
                                  f"image stream cut short: {e}") from None
             raise ImageFormatError(f"{self.name}: image stream cut short after its last chunk: {e}") from None
         except FrameError as e:
-            if self._count < n:
-                raise ChunkError(self._count, e.offset, self._count * self.header.chunk_size, str(e)) from None
+            if self._trailer is None:
+                index = self._next_index()
+                raise ChunkError(index, e.offset, index * self.header.chunk_size, str(e)) from None
             raise ImageFormatError(f"{self.name}: image stream corrupted after its last chunk: {e}") from None
+
+    def _next_index(self) -> int:
+        if self.header.incremental:
+            return self._run[0] if self._run else (self._seen[-1] + 1 if self._seen else 0)
+        return len(self._seen)
+
+    def _place(self, frame: Frame) -> int | None:
+        """Which chunk a frame before the trailer is (None: a run marker, or the trailer, read)."""
+        n = self.header.chunk_count
+        index = self._next_index()
+        if frame.magic == ZSTD_MAGIC:
+            if self.header.incremental and not self._run:
+                raise ChunkError(index, frame.offset, index * self.header.chunk_size,
+                                 "a block frame outside any run marker's range")
+            if not self.header.incremental and len(self._seen) >= n:
+                raise ImageFormatError(f"{self.name}: more chunks than the header's {n} (image corrupted)")
+            if self._run:
+                self._run.pop(0)
+            return index
+        if self.header.incremental and frame.magic == RUN_MAGIC:
+            run = decode_run(frame.data)
+            if self._run or run is None or run[0] < index or run[0] + run[1] > n:
+                raise ChunkError(index, frame.offset, index * self.header.chunk_size,
+                                 "a corrupted run marker")
+            self._log.add(frame.data, 0)
+            self._run = list(range(run[0], run[0] + run[1]))
+            return None
+        if self.header.incremental and not self._run and frame.magic == TRAILER_MAGIC:
+            self._read_trailer(frame)
+            return None
+        if not self.header.incremental and len(self._seen) == n:
+            self._read_trailer(frame)
+            return None
+        raise ChunkError(index, frame.offset, index * self.header.chunk_size,
+                         f"a metadata frame (magic {frame.magic:#010x}) where the chunk belongs")
 
     def _read_trailer(self, frame: Frame) -> None:
         if frame.magic != TRAILER_MAGIC:
@@ -124,7 +162,7 @@ class StreamFeed:
 
     def _read_seek_table(self, frame: Frame) -> None:
         """The seek table must list the frames that came, and the image ends with it."""
-        mismatch = seek_table_mismatch(frame.data, self._log.entries, self.header.chunk_count)
+        mismatch = seek_table_mismatch(frame.data, self._log.entries, FrameNames(self.header, self._seen))
         if mismatch:
             raise ImageFormatError(f"{self.name}: the seek table at image offset {frame.offset} is corrupted "
                                    f"or the frames were moved: {mismatch}")
@@ -145,11 +183,15 @@ class StreamFeed:
             close()
 
     def finish(self) -> ImageTrailer:
-        if self._count < self.header.chunk_count:
-            raise ImageFormatError(f"{self.name}: image stream ends after {self._count} of "
+        if not self.header.incremental and len(self._seen) < self.header.chunk_count:
+            raise ImageFormatError(f"{self.name}: image stream ends after {len(self._seen)} of "
                                    f"{self.header.chunk_count} chunks")
         if self._trailer is None or not self._trailer.complete:
             raise ImageFormatError(f"{self.name}: image stream has no trailer (incomplete image)")
+        if self._trailer.held is not None and not np.array_equal(
+                np.flatnonzero(unpack_bits(self._trailer.held, self.header.chunk_count)), self._seen):
+            raise ImageFormatError(f"{self.name}: the blocks in the stream are not those its trailer lists "
+                                   f"(image corrupted)")
         if not self._ended:
             raise ImageFormatError(f"{self.name}: image stream ends without its seek table (at image offset "
                                    f"{self.stream_bytes})")

@@ -9,13 +9,13 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Protocol
 
-import blake3
 import zstandard
 
 from devices.buffers import is_all_zero
 
 from ..errors import ChunkError
 from .frames import ZSTD_MAGIC
+from .blocks import MIN_BLOCK_SIZE, block_digests, zero_block_digests
 from .meta import DEFAULT_LEVEL, ImageHeader
 
 
@@ -29,15 +29,6 @@ def zstd_frame_bound(chunk_size: int) -> int:
 def zero_frame(length: int, level: int = DEFAULT_LEVEL) -> bytes:
     """The one zstd frame every all-zero chunk of this length is written as."""
     return _compressor(level).compress(bytes(length))
-
-
-@lru_cache(maxsize=8)
-def zero_digest(length: int) -> bytes:
-    return blake3.blake3(bytes(length)).digest()
-
-
-def chunk_digest(data: bytes | memoryview) -> bytes:
-    return blake3.blake3(data).digest()
 
 
 _local = threading.local()
@@ -65,15 +56,18 @@ class EncodedChunk:
     index: int
     length: int
     frame: bytes
-    digest: bytes
+    digest: bytes        # the digests of its blocks, concatenated
     zero: bool
 
 
 class Codec(Protocol):
-    """How one chunk of a volume becomes one frame of an image, and back. Thread-safe: the
-    pipeline calls it from every worker at once."""
+    """How one chunk of a volume becomes one frame of an image, and back, with the digests of
+    its blocks. Thread-safe: the pipeline calls it from every worker at once."""
 
     name: str
+
+    @property
+    def block_size(self) -> int: ...
 
     def encode(self, index: int, data: memoryview) -> EncodedChunk: ...
 
@@ -89,22 +83,25 @@ class ZstdCodec:
     is one precomputed frame per length, which decodes to None without any work."""
 
     level: int = DEFAULT_LEVEL
+    block_size: int = MIN_BLOCK_SIZE
     name = "zstd"
 
     def encode(self, index: int, data: memoryview) -> EncodedChunk:
         length = len(data)
         if is_all_zero(data):
             return self.zero_chunk(index, length)
-        return EncodedChunk(index, length, _compressor(self.level).compress(data), chunk_digest(data), False)
+        return EncodedChunk(index, length, _compressor(self.level).compress(data),
+                            block_digests(data, self.block_size), False)
 
     def zero_chunk(self, index: int, length: int) -> EncodedChunk:
-        return EncodedChunk(index, length, zero_frame(length, self.level), zero_digest(length), True)
+        return EncodedChunk(index, length, zero_frame(length, self.level),
+                            zero_block_digests(length, self.block_size), True)
 
     def decode(self, frame: bytes, index: int, expected_length: int, digest: bytes | None,
                image_offset: int, volume_offset: int) -> bytes | None:
         """The chunk's bytes, checked against `digest` when given; None for a zero chunk."""
         if frame == zero_frame(expected_length, self.level):
-            if digest is not None and digest != zero_digest(expected_length):
+            if digest is not None and digest != zero_block_digests(expected_length, self.block_size):
                 raise ChunkError(index, image_offset, volume_offset, "checksum mismatch")
             return None
         if len(frame) < 4 or struct.unpack_from("<I", frame)[0] != ZSTD_MAGIC:
@@ -119,14 +116,15 @@ class ZstdCodec:
         if len(data) != expected_length:
             raise ChunkError(index, image_offset, volume_offset,
                              f"holds {len(data)} bytes, expected {expected_length}")
-        if digest is not None and chunk_digest(data) != digest:
+        if digest is not None and block_digests(data, self.block_size) != digest:
             raise ChunkError(index, image_offset, volume_offset, "checksum mismatch")
         return data
 
 
 def codec_of(header: ImageHeader) -> Codec:
-    """The codec an image's chunks were written with (format version 2: zstd at the header's level)."""
-    return ZstdCodec(header.level)
+    """The codec an image's chunks were written with (format version 3: zstd at the header's
+    level, digests of the header's blocks)."""
+    return ZstdCodec(header.level, header.block_size)
 
 
 def _frame_header_problem(frame: bytes, expected_length: int) -> str | None:

@@ -9,6 +9,12 @@ from typing import Protocol
 ZSTD_MAGIC = 0xFD2FB528
 SKIPPABLE_MASK = 0xFFFFFFF0
 SKIPPABLE_BASE = 0x184D2A50
+# In an incremental image, before each run of block frames: which blocks they are, so that a
+# stream (a pipe, a tape) can place each block as it comes.
+RUN_MAGIC = 0x184D2A52
+RUN_TAG = b"IMGRRUN1"
+_RUN = struct.Struct("<QI")
+RUN_FRAME_SIZE = 8 + len(RUN_TAG) + _RUN.size
 # Reads of a stream go in pieces of at most this, so a cut stream never costs what a size
 # field claims.
 READ_PIECE = 1 << 20
@@ -45,3 +51,16 @@ def read_exact(f: Readable, n: int) -> bytes:
     return b"".join(parts)
 
 
+
+
+def run_frame(first_block: int, count: int) -> bytes:
+    return skippable_frame(RUN_MAGIC, RUN_TAG + _RUN.pack(first_block, count))
+
+
+def decode_run(frame: bytes) -> tuple[int, int] | None:
+    """(first block, count) of a run frame; None if `frame` is not a whole one."""
+    payload = skippable_payload(frame, RUN_MAGIC)
+    if payload is None or len(payload) != len(RUN_TAG) + _RUN.size or not payload.startswith(RUN_TAG):
+        return None
+    first, count = _RUN.unpack_from(payload, len(RUN_TAG))
+    return (first, count) if count else None

@@ -6,13 +6,17 @@ from __future__ import annotations
 import itertools
 import os
 import struct
+from typing import Iterator
+
+import numpy as np
 
 from ..errors import ChunkError, ImageFormatError, UsageError
+from .blocks import unpack_bits
 from .codec import codec_of, zstd_frame_bound
-from .frames import READ_PIECE, skippable_payload
+from .frames import READ_PIECE, RUN_FRAME_SIZE, RUN_MAGIC, decode_run, skippable_payload
 from .meta import TRAILER_MAGIC, decode_trailer, read_header, trailer_frame_bound
 from .seektable import (SEEK_DESCRIPTOR, SEEK_ENTRY, SEEK_FOOTER_SIZE, SEEK_TABLE_MAGIC, SEEKABLE_FOOTER_MAGIC,
-                        frame_name, seek_table_size)
+                        FrameNames, seek_table_size)
 from .walk import FrameError, TruncatedFrame, garbage_after, iter_frames
 
 
@@ -58,13 +62,13 @@ class ImageReader:
             self.header, self.header_frame = read_header(self._f)
         except ImageFormatError as e:
             raise ImageFormatError(f"{self.path}: {e}") from None
-        n = self.header.chunk_count
         footer = self._pread(SEEK_FOOTER_SIZE, max(0, self.file_size - SEEK_FOOTER_SIZE))
         if len(footer) < SEEK_FOOTER_SIZE or struct.unpack_from("<I", footer, 5)[0] != SEEKABLE_FOOTER_MAGIC:
             raise self._damage_report("the seek table at the end is missing or damaged")
         count, descriptor = struct.unpack_from("<IB", footer)
-        if count != n + 2:
-            raise self._damage_report(f"the seek table lists {count} frames, expected {n + 2} for {n} chunks")
+        n = self.header.chunk_count
+        if (count != n + 2) if not self.header.incremental else not 2 <= count <= 2 * n + 2:
+            raise self._damage_report(f"the seek table lists {count} frames, which no image of {n} chunks has")
         if descriptor != SEEK_DESCRIPTOR:
             raise self._damage_report(f"the seek table's descriptor is {descriptor:#04x}, imager writes {SEEK_DESCRIPTOR}")
         table_start = self.file_size - seek_table_size(count)
@@ -75,61 +79,85 @@ class ImageReader:
         offsets = list(itertools.accumulate((size for size, _ in entries), initial=0))
         if offsets[-1] != table_start:
             raise self._damage_report(f"the seek table describes {offsets[-1]} bytes of frames but the image holds {table_start}")
-        self._check_entries(entries)
-        self.chunk_offsets = offsets[1:n + 1]
-        self.chunk_frame_sizes = [size for size, _ in entries[1:n + 1]]
-        trailer = skippable_payload(self._pread(entries[n + 1][0], offsets[n + 1]), TRAILER_MAGIC)
+        last = count - 1
+        if entries[last][1] != 0 or entries[last][0] > trailer_frame_bound(self.header):
+            raise self._damage_report(f"the seek table's entry for the trailer is wrong ({entries[last][0]} bytes)")
+        trailer = skippable_payload(self._pread(entries[last][0], offsets[last]), TRAILER_MAGIC)
         if trailer is None:
-            raise ImageFormatError(f"{self.path}: image trailer missing or corrupted at image offset {offsets[n + 1]}")
+            raise ImageFormatError(f"{self.path}: image trailer missing or corrupted at image offset {offsets[last]}")
         try:
             self.trailer = decode_trailer(trailer, self.header)
         except ImageFormatError as e:
             raise ImageFormatError(f"{self.path}: {e}") from None
         if not self.trailer.complete:
             raise ImageFormatError(f"{self.path}: image is marked incomplete")
+        if self.trailer.held is not None:
+            self.present = np.flatnonzero(unpack_bits(self.trailer.held, n))
+        else:
+            self.present = np.arange(n)
+        self._map_frames(entries, offsets)
 
-    def _check_entries(self, entries: list[tuple[int, int]]) -> None:
+    def _map_frames(self, entries: list[tuple[int, int]], offsets: list[int]) -> None:
         """Each frame the seek table lists is what that frame must be: the header as read, a
-        chunk of its length, a trailer no larger than this image's can be."""
-        n = self.header.chunk_count
-        for i, (size, decompressed) in enumerate(entries):
-            if i == 0:
-                ok = (size, decompressed) == (len(self.header_frame), 0)
-            elif i == n + 1:
-                ok = decompressed == 0 and size <= trailer_frame_bound(n)
-            else:
-                ok = (decompressed == self.header.chunk_length(i - 1)
-                      and size <= zstd_frame_bound(self.header.chunk_size))
-            if not ok:
-                raise self._damage_report(f"the seek table's entry for {frame_name(i, n)} is wrong "
+        run marker, a chunk of its length, in the order the trailer says; chunk i of the volume
+        is `present[k]`, its frame at chunk_offsets[k]."""
+        names = FrameNames(self.header, self.present)
+        if entries[0] != (len(self.header_frame), 0):
+            raise self._damage_report(f"the seek table's entry for the header is wrong ({entries[0][0]} bytes)")
+        self.chunk_offsets: list[int] = []
+        self.chunk_frame_sizes: list[int] = []
+        self.run_offsets: list[int] = []
+        bound = zstd_frame_bound(self.header.chunk_size)
+        for position in range(1, len(entries) - 1):
+            size, decompressed = entries[position]
+            k = len(self.chunk_offsets)
+            if self.header.incremental and (size, decompressed) == (RUN_FRAME_SIZE, 0):
+                self.run_offsets.append(offsets[position])
+                continue
+            if not (k < len(self.present) and decompressed == self.header.chunk_length(int(self.present[k]))
+                    and size <= bound):
+                raise self._damage_report(f"the seek table's entry for {names(position, entries)} is wrong "
                                           f"({size} bytes, {decompressed} decompressed)")
+            self.chunk_offsets.append(offsets[position])
+            self.chunk_frame_sizes.append(size)
+        if len(self.chunk_offsets) != len(self.present):
+            raise self._damage_report(f"the seek table lists {len(self.chunk_offsets)} chunk frames, the trailer "
+                                      f"says the image holds {len(self.present)}")
+        self._slot = np.full(self.header.chunk_count, -1, dtype=np.int64)
+        self._slot[self.present] = np.arange(len(self.present))
 
     def _damage_report(self, problem: str) -> ImageFormatError:
         """Walk the frames from the start to say where the image stops being whole: cut short,
         followed by garbage, or whole but for its seek table (of which `problem` says what)."""
         n = self.header.chunk_count
+        incremental = self.header.incremental
         chunks = 0
         end = 0
-        table_seen = False
+        trailer_seen = table_seen = False
         with os.fdopen(os.dup(self._f.fileno()), "rb", buffering=READ_PIECE) as f:
             f.seek(0)
             try:
                 for frame in iter_frames(f, self.header):
                     end = frame.end
-                    if not frame.skippable:
+                    if frame.magic == TRAILER_MAGIC:
+                        trailer_seen = True
+                    elif not frame.skippable:
                         chunks += 1
-                    elif chunks >= n and frame.magic != TRAILER_MAGIC:
+                    elif frame.magic != RUN_MAGIC and (trailer_seen or chunks >= n):
                         table_seen = True  # what is in the seek table's place; the image ends here
                         break
             except TruncatedFrame as e:
-                if chunks < n:
+                if not incremental and chunks < n:
                     return ImageFormatError(
                         f"{self.path}: image is truncated or corrupted: {problem}; chunk "
                         f"{chunks} of {n} (volume offset {chunks * self.header.chunk_size}) is cut short: {e}")
                 return ImageFormatError(f"{self.path}: image is truncated: {problem}; {e}")
             except FrameError as e:
                 return ImageFormatError(f"{self.path}: image is corrupted: {problem}; {e}")
-        if chunks < n:
+        if incremental and not trailer_seen:
+            return ImageFormatError(f"{self.path}: image is truncated: {problem}; it ends at image offset {end} "
+                                    f"after {chunks} blocks, before its trailer")
+        if not incremental and chunks < n:
             return ImageFormatError(
                 f"{self.path}: image is truncated: {problem}; it ends after chunk "
                 f"{chunks - 1} of {n} at image offset {end} (volume offset {chunks * self.header.chunk_size} "
@@ -138,28 +166,63 @@ class ImageReader:
             return garbage_after(self.path, self.file_size - end, end)
         if table_seen:
             return ImageFormatError(f"{self.path}: image is corrupted: {problem}")
-        return ImageFormatError(f"{self.path}: image is incomplete: {problem} (all {n} "
+        return ImageFormatError(f"{self.path}: image is incomplete: {problem} (all {chunks} "
                                 f"chunks present, image ends at offset {end})")
 
     @property
     def chunk_count(self) -> int:
         return self.header.chunk_count
 
+    def holds(self, index: int) -> bool:
+        return bool(self._slot[index] >= 0)
+
+    def _where(self, index: int) -> tuple[int, int]:
+        slot = int(self._slot[index]) if 0 <= index < self.header.chunk_count else -1
+        if slot < 0:
+            raise ImageFormatError(f"{self.path}: chunk {index} is not in this incremental image; its chain holds it")
+        return self.chunk_offsets[slot], self.chunk_frame_sizes[slot]
+
     def frame(self, index: int) -> bytes:
-        size = self.chunk_frame_sizes[index]
-        data = self._pread(size, self.chunk_offsets[index])
+        offset, size = self._where(index)
+        data = self._pread(size, offset)
         if len(data) != size:
-            raise ChunkError(index, self.chunk_offsets[index], index * self.header.chunk_size, "image truncated")
+            raise ChunkError(index, offset, index * self.header.chunk_size, "image truncated")
         return data
 
     def decode(self, index: int, frame: bytes) -> bytes | None:
         """Check and decompress chunk `index` from its frame; None for a zero chunk."""
         return codec_of(self.header).decode(frame, index, self.header.chunk_length(index), self.trailer.digest(index),
-                                            self.chunk_offsets[index], index * self.header.chunk_size)
+                                            self._where(index)[0], index * self.header.chunk_size)
 
     def chunk(self, index: int) -> bytes:
         data = self.decode(index, self.frame(index))
         return bytes(self.header.chunk_length(index)) if data is None else data
+
+    def frames_in_order(self) -> Iterator[tuple[int | None, bytes, int]]:
+        """Every frame between header and trailer as written: (chunk index or None for a run
+        marker, frame, image offset); run markers are checked against the trailer's map."""
+        runs = iter(self.run_offsets)
+        next_run = next(runs, None)
+        expected: list[int] = []
+        for k, offset in enumerate(self.chunk_offsets):
+            while next_run is not None and next_run < offset:
+                marker = self._pread(RUN_FRAME_SIZE, next_run)
+                run = decode_run(marker)
+                if run is None or run[0] != int(self.present[k]) or not np.array_equal(
+                        self.present[k:k + run[1]], np.arange(run[0], run[0] + run[1])):
+                    raise ImageFormatError(f"{self.path}: the run marker at image offset {next_run} is corrupted "
+                                           f"(it does not match the blocks the trailer lists)")
+                expected = list(range(run[0], run[0] + run[1]))
+                yield None, marker, next_run
+                next_run = next(runs, None)
+            index = int(self.present[k])
+            if self.header.incremental:
+                if not expected or expected.pop(0) != index:
+                    raise ImageFormatError(f"{self.path}: block {index} at image offset {offset} is not in a run "
+                                           f"marker's range (image corrupted)")
+            yield index, self.frame(index), offset
+        if next_run is not None:
+            raise ImageFormatError(f"{self.path}: a run marker at image offset {next_run} without blocks (image corrupted)")
 
     def read(self, offset: int, length: int) -> bytes:
         """Bytes [offset, offset+length) of the volume, clipped to the volume's end."""
@@ -167,6 +230,11 @@ class ImageReader:
             raise ValueError("offset and length must not be negative")
         end = min(offset + length, self.header.volume_size)
         cs = self.header.chunk_size
+        if self.header.incremental and end > offset:
+            missing = [i for i in range(offset // cs, -(-end // cs)) if not self.holds(i)]
+            if missing:
+                raise ImageFormatError(f"{self.path}: an incremental image; blocks {missing[0]}.. of the range are "
+                                       f"in its parents (read the chain)")
         parts = []
         pos = offset
         while pos < end:

@@ -65,7 +65,7 @@ def iter_frames(f: Readable, header: ImageHeader, start_offset: int = 0) -> Iter
     """Walk the frames of an image's stream one after another without a seek table (for pipes
     and tape, and to locate damage when the seek table is gone). No frame is read beyond the
     largest an image of this header can hold."""
-    largest_metadata = max(8 + MAX_HEADER_PAYLOAD, trailer_frame_bound(header.chunk_count))
+    largest_metadata = max(8 + MAX_HEADER_PAYLOAD, trailer_frame_bound(header))
     largest_chunk = zstd_frame_bound(header.chunk_size)
     offset = start_offset
     while True:

@@ -1,14 +1,17 @@
-"""Writing an image: the header, one frame per chunk in order, the trailer, the seek table, to
-any sink with write(bytes)."""
+"""Writing an image: the header, the chunk frames (every chunk of a full in order; an
+incremental's changed blocks in runs), the trailer, the seek table, to any sink with write(bytes)."""
 
 from __future__ import annotations
 
 from typing import Any, Protocol
 
 import blake3
+import numpy as np
 
+from .blocks import DIGEST_SIZE, pack_bits
 from .codec import EncodedChunk
-from .meta import DIGEST_SIZE, ImageHeader, encode_header, encode_trailer
+from .frames import run_frame
+from .meta import ImageHeader, encode_header, encode_trailer
 from .seektable import encode_seek_table
 
 
@@ -42,15 +45,27 @@ class FrameLog:
 
 
 class ImageWriter:
-    """Writes an image to any sink with `write(bytes)`; keeps the seek table and digests."""
+    """Writes an image to any sink with `write(bytes)`; keeps the seek table and the block
+    digests. A full image gets every chunk in order (write_chunk); an incremental, started from
+    its parent's block digests, the blocks that changed in ascending order (write_blocks)."""
 
-    def __init__(self, sink: ByteSink, header: ImageHeader):
+    def __init__(self, sink: ByteSink, header: ImageHeader, base_digests: bytes | None = None):
         self.sink = sink
         self.header = header
         self.frames = FrameLog()
-        self.digests = bytearray()
         self.bytes_written = 0
         self.image_digest = ""
+        self.chunks_written = 0
+        self.tables: tuple[bytes, bytes, bytes] | None = None    # digests, used_any, used_full, once finished
+        if header.incremental:
+            if base_digests is None or len(base_digests) != header.block_count * DIGEST_SIZE:
+                raise ValueError("an incremental image starts from its parent's digest of every block")
+            self.digests = bytearray(base_digests)
+            self.held: np.ndarray | None = np.zeros(header.block_count, dtype=bool)
+        else:
+            self.digests = bytearray()
+            self.held = None
+        self._next = 0
         self._emit(encode_header(header), 0)
 
     def _emit(self, frame: bytes, decompressed: int) -> None:
@@ -59,19 +74,50 @@ class ImageWriter:
         self.bytes_written = self.frames.size
 
     def write_chunk(self, chunk: EncodedChunk) -> None:
-        expected = len(self.digests) // DIGEST_SIZE
-        if chunk.index != expected:
-            raise RuntimeError(f"chunk {chunk.index} written out of order (expected {expected})")
+        if self.held is not None:
+            raise RuntimeError("an incremental image is written by write_blocks")
+        if chunk.index != self._next:
+            raise RuntimeError(f"chunk {chunk.index} written out of order (expected {self._next})")
         self._emit(chunk.frame, chunk.length)
         self.digests += chunk.digest
+        self._next += 1
+        self.chunks_written += 1
 
-    def finish(self, totals: dict[str, Any]) -> None:
-        if len(self.digests) // DIGEST_SIZE != self.header.chunk_count:
+    def write_blocks(self, blocks: list[EncodedChunk]) -> None:
+        """Blocks of an incremental, ascending; each run of consecutive ones after a run frame."""
+        if self.held is None:
+            raise RuntimeError("a full image is written by write_chunk")
+        start = 0
+        while start < len(blocks):
+            end = start + 1
+            while end < len(blocks) and blocks[end].index == blocks[end - 1].index + 1:
+                end += 1
+            first = blocks[start].index
+            if first < self._next:
+                raise RuntimeError(f"block {first} written out of order (expected {self._next} or later)")
+            self._emit(run_frame(first, end - start), 0)
+            for block in blocks[start:end]:
+                self._emit(block.frame, block.length)
+                self.digests[block.index * DIGEST_SIZE:(block.index + 1) * DIGEST_SIZE] = block.digest
+                self.held[block.index] = True
+            self._next = blocks[end - 1].index + 1
+            self.chunks_written += end - start
+            start = end
+
+    def finish(self, totals: dict[str, Any], used_any: bytes, used_full: bytes) -> None:
+        """The trailer (with the filesystem's use of each block, as bitmaps) and the seek table."""
+        n = self.header.block_count
+        if len(self.digests) != n * DIGEST_SIZE:
             raise RuntimeError("image finished before every chunk was written")
         self.image_digest = blake3.blake3(bytes(self.digests)).hexdigest()
-        totals = dict(totals, complete=True, chunks=self.header.chunk_count, image_digest=self.image_digest,
+        totals = dict(totals, complete=True, chunks=self.chunks_written, blocks=n, image_digest=self.image_digest,
                       header_digest=self.header.digest, stream_digest=self.frames.digest())
-        self._emit(encode_trailer(totals, bytes(self.digests)), 0)
+        held = None
+        if self.held is not None:
+            held = pack_bits(self.held)
+            totals["held_blocks"] = self.chunks_written
+        self.tables = (bytes(self.digests), used_any, used_full)
+        self._emit(encode_trailer(totals, self.tables[0], used_any, used_full, held), 0)
         table = encode_seek_table(self.frames.entries)
         self.sink.write(table)
         self.bytes_written += len(table)

@@ -1,14 +1,17 @@
 """What a user asks for, start to end: one module per verb. The CLI is a thin layer over these."""
 
 from .backup import Destination, ImagingOptions, backup, backup_volumes, write_image
+from .chains import open_chain
+from .consolidate import consolidate
 from .info import info, info_feed
-from .restore import compare_with_image, restore, restore_feed
+from .restore import compare_with_digests, restore, restore_chain, restore_feed
 from .results import BackupResult, ImageInfo, RestoreResult, VerifyResult
 from .tape import open_tape_image, restore_from_tape, scan_tape, verify_tape
 from .verify import verify, verify_feed
 
 __all__ = [
     "BackupResult", "Destination", "ImageInfo", "ImagingOptions", "RestoreResult", "VerifyResult", "backup",
-    "backup_volumes", "compare_with_image", "info", "info_feed", "open_tape_image", "restore", "restore_feed",
+    "backup_volumes", "compare_with_digests", "consolidate", "info", "info_feed", "open_chain", "open_tape_image",
+    "restore", "restore_chain", "restore_feed",
     "restore_from_tape", "scan_tape", "verify", "verify_feed", "verify_tape", "write_image",
 ]

@@ -12,6 +12,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import numpy as np
+
 from devices.buffers import BufferPool
 from devices.errors import DeviceError
 
@@ -22,7 +24,7 @@ from ..ends.sinks import STDOUT, FileSink, Sink, StreamSink
 from ..ends.sources import VolumeSource
 from ..errors import ImagerError, SnapshotError, UsageError
 from ..format import (DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL, MAX_CHUNK_SIZE, EncodedChunk, ImageHeader, ImageWriter,
-                      ZstdCodec, zstd_frame_bound)
+                      ZstdCodec, chain_block_size, pack_bits, zstd_frame_bound)
 from ..pipeline import encoder, read_chunks, run_ordered, worker_count
 from ..plan.planner import PlanRules, remove_stale_planning_mounts
 from ..plan.usedmap import ALL_BLOCKS, UsedMap
@@ -30,6 +32,7 @@ from ..snapshot.freeze import Hook
 from ..snapshot.provider import PlannedVolume, SnapshotRequest, SnapshotSet, provider
 from ..tape import DEFAULT_BLOCK_SIZE, TapeSink, TapeSpec
 from ..units import check_block_size, now_iso
+from .incremental import Increment, incremental_header, prepare_incremental, write_incremental
 from .results import BackupResult
 from .tape import record_labels, tape_segment_records
 
@@ -50,6 +53,9 @@ class ImagingOptions:
     excludes: tuple[str, ...] = ()
     backups_as_sources: bool = False    # image a source that is itself an image, zstd file or tape
     max_freeze: float | None = None     # seconds; None: the provider's default
+    incremental: bool = False           # only what changed since a parent image (a full when none)
+    parent: str | None = None           # that parent: an image file or a catalog id (default: the newest)
+    compare_digests: bool = False       # find an incremental's changes by digests even when a tracker has them
 
     @property
     def rules(self) -> PlanRules:
@@ -189,12 +195,17 @@ def _write_one(volume: PlannedVolume, dest: Destination, options: ImagingOptions
     """Image one volume into the destination. `before_commit` may still refuse the image (the
     freeze it was read under expired) before it takes its final name."""
     image_id = uuid.uuid4().hex
+    increment = None
+    if options.incremental:
+        near = os.path.dirname(os.path.abspath(dest.image_path(volume.name, many))) if dest.output else None
+        increment = prepare_incremental(volume, _block_size(volume.source.size, options), parent_ref=options.parent,
+                                        catalog=catalog, search_dir=near, on_notice=on_notice,
+                                        compare_digests=options.compare_digests)
     sink = _open_sink(volume, dest, options, image_id, many, on_notice)
-    log.info("%s: writing image %s to %s", volume.name, image_id, sink.path)
+    log.info("%s: writing %s image %s to %s", volume.name, "an incremental" if increment else "a full", image_id,
+             sink.path)
     try:
-        result = write_image(volume.source, sink, options=options, image_id=image_id, plan=volume.plan,
-                             source_meta=volume.source_meta, snapshot_meta=volume.snapshot_meta,
-                             partitions=volume.partitions, progress=progress)
+        result = _write_kind(volume, sink, options, image_id, increment, progress)
         record = image_record(result.header, result.bytes_written, result.image_digest)
         if before_commit is not None:
             before_commit()
@@ -208,25 +219,58 @@ def _write_one(volume: PlannedVolume, dest: Destination, options: ImagingOptions
     finally:
         if isinstance(sink, TapeSink):
             record_labels(catalog, sink.labelled)
+    record_image(result, record, sink, catalog)
+    if volume.commit_tracker is not None:
+        volume.commit_tracker()      # the next incremental may start from this image
+    return result
+
+
+def _block_size(volume_size: int, options: ImagingOptions) -> int:
+    return min(chain_block_size(volume_size), options.chunk_size)
+
+
+def _write_kind(volume: PlannedVolume, sink: Sink, options: ImagingOptions, image_id: str,
+                increment: Increment | None, progress: Progress | None) -> BackupResult:
+    chain: dict = {"volume": volume.volume_key}
+    if volume.tracker:
+        chain["tracker"] = {"series": volume.tracker["series"], "sequence": volume.tracker["sequence"]}
+    if increment is None:
+        if options.incremental:
+            chain["reason"] = "no parent"
+        return write_image(volume.source, sink, options=options, image_id=image_id, plan=volume.plan,
+                           source_meta=volume.source_meta, snapshot_meta=volume.snapshot_meta,
+                           partitions=volume.partitions, progress=progress, chain=chain)
+    options.check(volume.source.logical_sector_size)
+    plan = volume.plan.aligned(volume.source.logical_sector_size)
+    header = incremental_header(volume, increment, _header(volume.source, options, image_id, plan, volume.source_meta,
+                                                           volume.snapshot_meta, volume.partitions, chain))
+    return write_incremental(volume.source, sink, increment, header=header, plan=plan, read_size=options.chunk_size,
+                             level=options.level, workers=options.workers, progress=progress)
+
+
+def record_image(result: BackupResult, record: ImageRecord, sink: Sink, catalog: Catalog | None) -> None:
+    """Say where the image went (in the result and the catalog)."""
+    image_id = result.image_id
     if isinstance(sink, TapeSink):
         segments = tape_segment_records(image_id, sink.segments)
         result.image = ", ".join(f"{s.tape_label} file {s.tape_file}" for s in segments)
     elif isinstance(sink, StreamSink):
         result.image = sink.path
-        return result    # a stream has no place the catalog could find it again
+        return    # a stream has no place the catalog could find it again
     else:
         segments = [SegmentRecord(image_id, 0, "file", os.path.abspath(sink.path), None, None, None, 0,
                                   result.bytes_written)]
         result.image = sink.path
     if catalog is not None:
         catalog.add_image(record, segments, replaces_tape_files=isinstance(sink, TapeSink))
-    return result
+        if isinstance(sink, TapeSink) and result.block_table is not None:
+            catalog.add_block_table(image_id, *result.block_table)
 
 
 def write_image(source: VolumeSource, sink: Sink, *, options: ImagingOptions | None = None,
                 image_id: str | None = None, plan: UsedMap | None = None, source_meta: dict | None = None,
                 snapshot_meta: dict | None = None, partitions: dict | None = None,
-                progress: Progress | None = None) -> BackupResult:
+                progress: Progress | None = None, chain: dict | None = None) -> BackupResult:
     """Image `source` into `sink` (which the caller commits or aborts). With a used-block
     `plan`, blocks the filesystem does not use go into the image as zeros, unread."""
     options = options or ImagingOptions()
@@ -236,7 +280,7 @@ def write_image(source: VolumeSource, sink: Sink, *, options: ImagingOptions | N
         if plan.size != source.size:
             raise ImagerError(f"the used-block plan covers {plan.size} bytes, the volume has {source.size}")
         plan = plan.aligned(source.logical_sector_size)
-    header = _header(source, options, image_id, plan, source_meta, snapshot_meta, partitions)
+    header = _header(source, options, image_id, plan, source_meta, snapshot_meta, partitions, chain)
     if plan is not None and plan.mode == ALL_BLOCKS:
         plan = None
     started = time.monotonic()
@@ -254,27 +298,40 @@ def write_image(source: VolumeSource, sink: Sink, *, options: ImagingOptions | N
             progress(chunk.length)
 
     try:
-        run_ordered(read_chunks(source, options.chunk_size, pool, count_read, plan), encoder(pool, ZstdCodec(options.level)),
-                    consume, workers=workers, depth=workers * 2)
+        run_ordered(read_chunks(source, options.chunk_size, pool, count_read, plan),
+                    encoder(pool, ZstdCodec(options.level, header.block_size)), consume, workers=workers,
+                    depth=workers * 2)
     finally:
         pool.close()
     seconds = time.monotonic() - started
     writer.finish({"bytes_read": totals["bytes_read"], "zero_chunks": totals["zero_chunks"],
-                   "seconds": round(seconds, 3), "finished": now_iso()})
+                   "seconds": round(seconds, 3), "finished": now_iso()}, *used_bitmaps(plan, header))
     return BackupResult(image_id=header.image_id, image=sink.path, source=source.path, volume_size=source.size,
                         chunks=header.chunk_count, zero_chunks=totals["zero_chunks"],
                         bytes_read=totals["bytes_read"], bytes_written=writer.bytes_written, seconds=seconds,
                         level=options.level, chunk_size=options.chunk_size, image_digest=writer.image_digest,
-                        header=header)
+                        header=header, block_table=writer.tables)
+
+
+def used_bitmaps(plan: UsedMap | None, header: ImageHeader) -> tuple[bytes, bytes]:
+    """The trailer's maps of the blocks the filesystem used any and all of (every block, without
+    a used-block plan)."""
+    if plan is None:
+        every = pack_bits(np.ones(header.block_count, dtype=bool))
+        return every, every
+    used_any, used_full = plan.block_states(header.block_size)
+    return pack_bits(used_any), pack_bits(used_full)
 
 
 def _header(source: VolumeSource, options: ImagingOptions, image_id: str | None, plan: UsedMap | None,
-            source_meta: dict | None, snapshot_meta: dict | None, partitions: dict | None) -> ImageHeader:
+            source_meta: dict | None, snapshot_meta: dict | None, partitions: dict | None,
+            chain: dict | None = None) -> ImageHeader:
     header = ImageHeader(volume_size=source.size, chunk_size=options.chunk_size,
                          sector_size=source.logical_sector_size, level=options.level,
                          source=dict({"path": source.path}, **(source_meta or {})),
                          snapshot=snapshot_meta or {"provider": "none", "time": now_iso()},
-                         created=now_iso(), tool=f"imager {__version__}", partitions=partitions)
+                         created=now_iso(), tool=f"imager {__version__}", partitions=partitions,
+                         block_size=_block_size(source.size, options), chain=dict(chain or {}))
     if plan is not None:
         header.plan = plan.to_dict()
     if options.excludes:
@@ -285,8 +342,13 @@ def _header(source: VolumeSource, options: ImagingOptions, image_id: str | None,
 
 
 def image_record(header: ImageHeader, stream_bytes: int, image_digest: str) -> ImageRecord:
+    tracker = header.chain.get("tracker") or {}
     return ImageRecord(id=header.image_id, created=header.created, source=header.source.get("path", ""),
                        fs_type=header.source.get("fs_type"), volume_size=header.volume_size,
                        chunk_size=header.chunk_size, chunks=header.chunk_count, level=header.level,
                        stream_bytes=stream_bytes, image_digest=image_digest,
-                       snapshot=json.dumps(header.snapshot, sort_keys=True))
+                       snapshot=json.dumps(header.snapshot, sort_keys=True), kind=header.kind,
+                       parent_id=(header.chain.get("parent") or {}).get("id"), method=header.chain.get("method"),
+                       volume=header.chain.get("volume"), series=tracker.get("series"),
+                       sequence=tracker.get("sequence"), snapshot_time=header.snapshot.get("time"),
+                       replaces=(header.chain.get("consolidated") or [None])[0])

@@ -6,18 +6,22 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import ExitStack
 from typing import Callable
 
 from devices.block import BlockDevice
 from devices.buffers import BufferPool
 from devices.topology import same_file
 
+from ..catalog import Catalog
 from ..ends.feeds import Feed, SeekableFeed
 from ..ends.sources import VolumePrefix
 from ..ends.target import RestoreTarget
 from ..errors import ImageFormatError, ImagerError, UsageError
-from ..format import ImageHeader, ImageReader, ImageTrailer
+from ..format import DIGEST_SIZE, ImageReader
+from ..format.chain import Chain
 from ..pipeline import DecodedChunk, decoder, digester, read_chunks, run_ordered, worker_count
+from .chains import open_chain
 from .results import RestoreResult
 
 Progress = Callable[[int], None]
@@ -26,36 +30,39 @@ log = logging.getLogger("imager.restore")
 
 
 def restore(image: str, target: str, *, force: bool = False, verify: bool = False,
-            workers: int | None = None, progress: Progress | None = None) -> RestoreResult:
-    """Write the volume held by the image file `image` onto the block device or file `target`."""
+            workers: int | None = None, progress: Progress | None = None,
+            catalog: Catalog | None = None) -> RestoreResult:
+    """Write the volume held by the image file `image` onto the block device or file `target`;
+    an incremental's volume at its point, its parents found through `catalog` or beside it."""
     with ImageReader(image) as reader:
-        return restore_feed(SeekableFeed(reader), target, force=force, verify=verify, workers=workers,
-                            progress=progress)
+        if not reader.header.incremental:
+            return restore_feed(SeekableFeed(reader), target, force=force, verify=verify, workers=workers,
+                                progress=progress)
+    with ExitStack() as stack:
+        chain = open_chain(image, stack, catalog=catalog)
+        return restore_chain(chain, target, force=force, verify=verify, workers=workers, progress=progress)
 
 
-def restore_feed(feed: Feed, target: str, *, force: bool = False, verify: bool = False,
-                 workers: int | None = None, progress: Progress | None = None) -> RestoreResult:
-    """Write the chunks of `feed` onto `target`, in order."""
+def restore_chain(chain: Chain, target: str, *, force: bool = False, verify: bool = False,
+                  workers: int | None = None, progress: Progress | None = None) -> RestoreResult:
+    """Write the volume at a chain point: each region (a chunk of the full) assembled from the
+    full and the newest blocks of the incrementals, each block checked, written once."""
     workers = worker_count(workers)
     started = time.monotonic()
-    header = feed.header
-    image_path = getattr(feed, "path", None)
-    if image_path and same_file(image_path, target):
-        raise UsageError(f"{target}: is the image being restored; give another target")
+    header = chain.header
+    if same_file(chain.point.path, target) or any(same_file(i.path, target) for i in chain.images):
+        raise UsageError(f"{target}: is an image of the chain being restored; give another target")
     tgt = RestoreTarget(target, header.volume_size, force)
-    log.info("restoring %s (%d bytes in %d chunks) to %s", feed.name, header.volume_size, header.chunk_count, target)
-    # Every chunk's contents are checked against its digest: damage that the stream digest
-    # alone would find cannot change what is restored (verify reports it), and hashing every
-    # compressed byte would cost restore about 10% of its CPU.
-    feed.skip_stream_digest()
+    log.info("restoring %s, a chain of %d images, to %s", chain.point.path, len(chain.images), target)
     totals = {"zero_chunks": 0, "bytes_written": 0}
-    digests = bytearray()
 
-    def consume(result: DecodedChunk) -> None:
-        index, data, digest = result
-        length = header.chunk_length(index)
-        tgt.write_chunk(index * header.chunk_size, data, length)
-        digests.extend(digest)
+    def assemble(region: int) -> tuple[int, bytes | None]:
+        return region, chain.region(region)[0]
+
+    def consume(result: tuple[int, bytes | None]) -> None:
+        region, data = result
+        length = chain.region_length(region)
+        tgt.write_chunk(region * chain.region_size, data, length)
         if data is None:
             totals["zero_chunks"] += 1
         else:
@@ -64,9 +71,7 @@ def restore_feed(feed: Feed, target: str, *, force: bool = False, verify: bool =
             progress(length)
 
     try:
-        run_ordered(feed.chunks(), decoder(feed), consume, workers=workers)
-        trailer = feed.finish()
-        trailer.check_chunk_digests(bytes(digests), header.chunk_size)
+        run_ordered(range(chain.region_count), assemble, consume, workers=workers)
         tgt.finish()
     except ImageFormatError as e:
         tgt.abort()
@@ -78,30 +83,91 @@ def restore_feed(feed: Feed, target: str, *, force: bool = False, verify: bool =
     tgt.close()
     if verify:
         log.info("reading %s back from the medium to compare", target)
-        compare_with_image(target, header, trailer, workers=workers)
+        compare_with_digests(target, header.volume_size, chain.region_size, header.block_size,
+                             chain.trailer.digests, workers=workers)
+    return RestoreResult(image=chain.point.path, target=target, volume_size=header.volume_size,
+                         chunks=chain.region_count, zero_chunks=totals["zero_chunks"],
+                         bytes_written=totals["bytes_written"], seconds=time.monotonic() - started,
+                         verified=verify, chain=[i.header.image_id for i in chain.images])
+
+
+def restore_feed(feed: Feed, target: str, *, force: bool = False, verify: bool = False,
+                 workers: int | None = None, progress: Progress | None = None) -> RestoreResult:
+    """Write the chunks of `feed` onto `target`, in order."""
+    workers = worker_count(workers)
+    started = time.monotonic()
+    header = feed.header
+    if header.incremental:
+        raise UsageError(f"{feed.name}: an incremental image holds only what changed since its parent; "
+                         f"restore it from a file, where its chain can be found")
+    image_path = getattr(feed, "path", None)
+    if image_path and same_file(image_path, target):
+        raise UsageError(f"{target}: is the image being restored; give another target")
+    tgt = RestoreTarget(target, header.volume_size, force)
+    log.info("restoring %s (%d bytes in %d chunks) to %s", feed.name, header.volume_size, header.chunk_count, target)
+    # Every chunk's contents are checked against its digest: damage that the stream digest
+    # alone would find cannot change what is restored (verify reports it), and hashing every
+    # compressed byte would cost restore about 10% of its CPU.
+    feed.skip_stream_digest()
+    totals = {"zero_chunks": 0, "bytes_written": 0}
+    digests: list[tuple[int, bytes]] = []
+
+    def consume(result: DecodedChunk) -> None:
+        index, data, digest = result
+        length = header.chunk_length(index)
+        tgt.write_chunk(index * header.chunk_size, data, length)
+        digests.append((index, digest))
+        if data is None:
+            totals["zero_chunks"] += 1
+        else:
+            totals["bytes_written"] += length
+        if progress:
+            progress(length)
+
+    try:
+        run_ordered(feed.chunks(), decoder(feed), consume, workers=workers)
+        trailer = feed.finish()
+        trailer.check_chunk_digests(digests)
+        tgt.finish()
+    except ImageFormatError as e:
+        tgt.abort()
+        where = f"nothing written to {target}" if tgt.fresh_file else f"{target} holds a partial volume"
+        raise ImageFormatError(f"restore failed, {where}: {e}") from None
+    except BaseException:
+        tgt.abort()
+        raise
+    tgt.close()
+    if verify:
+        log.info("reading %s back from the medium to compare", target)
+        compare_with_digests(target, header.volume_size, header.chunk_size, header.block_size, trailer.digests,
+                             workers=workers)
     return RestoreResult(image=feed.name, target=target, volume_size=header.volume_size,
                          chunks=header.chunk_count, zero_chunks=totals["zero_chunks"],
                          bytes_written=totals["bytes_written"], seconds=time.monotonic() - started,
                          verified=verify)
 
 
-def compare_with_image(target: str, header: ImageHeader, trailer: ImageTrailer, *,
-                       workers: int | None = None) -> None:
-    """Re-read the volume's length of `target` from the medium and compare every chunk's
-    checksum with the image's."""
+def compare_with_digests(target: str, volume_size: int, read_size: int, block_size: int, digests: bytes, *,
+                         workers: int | None = None) -> None:
+    """Re-read the volume's length of `target` from the medium and compare every block's digest
+    with `digests` (an image's table)."""
     workers = worker_count(workers)
+    per_read = read_size // block_size * DIGEST_SIZE
     with BlockDevice(target, direct=True) as dev:
         dev.drop_cache()
-        pool = BufferPool(workers * 2 + 2, header.chunk_size)
+        pool = BufferPool(workers * 2 + 2, read_size)
 
         def check(result: tuple[int, bytes]) -> None:
             index, got = result
-            if got != trailer.digest(index):
-                raise ImagerError(f"verify after restore failed: {target} differs from the image in chunk "
-                                  f"{index} (volume offset {index * header.chunk_size})")
+            want = digests[index * per_read:(index + 1) * per_read]
+            if got != want:
+                first = next(i for i in range(0, len(got), DIGEST_SIZE) if got[i:i + DIGEST_SIZE] != want[i:i + DIGEST_SIZE])
+                block = index * (read_size // block_size) + first // DIGEST_SIZE
+                raise ImagerError(f"verify after restore failed: {target} differs from the image in chunk {index}, "
+                                  f"block {block} (volume offset {block * block_size})")
 
         try:
-            run_ordered(read_chunks(VolumePrefix(dev, header.volume_size), header.chunk_size, pool, lambda n: None),
-                        digester(pool), check, workers=workers)
+            run_ordered(read_chunks(VolumePrefix(dev, volume_size), read_size, pool, lambda n: None),
+                        digester(pool, block_size), check, workers=workers)
         finally:
             pool.close()

@@ -23,6 +23,14 @@ class BackupResult:
     image_digest: str
     header: ImageHeader = field(repr=False)
     freeze_window_ms: float | None = None
+    kind: str = "full"                   # full | incremental
+    parent_id: str | None = None
+    method: str | None = None            # an incremental's: tracker | digest
+    reason: str = ""                     # why this kind and method
+    changed_blocks: int | None = None    # an incremental's blocks written
+    compared_blocks: int | None = None   # and blocks read and compared
+    # The trailer's block digests and maps (the catalog keeps them for images on tape).
+    block_table: tuple[bytes, bytes, bytes] | None = field(default=None, repr=False)
 
     @property
     def ratio(self) -> float:
@@ -33,8 +41,7 @@ class BackupResult:
         return self.volume_size / self.seconds / 1e6 if self.seconds else 0.0
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        del d["header"]
+        d = {k: v for k, v in asdict(self).items() if k not in ("header", "block_table")}
         return dict(d, ratio=round(self.ratio, 3), mb_per_second=round(self.mb_per_second, 1))
 
 
@@ -48,6 +55,7 @@ class RestoreResult:
     bytes_written: int
     seconds: float
     verified: bool
+    chain: list[str] | None = None       # an incremental's: the image ids it came from, newest first
 
     @property
     def mb_per_second(self) -> float:
@@ -66,6 +74,7 @@ class VerifyResult:
     seconds: float
     ok: bool = True
     errors: list[str] = field(default_factory=list)
+    chain: list[str] | None = None       # an incremental's: every image checked, newest first
 
     def to_dict(self) -> dict:
         return asdict(self)

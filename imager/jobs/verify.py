@@ -4,36 +4,52 @@ as a whole against its stream digest."""
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 from typing import Callable
 
+from ..catalog import Catalog
 from ..ends.feeds import Feed, SeekableFeed
 from ..format import ImageReader
 from ..pipeline import DecodedChunk, decoder, run_ordered, worker_count
+from .chains import open_chain
 from .results import VerifyResult
 
 Progress = Callable[[int], None]
 
 
-def verify(image: str, *, workers: int | None = None, progress: Progress | None = None) -> VerifyResult:
-    """Read every chunk of the image file `image`, decompress it and check it against its checksums."""
+def verify(image: str, *, workers: int | None = None, progress: Progress | None = None,
+           catalog: Catalog | None = None) -> VerifyResult:
+    """Read every chunk of the image file `image`, decompress it and check it against its
+    checksums; for an incremental, every image of its chain back to the full, and that they
+    make one volume at its point."""
     with ImageReader(image) as reader:
-        return verify_feed(SeekableFeed(reader), workers=workers, progress=progress)
+        result = verify_feed(SeekableFeed(reader), workers=workers, progress=progress)
+        if not reader.header.incremental:
+            return result
+    with ExitStack() as stack:
+        chain = open_chain(image, stack, catalog=catalog)       # checks every link and digest table
+        for parent in chain.images[1:]:
+            verify_feed(SeekableFeed(parent), workers=workers)
+        result.chain = [i.header.image_id for i in chain.images]
+    return result
 
 
 def verify_feed(feed: Feed, *, workers: int | None = None, progress: Progress | None = None) -> VerifyResult:
     started = time.monotonic()
     header = feed.header
     zero = [0]
-    digests = bytearray()
+    count = [0]
+    digests: list[tuple[int, bytes]] = []
 
     def consume(result: DecodedChunk) -> None:
         index, data, digest = result
-        digests.extend(digest)
+        digests.append((index, digest))
         zero[0] += data is None
+        count[0] += 1
         if progress:
             progress(header.chunk_length(index))
 
     run_ordered(feed.chunks(), decoder(feed), consume, workers=worker_count(workers))
-    feed.finish().check_chunk_digests(bytes(digests), header.chunk_size)
-    return VerifyResult(image=feed.name, volume_size=header.volume_size, chunks=header.chunk_count,
+    feed.finish().check_chunk_digests(digests)
+    return VerifyResult(image=feed.name, volume_size=header.volume_size, chunks=count[0],
                         zero_chunks=zero[0], seconds=time.monotonic() - started)

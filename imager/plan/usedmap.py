@@ -49,6 +49,15 @@ def _as_arrays(ranges: Iterable[Range]) -> tuple[np.ndarray, np.ndarray]:
     return pairs[:, 0], pairs[:, 1]
 
 
+def _coverage(firsts: np.ndarray, ends: np.ndarray, n: int) -> np.ndarray:
+    """Which of n blocks lie in any of the block ranges [firsts[i], ends[i])."""
+    marks = np.zeros(n + 1, dtype=np.int64)
+    keep = ends > firsts
+    np.add.at(marks, firsts[keep], 1)
+    np.add.at(marks, ends[keep], -1)
+    return np.cumsum(marks[:n]) > 0
+
+
 class UsedMap:
     """The used byte ranges of a volume of `size` bytes: sorted, merged, half-open [start, end).
 
@@ -155,6 +164,14 @@ class UsedMap:
         """True when any byte of [start, end) is used."""
         return bool(self.ranges_in(start, end - start)) if end > start else False
 
+    def block_states(self, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per block of `block_size` bytes: whether any byte of it is used, whether every byte
+        is (the volume's last block may be shorter). What an incremental compares with its parent's."""
+        n = -(-self.size // block_size)
+        full_end = np.where(self.ends >= self.size, n, self.ends // block_size)
+        return (_coverage(self.starts // block_size, -(-self.ends // block_size), n),
+                _coverage(-(-self.starts // block_size), full_end, n))
+
     # --- composition ----------------------------------------------------------------------
 
     def shifted(self, offset: int, size: int | None = None) -> "UsedMap":
@@ -178,6 +195,13 @@ class UsedMap:
         starts, ends = _complement(*gone, self.size)
         removed = self.used_bytes - int((ends - starts).sum())
         return self._derived(starts, ends, excluded_bytes=self.excluded_bytes + removed)
+
+    def within(self, other: "UsedMap") -> "UsedMap":
+        """The bytes used in both maps: everything outside the gaps of either."""
+        mine = _complement(self.starts, self.ends, self.size)
+        theirs = _complement(other.starts, other.ends, self.size)
+        gaps = _normalised(np.concatenate((mine[0], theirs[0])), np.concatenate((mine[1], theirs[1])), self.size)
+        return self._derived(*_complement(*gaps, self.size))
 
     def aligned(self, granularity: int) -> "UsedMap":
         """Every range widened outward to multiples of `granularity` (a sector size for

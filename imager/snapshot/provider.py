@@ -12,6 +12,7 @@ are made inside the freeze window, so that they describe the snapshot instant.
 
 from __future__ import annotations
 
+import functools
 import os
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from typing import Callable, Iterator, Protocol, Sequence
 
 from devices.block import BlockDevice
 from devices.fs import mounts_of
+from devices.topology import device_identity
 
 from ..ends.sources import VolumeSource, open_source, probe_filesystem
 from ..errors import ImagerError, SnapshotError, UsageError
@@ -58,6 +60,12 @@ class PlannedVolume:
     source_meta: dict                        # the image header's "source"
     snapshot_meta: dict                      # the image header's "snapshot"
     partitions: dict | None = None
+    volume_key: str = ""                     # which volume this is, across backups (finds a parent)
+    # A managed volume's change tracker: its roll at this snapshot (series, sequence, base), the
+    # bits of the blocks written since the base's snapshot, and how to say the image is stored.
+    tracker: dict | None = None
+    tracked_changes: Callable[[], bytes | None] | None = None
+    commit_tracker: Callable[[], None] | None = None
 
 
 @dataclass
@@ -99,7 +107,7 @@ class NoneProvider:
                 warn_if_mounted_rw(dev.path, request.on_notice)
                 volumes.append(PlannedVolume(dev, _volume_name(dev.path), plan, fs_meta,
                                              {"provider": "none", "time": now_iso()},
-                                             partition_table_of(dev.path, fs_meta)))
+                                             partition_table_of(dev.path, fs_meta), volume_key(dev.path, fs_meta)))
             yield SnapshotSet(volumes)
 
 
@@ -133,7 +141,8 @@ class FreezeProvider:
                     volumes.append(PlannedVolume(dev, _volume_name(dev.path), plan, fs_meta,
                                                  {"provider": "freeze", "time": created,
                                                   "frozen": list(mounted.values())},
-                                                 None if point else partition_table_of(dev.path, fs_meta)))
+                                                 None if point else partition_table_of(dev.path, fs_meta),
+                                                 volume_key(dev.path, fs_meta)))
                 if request.while_frozen is not None:
                     request.while_frozen()
                 snapshot_set = SnapshotSet(volumes, before_commit=window.check)
@@ -175,8 +184,11 @@ class CowProvider:
                 meta = {"provider": "cow", "time": instant.isoformat(timespec="milliseconds"),
                         "freeze_window_ms": round(info.freeze_window_ms, 2),
                         "volumes": [x.name for x in volumes], "volume": v.name}
-                planned.append(PlannedVolume(view, v.name, plan, dict(probe_filesystem(snap.path), path=v.device,
-                                             volume=v.name, front=v.front, view=snap.path), meta))
+                planned.append(PlannedVolume(
+                    view, v.name, plan, dict(probe_filesystem(snap.path), path=v.device, volume=v.name, front=v.front,
+                                             view=snap.path), meta, volume_key=f"managed:{v.name}",
+                    tracker=snap.tracker, tracked_changes=functools.partial(held.tracked_changes, v.name),
+                    commit_tracker=functools.partial(held.commit, v.name)))
             yield SnapshotSet(planned, info.freeze_window_ms, explain=_explain_cow_read_error(volumes))
 
 
@@ -248,6 +260,14 @@ def _explain_cow_read_error(volumes: list[daemon.VolumeInfo]) -> Callable[[Plann
         return ImagerError(f"{error} (reading the snapshot of {volume.name}; its daemon's log says why: "
                            f"{by_name[volume.name].log_path})")
     return explain
+
+
+def volume_key(path: str, fs_meta: dict) -> str:
+    """Which volume a device holds, across backups and device renumbering: its filesystem's UUID
+    where it has one, else the device itself (for a loop device, the file behind it)."""
+    if fs_meta.get("uuid"):
+        return f"uuid:{fs_meta['uuid']}"
+    return device_identity(path)
 
 
 def _volume_name(path: str) -> str:

@@ -135,7 +135,9 @@ class StateDir:
             os.close(fd)
 
     def close(self) -> None:
-        os.close(self._lock_fd)
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
 
 
 def refuse_state_dir_on_volume(device_path: str, state_dir: str) -> None:

@@ -38,6 +38,7 @@ from ... import failpoints
 from ...errors import SnapshotError
 from ...units import check_block_size
 from .locks import StripedLocks
+from .tracker import ChangeTracker, Roll
 from .view import SnapshotView
 from .state import BITMAP_FILE, CACHE_FILE, INDEX_FILE, PersistedState, StateDir, pwrite_all
 
@@ -56,7 +57,9 @@ class CowStore:
     """
 
     def __init__(self, device, state_dir: str, block_size: int = DEFAULT_BLOCK_SIZE,
-                 cache_capacity: int | None = None):
+                 cache_capacity: int | None = None, *, fingerprint: dict | None = None):
+        """`fingerprint`: the device's write fingerprint before anything wrote to it (see
+        ChangeTracker); None when it cannot be known (tracked changes then start anew)."""
         sector = int(device.logical_sector_size)
         problem = check_block_size(block_size, sector, "COW block size")
         if problem:
@@ -92,6 +95,11 @@ class CowStore:
         self._bitmap = np.frombuffer(self._bitmap_map, dtype=np.uint8)
         self._index = memoryview(self._index_map).cast("q")
         self._index_array = np.frombuffer(self._index_map, dtype=np.int64)
+        try:
+            self.tracker = ChangeTracker(self._dir, self.size, fingerprint)
+        except BaseException:
+            self._dir.close()
+            raise
         self._cache_fd = self._dir.open_file(CACHE_FILE)
         self._cache_slots_used = -(-os.fstat(self._cache_fd).st_size // block_size)
         self._cache_preallocated = 0
@@ -146,12 +154,15 @@ class CowStore:
 
     # -- snapshot lifetime ---------------------------------------------------------------------
 
-    def start_snapshot(self) -> None:
-        """Switch COW on: from now on the volume as it is is the snapshot. Waits for writes in flight."""
+    def start_snapshot(self, roll: bool = False) -> Roll | None:
+        """Switch COW on: from now on the volume as it is is the snapshot. Waits for writes in
+        flight. With `roll` (a backup's snapshot), the change tracker starts its next interval at
+        the same instant, and what it says about the last one is returned."""
         self._check_open()
         with self._locks.everything():
             if self._cow_active:
                 raise SnapshotError(f"{self.device.path} already has an active snapshot")
+            rolled = self.tracker.roll() if roll else None
             self._bitmap[:] = 0
             self._bitmap_map.flush()
             os.ftruncate(self._cache_fd, 0)
@@ -167,6 +178,7 @@ class CowStore:
                     raise SnapshotError(f"cannot record the snapshot in {self.state_dir}: {e.strerror}") from None
                 self._state = state
             self._cow_active = True
+            return rolled
 
     def end_snapshot(self) -> None:
         """Switch COW off and discard the cache. The bitmap is kept until the next snapshot starts:
@@ -209,6 +221,7 @@ class CowStore:
         first = offset // self.block_size
         last = (offset + length - 1) // self.block_size
         with self._locks.blocks(first, last):
+            self.tracker.mark(offset, length)
             if self._cow_active:
                 try:
                     self._preserve_originals(first, last)
@@ -348,12 +361,15 @@ class CowStore:
 
     # -- lifetime ------------------------------------------------------------------------------
 
-    def close(self) -> None:
-        """Close the store. An active snapshot stays recorded in the state directory."""
+    def close(self, fingerprint: dict | None = None) -> None:
+        """Close the store. An active snapshot stays recorded in the state directory; the
+        tracked changes are trusted next time only with the device's write `fingerprint`, taken
+        after its last write was flushed (a clean stop)."""
         if self._closed:
             return
         with self._locks.everything():
             self._closed = True
+            self.tracker.close(fingerprint)
             self._bitmap_map.flush()
             self._index_map.flush()
             os.close(self._cache_fd)

@@ -108,6 +108,7 @@ class SnapshotInfo:
     invalid: bool
     invalid_reason: str
     cache_full: bool = False    # invalid because the cache region ran out of room
+    tracker: dict | None = None  # a backup's snapshot: the change tracker's roll (series, sequence, base)
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,7 @@ class VolumeInfo:
     snapshot: SnapshotInfo | None
     state: str = "running"      # running | failed (the daemon is gone) | not answering
     problem: str = ""           # for a volume not running: what happened and what to do
+    tracker: dict | None = None  # the change tracker: series, sequence, base, changed blocks
 
 
 @dataclass(frozen=True)
@@ -149,7 +151,7 @@ def volume_from(d: dict) -> VolumeInfo:
         name=d["name"], device=d["device"], size=d["size"], front=d.get("front"),
         fuse_file=d["fuse_file"], state_dir=d["state_dir"], run_dir=d["run_dir"], pid=d["pid"],
         log_path=d["log_path"], snapshot=SnapshotInfo(**snap) if snap else None,
-        state=d.get("state", "running"), problem=d.get("problem", ""))
+        state=d.get("state", "running"), problem=d.get("problem", ""), tracker=d.get("tracker"))
 
 
 def checked(reply: dict) -> dict:

@@ -10,6 +10,7 @@ the front loop device on that file, and while a snapshot exists serves the read-
 
 from __future__ import annotations
 
+import base64
 import errno
 import json
 import logging
@@ -24,11 +25,13 @@ from devices.block import BlockDevice
 from devices.errors import DeviceError
 from devices.fs import mounts_of
 from devices.libc import check, libc
+from devices.topology import write_fingerprint
 
 from ... import failpoints
 from ...errors import ImagerError, SnapshotError, VolumeError
 from ...ends.atomic import write_atomically
 from ..cow import CowStore, SnapshotView
+from ..cow.tracker import Roll
 from .control import ControlServer
 from .fusefile import FileServer, ServedFile, serve
 from .protocol import LOG_NAME, MOUNT_DIR_NAME, RECORD_NAME, SNAPSHOT_FILE, SOCKET_NAME, VOLUME_FILE
@@ -113,6 +116,7 @@ class VolumeDaemon:
         self._control_lock = threading.Lock()
         self.fs_created_ns = time.time_ns()
         self._reported_unreadable_generation = -1
+        self._roll: Roll | None = None        # what the tracker said when the backup's snapshot was taken
 
     # -- start -------------------------------------------------------------------------------
 
@@ -120,9 +124,13 @@ class VolumeDaemon:
         # Buffered, like a disk with a write cache: FUSE hands writes over at unaligned addresses
         # (O_DIRECT would cost a copy each), and fsync/flush on the front reach the device
         # through store.flush() before they return. Measured in bench/front.py.
+        fingerprint = _write_fingerprint(self.device_path)     # before anything of ours writes
         self.device = BlockDevice(self.device_path, writable=True, exclusive=True, direct=False,
                                   on_notice=lambda msg: log.info("%s", msg))
-        self.store = CowStore(self.device, self.state_dir, self.block_size, self.cache_size)
+        self.store = CowStore(self.device, self.state_dir, self.block_size, self.cache_size, fingerprint=fingerprint)
+        if self.store.tracker.restarted:
+            log.info("tracking changes anew (series %s): %s", self.store.tracker.state.series,
+                     self.store.tracker.restarted)
         if self.store.snapshot_active:
             log.info("resuming snapshot generation %d from %s", self.store.generation, self.state_dir)
         os.makedirs(self.mount_point, mode=0o700, exist_ok=True)
@@ -189,11 +197,12 @@ class VolumeDaemon:
                 "invalid": stats["snapshot_invalid"],
                 "invalid_reason": stats["invalid_reason"],
                 "cache_full": stats["cache_full"],
+                "tracker": self._roll.to_dict() if self._roll else None,
             }
         return {"name": self.name, "device": self.device_path, "size": store.size, "front": self.front,
                 "fuse_file": self.fuse_file, "state_dir": self.state_dir, "run_dir": self.run_dir,
                 "pid": os.getpid(), "log_path": os.path.join(self.state_dir, LOG_NAME),
-                "snapshot": snapshot}
+                "snapshot": snapshot, "tracker": store.tracker.describe()}
 
     def handle(self, request: dict) -> dict:
         op = request.get("op")
@@ -205,16 +214,26 @@ class VolumeDaemon:
             return {"ok": True}
         with self._control_lock:
             if op == "snapshot-create":
-                self.store.start_snapshot()
-                log.info("snapshot generation %d created", self.store.generation)
+                self._roll = self.store.start_snapshot(roll=bool(request.get("hold")))
+                log.info("snapshot generation %d created%s", self.store.generation,
+                         f" (tracker sequence {self._roll.sequence})" if self._roll else "")
                 return {"ok": True, "volume": self.describe()}
+            if op == "tracker-changes":
+                return self._tracker_changes(request.get("sequence"))
             if op == "snapshot-delete":
-                self._delete_snapshot(bool(request.get("force")))
+                self._delete_snapshot(bool(request.get("force")), commit=request.get("tracker") == "commit")
                 return {"ok": True, "volume": self.describe()}
             if op == "detach":
                 self.detach()
                 return {"ok": True, "stopping": True}
         raise VolumeError(f"unknown request {op!r}")
+
+    def _tracker_changes(self, sequence: object) -> dict:
+        """The blocks written since the base of the snapshot's roll `sequence`, as a bitmap."""
+        bits = self.store.tracker.changes(sequence) if isinstance(sequence, int) else None
+        if bits is None:
+            raise SnapshotError(f"{self.name}: no tracked changes pending for sequence {sequence!r}")
+        return {"ok": True, "bits": base64.b64encode(bits).decode(), "block_size": self.store.tracker.block_size}
 
     def drop_abandoned_snapshot(self, generation: int) -> None:
         """The backup that held snapshot `generation` is gone without deleting it: delete it."""
@@ -233,7 +252,9 @@ class VolumeDaemon:
         record = dict(self.describe(), snapshot=None, cache_size=self.cache_size, block_size=self.block_size)
         write_atomically(os.path.join(self.run_dir, RECORD_NAME), json.dumps(record).encode())
 
-    def _delete_snapshot(self, force: bool) -> None:
+    def _delete_snapshot(self, force: bool, commit: bool = False) -> None:
+        """End the snapshot. With `commit`, its backup is stored: the tracker's next interval
+        starts from it; otherwise what the tracker rolled out goes back to be found next time."""
         if not self.store.snapshot_active:
             raise SnapshotError(f"{self.name} has no snapshot")
         if not self.fs.wait_for_handles(SNAPSHOT_FILE, 0, 0 if force else HANDLE_RELEASE_TIMEOUT):
@@ -243,6 +264,12 @@ class VolumeDaemon:
                     f"handles); detach its loop devices and close it first")
             log.warning("deleting the snapshot of %s while it is open", self.name)
         generation = self.store.generation
+        if self._roll is not None:
+            if commit and self.store.tracker.commit(self._roll.sequence):
+                log.info("tracker sequence %d committed: the next incremental starts from it", self._roll.sequence)
+            else:
+                self.store.tracker.give_up(self._roll.sequence)
+            self._roll = None
         self.store.end_snapshot()
         log.info("snapshot generation %d deleted", generation)
 
@@ -270,17 +297,23 @@ class VolumeDaemon:
             _umount(self.mount_point)
             self._mounted = False
             self._fuse_thread.join(FUSE_START_TIMEOUT)
-        self.close()
+        self.close(clean=True)
 
-    def close(self) -> None:
-        if self.store is not None:
-            self.store.close()
+    def close(self, clean: bool = False) -> None:
+        """Let go of the store and the device. A clean stop records the device's write fingerprint
+        once every write is on it, so that the tracked changes are trusted at the next attach."""
+        flushed = False
         if self.device is not None:
             # Writes went through the source's page cache: put them on the device before letting go.
             try:
                 self.device.flush()
+                flushed = True
             except DeviceError as e:
                 log.error("%s", e)
+        if self.store is not None:
+            fingerprint = _write_fingerprint(self.device_path) if clean and flushed else None
+            self.store.close(fingerprint)
+        if self.device is not None:
             self.device.close()
         try:
             os.rmdir(self.mount_point)
@@ -307,6 +340,15 @@ class VolumeDaemon:
                 os.rmdir(self.run_dir)
             except OSError:
                 pass
+
+
+def _write_fingerprint(device: str) -> dict | None:
+    try:
+        return write_fingerprint(device)
+    except (OSError, DeviceError) as e:
+        log.info("cannot fingerprint the writes of %s (%s): tracked changes are not kept across restarts",
+                 device, e)
+        return None
 
 
 def _check_not_claimed(device: str) -> None:

@@ -3,6 +3,7 @@ backup for its lifetime or kept until deleted."""
 
 from __future__ import annotations
 
+import base64
 import time
 from typing import Callable, Iterable, Sequence
 
@@ -46,6 +47,7 @@ class HeldSnapshots:
         self.hold = hold
         self._connections: list[Connection] = []
         self._asked: list[str] = []       # the volumes told to switch COW on
+        self._committed: set[str] = set()  # the volumes whose backup is stored
         try:
             self.info = self._take(pre_freeze_hooks, post_thaw_hooks, while_frozen, max_freeze)
         except BaseException:
@@ -93,13 +95,31 @@ class HeldSnapshots:
             except ImagerError:
                 pass
 
+    def tracked_changes(self, name: str) -> bytes | None:
+        """The change tracker's bitmap of the blocks of `name` written since the base of this
+        snapshot's roll (None when the daemon has none for it)."""
+        snapshot = next(s for s in self.info.snapshots if s.name == name)
+        conn = next(c for c in self._connections if c.name == name)
+        if not snapshot.tracker:
+            return None
+        try:
+            reply = checked(conn.request({"op": "tracker-changes", "sequence": snapshot.tracker["sequence"]}))
+        except ImagerError:
+            return None
+        return base64.b64decode(reply["bits"])
+
+    def commit(self, name: str) -> None:
+        """The backup of `name` is stored: when the snapshot goes, its tracker interval is done."""
+        self._committed.add(name)
+
     def close(self) -> None:
         """Delete the snapshots of a held set, waiting for each daemon's answer."""
         failures = []
         for conn in self._connections:
             try:
                 conn.timeout = REQUEST_TIMEOUT
-                checked(conn.request({"op": "snapshot-delete", "force": True}))
+                tracker = "commit" if conn.name in self._committed else "give-up"
+                checked(conn.request({"op": "snapshot-delete", "force": True, "tracker": tracker}))
             except ImagerError as e:
                 failures.append(str(e))
             finally:

@@ -1,0 +1,196 @@
+"""Incremental backups: an image of only the blocks that changed since a parent image.
+
+The parent is the newest image of the same volume in the catalog, or the one given (--parent).
+What changed is found the fastest way that is certain (imager.plan.changes): the change
+tracker's bits when the parent is the image of the tracker's base, otherwise the digests of
+every used block compared with the parent's. Either way each candidate block is read and
+hashed, and only those whose digest differs are compressed and written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import blake3
+import numpy as np
+
+from devices.buffers import BufferPool
+
+from ..catalog import Catalog
+from ..ends.sinks import Sink
+from ..ends.sources import VolumeSource
+from ..format import (DIGEST_SIZE, INCREMENTAL, EncodedChunk, ImageHeader, ImageWriter, ZstdCodec, pack_bits,
+                      unpack_bits, zero_block_digests)
+from ..pipeline import read_chunks, run_ordered, worker_count
+from ..plan.changes import BlockStates, ChangePlan, change_plan, tracker_bits_as_blocks
+from ..plan.usedmap import ALL_BLOCKS, UsedMap
+from ..snapshot.provider import PlannedVolume
+from ..units import now_iso
+from .chains import ParentImage, find_parent
+from .results import BackupResult
+
+Progress = Callable[[int], None]
+Notice = Callable[[str], None]
+
+log = logging.getLogger("imager.backup")
+
+
+@dataclass
+class Increment:
+    """An incremental about to be written: its parent and which blocks to compare."""
+
+    parent: ParentImage
+    change: ChangePlan
+
+
+def prepare_incremental(volume: PlannedVolume, block_size: int, *, parent_ref: str | None, catalog: Catalog | None,
+                        search_dir: str | None, on_notice: Notice | None,
+                        compare_digests: bool = False) -> Increment | None:
+    """The parent and the change plan of an incremental of `volume`; None when it must be a full
+    (no parent: said through `on_notice`)."""
+    notice = on_notice or (lambda message: None)
+    parent = find_parent(volume.volume_key, volume.source.size, block_size, parent_ref=parent_ref,
+                         catalog=catalog, search_dir=search_dir, on_notice=notice)
+    if parent is None:
+        return None
+    plan = _plan_states(volume.plan, volume.source.size, block_size)
+    parent_states = BlockStates(unpack_bits(parent.trailer.used_any, plan.used_any.size),
+                                unpack_bits(parent.trailer.used_full, plan.used_any.size))
+    if compare_digests:
+        written, reason = None, "asked to compare digests (--compare-digests)"
+    else:
+        written, reason = _tracked(volume, parent, block_size, plan.used_any.size)
+    change = change_plan(plan, parent_states, written, reason)
+    log.info("%s: incremental on %s by %s (%s): %d of %d blocks to compare", volume.name, parent.header.image_id[:12],
+             change.method, reason, change.candidate_count, plan.used_any.size)
+    return Increment(parent, change)
+
+
+def _plan_states(plan: UsedMap, size: int, block_size: int) -> BlockStates:
+    if plan.mode == ALL_BLOCKS:
+        every = np.ones(-(-size // block_size), dtype=bool)
+        return BlockStates(every, every)
+    return BlockStates(*plan.block_states(block_size))
+
+
+def _tracked(volume: PlannedVolume, parent: ParentImage, block_size: int, block_count: int) -> tuple[np.ndarray | None, str]:
+    """The tracker's bits as one flag per block, when they cover everything since the parent's
+    snapshot; else None and why not."""
+    roll = volume.tracker
+    if roll is None or volume.tracked_changes is None:
+        return None, "no change tracker: not a managed volume's snapshot"
+    theirs = parent.header.chain.get("tracker") or {}
+    if roll.get("restarted") and roll.get("series") != theirs.get("series"):
+        return None, f"the change tracker started anew: {roll['restarted']}"
+    if theirs.get("series") != roll.get("series"):
+        return None, "the parent was not taken with this volume's current change tracker"
+    if roll.get("base") is None or theirs.get("sequence") != roll.get("base"):
+        return None, (f"the tracker's last stored backup (sequence {roll.get('base')}) is not the parent "
+                      f"(sequence {theirs.get('sequence')})")
+    bits = volume.tracked_changes()
+    if bits is None:
+        return None, "the volume daemon no longer has the tracked changes"
+    return tracker_bits_as_blocks(bits, int(roll["block_size"]), block_size, block_count), \
+        f"tracked since sequence {roll['base']}"
+
+
+def write_incremental(source: VolumeSource, sink: Sink, increment: Increment, *, header: ImageHeader,
+                      plan: UsedMap | None, read_size: int, level: int, workers: int | None,
+                      progress: Progress | None = None) -> BackupResult:
+    """Write the incremental image `header` describes (kind incremental, chunks = blocks) into
+    `sink`: every candidate block read (only where the filesystem uses it) and hashed, those
+    whose digest differs from the parent's compressed and written in runs."""
+    assert header.incremental and header.chunk_size == header.block_size
+    parent = increment.parent
+    block_size, n = header.block_size, header.block_count
+    states_now = _plan_states(plan, source.size, block_size) if plan is not None else None
+    used_now = states_now.used_any if states_now is not None else np.ones(n, dtype=bool)
+    candidates = increment.change.candidates
+    read_plan = _read_plan(candidates & used_now, source.size, block_size, plan)
+    region_blocks = read_size // block_size
+    codec = ZstdCodec(level, block_size)
+    parent_digests = parent.trailer.digests
+    workers = worker_count(workers)
+    pool = BufferPool(workers * 2 + 2, read_size)
+    writer = ImageWriter(sink, header, base_digests=parent_digests)
+    totals = {"bytes_read": 0, "compared": 0, "changed": 0}
+    started = time.monotonic()
+
+    def count_read(count: int) -> None:
+        totals["bytes_read"] += count
+
+    def compare(item) -> tuple[int, list[EncodedChunk], int]:
+        index, buf, length = item
+        first = index * region_blocks
+        try:
+            blocks = first + np.flatnonzero(candidates[first:first + region_blocks])
+            changed = []
+            for block in blocks.tolist():
+                start = (block - first) * block_size
+                size = min(block_size, length - start)
+                view = buf.view[start:start + size] if buf is not None and used_now[block] else None
+                digest = blake3.blake3(view).digest() if view is not None else zero_block_digests(size, block_size)
+                if digest != parent_digests[block * DIGEST_SIZE:(block + 1) * DIGEST_SIZE]:
+                    changed.append(codec.encode(block, view) if view is not None else codec.zero_chunk(block, size))
+            return length, changed, len(blocks)
+        finally:
+            if buf is not None:
+                pool.release(buf)
+
+    def consume(result: tuple[int, list[EncodedChunk], int]) -> None:
+        length, changed, compared = result
+        writer.write_blocks(changed)
+        totals["compared"] += compared
+        totals["changed"] += len(changed)
+        if progress:
+            progress(length)
+
+    try:
+        run_ordered(read_chunks(source, read_size, pool, count_read, read_plan), compare, consume,
+                    workers=workers, depth=workers * 2)
+    finally:
+        pool.close()
+    seconds = time.monotonic() - started
+    used_any, used_full = ((pack_bits(states_now.used_any), pack_bits(states_now.used_full)) if states_now is not None
+                           else (pack_bits(np.ones(n, dtype=bool)),) * 2)
+    writer.finish({"bytes_read": totals["bytes_read"], "compared_blocks": totals["compared"],
+                   "seconds": round(seconds, 3), "finished": now_iso()}, used_any, used_full)
+    return BackupResult(image_id=header.image_id, image=sink.path, source=source.path, volume_size=source.size,
+                        chunks=totals["changed"], zero_chunks=0, bytes_read=totals["bytes_read"],
+                        bytes_written=writer.bytes_written, seconds=seconds, level=level, chunk_size=block_size,
+                        image_digest=writer.image_digest, header=header, kind=INCREMENTAL,
+                        parent_id=parent.header.image_id, method=increment.change.method,
+                        reason=increment.change.reason, changed_blocks=totals["changed"],
+                        compared_blocks=totals["compared"], block_table=writer.tables)
+
+
+def _read_plan(to_read: np.ndarray, size: int, block_size: int, plan: UsedMap | None) -> UsedMap:
+    """The bytes to read: the candidate blocks the filesystem uses, only where it uses them."""
+    starts, ends = _runs(to_read)
+    ranges = [(s * block_size, min(e * block_size, size)) for s, e in zip(starts.tolist(), ends.tolist())]
+    blocks = UsedMap.from_ranges(size, ranges)
+    if plan is None or plan.mode == ALL_BLOCKS:
+        return blocks
+    return plan.within(blocks)
+
+
+def _runs(flags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    edges = np.diff(np.concatenate(([0], flags.astype(np.int8), [0])))
+    return np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+
+
+def incremental_header(volume: PlannedVolume, increment: Increment, base: ImageHeader) -> ImageHeader:
+    """The header of the incremental: the full's header with blocks for chunks, its parent and method."""
+    parent = increment.parent
+    base.kind = INCREMENTAL
+    base.chunk_size = base.block_size
+    base.chain = dict(base.chain, parent={"id": parent.header.image_id,
+                                          "digest": parent.trailer.totals.get("image_digest"),
+                                          "name": os.path.basename(parent.where)},
+                      method=increment.change.method, reason=increment.change.reason)
+    return base
+

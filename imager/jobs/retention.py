@@ -1,0 +1,207 @@
+"""Retention that never breaks a chain, and a check of what the catalog points at.
+
+prune keeps, per volume, the newest N images, the newest image of each of the last N days and
+of each of the last N weeks that have images (as restic's forget); every kept incremental keeps
+its parents back to its full. With `consolidate`, the oldest kept incremental of a chain whose
+older images would otherwise all go is first rebuilt as a synthetic full that stands in for it,
+so that its parents can go. Image files are deleted; images on tape leave the catalog only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Callable
+
+from ..catalog import Catalog, ImageRecord
+from ..errors import ImagerError
+from ..format import ImageReader
+from .backup import Destination
+from .consolidate import consolidate
+
+log = logging.getLogger("imager.retention")
+
+
+@dataclass
+class KeepRules:
+    last: int = 0
+    daily: int = 0
+    weekly: int = 0
+
+    def any(self) -> bool:
+        return bool(self.last or self.daily or self.weekly)
+
+
+@dataclass
+class PruneResult:
+    kept: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    files_deleted: list[str] = field(default_factory=list)
+    consolidated: list[str] = field(default_factory=list)     # synthetic fulls written
+    reasons: dict[str, str] = field(default_factory=dict)      # why each kept image is kept
+
+    def to_dict(self) -> dict:
+        return {"kept": self.kept, "removed": self.removed, "files_deleted": self.files_deleted,
+                "consolidated": self.consolidated, "reasons": self.reasons}
+
+
+def _when(record: ImageRecord) -> datetime:
+    text = record.snapshot_time or record.created
+    try:
+        return datetime.fromisoformat(text)
+    except (TypeError, ValueError):
+        return datetime.min
+
+
+def chosen_by_rules(images: list[ImageRecord], rules: KeepRules) -> dict[str, str]:
+    """The images the rules keep, newest first, with why."""
+    ordered = sorted(images, key=_when, reverse=True)
+    reasons: dict[str, str] = {}
+    for record in ordered[:rules.last]:
+        reasons.setdefault(record.id, "last")
+    for label, count, bucket in (("daily", rules.daily, lambda t: t.date()),
+                                 ("weekly", rules.weekly, lambda t: t.isocalendar()[:2])):
+        seen: list = []
+        for record in ordered:
+            key = bucket(_when(record))
+            if key in seen:
+                continue
+            if len(seen) == count:
+                break
+            seen.append(key)
+            reasons.setdefault(record.id, label)
+    return reasons
+
+
+def _with_parents(keep: dict[str, str], by_id: dict[str, ImageRecord]) -> None:
+    """Every kept incremental keeps its parents, back to its full."""
+    for image_id in list(keep):
+        record = by_id.get(image_id)
+        while record is not None and record.kind == "incremental" and record.parent_id:
+            # A synthetic full of the parent takes its place (what --consolidate made it for).
+            parent = next((r for r in by_id.values() if r.replaces == record.parent_id), None) or \
+                by_id.get(record.parent_id)
+            if parent is None:
+                break
+            keep.setdefault(parent.id, f"parent of {record.id[:12]}")
+            record = parent
+
+
+def prune(catalog: Catalog, rules: KeepRules, *, dry_run: bool = False, consolidate_chains: bool = False,
+          on_notice: Callable[[str], None] | None = None) -> PruneResult:
+    if not rules.any():
+        raise ImagerError("prune needs at least one of --keep-last, --keep-daily, --keep-weekly "
+                          "(it would remove every image)")
+    result = PruneResult()
+    volumes: dict[str, list[ImageRecord]] = defaultdict(list)
+    for record in catalog.images():
+        volumes[record.volume or f"source:{record.source}"].append(record)
+    for images in volumes.values():
+        by_id = {r.id: r for r in images}
+        keep = chosen_by_rules(images, rules)
+        if consolidate_chains and not dry_run:
+            _consolidate_oldest(catalog, keep, by_id, result, on_notice)
+            images = [r for r in catalog.images() if r.id in by_id or r.replaces in by_id]
+            by_id = {r.id: r for r in images}
+        _with_parents(keep, by_id)
+        for record in sorted(images, key=_when):
+            if record.id in keep:
+                result.kept.append(record.id)
+                result.reasons[record.id] = keep[record.id]
+            else:
+                result.removed.append(record.id)
+                if not dry_run:
+                    result.files_deleted += _remove(catalog, record)
+    return result
+
+
+def _consolidate_oldest(catalog: Catalog, keep: dict[str, str], by_id: dict[str, ImageRecord],
+                        result: PruneResult, on_notice: Callable[[str], None] | None) -> None:
+    """For each chain, a synthetic full of its oldest kept incremental, which then stands in for
+    it as the parent of the newer ones: the images before it are no longer needed."""
+    kept = sorted((by_id[i] for i in keep if i in by_id), key=_when)
+    done: set[str] = set()
+    for record in kept:
+        if record.kind != "incremental" or record.id in done:
+            continue
+        chain = _chain_ids(record, by_id)
+        if any(c in keep for c in chain[1:]):
+            continue          # an older image of its chain is kept anyway: nothing to gain
+        path = _file(catalog, record.id)
+        if path is None:
+            continue
+        output = os.path.splitext(path)[0] + ".full.zst"
+        made = consolidate(path, Destination(output=output), catalog=catalog, on_notice=on_notice)
+        keep[made.image_id] = f"{keep.pop(record.id)}, as a synthetic full of {record.id[:12]}"
+        result.consolidated.append(made.image_id)
+        done.update(chain)
+
+
+def _chain_ids(record: ImageRecord, by_id: dict[str, ImageRecord]) -> list[str]:
+    ids = [record.id]
+    while record.kind == "incremental" and record.parent_id in by_id:
+        record = by_id[record.parent_id]
+        ids.append(record.id)
+    return ids
+
+
+def _file(catalog: Catalog, image_id: str) -> str | None:
+    for segment in catalog.segments(image_id):
+        if segment.kind == "file" and segment.path and os.path.exists(segment.path):
+            return segment.path
+    return None
+
+
+def _remove(catalog: Catalog, record: ImageRecord) -> list[str]:
+    deleted = []
+    for segment in catalog.segments(record.id):
+        if segment.kind == "file" and segment.path and os.path.exists(segment.path):
+            os.unlink(segment.path)
+            deleted.append(segment.path)
+    catalog.remove_image(record.id)
+    log.info("pruned image %s%s", record.id[:12], f" ({', '.join(deleted)})" if deleted else "")
+    return deleted
+
+
+@dataclass
+class CheckProblem:
+    image_id: str
+    problem: str
+
+    def to_dict(self) -> dict:
+        return {"image": self.image_id, "problem": self.problem}
+
+
+def check(catalog: Catalog) -> tuple[int, list[CheckProblem]]:
+    """Every image's file is there and is the image the catalog recorded; every incremental's
+    parent is known. Reads headers and trailers only (imager verify reads everything)."""
+    problems = []
+    images = catalog.images()
+    known = {r.id for r in images} | {r.replaces for r in images if r.replaces}
+    for record in images:
+        for segment in catalog.segments(record.id):
+            if segment.kind != "file":
+                continue
+            problem = _file_problem(segment.path or "", record)
+            if problem:
+                problems.append(CheckProblem(record.id, problem))
+        if record.kind == "incremental" and record.parent_id not in known:
+            problems.append(CheckProblem(record.id, f"its parent {str(record.parent_id)[:12]} is not in the catalog"))
+    return len(images), problems
+
+
+def _file_problem(path: str, record: ImageRecord) -> str:
+    if not os.path.exists(path):
+        return f"{path} is missing"
+    try:
+        with ImageReader(path) as reader:
+            if reader.header.image_id != record.id:
+                return f"{path} now holds another image ({reader.header.image_id[:12]})"
+            if reader.trailer.totals.get("image_digest") != record.image_digest:
+                return f"{path} was changed: its digest is not the one recorded"
+    except ImagerError as e:
+        return str(e)
+    return ""

@@ -1,0 +1,215 @@
+"""Changed-block tracking between backups: one bit per block for every write through the front,
+whether a snapshot exists or not, so that an incremental reads only what changed since its
+parent. Separate from the COW bitmap, which only records writes while a snapshot is active.
+
+    tracker.json     series (UUID), sequence, base, block size, state in-use | clean, and on a
+                     clean stop the device's write fingerprint
+    tracker.current  bits of the blocks written since the last roll (mmap)
+    tracker.pending  bits of the rolled-out interval, until its backup commits or gives up (mmap)
+
+A roll (taking a backup's snapshot, in the freeze window) moves the current bits into pending,
+merged with any pending bits of a backup that never finished, and numbers the new snapshot:
+pending then holds every write since the snapshot of sequence `base`, the last one whose
+backup committed. A backup may use the bits only when its parent is that image (the same
+series, the parent's sequence == base); then it commits (base = its sequence) or gives up
+(pending merged back into current).
+
+Trust: while the daemon runs the tracker is "in-use" on disk; only a clean stop (bits flushed,
+then the state written) marks it "clean" with the device's write fingerprint. Opening anything
+else (a killed daemon, a crash, a fingerprint that moved: the device was written while
+detached, or the machine rebooted and the counters are gone) starts a new series: nothing
+recorded before can be trusted, and the next incremental finds its changes by digests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import uuid
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from ...ends.atomic import write_atomically
+from ...format import chain_block_size
+from ...units import now_iso
+from .state import StateDir
+
+TRACKER_FILE = "tracker.json"
+CURRENT_FILE = "tracker.current"
+PENDING_FILE = "tracker.pending"
+TRACKER_FORMAT = 1
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrackerState:
+    format: int
+    series: str
+    block_size: int
+    volume_size: int
+    sequence: int = 0                 # the last roll's number
+    base: int | None = None           # the last roll whose backup committed
+    pending: int | None = None        # the roll whose bits are in tracker.pending
+    state: str = "in-use"
+    since: str = ""                   # when this series started
+    fingerprint: dict = field(default_factory=dict)
+
+
+@dataclass
+class Roll:
+    """What a snapshot's roll tells its backup."""
+
+    series: str
+    sequence: int
+    base: int | None                  # pending holds every write since this roll's snapshot
+    block_size: int
+    restarted: str = ""               # why a new series began since the last roll, if one did
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ChangeTracker:
+    def __init__(self, state_dir: StateDir, volume_size: int, fingerprint: dict | None):
+        """Open (or start) the tracker in `state_dir`; `fingerprint` is the device's write
+        fingerprint now, before anything writes to it (None: cannot be known, never trusted)."""
+        self._dir = state_dir
+        self.volume_size = volume_size
+        self._lock = threading.Lock()
+        self.restarted = ""
+        stored = self._load()
+        block_size = chain_block_size(volume_size)
+        reason = self._distrust(stored, block_size, fingerprint)
+        if reason:
+            stored = TrackerState(TRACKER_FORMAT, uuid.uuid4().hex, block_size, volume_size, since=now_iso())
+            self.restarted = reason
+        assert stored is not None
+        self.state = stored
+        self.block_size = stored.block_size
+        self.block_count = -(-volume_size // self.block_size)
+        nbytes = -(-self.block_count // 8)
+        self._current_map = state_dir.mapped(CURRENT_FILE, nbytes)
+        self._pending_map = state_dir.mapped(PENDING_FILE, nbytes)
+        self._current = np.frombuffer(self._current_map, dtype=np.uint8)
+        self._pending = np.frombuffer(self._pending_map, dtype=np.uint8)
+        self._current_bytes = memoryview(self._current_map)
+        if reason:
+            self._current[:] = 0
+            self._pending[:] = 0
+        self.state.state = "in-use"
+        self.state.fingerprint = {}
+        self._persist()
+
+    def _load(self) -> TrackerState | None:
+        try:
+            with open(self._dir.file(TRACKER_FILE)) as f:
+                return TrackerState(**json.load(f))
+        except FileNotFoundError:
+            return None
+        except (ValueError, TypeError):
+            return None
+
+    def _distrust(self, stored: TrackerState | None, block_size: int, fingerprint: dict | None) -> str:
+        """Why the stored bits cannot be trusted ("" when they can)."""
+        if stored is None:
+            return "no changes were tracked on this volume before"
+        if stored.format != TRACKER_FORMAT or stored.block_size != block_size or stored.volume_size != self.volume_size:
+            return "the volume's size or the tracker's layout changed"
+        if stored.state != "clean":
+            return "the volume's daemon did not stop cleanly (killed, crashed or the machine went down)"
+        if fingerprint is None or stored.fingerprint != fingerprint:
+            return ("the source device may have been written while it was detached (its write counters "
+                    "moved, or the machine restarted)")
+        return ""
+
+    def _persist(self) -> None:
+        write_atomically(self._dir.file(TRACKER_FILE), json.dumps(asdict(self.state)).encode())
+
+    # -- the write path: under the store's block locks, before the data is written --------------
+
+    def mark(self, offset: int, length: int) -> None:
+        first = offset // self.block_size
+        last = (offset + length - 1) // self.block_size
+        bits = self._current_bytes
+        with self._lock:
+            head, tail = first >> 3, last >> 3
+            low, high = (0xFF << (first & 7)) & 0xFF, 0xFF >> (7 - (last & 7))
+            if head == tail:
+                bits[head] |= low & high
+            else:
+                bits[head] |= low
+                if tail > head + 1:
+                    bits[head + 1:tail] = b"\xff" * (tail - head - 1)
+                bits[tail] |= high
+
+    # -- snapshots and backups ---------------------------------------------------------------------
+
+    def roll(self) -> Roll:
+        """Start the next interval (while no write is in flight: the store holds every lock)."""
+        with self._lock:
+            self._pending |= self._current
+            self._current[:] = 0
+            self.state.sequence += 1
+            self.state.pending = self.state.sequence
+            roll = Roll(self.state.series, self.state.sequence, self.state.base, self.block_size, self.restarted)
+            self.restarted = ""
+            return roll
+
+    def changes(self, sequence: int) -> bytes | None:
+        """The bits of roll `sequence` (every block written since its base's snapshot), while it
+        is pending; None once committed or given up."""
+        with self._lock:
+            return self._pending.tobytes() if self.state.pending == sequence else None
+
+    def commit(self, sequence: int) -> bool:
+        """The backup of roll `sequence` is safely stored: it is the base of the next one."""
+        with self._lock:
+            if self.state.pending != sequence:
+                return False
+            self._pending[:] = 0
+            self.state.base = sequence
+            self.state.pending = None
+            return True
+
+    def give_up(self, sequence: int) -> None:
+        """The backup of roll `sequence` did not finish: its bits go back to be found next time."""
+        with self._lock:
+            if self.state.pending != sequence:
+                return
+            self._current |= self._pending
+            self._pending[:] = 0
+            self.state.pending = None
+
+    def describe(self) -> dict:
+        with self._lock:
+            current = int(np.unpackbits(self._current, count=self.block_count).sum())
+            return {"series": self.state.series, "sequence": self.state.sequence, "base": self.state.base,
+                    "block_size": self.block_size, "changed_blocks": current, "since": self.state.since}
+
+    def close(self, fingerprint: dict | None) -> None:
+        """A clean stop: the bits made durable first, then the state marked clean with the
+        device's write fingerprint (taken after the device was flushed and closed). Pending bits
+        of an unfinished backup are merged back (no backup can commit them any more)."""
+        with self._lock:
+            if self.state.pending is not None:
+                self._current |= self._pending
+                self._pending[:] = 0
+                self.state.pending = None
+            self._current_map.flush()
+            self._pending_map.flush()
+            if fingerprint is not None:
+                self.state.state = "clean"
+                self.state.fingerprint = fingerprint
+                try:
+                    self._persist()
+                except OSError as e:
+                    # The state stays "in-use" on disk: the next incremental compares digests.
+                    # A full state filesystem must not stop a volume from detaching.
+                    log.warning("the change tracker could not be saved (%s): the next incremental of this "
+                                "volume will compare digests", e.strerror)
+            del self._current, self._pending, self._current_bytes
+            self._current_map.close()
+            self._pending_map.close()
