@@ -1,4 +1,5 @@
-"""The SG_IO interface checked against <scsi/sg.h>, and sense decoding."""
+"""The SG_IO interface checked against <scsi/sg.h>, sense decoding, and the medium changer's
+answers decoded from bytes as SMC-3 lays them out (the changer itself: test_tape_st.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import subprocess
 import pytest
 
 from devices import scsi
+from devices.tape.changer import ElementKind, _parse_element_status
 
 FIELDS = [name for name, _ in scsi.SgIoHdr._fields_]
 
@@ -61,3 +63,31 @@ def test_fixed_and_descriptor_sense_decode_alike():
     unknown = scsi.ScsiError("/dev/sg3", "INQUIRY", sense=scsi.Sense(key=0x4, asc=0x99, ascq=0x01))
     assert str(unknown) == "/dev/sg3: INQUIRY: HARDWARE ERROR (ASC/ASCQ 0x99/0x01)"
     assert str(scsi.ScsiError("/dev/sg3", "INQUIRY", errno=13)) == "/dev/sg3: INQUIRY: Permission denied"
+
+
+def element(address: int, full: bool, barcode: str = "", source: int | None = None) -> bytes:
+    """A 52-byte element descriptor with a volume tag, as tgt sends them."""
+    tag = barcode.encode().ljust(32) + bytes(8)
+    flags = 0x80 if source is not None else 0
+    return (address.to_bytes(2, "big") + bytes([0x01 if full else 0, 0, 0, 0, 0, 0, 0, flags])
+            + (source or 0).to_bytes(2, "big") + tag)
+
+
+def test_element_status_pages_decode():
+    storage = element(1000, False) + element(1001, True, "VT0002L6")
+    drives = element(2, True, "VT0001L6", source=1000)
+    report = b""
+    for kind, descriptors in ((2, storage), (4, drives)):
+        report += bytes([kind, 0x80]) + (52).to_bytes(2, "big") + bytes([0]) + len(descriptors).to_bytes(3, "big")
+        report += descriptors
+    data = bytes([0x03, 0xE8, 0, 3, 0]) + len(report).to_bytes(3, "big") + report
+    found = _parse_element_status(data, "/dev/sg2")
+    assert [(e.kind, e.address, e.full, e.barcode, e.source) for e in found] == [
+        (ElementKind.STORAGE, 1000, False, None, None),
+        (ElementKind.STORAGE, 1001, True, "VT0002L6", None),
+        (ElementKind.DRIVE, 2, True, "VT0001L6", 1000),
+    ]
+    # tgt announces and sends 8 bytes fewer than its report holds: the last descriptor is cut
+    # inside its volume tag's reserved bytes, and is decoded all the same.
+    cut = _parse_element_status(data[:-8], "/dev/sg2")
+    assert cut == found
