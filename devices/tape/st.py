@@ -175,9 +175,8 @@ class StTape(TapeDrive):
         """A space operation. st keeps no residual count a program can read, so when spacing
         stops early the error says where (from the status) and, where the file and block
         numbers (and, for MTFSR, the logical positions) before and after tell, after how many
-        of the `count` filemarks or blocks."""
-        if count == 0:
-            return
+        of the `count` filemarks or blocks. (A count of 0 is still sent: st takes any operation
+        after a write as cancelling the filemark at close.)"""
         before = self._status_or_none()
         start = self._position_without_bot(before) if op == mtio.MTFSR and before else None
         try:
