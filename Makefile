@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-deps demo test test-long bench lint clean
+.PHONY: setup system-deps demo test test-st test-long bench lint clean
 
 setup: system-deps $(STAMP)
 
@@ -19,8 +19,16 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/imager demo
 
+# The suite on loop devices, then (where ../shared/vm-tape is, beside the checkout) the tests
+# that need the real st driver in one VM; both run, either failing fails the target.
 test: setup lint
-	$(PY) -m pytest -q -p no:cacheprovider --benchmark-disable tests
+	@rc=0; $(PY) -m pytest -q -p no:cacheprovider --benchmark-disable tests || rc=$$?; \
+	PY=$(PY) scripts/test-st --if-present || rc=$$?; exit $$rc
+
+# The st driver, a SCSI medium changer and mt/dd/zstd on what imager wrote, in one VM of the
+# vm-tape rig (scripts/test-st); fails when the rig is not there.
+test-st: setup
+	PY=$(PY) scripts/test-st
 
 # The fault sweeps at full size (hundreds of kills, thousands of damaged images): hours, not minutes.
 test-long: setup

@@ -177,3 +177,22 @@ def bench(tmp_path, monkeypatch):
     """The lab plus writer processes, frozen filesystems and tmpfs mounts (tests/lab.py)."""
     from lab import bench_setup
     yield from bench_setup(tmp_path, monkeypatch)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "st: needs a real st drive (and changer): make test-st runs it in the VM rig")
+
+
+def pytest_collection_modifyitems(config, items):
+    """IMAGER_TEST_ST_ONLY=1 (make test-st, inside the VM): keep only what the real drive adds,
+    the tests on the `st` side of a drive parametrization (test_tape_drive's `medium`,
+    test_tape_faults' `any_tape`) and those marked `st`; the rest runs in the suite outside."""
+    if os.environ.get("IMAGER_TEST_ST_ONLY") != "1":
+        return
+    keep, drop = [], []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        on_st = any(value == "st" for value in params.values()) or item.get_closest_marker("st")
+        (keep if on_st else drop).append(item)
+    config.hook.pytest_deselected(items=drop)
+    items[:] = keep

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import re
 import shutil
 import struct
 import subprocess
@@ -21,6 +22,8 @@ from hypothesis import given, settings
 from hypothesis import strategies
 
 from devices.tape import StTape, TapeError, VirtualTape, mtio
+from devices.tape import lto
+from devices.tape.drive import BlockLimits, Compression, CompressionNotSwitchable
 
 REAL_TAPE = os.environ.get("IMAGER_TEST_TAPE")
 BIG = 1 << 20
@@ -65,6 +68,12 @@ class VirtualMedium:
     def limited(self, capacity: int, early_warning: int):
         return self.open(capacity=capacity, early_warning=early_warning)
 
+    def to_fill(self, block_size: int):
+        """A cartridge small enough to write to its physical end: 40 blocks, the last 8 in
+        the early-warning zone."""
+        record = block_size + 8
+        return self.limited(40 * record + 100, 8 * record)
+
     def write_protected(self):
         return self.open(write_protected=True)
 
@@ -74,29 +83,56 @@ class VirtualMedium:
 
 
 class RealMedium:
-    """A real drive; every open starts at BOT, as a VirtualTape does."""
+    """A real drive. Every open starts at BOT in variable block mode, as a VirtualTape does
+    (st keeps the position and the block size of the last user of the drive)."""
 
     name = "st"
 
     def __init__(self, device: str):
         self.device = device
         self.drives = []
+        self.undo = []
 
     def open(self):
+        """At BOT in variable block mode; the first open of a test erases the cartridge, which
+        is then blank as a new VirtualTape's file."""
         drive = StTape(self.device)
+        first = not self.drives
         self.drives.append(drive)
         drive.rewind()
+        drive.set_block_size(0)
+        if first:
+            drive.erase()
         return drive
 
     def limited(self, capacity: int, early_warning: int):
         pytest.skip("a real cartridge's capacity is what it is")
 
+    def to_fill(self, block_size: int):
+        if os.environ.get("IMAGER_TEST_TAPE_FILL") != "1":
+            pytest.skip("writing a real cartridge to its end takes hours; IMAGER_TEST_TAPE_FILL=1 "
+                        "says the cartridge is a small emulated one (make test-st)")
+        return self.open()
+
     def write_protected(self):
-        pytest.skip("needs a write-protected cartridge")
+        # The VM rig (../shared/vm-tape) write-protects its drive with vmtape-ctl; st sees it
+        # at the next open.
+        control = shutil.which("vmtape-ctl")
+        if control is None:
+            pytest.skip("needs a write-protected cartridge")
+        subprocess.run([control, "wp", "on"], check=True, capture_output=True)
+        self.undo.append(lambda: subprocess.run([control, "wp", "off"], check=True, capture_output=True))
+        drive = StTape(self.device)
+        self.drives.append(drive)
+        drive.rewind()
+        drive.set_block_size(0)
+        return drive
 
     def close_all(self) -> None:
         for drive in self.drives:
             drive.close()
+        for undo in self.undo:
+            undo()
 
 
 @pytest.fixture(params=["virtual"] + (["st"] if REAL_TAPE else []))
@@ -269,7 +305,8 @@ def test_forward_and_backward_space_files_count(medium):
     expect(drive, 1, 0, "eof")
     drive.forward_space_files(1)
     drive.forward_space_records(1)
-    fails(errno.EIO, drive.backward_space_records, 2)  # stops before the filemark ending file 1
+    error = fails(errno.EIO, drive.backward_space_records, 2)  # stops before the filemark ending file 1
+    assert "filemark after 1 of 2 blocks" in str(error)
     expect(drive, 1, -1)
     assert drive.read_block(BIG) == b""
     expect(drive, 2, 0, "eof")
@@ -295,18 +332,61 @@ def test_fixed_block_mode(medium):
     drive.set_block_size(512)
     assert drive.read_block(1024) == data[:1024]
     expect(drive, 0, 2, block_size=512)
-    fails(errno.EINVAL, drive.read_block, 1000)
+    # st.rst: in fixed block mode a read need not be a multiple of the block size; what is
+    # left of the last block read is kept for the next read...
+    assert drive.read_block(1000) == data[1024:2024]
+    assert drive.read_block(100) == data[2024:2124]
+    buffer = bytearray(30)
+    assert drive.read_block_into(buffer) == 30 and buffer == data[2124:2154]
+    # ...until any other call (the status here) drops it: that block counts as read.
+    expect(drive, 0, 5, block_size=512)
     # A read asking for more blocks than the file holds stops at the filemark...
-    assert drive.read_block(512 * 20) == data[1024:]
+    assert drive.read_block(512 * 20) == data[2560:]
     expect(drive, 0, 11, block_size=512)
     # ...which the next read returns.
     assert drive.read_block(512) == b""
     expect(drive, 1, 0, "eof", block_size=512)
     fails(errno.EIO, drive.read_block, 512)  # a 700-byte block in 512-byte mode
-    expect(drive, 1, 0, "eof", block_size=512)
+    status = drive.status()
+    # The tape has not moved. (st knows the block number, 0, where the drive reports an
+    # incorrect length, as SSC drives do; the rig's emulated drive answers MEDIUM ERROR, after
+    # which st no longer knows it.)
+    assert (status.file_number, status.block_number in (0, -1), status.block_size) == (1, True, 512)
     drive.set_block_size(0)
     assert drive.read_block(BIG) == odd
-    expect(drive, 1, 1)
+    expect(drive, 1, -1 if status.block_number < 0 else 1)
+
+
+def test_fixed_block_mode_end_of_data(medium):
+    """In fixed block mode st asks the drive for all the blocks a read needs (after a read that
+    was not a multiple of the block size, a 32 KiB buffer of them): when the end of data comes
+    among them, before a filemark, st returns none of them."""
+    drive = medium.open()
+    drive.set_block_size(512)
+    data = payload(0, 0, 512 * 3)
+    drive.write_block(data)
+    drive.backward_space_records(3)  # cancels the filemark at close: the data ends unterminated
+    expect(drive, 0, 0, "bot", block_size=512)
+    fails(errno.EIO, drive.read_block, 512 * 4)
+    expect(drive, 0, -1, block_size=512)
+    drive.rewind()
+    assert drive.read_block(512 * 3) == data  # all there: exactly the blocks asked for
+    fails(errno.EIO, drive.read_block, 512)
+    drive.rewind()
+    fails(errno.EIO, drive.read_block, 100)  # not a multiple: st reads a 32 KiB buffer ahead...
+    drive.rewind()
+    fails(errno.EIO, drive.read_block, 512 * 3)  # ...and goes on doing so until it is closed
+    # After a filemark, the end of data among the blocks asked for is a second 0-byte read.
+    drive.rewind()
+    drive.write_filemarks(1)
+    drive.write_block(data)
+    drive.backward_space_records(3)
+    drive.backward_space_files(1)
+    assert drive.read_block(512) == b""
+    expect(drive, 1, 0, "eof", block_size=512)
+    assert drive.read_block(512 * 4) == b""
+    expect(drive, 1, -1, "eod", block_size=512)
+    fails(errno.EIO, drive.read_block, 512)
 
 
 def test_read_buffer_smaller_than_the_block(medium):
@@ -419,6 +499,42 @@ def test_early_warning_then_end_of_medium(medium):
     expect(drive, 1, -1, "eod")
 
 
+@pytest.mark.parametrize("block_size", [256 << 10, 8 << 20])
+def test_writing_to_the_end_of_the_cartridge(medium, block_size):
+    """Whatever the cartridge, as st.rst says: the write that reaches the early warning succeeds
+    (eot), then writes are refused (ENOSPC, eod) and allowed in turn, until at the physical end
+    every write fails. 8 MiB blocks are larger than st maps for a direct transfer: st writes
+    them asynchronously, and StTape still reports the early warning at the right write."""
+    drive = medium.to_fill(block_size)
+    results, written, refused = [], 0, 0
+    block = bytearray(block_size)
+    while refused < 4:
+        block[:8] = written.to_bytes(8, "little")
+        try:
+            assert drive.write_block(block) == block_size
+        except TapeError as e:
+            assert e.errno == errno.ENOSPC, e
+            refused += 1
+            results.append("ENOSPC")
+        else:
+            written += 1
+            refused = 0
+            results.append("ok")
+        status = drive.status()
+        results[-1] += "+eot" * status.eot + "+eod" * status.eod
+    pattern = " ".join(results)
+    assert re.fullmatch(r"(ok )+ok\+eot (ENOSPC\+eod ok\+eot )*(ENOSPC\+eod ENOSPC\+eot ?){2}", pattern), pattern
+    if block_size <= 1 << 20:
+        assert "ENOSPC+eod ok+eot" in pattern  # the zone takes more blocks after the warning
+    drive.write_filemarks(1)
+    drive.rewind()
+    for n in range(written):
+        got = drive.read_block(block_size)
+        assert len(got) == block_size and int.from_bytes(got[:8], "little") == n
+    assert drive.read_block(block_size) == b""
+    expect(drive, 1, 0, "eof")
+
+
 def test_write_protection(medium):
     drive = medium.open()
     blocks = [payload(0, i) for i in range(3)]
@@ -442,12 +558,73 @@ def test_unload_and_load(medium):
     drive.unload()  # writes the filemark first
     status = drive.status()
     assert not status.online and status.gstat & mtio.GMT_DR_OPEN
+    # st goes on reporting where the tape was when it went off line (after that filemark).
+    assert (status.file_number, status.block_number, status.eof, status.bot) == (1, 0, True, False)
     fails(errno.ENOMEDIUM, drive.read_block, BIG)
     fails(errno.ENOMEDIUM, drive.write_block, block)
+    fails(errno.ENOMEDIUM, drive.rewind)
+    # What st asks the drive itself (READ POSITION, LOCATE) fails with EIO without a tape.
+    fails(errno.EIO, drive.tell)
+    fails(errno.EIO, drive.seek, 0)
     drive.load()
     expect(drive, 0, 0, "bot")
     assert list(drive.read_file(BIG)) == [block]
     expect(drive, 1, 0, "eof")
+
+
+def test_drive_settings_survive_a_cartridge_change(medium):
+    """The block size is the drive's: st and the drive keep it when a cartridge is unloaded and
+    another loaded (so a program sets it after loading, and after opening: the last user of
+    /dev/nstN may have left it in fixed block mode)."""
+    drive = medium.open()
+    drive.set_block_size(512)
+    drive.unload()
+    drive.load()
+    expect(drive, 0, 0, "bot", block_size=512)
+    drive.set_block_size(0)
+
+
+def test_reading_the_position_at_the_beginning_makes_it_known(medium):
+    drive = medium.open()
+    fails(errno.EIO, drive.read_block, BIG)  # a blank tape: nothing recorded
+    expect(drive, 0, -1)
+    # MTIOCPOS asks the drive (READ POSITION), which says "beginning of tape": st knows the
+    # file and block numbers from then on.
+    assert drive.tell() == 0
+    expect(drive, 0, 0, "bot")
+    drive.seek_end_of_data()
+    expect(drive, 0, -1, "eod")
+    assert drive.tell() == 0
+    expect(drive, 0, 0, "bot", "eod")
+
+
+def test_block_limits(medium):
+    drive = medium.open()
+    limits = drive.block_limits()
+    assert 1 <= limits.minimum <= limits.maximum <= mtio.MT_ST_BLKSIZE_MASK
+    largest = payload(0, 0, limits.maximum)
+    # st refuses a block (or a read buffer) outside the limits before the tape moves.
+    fails(errno.EINVAL, drive.write_block, largest + b"x")
+    expect(drive, 0, 0, "bot")
+    assert drive.write_block(largest) == limits.maximum
+    drive.write_filemarks(1)
+    drive.rewind()
+    fails(errno.EINVAL, drive.read_block, limits.maximum + 1)
+    assert drive.read_block(limits.maximum) == largest
+    fails(errno.EINVAL, drive.set_block_size, limits.maximum + 1)
+    expect(drive, 0, 1)
+
+
+def test_compression_switch(medium):
+    drive = medium.open()
+    state = drive.compression()
+    if state is None or not state.capable:
+        pytest.skip("the drive has no switchable compression")
+    drive.set_compression(False)
+    assert drive.compression() == Compression(capable=True, enabled=False)
+    drive.set_compression(True)
+    assert drive.compression() == Compression(capable=True, enabled=True)
+    expect(drive, 0, 0, "bot")
 
 
 def test_stream_cut_into_blocks(medium):
@@ -597,6 +774,35 @@ def test_one_drive_per_tape_file(tmp_path):
         fails(errno.EBUSY, VirtualTape, tmp_path / "busy.tap")
 
 
+def test_virtual_drive_facts_are_configured(tmp_path):
+    """The facts StTape asks the drive for (READ BLOCK LIMITS, the compression page, the density
+    code) are a VirtualTape's configuration, answered the same way."""
+    limits = BlockLimits(minimum=4, maximum=1 << 20)
+    with VirtualTape(tmp_path / "t.tap", block_limits=limits, compression_capable=False, density=0x60) as drive:
+        assert drive.block_limits() == limits
+        fails(errno.EINVAL, drive.write_block, b"abc")
+        fails(errno.EINVAL, drive.read_block, (1 << 20) + 1)
+        fails(errno.EINVAL, drive.set_block_size, 2)
+        assert drive.compression() == Compression(capable=False, enabled=False)
+        error = fails(errno.EIO, drive.set_compression, False)
+        assert isinstance(error, CompressionNotSwitchable) and "cannot switch" in str(error)
+        status = drive.status()
+        assert status.density == 0x60
+        assert lto.generation(status.density).name == "LTO-9"
+        assert lto.generation(status.density).streaming_rate == 177.0
+        expect(drive, 0, 0, "bot")
+
+
+def test_lto_generations():
+    codes = [g.density_code for g in lto.GENERATIONS]
+    assert len(codes) == len(set(codes))
+    assert lto.generation(0) is None  # the default density, as emulated drives report
+    for g in lto.GENERATIONS:
+        assert g.streaming_rate <= g.native_rate
+        assert lto.generation(g.density_code) is g
+    assert lto.generation(0x5A).streaming_rate == 160.0  # no vendor table: the native rate
+
+
 # The mtio ABI and StTape's ioctls, checked against the C compiler's view of <linux/mtio.h>.
 
 OPERATIONS = ["MTRESET", "MTFSF", "MTBSF", "MTFSR", "MTBSR", "MTWEOF", "MTREW", "MTOFFL", "MTNOP",
@@ -710,7 +916,9 @@ def test_st_tape_sends_the_ioctls_c_would(c_view):
     drive.set_compression(False)
     drive.seek_end_of_data()
     operation = int(c_view["MTIOCTOP"])
-    assert sent == [(operation, bytes.fromhex(c_view[f"mtop.{key}"])) for key, _, _ in ST_COMMANDS]
+    # (a space operation also asks MTIOCGET where it starts, to say where it stopped)
+    assert [s for s in sent if s[0] == operation] == [
+        (operation, bytes.fromhex(c_view[f"mtop.{key}"])) for key, _, _ in ST_COMMANDS]
 
     status = drive.status()
     assert (status.file_number, status.block_number, status.block_size) == (3, 7, 262144)

@@ -39,13 +39,30 @@ StTape opens with O_NONBLOCK, so both drives answer EACCES) and status() shows w
 Other st behaviours kept: writing anywhere ends the recorded data there (the file is truncated);
 a variable-mode read with a buffer smaller than the block fails with ENOMEM and leaves the tape
 after that block (its block number counts it; backward_space_records(1) returns to it); in
-fixed block mode (set_block_size(n)) writes and reads must be multiples of n, writes become
-n-byte records, a read stops early at a filemark (which the next read returns) and a block of
-another size fails with EIO without moving; spacing stops at filemarks, BOT and end of data
-with EIO; file and block numbers are -1 where st does not know them (after
-backward_space_files: the block number; after seek(): both, unless seeking to 0; after
-seek_end_of_data: the block number). Where st would write part of a fixed-mode request at the
-physical end, VirtualTape writes all of it or nothing.
+fixed block mode (set_block_size(n)) writes must be multiples of n and become n-byte records,
+a read stops early at a filemark (which the next read returns) and a block of another size
+fails with EIO without moving; spacing stops at filemarks, BOT and end of data with EIO; file
+and block numbers are -1 where st does not know them (after backward_space_files: the block
+number; after seek(): both, unless seeking to 0; after seek_end_of_data: the block number).
+Where st would write part of a fixed-mode request at the physical end, VirtualTape writes all
+of it or nothing.
+
+Found different on st (the same conformance suite on both, the real one in the VM rig) and
+made to follow it: a fixed-mode read need not be a multiple of the block size (st keeps the
+rest of the last block for the next read and drops it at any other call); st asks the drive for
+the whole blocks a fixed-mode read needs, for 32 KiB of them once a read was not a multiple
+(read-ahead, until close), and returns none of them when the end of data comes among them
+(EIO, or a 0-byte end of data right after a filemark); tell() at BOT and a backward space
+that stops at BOT make the block (and file) numbers known; without a tape, status() keeps the
+numbers the tape had at unload() and tell(), seek() and set_compression() fail with EIO (st
+asks the drive, which has no tape), the rest with ENOMEDIUM.
+
+Not followed, and why: st's arithmetic with a block number it does not know (a backward
+space of n blocks stopping at BOT reports block n - 1; a backward space stopping at a filemark
+with an unknown file number reports file -2): VirtualTape reports the tape's actual position.
+The rig's emulated drive answers a fixed-mode read of a block of another size with MEDIUM
+ERROR and no movement, after which st loses the block number; an SSC drive reports an
+incorrect length and st keeps it, as VirtualTape does.
 
 What is a tape. Opening a file checks the structure of its first records (each length word
 matched by the one after the data, at most eight objects): a file that fails it (a text file, an
@@ -81,7 +98,8 @@ from bisect import bisect_left
 from enum import IntEnum
 
 from . import mtio
-from .drive import TapeDrive, TapeError, TapeStatus, check_count
+from .drive import (BlockLimits, Compression, CompressionNotSwitchable, TapeDrive, TapeError, TapeStatus,
+                    check_count)
 
 _WORD = struct.Struct("<I")
 _FILEMARK = 0
@@ -91,6 +109,7 @@ _RECORD_OVERHEAD = 2 * _WORD.size
 _LARGEST_BLOCK = mtio.MT_ST_BLKSIZE_MASK
 _IOV_MAX = os.sysconf("SC_IOV_MAX")
 DEFAULT_EARLY_WARNING = 32 << 20
+_ST_FIXED_BUFFER = 32 << 10  # st's driver buffer in fixed block mode (ST_FIXED_BUFFER_BLOCKS KiB)
 # How many objects at the start of a file are checked before it is taken for a tape; a file that
 # starts with this many filemarks (zero bytes) is a disk image or a preallocated file, not a tape.
 _CHECKED_OBJECTS = 8
@@ -127,11 +146,24 @@ class VirtualTape(TapeDrive):
     default the smaller of 32 MiB and a tenth of the capacity) model the end of the medium.
     `write_protected` models the cartridge's write-protect tab; a file that cannot be opened
     for writing is write-protected too. `create` makes a missing file an empty tape.
+    The drive's facts are configured: `block_limits` (default 1 byte to 16 MiB - 1, st's
+    largest block), whether it can switch compression (`compression_capable`; if not,
+    set_compression raises CompressionNotSwitchable as st's EIO does) and the `density` code
+    status() reports (0: the default).
     """
 
     def __init__(self, path, capacity: int | None = None, early_warning: int | None = None,
-                 write_protected: bool = False, create: bool = True):
+                 write_protected: bool = False, create: bool = True, *,
+                 block_limits: BlockLimits | None = None, compression_capable: bool = True,
+                 density: int = 0):
         self.path = os.fspath(path)
+        self._limits = block_limits or BlockLimits(1, _LARGEST_BLOCK)
+        if not 1 <= self._limits.minimum <= self._limits.maximum <= _LARGEST_BLOCK:
+            raise ValueError(f"block limits {self._limits} must lie within 1..{_LARGEST_BLOCK}")
+        if not 0 <= density <= 0xFF:
+            raise ValueError(f"a density code is one byte, not {density}")
+        self._compression_capable = compression_capable
+        self._density = density
         if capacity is None:
             if early_warning is not None:
                 raise ValueError("an early-warning zone needs a capacity")
@@ -143,7 +175,7 @@ class VirtualTape(TapeDrive):
         self.capacity = capacity
         self.early_warning = early_warning
         self.write_protected = write_protected
-        self.compression = True
+        self._compression = compression_capable
         self._fd = self._open(create)
         self._size = os.fstat(self._fd).st_size
         # _starts[i] is the file offset of tape object i (block or filemark); the last entry is
@@ -154,8 +186,12 @@ class VirtualTape(TapeDrive):
         # Where a torn last record begins (the end of data), and what is wrong with it.
         self._torn: tuple[int, str] | None = None
         self._loaded = True
+        self._unloaded_status: TapeStatus | None = None
         self._block_size = 0
         self._writing = False
+        self._pending = b""
+        self._read_ahead = False
+        self._buffered_until = 0
         self._go_to_bot()
         try:
             self._check_medium()
@@ -210,14 +246,25 @@ class VirtualTape(TapeDrive):
     def _error(self, error: int, what: str) -> TapeError:
         return TapeError(error, self.path, what)
 
-    def _require_open(self) -> None:
+    def _require_open(self, *, reading: bool = False) -> None:
         if self._fd < 0:
             raise self._error(errno.EBADF, "the virtual tape is closed")
+        if not reading:
+            # st's flush_buffer at any other call: what is left of a fixed block partly read
+            # is dropped (the block counts as read), blocks read ahead are given back.
+            self._pending = b""
+            self._buffered_until = 0
 
-    def _require_tape(self) -> None:
-        self._require_open()
+    def _require_tape(self, *, reading: bool = False) -> None:
+        self._require_open(reading=reading)
         if not self._loaded:
             raise self._error(errno.ENOMEDIUM, "no tape loaded (it was unloaded)")
+
+    def _require_loaded_for_scsi(self, what: str) -> None:
+        """st answers EIO, not ENOMEDIUM, for MTIOCPOS, MTSEEK and MTCOMPRESSION without a tape."""
+        self._require_open()
+        if not self._loaded:
+            raise self._error(errno.EIO, f"{what}: no tape loaded (it was unloaded)")
 
     def _go_to_bot(self) -> None:
         self._position = 0
@@ -343,9 +390,9 @@ class VirtualTape(TapeDrive):
                 raise self._error(errno.EINVAL, f"write of {size} bytes is not a multiple of "
                                                 f"the fixed block size {self._block_size}")
             blocks = [view[i:i + self._block_size] for i in range(0, size, self._block_size)]
-        elif size > _LARGEST_BLOCK:
-            raise self._error(errno.EINVAL, f"write of {size} bytes exceeds the largest block "
-                                            f"({_LARGEST_BLOCK} bytes)")
+        elif not self._limits.allows(size):
+            raise self._error(errno.EINVAL, f"write of {size} bytes: outside the drive's block "
+                                            f"limits {self._limits.minimum}..{self._limits.maximum}")
         else:
             blocks = [view]
         if self._eof == _EofState.EOM_OK:
@@ -397,27 +444,35 @@ class VirtualTape(TapeDrive):
 
     # Reading.
 
-    def _take_blocks(self, max_size: int) -> list[tuple[int, int]]:
-        """Move over the blocks one read returns, as st does; their (data offset, length)."""
-        self._require_tape()
+    def _take_blocks(self, max_size: int, have: int = 0) -> list[tuple[int, int]]:
+        """Move over the blocks one read returns, as st does; their (data offset, length).
+        `have` bytes are already served from a fixed block partly read before: a filemark,
+        end of data or a block of another size then ends this read without being taken."""
+        self._require_tape(reading=True)
         if max_size <= 0:
             raise ValueError(f"read size must be positive, not {max_size}")
         block_size = self._block_size
-        if block_size and max_size % block_size:
-            raise self._error(errno.EINVAL, f"read of {max_size} bytes is not a multiple of the "
-                                            f"fixed block size {block_size}")
+        if not block_size and not self._limits.allows(max_size):
+            raise self._error(errno.EINVAL, f"read of up to {max_size} bytes: outside the drive's block "
+                                            f"limits {self._limits.minimum}..{self._limits.maximum}")
         self._writing = False
-        if self._eof >= _EofState.EOD_1:
+        if have:
+            if max_size <= have:
+                return []
+        elif self._eof >= _EofState.EOD_1:
             if self._eof < _EofState.EOD:
                 self._eof = _EofState(self._eof + 1)
                 return []
             raise self._error(errno.EIO, "read past the end of recorded data")
-        wanted = max_size // block_size if block_size else 1
+        # Fixed block mode: whole blocks, as many as cover the request (st reads ahead).
+        wanted = -(-(max_size - have) // block_size) if block_size else 1
+        if block_size and self._fixed_read_window(max_size % block_size != 0, wanted):
+            return []
         taken: list[tuple[int, int]] = []
         position = self._position
         while len(taken) < wanted:
             if not self._exists(position):
-                if taken:
+                if taken or have:
                     break
                 self._block_known = False
                 if self._eof == _EofState.FM:
@@ -425,7 +480,7 @@ class VirtualTape(TapeDrive):
                     return []
                 raise self._error(errno.EIO, self._at_end_of_data("read"))
             if self._is_filemark(position):
-                if taken:
+                if taken or have:
                     break
                 self._position = position + 1
                 self._block_known = True
@@ -433,11 +488,11 @@ class VirtualTape(TapeDrive):
                 return []
             length = self._block_length(position)
             if block_size and length != block_size:
-                if taken:
+                if taken or have:
                     break
                 raise self._error(errno.EIO, f"block of {length} bytes where the fixed block "
                                              f"size is {block_size}")
-            if length > max_size:
+            if length > max_size and not block_size:
                 self._position = position + 1
                 raise self._error(errno.ENOMEM, f"block of {length} bytes does not fit the "
                                                 f"{max_size}-byte read buffer (the tape is now after it)")
@@ -448,17 +503,62 @@ class VirtualTape(TapeDrive):
             self._eof = _EofState.NOEOF
         return taken
 
+    def _fixed_read_window(self, partial: bool, wanted: int) -> bool:
+        """What st asks the drive for in fixed block mode, and what it makes of end of data.
+
+        st reads the blocks a read needs, or, once a read was not a multiple of the block size
+        (until close), a whole buffer of them ahead (32 KiB). Where those blocks run into the end
+        of data before a filemark or a block of another size, st returns none of them: 0 bytes
+        right after a filemark (end of data; returns True), EIO otherwise, and the tape is at the
+        end of data.
+        """
+        self._read_ahead = self._read_ahead or partial
+        position = self._position
+        if position < self._buffered_until:
+            return False  # in st's buffer already
+        count = max(wanted, _ST_FIXED_BUFFER // self._block_size) if self._read_ahead else wanted
+        end = position + count
+        while position < end and self._exists(position):
+            if self._is_filemark(position) or self._block_length(position) != self._block_size:
+                break
+            position += 1
+        else:
+            if position < end and position > self._position:
+                # End of data among the blocks asked for: the blocks before it are lost to st.
+                self._position = position
+                self._block_known = False
+                if self._eof == _EofState.FM:
+                    self._eof = _EofState.EOD
+                    return True
+                raise self._error(errno.EIO, "read at the end of recorded data (the blocks read "
+                                             "with it in fixed block mode are not returned)")
+        self._buffered_until = position if self._read_ahead else 0
+        return False
+
     def read_block(self, max_size: int) -> bytes:
-        taken = self._take_blocks(max_size)
-        if len(taken) == 1:
+        have = self._pending
+        taken = self._take_blocks(max_size, len(have))
+        if not have and len(taken) == 1 and taken[0][1] <= max_size:
             offset, length = taken[0]
             return self._pread(length, offset)
-        return b"".join(self._pread(length, offset) for offset, length in taken)
+        data = have + b"".join(self._pread(length, offset) for offset, length in taken)
+        self._pending = data[max_size:]
+        return data[:max_size]
 
     def read_block_into(self, buffer) -> int:
         view = memoryview(buffer).cast("B")
-        done = 0
-        for offset, length in self._take_blocks(len(view)):
+        have = self._pending
+        taken = self._take_blocks(len(view), len(have))
+        if self._block_size and sum(length for _, length in taken) + len(have) > len(view):
+            # The request ends inside a fixed block: st keeps the rest for the next read.
+            data = have + b"".join(self._pread(length, offset) for offset, length in taken)
+            view[:min(len(data), len(view))] = data[:len(view)]
+            self._pending = data[len(view):]
+            return min(len(data), len(view))
+        done = len(have)
+        view[:done] = have
+        self._pending = b""
+        for offset, length in taken:
             if os.preadv(self._fd, [view[done:done + length]], offset) != length:
                 raise self._corrupt(offset, "the file ends inside a block")
             done += length
@@ -556,7 +656,18 @@ class VirtualTape(TapeDrive):
         if last_mark >= 0:
             self._block_known = False
             raise self._error(errno.EIO, f"filemark after {start - last_mark - 1} of {count} blocks")
+        # st takes the drive's "beginning of medium" as block 0 (with a block number it did not
+        # know before, st reports count - 1 instead: its arithmetic, not the tape).
+        self._block_known = True
         raise self._error(errno.EIO, f"beginning of tape after {start} of {count} blocks")
+
+    def erase(self) -> None:
+        self._require_tape()
+        if self.write_protected:
+            raise self._error(errno.EACCES, "MTERASE: the tape is write-protected")
+        self._writing = False
+        self._write_here([], [], [])
+        self._eof = _EofState.NOEOF
 
     def seek_end_of_data(self) -> None:
         self._require_tape()
@@ -566,11 +677,14 @@ class VirtualTape(TapeDrive):
         self._eof = _EofState.EOD
 
     def tell(self) -> int:
-        self._require_tape()
+        self._require_loaded_for_scsi("MTIOCPOS")
+        if self._position == 0:
+            # st's READ POSITION at the beginning of the tape makes file and block numbers known.
+            self._file_known = self._block_known = True
         return self._position
 
     def seek(self, position: int) -> None:
-        self._require_tape()
+        self._require_loaded_for_scsi(f"MTSEEK {position}")
         check_count(position)
         self._end_file_if_writing()
         self._writing = False
@@ -586,32 +700,56 @@ class VirtualTape(TapeDrive):
 
     def set_block_size(self, size: int) -> None:
         self._require_tape()
-        if not 0 <= size <= mtio.MT_ST_BLKSIZE_MASK:
-            raise self._error(errno.EINVAL, f"block size {size} is outside 0..{mtio.MT_ST_BLKSIZE_MASK}")
+        if size and not self._limits.allows(size):
+            raise self._error(errno.EINVAL, f"MTSETBLK {size}: outside the drive's block limits "
+                                            f"{self._limits.minimum}..{self._limits.maximum}")
         self._block_size = size
 
     def set_compression(self, enabled: bool) -> None:
-        self._require_tape()
+        self._require_loaded_for_scsi(f"MTCOMPRESSION {int(enabled)}")
         self._writing = False
-        self.compression = enabled
+        if not self._compression_capable:
+            raise CompressionNotSwitchable(self.path, enabled)
+        self._compression = enabled
+
+    def compression(self) -> Compression:
+        self._require_open()
+        return Compression(capable=self._compression_capable, enabled=self._compression)
+
+    def block_limits(self) -> BlockLimits:
+        self._require_open()
+        return self._limits
 
     def load(self) -> None:
         self._require_open()
         self._writing = False
         self._loaded = True
+        self._unloaded_status = None
         self._go_to_bot()
 
     def unload(self) -> None:
         self._require_tape()
         self._end_file_if_writing()
         self._writing = False
+        # st keeps reporting the file and block numbers (and end-of-data state) the tape had
+        # when it went off line: the drive is empty, the numbers are what they were.
+        last = self.status()
+        self._unloaded_status = TapeStatus.from_mtget(
+            last.file_number, last.block_number, self._dsreg(),
+            (last.gstat & ~mtio.GMT_ONLINE) | mtio.GMT_DR_OPEN)
         self._go_to_bot()
         self._loaded = False
 
+    def _dsreg(self) -> int:
+        return ((self._block_size << mtio.MT_ST_BLKSIZE_SHIFT) & mtio.MT_ST_BLKSIZE_MASK
+                | (self._density << mtio.MT_ST_DENSITY_SHIFT) & mtio.MT_ST_DENSITY_MASK)
+
     def status(self) -> TapeStatus:
         self._require_open()
-        dsreg = (self._block_size << mtio.MT_ST_BLKSIZE_SHIFT) & mtio.MT_ST_BLKSIZE_MASK
+        dsreg = self._dsreg()
         if not self._loaded:
+            if self._unloaded_status is not None:
+                return self._unloaded_status
             return TapeStatus.from_mtget(-1, -1, dsreg, mtio.GMT_DR_OPEN)
         passed = self._marks_before(self._position)
         file_number = passed if self._file_known else -1
