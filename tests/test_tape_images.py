@@ -222,3 +222,41 @@ def test_a_cartridge_too_small_for_a_chunk_is_refused_before_writing(volumes, tm
     r = imager("backup", volumes[0], "--tape", pattern, "--tape-capacity", "8M")
     assert r.returncode == 2 and "too small" in r.stderr and "Traceback" not in r.stderr
     assert not list(tmp_path.glob("small-*.tap"))
+
+
+def test_a_chain_on_tape_restores_every_point_from_the_tape(loops, tmp_path):
+    """A full and two incrementals appended to a tape: each point restores exactly the volume
+    as it was, the incrementals through their chain on the tape (found through the catalog)."""
+    dev = _volume_with_files(loops, 4)
+    tape = str(tmp_path / "t.tap")
+    assert imager("tape", "label", "CHAIN1", "--tape", tape).returncode == 0
+    size = device_size(dev)
+    points = []
+    for round_ in range(3):
+        if round_:
+            point = loops.mount(dev)
+            with open(point / "random.bin", "r+b") as f:
+                f.seek(round_ << 20)
+                f.write(os.urandom(300 << 10))
+            (point / f"new{round_}.txt").write_bytes(b"round %d\n" % round_ * 5000)
+            loops.umount(point)
+        summary = _backup(dev, tape, "--incremental")
+        assert summary["kind"] == ("incremental" if round_ else "full"), summary
+        if round_:
+            assert summary["method"] == "digest" and summary["bytes_written"] < (2 << 20), summary
+        reference = tmp_path / f"point{round_}.raw"
+        with open(dev, "rb") as src, open(reference, "wb") as out:
+            out.write(src.read(size))
+        points.append((summary["image_id"], reference))
+    for image_id, reference in reversed(points):
+        out = tmp_path / f"restored-{image_id[:8]}.raw"
+        r = imager("restore", "--tape", tape, "--image", image_id, str(out), "--verify", "--json")
+        assert r.returncode == 0, r.stderr
+        assert same_bytes(str(reference), str(out), size)
+    # A chain whose full the catalog no longer has cannot be restored, and says why.
+    catalog = os.path.join(os.environ["XDG_DATA_HOME"], "imager", "catalog.sqlite")
+    with sqlite3.connect(catalog) as db:
+        db.execute("DELETE FROM images WHERE id = ?", (points[0][0],))
+    r = imager("restore", "--tape", tape, "--image", points[2][0], str(tmp_path / "none.raw"))
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert f"the parent {points[0][0][:12]}" in r.stderr and not (tmp_path / "none.raw").exists()

@@ -33,11 +33,10 @@ def run(args, out: Output) -> int:
             raise UsageError("with --tape, give only the TARGET (the image is chosen with --image)")
         target = args.paths[0]
         with Catalog(args.catalog) as catalog:
-            feed = jobs.open_tape_image(tape_spec(args), args.image, catalog=catalog, block_size=args.block_size)
-            try:
-                r = _restore(feed, target, args, out)
-            finally:
-                feed.close()
+            with out.progress(_catalogued_size(catalog, args.image), "restore") as progress:
+                r = jobs.restore_from_tape(tape_spec(args), args.image, target, catalog=catalog,
+                                           block_size=args.block_size, force=args.force, verify=args.verify,
+                                           workers=args.workers, progress=progress)
     elif len(args.paths) != 2:
         raise UsageError("give IMAGE and TARGET (or --tape T --image ID TARGET)")
     elif args.paths[0] == "-":
@@ -56,6 +55,14 @@ def run(args, out: Output) -> int:
         f"  {r.zero_chunks} of {r.chunks} chunks zero, {r.seconds:.2f} s, {r.mb_per_second:.0f} MB/s",
     ])
     return 0
+
+
+def _catalogued_size(catalog: Catalog, image_id: str | None) -> int:
+    """The volume size the progress bar counts to (0 when the catalog does not know the image)."""
+    try:
+        return catalog.image(image_id).volume_size if image_id else 0
+    except UsageError:
+        return 0
 
 
 def _restore(feed, target: str, args, out: Output) -> jobs.RestoreResult:

@@ -163,6 +163,8 @@ def _header_from_record(record: ImageRecord) -> ImageHeader:
     header = ImageHeader(volume_size=record.volume_size, chunk_size=record.chunk_size, image_id=record.id,
                          level=record.level, kind=record.kind)
     header.chain = {"tracker": {"series": record.series, "sequence": record.sequence}} if record.series else {}
+    if record.parent_id:
+        header.chain["parent"] = {"id": record.parent_id}
     header.snapshot = json.loads(record.snapshot) if record.snapshot else {}
     return header
 
@@ -172,15 +174,19 @@ def _chain_problem(parent: ParentImage, catalog: Catalog | None) -> str:
     header = parent.header
     seen = 0
     while header.incremental:
-        link = header.chain["parent"]
+        link = header.chain.get("parent") or {}
+        if not link.get("id"):
+            return "it does not name its parent"
         path = locate_image(link["id"], catalog=catalog, near=os.path.dirname(os.path.abspath(parent.where))
                             if os.path.exists(parent.where) else None, name=link.get("name", ""))
-        if path is None:
-            if catalog is not None and catalog.block_table(link["id"]) is not None:
-                return ""          # on tape; restore reads it from there
+        if path is not None:
+            with open(path, "rb") as f:
+                header = read_header(f)[0]
+        elif catalog is not None and catalog.block_table(link["id"]) is not None:
+            # On tape: restore reads it from there; its own parent is in its catalog record.
+            header = _header_from_record(catalog.image(link["id"]))
+        else:
             return f"its parent {link['id'][:12]} is missing"
-        with open(path, "rb") as f:
-            header = read_header(f)[0]
         seen += 1
         if seen > 1000:
             return "its chain has more than 1000 images"

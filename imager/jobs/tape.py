@@ -4,13 +4,19 @@ finding an image on tape, and restoring or verifying it from there."""
 from __future__ import annotations
 
 import os
+import time
 from typing import Iterable, Iterator
+
+import numpy as np
 
 from ..catalog import Catalog, ImageRecord, SegmentRecord, TapeRecord
 from ..ends.feeds import StreamFeed
-from ..errors import ImagerError, TapeMediaError, UsageError
+from ..ends.target import RestoreTarget
+from ..errors import ImageFormatError, ImagerError, TapeMediaError, UsageError
+from ..format import DEFAULT_CHUNK_SIZE, DIGEST_SIZE
+from ..pipeline import DecodedChunk, decoder, run_ordered, worker_count
 from ..tape import Label, TapeFileInfo, TapeImageStream, TapeSpec, WrittenSegment, read_label, require_label, scan_files
-from .restore import restore_feed
+from .restore import compare_with_digests, restore_feed
 from .results import RestoreResult, VerifyResult
 from .verify import verify_feed
 
@@ -120,11 +126,146 @@ def _open_located(spec: TapeSpec, full_id: str, label_name: str, tape_file: int,
 
 def restore_from_tape(spec: TapeSpec, image_id: str | None, target: str, *, catalog: Catalog | None = None,
                       block_size: int | None = None, **kw) -> RestoreResult:
+    """Restore one image from tape; an incremental as the volume at its point, from its chain."""
+    chain = _chain_on_tape(image_id, catalog)
+    if chain is not None:
+        return restore_chain_from_tape(spec, chain, target, catalog=catalog, block_size=block_size, **kw)
     feed = open_tape_image(spec, image_id, catalog=catalog, block_size=block_size)
     try:
+        if feed.header.incremental:
+            raise UsageError(f"{feed.name} is an incremental image and the catalog does not know its chain: "
+                             f"run imager tape scan on the cartridges of the chain, then restore again")
         return restore_feed(feed, target, **kw)
     finally:
         feed.close()
+
+
+def _chain_on_tape(image_id: str | None, catalog: Catalog | None) -> list[ImageRecord] | None:
+    """The catalog records of an incremental's chain, newest first (None: not an incremental
+    the catalog knows)."""
+    if catalog is None or not image_id:
+        return None
+    try:
+        record = catalog.image(image_id)
+    except UsageError:
+        return None
+    if record.kind != "incremental":
+        return None
+    chain = [record]
+    while chain[-1].kind == "incremental":
+        parent_id = chain[-1].parent_id
+        try:
+            chain.append(catalog.image(parent_id or "?"))
+        except UsageError:
+            raise UsageError(f"the parent {str(parent_id)[:12]} of image {chain[-1].id[:12]} is not in the catalog "
+                             f"(pruned, or on a cartridge not scanned): the chain cannot be restored") from None
+    return chain
+
+
+def restore_chain_from_tape(spec: TapeSpec, chain: list[ImageRecord], target: str, *, catalog: Catalog | None,
+                            block_size: int | None = None, force: bool = False, verify: bool = False,
+                            workers: int | None = None, progress=None) -> RestoreResult:
+    """The volume at an incremental's point, from its chain on tape: each tape file read once,
+    newest first, each block written once (the newest image that holds it wins) and checked
+    against the chain point's digest of it."""
+    workers = worker_count(workers)
+    started = time.monotonic()
+    point = chain[0]
+    target_file: RestoreTarget | None = None
+    done: np.ndarray | None = None
+    expected: bytes | None = None          # the point's digest of every block, once its trailer is read
+    point_trailer = None
+    geometry: tuple[int, int] = (0, 0)     # the point's volume and block size
+    totals = {"bytes_written": 0}
+    parent_link: dict = {}
+    try:
+        for position, record in enumerate(chain):
+            located = _locate_on_tape(spec, record.id, catalog)
+            feed = _open_located(spec, *located, block_size)
+            try:
+                header = feed.header
+                if header.image_id != record.id:
+                    raise ImageFormatError(f"{feed.name} holds image {header.image_id[:12]}, not {record.id[:12]}")
+                if position and header.image_id != parent_link.get("id"):
+                    raise ImageFormatError(f"{feed.name}: image {header.image_id[:12]} is not the parent "
+                                           f"{str(parent_link.get('id'))[:12]} of the image before it in the chain")
+                if target_file is None:
+                    target_file = RestoreTarget(target, header.volume_size, force)
+                    done = np.zeros(header.block_count, dtype=bool)
+                    geometry = (header.volume_size, header.block_size)
+                assert done is not None
+                per = header.chunk_blocks
+                if (header.volume_size, header.block_size) != geometry:
+                    raise ImageFormatError(f"{feed.name}: image {header.image_id[:12]} is of another volume geometry")
+                digests: list[tuple[int, bytes]] = []
+
+                def consume(result: DecodedChunk, header=header, per=per, digests=digests) -> None:
+                    index, data, digest = result
+                    digests.append((index, digest))
+                    first = index * per
+                    length = header.chunk_length(index)
+                    wanted = ~done[first:first + per]
+                    if not wanted.any():
+                        return
+                    if expected is not None:
+                        for offset in np.flatnonzero(wanted).tolist():
+                            block = first + offset
+                            mine = digest[offset * DIGEST_SIZE:(offset + 1) * DIGEST_SIZE]
+                            if mine != expected[block * DIGEST_SIZE:(block + 1) * DIGEST_SIZE]:
+                                raise ImageFormatError(
+                                    f"the chain of image {point.id[:12]} is inconsistent: block {block} in image "
+                                    f"{header.image_id[:12]} differs from the chain point's digest of it")
+                    if wanted.all():
+                        target_file.write_chunk(index * header.chunk_size, data, length)
+                        written = length
+                    else:
+                        written = 0
+                        for offset in np.flatnonzero(wanted).tolist():
+                            start = offset * header.block_size
+                            size = min(header.block_size, length - start)
+                            piece = None if data is None else data[start:start + size]
+                            target_file.write_chunk(index * header.chunk_size + start, piece, size)
+                            written += size
+                    done[first:first + per] |= wanted
+                    totals["bytes_written"] += written
+                    if progress:
+                        progress(written)
+
+                run_ordered(feed.chunks(), decoder(feed), consume, workers=workers)
+                trailer = feed.finish()
+                trailer.check_chunk_digests(digests)
+                if position and trailer.totals.get("image_digest") != parent_link.get("digest"):
+                    raise ImageFormatError(f"{feed.name}: image {header.image_id[:12]} is not the one its child was "
+                                           f"taken against (its digest differs)")
+                if expected is None:
+                    expected = trailer.digests
+                    point_trailer = trailer
+                parent_link = header.chain.get("parent") or {}
+            finally:
+                feed.close()
+        assert done is not None and target_file is not None
+        if not done.all():
+            raise ImageFormatError(f"the chain of image {point.id[:12]} leaves block {int(np.flatnonzero(~done)[0])} "
+                                   f"unwritten")
+        target_file.finish()
+    except ImageFormatError as e:
+        if target_file is not None:
+            target_file.abort()
+            where = f"nothing written to {target}" if target_file.fresh_file else f"{target} holds a partial volume"
+            raise ImageFormatError(f"restore failed, {where}: {e}") from None
+        raise
+    except BaseException:
+        if target_file is not None:
+            target_file.abort()
+        raise
+    target_file.close()
+    assert point_trailer is not None
+    if verify:
+        compare_with_digests(target, geometry[0], DEFAULT_CHUNK_SIZE, geometry[1], point_trailer.digests,
+                             workers=workers)
+    return RestoreResult(image=f"{spec.spec} (image {point.id[:12]})", target=target, volume_size=geometry[0],
+                         chunks=int(done.size), zero_chunks=0, bytes_written=totals["bytes_written"],
+                         seconds=time.monotonic() - started, verified=verify, chain=[r.id for r in chain])
 
 
 def verify_tape(spec: TapeSpec, image_id: str | None = None, *, catalog: Catalog | None = None,
