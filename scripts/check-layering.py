@@ -2,7 +2,7 @@
 own package and anything in a lower layer, nothing above:
 
     devices                         kernel interfaces; imports nothing from imager
-    errors units failpoints private spawn
+    errors units progress failpoints private spawn
     format plan                     the image format; the used-block planner
     ends                            sources, sinks, feeds, restore targets, path guards
     snapshot tape catalog           point in time (providers, COW, daemon); tape layout; the record
@@ -17,7 +17,7 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 LAYERS = [
     {"devices"},
-    {"imager.errors", "imager.units", "imager.failpoints", "imager.private", "imager.spawn"},
+    {"imager.errors", "imager.units", "imager.progress", "imager.failpoints", "imager.private", "imager.spawn"},
     {"imager.format", "imager.plan"},
     {"imager.ends"},
     {"imager.snapshot", "imager.tape", "imager.catalog"},

@@ -6,10 +6,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import sys
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Iterator
+
+from .progress import Display, display_for
 
 
 class Output:
@@ -17,6 +18,7 @@ class Output:
         self.json = getattr(args, "json", False)
         self.quiet = getattr(args, "quiet", False)
         self.verbose = getattr(args, "verbose", False)
+        self.progress_mode = getattr(args, "progress", None) or "auto"
         # With `-o -` standard output carries the image: the summary goes to stderr.
         self.summary_stream = sys.stderr if getattr(args, "output", None) == "-" else sys.stdout
         # -v: the engine's details (phases, plans, I/O fallbacks) are logged at INFO level.
@@ -32,18 +34,14 @@ class Output:
             print(f"imager: {message}", file=sys.stderr)
 
     @contextmanager
-    def progress(self, total: int, label: str) -> Iterator[Callable[[int], None] | None]:
-        if self.quiet or self.json or not sys.stdout.isatty():
-            yield None
-            return
-        from tqdm import tqdm
-
-        # A terminal that reports no size (a bare pty) still gets a bar: tqdm hides bars that
-        # do not fit in zero rows.
-        size = shutil.get_terminal_size((100, 24))
-        with tqdm(total=total, desc=label, unit="B", unit_scale=True, unit_divisor=1024,
-                  file=sys.stderr, ncols=size.columns, nrows=size.lines, smoothing=0.1) as bar:
-            yield bar.update
+    def progress(self, total: int, label: str) -> Iterator[Display | None]:
+        """A display on stderr as --progress says (none with --quiet)."""
+        display = None if self.quiet else display_for(self.progress_mode, label, total)
+        try:
+            yield display
+        finally:
+            if display is not None:
+                display.close()
 
     def result(self, data: dict, lines: list[str]) -> None:
         if self.json:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from .. import __version__
 from ..tape import DEFAULT_BLOCK_SIZE
 from ..units import positive_size
+from .progress import MODES
 
 
 @dataclass
@@ -22,7 +23,10 @@ class Parents:
 def _parents() -> Parents:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
-    common.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary")
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
+    common.add_argument("--progress", choices=MODES, default="auto",
+                        help="progress on stderr: a bar when stderr is a terminal (auto), always a bar, a "
+                             "plain line every few seconds, a JSON object per line, or none")
     common.add_argument("-v", "--verbose", action="store_true",
                         help="say more: phases, the used-block plan, I/O fallbacks")
     catalog = argparse.ArgumentParser(add_help=False)

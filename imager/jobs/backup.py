@@ -32,11 +32,11 @@ from ..snapshot.freeze import Hook
 from ..snapshot.provider import PlannedVolume, SnapshotRequest, SnapshotSet, provider
 from ..tape import DEFAULT_BLOCK_SIZE, TapeSink, TapeSpec
 from ..units import check_block_size, now_iso
+from ..progress import Progress, start_phase
 from .incremental import Increment, incremental_header, prepare_incremental, write_incremental
 from .results import BackupResult
 from .tape import record_labels, tape_segment_records
 
-Progress = Callable[[int], None]
 Notice = Callable[[str], None]
 
 log = logging.getLogger("imager.backup")
@@ -231,6 +231,7 @@ def _block_size(volume_size: int, options: ImagingOptions) -> int:
 
 def _write_kind(volume: PlannedVolume, sink: Sink, options: ImagingOptions, image_id: str,
                 increment: Increment | None, progress: Progress | None) -> BackupResult:
+    start_phase(progress, f"read {volume.name}", volume.source.size)
     chain: dict = {"volume": volume.volume_key}
     if volume.tracker:
         chain["tracker"] = {"series": volume.tracker["series"], "sequence": volume.tracker["sequence"]}

@@ -22,12 +22,12 @@ from ..format.chain import Chain
 from ..pipeline import run_ordered, worker_count
 from ..tape import TapeSink
 from ..units import now_iso
+from ..progress import Progress, start_phase
 from .backup import Destination, image_record, record_image
 from .chains import open_chain
 from .results import BackupResult
 from .tape import record_labels
 
-Progress = Callable[[int], None]
 
 log = logging.getLogger("imager.consolidate")
 
@@ -98,6 +98,7 @@ def _write(chain: Chain, writer: ImageWriter, workers: int,
            progress: Progress | None) -> tuple[ImageWriter, int, int]:
     codec = ZstdCodec(chain.base.header.level, chain.block_size)
     counts = {"copied": 0, "recompressed": 0}
+    start_phase(progress, "consolidate", chain.header.volume_size)
 
     def region(index: int) -> tuple[EncodedChunk, bool]:
         length = chain.region_length(index)

@@ -30,10 +30,10 @@ from ..plan.changes import BlockStates, ChangePlan, change_plan, tracker_bits_as
 from ..plan.usedmap import ALL_BLOCKS, UsedMap
 from ..snapshot.provider import PlannedVolume
 from ..units import now_iso
+from ..progress import Progress
 from .chains import ParentImage, find_parent
 from .results import BackupResult
 
-Progress = Callable[[int], None]
 Notice = Callable[[str], None]
 
 log = logging.getLogger("imager.backup")

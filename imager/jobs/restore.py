@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import ExitStack
-from typing import Callable
 
 from devices.block import BlockDevice
 from devices.buffers import BufferPool
@@ -21,10 +20,10 @@ from ..errors import ImageFormatError, ImagerError, UsageError
 from ..format import DIGEST_SIZE, ImageReader
 from ..format.chain import Chain
 from ..pipeline import DecodedChunk, decoder, digester, read_chunks, run_ordered, worker_count
+from ..progress import Progress, start_phase
 from .chains import open_chain
 from .results import RestoreResult
 
-Progress = Callable[[int], None]
 
 log = logging.getLogger("imager.restore")
 
@@ -53,6 +52,7 @@ def restore_chain(chain: Chain, target: str, *, force: bool = False, verify: boo
     if same_file(chain.point.path, target) or any(same_file(i.path, target) for i in chain.images):
         raise UsageError(f"{target}: is an image of the chain being restored; give another target")
     tgt = RestoreTarget(target, header.volume_size, force)
+    start_phase(progress, "write", header.volume_size)
     log.info("restoring %s, a chain of %d images, to %s", chain.point.path, len(chain.images), target)
     totals = {"zero_chunks": 0, "bytes_written": 0}
 
@@ -84,7 +84,7 @@ def restore_chain(chain: Chain, target: str, *, force: bool = False, verify: boo
     if verify:
         log.info("reading %s back from the medium to compare", target)
         compare_with_digests(target, header.volume_size, chain.region_size, header.block_size,
-                             chain.trailer.digests, workers=workers)
+                             chain.trailer.digests, workers=workers, progress=progress)
     return RestoreResult(image=chain.point.path, target=target, volume_size=header.volume_size,
                          chunks=chain.region_count, zero_chunks=totals["zero_chunks"],
                          bytes_written=totals["bytes_written"], seconds=time.monotonic() - started,
@@ -104,6 +104,7 @@ def restore_feed(feed: Feed, target: str, *, force: bool = False, verify: bool =
     if image_path and same_file(image_path, target):
         raise UsageError(f"{target}: is the image being restored; give another target")
     tgt = RestoreTarget(target, header.volume_size, force)
+    start_phase(progress, "write", header.volume_size)
     log.info("restoring %s (%d bytes in %d chunks) to %s", feed.name, header.volume_size, header.chunk_count, target)
     # Every chunk's contents are checked against its digest: damage that the stream digest
     # alone would find cannot change what is restored (verify reports it), and hashing every
@@ -140,7 +141,7 @@ def restore_feed(feed: Feed, target: str, *, force: bool = False, verify: bool =
     if verify:
         log.info("reading %s back from the medium to compare", target)
         compare_with_digests(target, header.volume_size, header.chunk_size, header.block_size, trailer.digests,
-                             workers=workers)
+                             workers=workers, progress=progress)
     return RestoreResult(image=feed.name, target=target, volume_size=header.volume_size,
                          chunks=header.chunk_count, zero_chunks=totals["zero_chunks"],
                          bytes_written=totals["bytes_written"], seconds=time.monotonic() - started,
@@ -148,10 +149,11 @@ def restore_feed(feed: Feed, target: str, *, force: bool = False, verify: bool =
 
 
 def compare_with_digests(target: str, volume_size: int, read_size: int, block_size: int, digests: bytes, *,
-                         workers: int | None = None) -> None:
+                         workers: int | None = None, progress: Progress | None = None) -> None:
     """Re-read the volume's length of `target` from the medium and compare every block's digest
     with `digests` (an image's table)."""
     workers = worker_count(workers)
+    start_phase(progress, "verify", volume_size)
     per_read = read_size // block_size * DIGEST_SIZE
     with BlockDevice(target, direct=True) as dev:
         dev.drop_cache()
@@ -167,7 +169,7 @@ def compare_with_digests(target: str, volume_size: int, read_size: int, block_si
                                   f"block {block} (volume offset {block * block_size})")
 
         try:
-            run_ordered(read_chunks(VolumePrefix(dev, volume_size), read_size, pool, lambda n: None),
+            run_ordered(read_chunks(VolumePrefix(dev, volume_size), read_size, pool, progress or (lambda n: None)),
                         digester(pool, block_size), check, workers=workers)
         finally:
             pool.close()

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import time
 from contextlib import ExitStack
-from typing import Callable
 
 from ..catalog import Catalog
 from ..ends.feeds import Feed, SeekableFeed
 from ..format import ImageReader
 from ..pipeline import DecodedChunk, decoder, run_ordered, worker_count
+from ..progress import Progress, start_phase
 from .chains import open_chain
 from .results import VerifyResult
 
-Progress = Callable[[int], None]
 
 
 def verify(image: str, *, workers: int | None = None, progress: Progress | None = None,
@@ -37,6 +36,7 @@ def verify(image: str, *, workers: int | None = None, progress: Progress | None 
 def verify_feed(feed: Feed, *, workers: int | None = None, progress: Progress | None = None) -> VerifyResult:
     started = time.monotonic()
     header = feed.header
+    start_phase(progress, "verify", header.volume_size)
     zero = [0]
     count = [0]
     digests: list[tuple[int, bytes]] = []

@@ -1,0 +1,21 @@
+"""How jobs report progress: a callable counting bytes done, which may also be told that a new
+phase begins (a restore's verify pass reads the whole volume again: a display must not sit at
+100% meanwhile). Plain callables are fine; they just do not hear of phases."""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol, runtime_checkable
+
+Progress = Callable[[int], None]
+
+
+@runtime_checkable
+class PhasedProgress(Protocol):
+    def __call__(self, done: int) -> None: ...
+    def phase(self, name: str, total: int) -> None: ...
+
+
+def start_phase(progress: Progress | None, name: str, total: int) -> None:
+    """Tell `progress` that phase `name` of `total` bytes begins (counting from zero)."""
+    if isinstance(progress, PhasedProgress):
+        progress.phase(name, total)
