@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from .. import jobs
@@ -11,8 +12,10 @@ from ..tape import DEFAULT_BLOCK_SIZE, TapeSpec, drive_status, operator_prompt, 
 from ..units import count, human_bytes
 from .output import Output
 
-_MOVES = {"rewind": "rewind the tape", "eom": "go to the end of recorded data", "unload": "rewind and eject"}
-_SPACES = {"fsf": "forward space N files", "bsf": "backward space N files"}
+_MOVES = {"rewind": "rewind the tape", "eom": "go to the end of recorded data", "eod": "the same as eom",
+          "unload": "rewind and eject", "offline": "the same as unload"}
+_SPACES = {"fsf": "forward space N files", "bsf": "backward space N files", "fsr": "forward space N records",
+           "bsr": "backward space N records", "seek": "go to block N (as tell reports it)"}
 
 
 def register(sub, parents) -> None:
@@ -20,8 +23,10 @@ def register(sub, parents) -> None:
     tsub = tp.add_subparsers(dest="tape_command", required=True, metavar="ACTION")
 
     def verb(name: str, help_text: str, func):
-        c = tsub.add_parser(name, parents=[parents.common, parents.catalog, parents.tape], help=help_text)
-        c.set_defaults(func=func)
+        c = tsub.add_parser(name, parents=[parents.common, parents.catalog, parents.tape], help=help_text,
+                            description=f"{help_text[0].upper()}{help_text[1:]}. Without --tape, $TAPE is used "
+                                        f"(as mt does).")
+        c.set_defaults(func=_tape_from_environment(func))
         return c
 
     verb("status", "drive status (MTIOCGET), without moving the tape", status).add_argument(
@@ -37,11 +42,28 @@ def register(sub, parents) -> None:
     verb("read", "write the bytes of tape file N to stdout", read).add_argument(
         "--file", type=count, required=True, metavar="N")
     verb("scan", "rebuild the catalog entries of a tape from the media", scan)
+    verb("tell", "the block position of the tape (for seek)", tell)
+    verb("weof", "write N filemarks (default 1) at the current position", weof).add_argument(
+        "count", type=count, nargs="?", default=1)
+    verb("setblk", "set the drive's block size (0: variable)", setblk).add_argument("size", type=count)
+    verb("compression", "show the drive's compression, or switch it on or off", compression).add_argument(
+        "state", nargs="?", choices=("on", "off", "1", "0"))
+    verb("erase", "erase the whole tape (a labelled or used tape only with --force)", erase).add_argument(
+        "-f", "--force", action="store_true", help="erase a tape that holds a label or data")
+
+
+def _tape_from_environment(func):
+    """The tape verbs, like mt, use $TAPE when no --tape is given."""
+    def run(args, out: Output) -> int:
+        if not args.tape and os.environ.get("TAPE"):
+            args.tape = os.environ["TAPE"]
+        return func(args, out)
+    return run
 
 
 def tape_spec(args) -> TapeSpec:
     if not args.tape:
-        raise UsageError("give the tape with --tape /dev/nstN or --tape FILE.tap")
+        raise UsageError("give the tape with --tape /dev/nstN or --tape FILE.tap (the tape verbs also use $TAPE)")
     return TapeSpec(args.tape, capacity=args.tape_capacity, changer=getattr(args, "changer", None),
                     prompt=operator_prompt)
 
@@ -72,11 +94,67 @@ def status(args, out: Output) -> int:
 def move(args, out: Output) -> int:
     with tape_spec(args).open(1, create=False) as drive:
         {"rewind": lambda: drive.rewind(), "eom": lambda: drive.seek_end_of_data(),
+         "eod": lambda: drive.seek_end_of_data(),
          "fsf": lambda: drive.forward_space_files(args.count), "bsf": lambda: drive.backward_space_files(args.count),
-         "unload": lambda: drive.unload()}[args.tape_command]()
-        st = None if args.tape_command == "unload" else drive.status()
-    out.result({"tape": args.tape, "file_number": st.file_number if st else None},
-               [f"{args.tape}: {args.tape_command} done" + (f", at file {st.file_number}" if st else "")])
+         "fsr": lambda: drive.forward_space_records(args.count),
+         "bsr": lambda: drive.backward_space_records(args.count), "seek": lambda: drive.seek(args.count),
+         "unload": lambda: drive.unload(), "offline": lambda: drive.unload()}[args.tape_command]()
+        ejected = args.tape_command in ("unload", "offline")
+        st = None if ejected else drive.status()
+        block = None if ejected else drive.tell()
+    out.result({"tape": args.tape, "file_number": st.file_number if st else None,
+                "block_number": st.block_number if st else None, "position": block},
+               [f"{args.tape}: {args.tape_command} done" + (f", at file {st.file_number}, block {block}" if st else "")])
+    return 0
+
+
+def tell(args, out: Output) -> int:
+    with tape_spec(args).open(1, create=False) as drive:
+        block = drive.tell()
+    out.result({"tape": args.tape, "position": block}, [f"At block {block}."])
+    return 0
+
+
+def weof(args, out: Output) -> int:
+    with tape_spec(args).open(1, create=False) as drive:
+        drive.write_filemarks(args.count)
+        block = drive.tell()
+    out.result({"tape": args.tape, "filemarks": args.count, "position": block},
+               [f"{args.tape}: wrote {args.count} filemark{'s' if args.count != 1 else ''}, at block {block}"])
+    return 0
+
+
+def setblk(args, out: Output) -> int:
+    with tape_spec(args).open(1, create=False) as drive:
+        if args.size:
+            drive.block_limits().check(args.size)
+        drive.set_block_size(args.size)
+    out.result({"tape": args.tape, "block_size": args.size},
+               [f"{args.tape}: block size {args.size or 'variable'}"])
+    return 0
+
+
+def compression(args, out: Output) -> int:
+    with tape_spec(args).open(1, create=False) as drive:
+        if args.state is not None:
+            drive.set_compression(args.state in ("on", "1"))
+        state = drive.compression()
+    if state is None:
+        shown = "unknown (the drive does not say)"
+    else:
+        shown = ("on" if state.enabled else "off") if state.capable else "not available on this drive"
+    out.result({"tape": args.tape, "compression": None if state is None else
+                {"capable": state.capable, "enabled": state.enabled}},
+               [f"{args.tape}: compression {shown}"])
+    return 0
+
+
+def erase(args, out: Output) -> int:
+    with tape_spec(args).open(1, create=False) as drive:
+        if not args.force and not tape_is_blank(drive, may_move=True):
+            raise UsageError(f"{args.tape} holds a label or data; erasing destroys all of it: use --force")
+        drive.erase()
+    out.result({"tape": args.tape, "erased": True}, [f"{args.tape}: erased"])
     return 0
 
 
