@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[test]'
+	mkdir -p $(VENV)/share/man/man1
+	$(VENV)/bin/imager manpage > $(VENV)/share/man/man1/imager.1
 	touch $@
 
 demo: setup

@@ -20,7 +20,7 @@ from .tape import tape_spec
 
 
 def register(sub, parents) -> None:
-    b = sub.add_parser("backup", parents=[parents.common, parents.catalog, parents.tape],
+    b = sub.add_parser("backup", parents=[parents.common, parents.progress, parents.catalog, parents.tape],
                        help="image a block device or file")
     b.add_argument("sources", nargs="+", metavar="SOURCE",
                    help="block device or file to image; with --snapshot cow, attached volumes")

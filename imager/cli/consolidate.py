@@ -13,7 +13,7 @@ from .tape import tape_spec
 
 
 def register(sub, parents) -> None:
-    c = sub.add_parser("consolidate", parents=[parents.common, parents.catalog, parents.tape],
+    c = sub.add_parser("consolidate", parents=[parents.common, parents.progress, parents.catalog, parents.tape],
                        help="write a full image of an incremental's point from its chain, without the volume")
     c.add_argument("image", metavar="IMAGE", help="an incremental image file (its parents: catalog or beside it)")
     c.add_argument("-o", "--output", help="the full image to write (- for standard output)")

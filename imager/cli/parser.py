@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from typing import Iterator
 
 from .. import __version__
 from ..tape import DEFAULT_BLOCK_SIZE
 from ..units import positive_size
+from .examples import epilog
 from .progress import MODES
 
 
@@ -18,39 +20,72 @@ class Parents:
     common: argparse.ArgumentParser      # --json, --quiet, --verbose
     catalog: argparse.ArgumentParser     # --catalog
     tape: argparse.ArgumentParser        # --tape and its companions
+    tape_device: argparse.ArgumentParser  # --tape alone (the tape verbs)
+    tape_options: dict[str, argparse.ArgumentParser]   # each companion alone, by option name
+    progress: argparse.ArgumentParser    # --progress (the verbs that move volumes of data)
 
 
 def _parents() -> Parents:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     common.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
-    common.add_argument("--progress", choices=MODES, default="auto",
-                        help="progress on stderr: a bar when stderr is a terminal (auto), always a bar, a "
-                             "plain line every few seconds, a JSON object per line, or none")
     common.add_argument("-v", "--verbose", action="store_true",
                         help="say more: phases, the used-block plan, I/O fallbacks")
+    progress = argparse.ArgumentParser(add_help=False)
+    progress.add_argument("--progress", choices=MODES, default="auto",
+                          help="progress on stderr: a bar when stderr is a terminal (auto), always a bar, a "
+                               "plain line every few seconds, a JSON object per line, or none")
     catalog = argparse.ArgumentParser(add_help=False)
     catalog.add_argument("--catalog", metavar="PATH", help="catalog database (default: the user's data directory)")
+    options = {
+        "--tape": dict(metavar="T", help="/dev/nstN, a virtual tape file.tap, or a set of virtual cartridges as a "
+                       "pattern like 'vault/tape-{n:03}.tap'"),
+        "--tape-capacity": dict(type=positive_size, metavar="SIZE",
+                                help="capacity of a virtual cartridge (default: unlimited)"),
+        "--block-size": dict(type=positive_size, metavar="SIZE",
+                             help=f"tape block size (default {DEFAULT_BLOCK_SIZE >> 10}K to write; to read, the size "
+                                  f"the image was written with)"),
+        "--changer": dict(metavar="CMD", help="command that loads the next cartridge ($IMAGER_CARTRIDGE is its "
+                          "number); without it the operator is asked"),
+    }
+    alone: dict[str, argparse.ArgumentParser] = {}
     tape = argparse.ArgumentParser(add_help=False)
-    tape.add_argument("--tape", metavar="T", help="/dev/nstN, a virtual tape file.tap, or a set of virtual "
-                      "cartridges as a pattern like 'vault/tape-{n:03}.tap'")
-    tape.add_argument("--tape-capacity", type=positive_size, metavar="SIZE",
-                      help="capacity of a virtual cartridge (default: unlimited)")
-    tape.add_argument("--block-size", type=positive_size, metavar="SIZE",
-                      help=f"tape block size (default {DEFAULT_BLOCK_SIZE >> 10}K to write; to read, the size "
-                           f"the image was written with)")
-    tape.add_argument("--changer", metavar="CMD", help="command that loads the next cartridge ($IMAGER_CARTRIDGE "
-                      "is its number); without it the operator is asked")
-    return Parents(common, catalog, tape)
+    for name, spec in options.items():
+        tape.add_argument(name, **spec)  # type: ignore[arg-type]
+        alone[name] = argparse.ArgumentParser(add_help=False)
+        alone[name].add_argument(name, **spec)  # type: ignore[arg-type]
+    return Parents(common, catalog, tape, alone["--tape"], alone, progress)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import backup, catalog, consolidate, demo, devices, info, loop, restore, tape, verify, volumes
+    from . import backup, catalog, consolidate, demo, devices, docs, info, loop, restore, tape, verify, volumes
 
     p = argparse.ArgumentParser(prog="imager", description="Point-in-time images of block devices in use.")
     p.add_argument("--version", action="version", version=f"imager {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parents = _parents()
-    for verb in (backup, restore, verify, info, consolidate, loop, catalog, tape, volumes, devices, demo):
+    for verb in (backup, restore, verify, info, consolidate, loop, catalog, tape, volumes, devices, demo, docs):
         verb.register(sub, parents)
+    for path, parser in commands(p):
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter
+        parser.epilog = epilog(path)
+        for action in parser._actions:
+            if action.option_strings and set(action.option_strings) & PATH_OPTIONS or action.metavar in PATH_ARGUMENTS:
+                action.complete = FILE_COMPLETION  # type: ignore[attr-defined]
     return p
+
+
+# Shell completion completes these with file names (shtab's FILE, without importing shtab on
+# every start).
+FILE_COMPLETION = {"bash": "_shtab_compgen_files", "zsh": "_files", "tcsh": "f"}
+PATH_OPTIONS = {"--tape", "-o", "--output", "--catalog", "--cache", "--parent", "--exclude"}
+PATH_ARGUMENTS = {"IMAGE", "TARGET", "SOURCE", "IMAGE TARGET"}
+
+
+def commands(parser: argparse.ArgumentParser, path: str = "") -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    """Every command's parser with its path ("", "backup", "tape label", ...)."""
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                yield from commands(child, f"{path} {name}".strip())

@@ -13,7 +13,7 @@ from .tape import tape_spec
 
 
 def register(sub, parents) -> None:
-    r = sub.add_parser("restore", parents=[parents.common, parents.catalog, parents.tape],
+    r = sub.add_parser("restore", parents=[parents.common, parents.progress, parents.catalog, parents.tape],
                        help="write an image back to a device or file",
                        usage="imager restore [options] IMAGE TARGET | --tape T [--image ID] TARGET")
     r.add_argument("paths", nargs="+", metavar="IMAGE TARGET",

@@ -22,8 +22,13 @@ def register(sub, parents) -> None:
     tp = sub.add_parser("tape", help="tape drives and virtual tapes, in the spirit of mt")
     tsub = tp.add_subparsers(dest="tape_command", required=True, metavar="ACTION")
 
-    def verb(name: str, help_text: str, func):
-        c = tsub.add_parser(name, parents=[parents.common, parents.catalog, parents.tape], help=help_text,
+    def verb(name: str, help_text: str, func, *uses: str):
+        """A tape verb with --tape and, of the other tape options, only those it `uses`."""
+        groups = [parents.common, parents.tape_device]
+        groups += [parents.tape_options[o] for o in uses if o in parents.tape_options]
+        if "--catalog" in uses:
+            groups.append(parents.catalog)
+        c = tsub.add_parser(name, parents=groups, help=help_text,
                             description=f"{help_text[0].upper()}{help_text[1:]}. Without --tape, $TAPE is used "
                                         f"(as mt does).")
         c.set_defaults(func=_tape_from_environment(func))
@@ -34,20 +39,22 @@ def register(sub, parents) -> None:
     for name, text in _MOVES.items():
         verb(name, text, move)
     for name, text in _SPACES.items():
-        verb(name, text, move).add_argument("count", type=count)
-    tl = verb("label", "write a volume label at the start of the tape", label)
-    tl.add_argument("name")
+        verb(name, text, move).add_argument("count", type=count, metavar="N",
+                                            help="how many" if name != "seek" else "the block position")
+    tl = verb("label", "write a volume label at the start of the tape", label, "--block-size", "--catalog")
+    tl.add_argument("name", help="the label, e.g. WEEKLY1 (a cartridge's barcode is a good choice)")
     tl.add_argument("-f", "--force", action="store_true", help="overwrite a labelled or used tape")
-    verb("list", "the tape files and what each holds", listing)
-    verb("read", "write the bytes of tape file N to stdout", read).add_argument(
-        "--file", type=count, required=True, metavar="N")
-    verb("scan", "rebuild the catalog entries of a tape from the media", scan)
+    verb("list", "the tape files and what each holds", listing, "--changer")
+    verb("read", "write the bytes of tape file N to stdout", read, "--block-size").add_argument(
+        "--file", type=count, required=True, metavar="N", help="the tape file to read (as tape list numbers them)")
+    verb("scan", "rebuild the catalog entries of a tape from the media", scan, "--catalog", "--changer")
     verb("tell", "the block position of the tape (for seek)", tell)
     verb("weof", "write N filemarks (default 1) at the current position", weof).add_argument(
-        "count", type=count, nargs="?", default=1)
-    verb("setblk", "set the drive's block size (0: variable)", setblk).add_argument("size", type=count)
+        "count", type=count, nargs="?", default=1, metavar="N", help="how many filemarks (default 1)")
+    verb("setblk", "set the drive's block size (0: variable)", setblk).add_argument(
+        "size", type=count, help="bytes per block, 0 for variable-size blocks")
     verb("compression", "show the drive's compression, or switch it on or off", compression).add_argument(
-        "state", nargs="?", choices=("on", "off", "1", "0"))
+        "state", nargs="?", choices=("on", "off", "1", "0"), help="on or off (1 or 0); none: show it")
     verb("erase", "erase the whole tape (a labelled or used tape only with --force)", erase).add_argument(
         "-f", "--force", action="store_true", help="erase a tape that holds a label or data")
 
@@ -64,7 +71,7 @@ def _tape_from_environment(func):
 def tape_spec(args) -> TapeSpec:
     if not args.tape:
         raise UsageError("give the tape with --tape /dev/nstN or --tape FILE.tap (the tape verbs also use $TAPE)")
-    return TapeSpec(args.tape, capacity=args.tape_capacity, changer=getattr(args, "changer", None),
+    return TapeSpec(args.tape, capacity=getattr(args, "tape_capacity", None), changer=getattr(args, "changer", None),
                     prompt=operator_prompt)
 
 

@@ -15,7 +15,7 @@ from .tape import tape_spec
 
 
 def register(sub, parents) -> None:
-    v = sub.add_parser("verify", parents=[parents.common, parents.catalog, parents.tape],
+    v = sub.add_parser("verify", parents=[parents.common, parents.progress, parents.catalog, parents.tape],
                        help="check every chunk of an image")
     v.add_argument("image_file", nargs="?", metavar="IMAGE", help="image file (- for standard input)")
     v.add_argument("--image", metavar="ID", help="with --tape: only this image (default: all on the tape)")

@@ -13,20 +13,20 @@ from .output import Output
 def register(sub, parents) -> None:
     at = sub.add_parser("attach", parents=[parents.common],
                         help="manage a device: serve it through a copy-on-write front")
-    at.add_argument("device")
+    at.add_argument("device", help="the block device (or file) to manage, e.g. /dev/sdb1")
     at.add_argument("--name", help="volume name (default: from the device)")
     at.add_argument("--cache", metavar="PATH", help="state directory for the bitmap and cache region "
                     "(not on the device itself; default /var/lib/imager/NAME)")
     at.add_argument("--cache-size", type=positive_size, metavar="SIZE", help="cap on the snapshot cache region")
     at.set_defaults(func=attach)
     de = sub.add_parser("detach", parents=[parents.common], help="stop managing volumes")
-    de.add_argument("names", nargs="+", metavar="NAME")
+    de.add_argument("names", nargs="+", metavar="NAME", help="managed volumes to detach")
     de.set_defaults(func=detach)
     sub.add_parser("volumes", parents=[parents.common],
                    help="list managed volumes and their snapshots").set_defaults(func=listing)
     rc = sub.add_parser("recover", parents=[parents.common],
                         help="bring back a volume whose daemon died: re-attach and check its filesystem")
-    rc.add_argument("name", metavar="NAME")
+    rc.add_argument("name", metavar="NAME", help="the managed volume whose daemon died")
     rc.set_defaults(func=recover)
     _register_snapshot(sub, parents)
 
@@ -35,7 +35,7 @@ def _register_snapshot(sub, parents) -> None:
     sp = sub.add_parser("snapshot", help="point-in-time snapshots of managed volumes")
     ssub = sp.add_subparsers(dest="snapshot_command", required=True, metavar="ACTION")
     sc = ssub.add_parser("create", parents=[parents.common], help="snapshot volumes in one freeze window")
-    sc.add_argument("names", nargs="+", metavar="NAME")
+    sc.add_argument("names", nargs="+", metavar="NAME", help="managed volumes to snapshot in one freeze window")
     sc.add_argument("--pre-freeze", action="append", default=[], metavar="CMD", help="run before freezing; repeatable")
     sc.add_argument("--post-thaw", action="append", default=[], metavar="CMD", help="run after thawing; repeatable")
     sc.add_argument("--max-freeze", type=positive_float, default=DEFAULT_MAX_FREEZE, metavar="SECONDS",
@@ -43,7 +43,7 @@ def _register_snapshot(sub, parents) -> None:
     sc.set_defaults(func=snapshot_create)
     ssub.add_parser("list", parents=[parents.common], help="list snapshots").set_defaults(func=snapshot_list)
     sd = ssub.add_parser("delete", parents=[parents.common], help="delete snapshots")
-    sd.add_argument("names", nargs="+", metavar="NAME")
+    sd.add_argument("names", nargs="+", metavar="NAME", help="managed volumes whose snapshot to delete")
     sd.add_argument("--force", action="store_true", help="even while the snapshot file is open")
     sd.set_defaults(func=snapshot_delete)
 

@@ -1,0 +1,41 @@
+"""imager completion SHELL, imager manpage: both generated from the parser itself, so they never
+disagree with --help."""
+
+from __future__ import annotations
+
+import sys
+
+from .output import Output
+
+
+def register(sub, parents) -> None:
+    c = sub.add_parser("completion", help="print the shell completion script (bash or zsh)",
+                       description="Print a completion script for the shell. Load it with: "
+                                   "source <(imager completion bash), or install it where the shell looks "
+                                   "(/etc/bash_completion.d/imager, a directory of $fpath for zsh: _imager).")
+    c.add_argument("shell", choices=("bash", "zsh"), help="the shell to complete in")
+    c.set_defaults(func=completion)
+    m = sub.add_parser("manpage", help="print the man page (roff), e.g. imager manpage | man -l -",
+                       description="Print imager(1) in roff. `make setup` installs it into the environment's "
+                                   "share/man/man1.")
+    m.set_defaults(func=manpage)
+
+
+def completion(args, out: Output) -> int:
+    import shtab
+
+    from .parser import build_parser
+
+    sys.stdout.write(shtab.complete(build_parser(), shell=args.shell))
+    return 0
+
+
+def manpage(args, out: Output) -> int:
+    from argparse_manpage.manpage import Manpage
+
+    from .parser import build_parser
+
+    page = str(Manpage(build_parser(), _data={"project_name": "imager", "description":
+                                               "point-in-time images of block devices in use"}))
+    sys.stdout.write(page)
+    return 0
