@@ -116,3 +116,16 @@ def test_progress_bar_on_a_terminal_only(ext4_volume, tmp_path):
     assert "backup:" in on_tty.stdout and "B/s" in on_tty.stdout, on_tty.stdout
     piped = imager("backup", dev, "-o", str(tmp_path / "pipe.zst"))
     assert piped.returncode == 0 and "B/s" not in piped.stderr and "backup:" not in piped.stderr
+
+
+def test_listings_have_a_header_and_aligned_columns(tmp_path):
+    catalog = str(tmp_path / "c.sqlite")
+    for name, size in (("a.img", 1 << 20), ("a-much-longer-volume-name.img", 3 << 20)):
+        (tmp_path / name).write_bytes(os.urandom(size))
+        made = imager("backup", str(tmp_path / name), "-o", str(tmp_path / f"{name}.zst"), "-q", "--catalog", catalog)
+        assert made.returncode == 0, made.stderr
+    lines = imager("catalog", "list", "--catalog", catalog, check=True).stdout.splitlines()
+    assert lines[0].split() == ["ID", "TAKEN", "SOURCE", "SIZE", "STORED", "KIND", "WHERE"]
+    for column in ("SOURCE", "SIZE", "KIND"):
+        start = lines[0].index(column)
+        assert all(line[start - 2:start] == "  " and line[start] != " " for line in lines[1:]), (column, lines)

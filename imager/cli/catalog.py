@@ -8,7 +8,7 @@ import sys
 from ..catalog import Catalog, record_dict
 from ..jobs.retention import KeepRules, check, prune
 from ..units import human_bytes
-from .output import Output
+from .output import Output, table
 
 
 def register(sub, parents) -> None:
@@ -52,9 +52,11 @@ def listing(args, out: Output) -> int:
                               for s in segments)
             kind = (f"incremental on {img.parent_id[:12]} by {img.method}" if img.kind == "incremental" and img.parent_id
                     else "full" + (f" (synthetic, for {img.replaces[:12]})" if img.replaces else ""))
-            lines.append(f"{img.id[:12]}  {img.snapshot_time or img.created}  {img.source}  "
-                         f"{human_bytes(img.volume_size)}  -> {human_bytes(img.stream_bytes)}  {kind}  {where}")
-    out.result({"catalog": str(catalog.path), "images": rows}, lines or [f"no images in {catalog.path}"])
+            lines.append([img.id[:12], img.snapshot_time or img.created, img.source, human_bytes(img.volume_size),
+                          human_bytes(img.stream_bytes), kind, where])
+    out.result({"catalog": str(catalog.path), "images": rows},
+               table(["ID", "TAKEN", "SOURCE", "SIZE", "STORED", "KIND", "WHERE"], lines)
+               or [f"no images in {catalog.path}"])
     return 0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from devices import loop
 
 from ..units import parse_size
-from .output import Output
+from .output import Output, natural_key, table
 
 
 def register(sub, parents) -> None:
@@ -37,8 +37,9 @@ def detach(args, out: Output) -> int:
 
 
 def listing(args, out: Output) -> int:
-    rows = loop.list_attached()
+    rows = sorted(loop.list_attached(), key=lambda r: natural_key(r.device))
     out.result({"loops": [r.__dict__ for r in rows]},
-               [f"{r.device}\t{r.backing_file}" + (f"\toffset {r.offset}" if r.offset else "")
-                + ("\tro" if r.read_only else "") for r in rows] or ["no loop devices attached"])
+               table(["DEVICE", "OFFSET", "RO", "BACK-FILE"],
+                     [[r.device, str(r.offset), "1" if r.read_only else "0", r.backing_file] for r in rows])
+               or ["no loop devices attached"])
     return 0

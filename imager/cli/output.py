@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from contextlib import contextmanager
 from typing import Iterator
@@ -48,3 +49,18 @@ class Output:
             print(json.dumps(data, indent=2, sort_keys=True), file=self.summary_stream)
         elif not self.quiet:
             print("\n".join(lines), file=self.summary_stream)
+
+
+def table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    """Aligned columns under a header row, as lsblk and losetup -l print them; the last column
+    is not padded (it may be long)."""
+    if not rows:
+        return []
+    cells = [headers] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers) - 1)]
+    return ["  ".join([c.ljust(w) for c, w in zip(row, widths)] + [row[-1]]).rstrip() for row in cells]
+
+
+def natural_key(text: str) -> list:
+    """loop2 before loop10: runs of digits compare as numbers."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]

@@ -7,7 +7,7 @@ from dataclasses import asdict
 from ..jobs import volumes
 from ..snapshot.freeze import DEFAULT_MAX_FREEZE
 from ..units import human_bytes, positive_float, positive_size
-from .output import Output
+from .output import Output, natural_key, table
 
 
 def register(sub, parents) -> None:
@@ -72,19 +72,22 @@ def detach(args, out: Output) -> int:
 
 def listing(args, out: Output) -> int:
     found = volumes.list_volumes()
-    out.result({"volumes": [asdict(v) for v in found]}, [_volume_line(v) for v in found] or ["no attached volumes"])
+    found = sorted(found, key=lambda v: natural_key(v.name))
+    out.result({"volumes": [asdict(v) for v in found]},
+               table(["NAME", "SOURCE", "FRONT", "SIZE", "STATE", "SNAPSHOT"], [_volume_row(v) for v in found])
+               or ["no attached volumes"])
     return 0
 
 
-def _volume_line(v: volumes.VolumeInfo) -> str:
+def _volume_row(v: volumes.VolumeInfo) -> list[str]:
     if v.state != "running":
-        return f"{v.name}\t{v.device} -> front {v.front}\t{human_bytes(v.size)}\t{v.state.upper()}: {v.problem}"
-    snap = "no snapshot"
+        return [v.name, v.device, str(v.front), human_bytes(v.size), v.state.upper(), v.problem]
+    snap = "none"
     if v.snapshot:
         s = v.snapshot
-        snap = (f"snapshot {s.path} ({'INVALID: ' + s.invalid_reason if s.invalid else 'valid'}, "
+        snap = (f"{s.path} ({'INVALID: ' + s.invalid_reason if s.invalid else 'valid'}, "
                 f"{human_bytes(s.cache_bytes_used)} cache used)")
-    return f"{v.name}\t{v.device} -> front {v.front}\t{human_bytes(v.size)}\t{snap}"
+    return [v.name, v.device, str(v.front), human_bytes(v.size), v.state, snap]
 
 
 def snapshot_create(args, out: Output) -> int:
@@ -98,8 +101,9 @@ def snapshot_create(args, out: Output) -> int:
 def snapshot_list(args, out: Output) -> int:
     snaps = volumes.snapshot_list()
     out.result({"snapshots": [asdict(s) for s in snaps]},
-               [f"{s.name}\t{s.path}\t{human_bytes(s.cache_bytes_used)} cache\t"
-                + ("INVALID: " + s.invalid_reason if s.invalid else "valid") for s in snaps] or ["no snapshots"])
+               table(["NAME", "CACHE", "STATE", "PATH"],
+                     [[s.name, human_bytes(s.cache_bytes_used), "INVALID: " + s.invalid_reason if s.invalid else "valid",
+                       s.path] for s in sorted(snaps, key=lambda s: natural_key(s.name))]) or ["no snapshots"])
     return 0
 
 
