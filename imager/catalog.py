@@ -209,6 +209,11 @@ class Catalog:
                         "DELETE FROM images WHERE id != ? AND id IN (SELECT image_id FROM segments WHERE "
                         "kind = 'tape' AND tape_set = ? AND tape_label = ? AND tape_file >= ?)",
                         (image.id, s.tape_set, s.tape_label, s.tape_file))
+            for s in segments:
+                if s.kind == "file" and s.path:
+                    # The file now holds this image: the one it held before is gone.
+                    self._db.execute("DELETE FROM images WHERE id != ? AND id IN (SELECT image_id FROM segments "
+                                     "WHERE kind = 'file' AND path = ?)", (image.id, s.path))
             self._upsert("images", image, ("id",))
             for s in segments:
                 self._upsert("segments", s, ("image_id", "segment", "kind"))

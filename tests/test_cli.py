@@ -129,3 +129,33 @@ def test_listings_have_a_header_and_aligned_columns(tmp_path):
     for column in ("SOURCE", "SIZE", "KIND"):
         start = lines[0].index(column)
         assert all(line[start - 2:start] == "  " and line[start] != " " for line in lines[1:]), (column, lines)
+
+
+def test_the_catalog_keeps_one_row_per_file_marks_missing_files_and_forgets_on_request(tmp_path):
+    catalog = str(tmp_path / "c.sqlite")
+    volume = tmp_path / "vol.img"
+    volume.write_bytes(os.urandom(1 << 20))
+
+    def backup(out: str, *extra: str) -> str:
+        made = imager("backup", str(volume), "-o", out, "--json", "--catalog", catalog, *extra)
+        assert made.returncode == 0, made.stderr
+        return json.loads(made.stdout)["image_id"]
+
+    def listed(*extra: str) -> list[dict]:
+        return json.loads(imager("catalog", "list", "--json", "--catalog", catalog, *extra, check=True).stdout)["images"]
+
+    first = backup(str(tmp_path / "a.zst"))
+    second = backup(str(tmp_path / "a.zst"), "--force")
+    assert [r["image"]["id"] for r in listed()] == [second], "the overwritten image's row stayed"
+    third = backup(str(tmp_path / "b.zst"))
+    os.unlink(tmp_path / "b.zst")
+    rows = {r["image"]["id"]: r for r in listed()}
+    assert rows[third]["segments"][0]["present"] is False and rows[second]["segments"][0]["present"] is True
+    assert "(MISSING)" in imager("catalog", "list", "--catalog", catalog, check=True).stdout
+    assert listed("--since", "1h") and listed("--since", "2999-01-01") == []
+    assert len(listed("--source", str(volume))) == 2 and listed("--source", "/dev/sdz") == []
+    forgot = imager("catalog", "forget", third[:10], "--catalog", catalog, check=True)
+    assert "its files stay" in forgot.stdout and [r["image"]["id"] for r in listed()] == [second]
+    assert (tmp_path / "a.zst").exists()
+    wrong = imager("catalog", "forget", "ffffffffff", "--catalog", catalog)
+    assert wrong.returncode == 2 and "Traceback" not in wrong.stderr and first not in wrong.stderr

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from datetime import datetime, timedelta, timezone
 
 from ..catalog import Catalog, record_dict
+from ..errors import UsageError
 from ..jobs.retention import KeepRules, check, prune
 from ..units import human_bytes
 from .output import Output, table
@@ -14,8 +17,19 @@ from .output import Output, table
 def register(sub, parents) -> None:
     cp = sub.add_parser("catalog", help="the record of images and where they live")
     csub = cp.add_subparsers(dest="catalog_command", required=True, metavar="ACTION")
-    csub.add_parser("list", parents=[parents.common, parents.catalog],
-                    help="list the images in the catalog").set_defaults(func=listing)
+    ls = csub.add_parser("list", parents=[parents.common, parents.catalog], help="list the images in the catalog")
+    ls.add_argument("--source", metavar="PATH", help="only images of this source (a device or file as given "
+                    "to backup, or a managed volume's name)")
+    ls.add_argument("--since", type=_since, metavar="WHEN",
+                    help="only images taken since WHEN: a date (2026-11-24), a time (2026-11-24T18:00) or an "
+                         "age (36h, 7d, 2w)")
+    ls.set_defaults(func=listing)
+    fg = csub.add_parser("forget", parents=[parents.common, parents.catalog],
+                         help="remove images from the catalog (their files stay)")
+    fg.add_argument("ids", nargs="+", metavar="ID", help="image ids (a unique prefix will do)")
+    fg.add_argument("-f", "--force", action="store_true",
+                    help="forget an image that other images of the catalog name as their parent")
+    fg.set_defaults(func=forgetting)
     p = csub.add_parser("prune", parents=[parents.common, parents.catalog],
                         help="remove images no retention rule keeps; never one a kept image needs")
     p.add_argument("--keep-last", type=_count, default=0, metavar="N", help="the newest N images of each volume")
@@ -41,15 +55,44 @@ def _count(text: str) -> int:
     return value
 
 
+def _since(text: str) -> datetime:
+    """An absolute date or time (UTC unless it says otherwise), or an age before now."""
+    units = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+    if text[:-1].isdigit() and text[-1:] in units:
+        return datetime.now(timezone.utc) - timedelta(seconds=int(text[:-1]) * units[text[-1]])
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date, time or age: {text!r} (examples: 2026-11-24, "
+                                         f"2026-11-24T18:00, 36h, 7d)") from None
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+
+def _taken(img) -> datetime:
+    when = datetime.fromisoformat(img.snapshot_time or img.created)
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+
+def _matches(img, args) -> bool:
+    wanted = {args.source, os.path.abspath(args.source), f"managed:{args.source}"} if args.source else set()
+    if wanted and not wanted & {img.source, img.volume}:
+        return False
+    return args.since is None or _taken(img) >= args.since
+
+
 def listing(args, out: Output) -> int:
     with Catalog(args.catalog) as catalog:
         rows = []
         lines = []
         for img in catalog.images():
+            if not _matches(img, args):
+                continue
             segments = catalog.segments(img.id)
-            rows.append({"image": record_dict(img), "segments": [record_dict(s) for s in segments]})
-            where = "; ".join(s.path if s.kind == "file" else f"tape {s.tape_label} file {s.tape_file}"
-                              for s in segments)
+            present = [s.kind != "file" or bool(s.path and os.path.exists(s.path)) for s in segments]
+            rows.append({"image": record_dict(img), "segments": [dict(record_dict(s), present=p)
+                                                                 for s, p in zip(segments, present)]})
+            where = "; ".join((s.path + ("" if p else " (MISSING)")) if s.kind == "file"
+                              else f"tape {s.tape_label} file {s.tape_file}" for s, p in zip(segments, present))
             kind = (f"incremental on {img.parent_id[:12]} by {img.method}" if img.kind == "incremental" and img.parent_id
                     else "full" + (f" (synthetic, for {img.replaces[:12]})" if img.replaces else ""))
             lines.append([img.id[:12], img.snapshot_time or img.created, img.source, human_bytes(img.volume_size),
@@ -71,6 +114,22 @@ def pruning(args, out: Output) -> int:
     lines += [f"wrote the synthetic full {i[:12]}" for i in result.consolidated]
     lines.append(f"{len(result.kept)} kept, {len(result.removed)} {verb}, {len(result.files_deleted)} files deleted")
     out.result(result.to_dict(), lines)
+    return 0
+
+
+def forgetting(args, out: Output) -> int:
+    with Catalog(args.catalog) as catalog:
+        records = [catalog.image(i) for i in args.ids]
+        leaving = {r.id for r in records}
+        for record in records:
+            children = [c for c in catalog.children(record.id) if c.id not in leaving]
+            if children and not args.force:
+                raise UsageError(f"image {record.id[:12]} is the parent of {len(children)} image(s) in the catalog "
+                                 f"({', '.join(c.id[:12] for c in children)}); forgetting it leaves their restore to "
+                                 f"find it beside them: use --force")
+        for record in records:
+            catalog.remove_image(record.id)
+    out.result({"forgotten": sorted(leaving)}, [f"forgot image {i[:12]} (its files stay)" for i in sorted(leaving)])
     return 0
 
 
