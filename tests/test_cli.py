@@ -159,3 +159,19 @@ def test_the_catalog_keeps_one_row_per_file_marks_missing_files_and_forgets_on_r
     assert (tmp_path / "a.zst").exists()
     wrong = imager("catalog", "forget", "ffffffffff", "--catalog", catalog)
     assert wrong.returncode == 2 and "Traceback" not in wrong.stderr and first not in wrong.stderr
+
+
+def test_output_names_from_a_template(tmp_path):
+    volume = tmp_path / "vol.img"
+    volume.write_bytes(os.urandom(1 << 20))
+    day_before = time.strftime("%Y%m%d")
+    made = imager("backup", str(volume), "-o", str(tmp_path / "{name}-{date:%Y%m%d}-{host}.zst"), "--json",
+                  "--catalog", str(tmp_path / "c.sqlite"))
+    assert made.returncode == 0, made.stderr
+    written = json.loads(made.stdout)["image"]
+    # The run may cross midnight: its day is the one before or after it.
+    assert os.path.basename(written) in {f"vol.img-{day}-{os.uname().nodename}.zst"
+                                         for day in (day_before, time.strftime("%Y%m%d"))}
+    assert os.path.exists(written)
+    bad = imager("backup", str(volume), "-o", str(tmp_path / "{volume}.zst"))
+    assert bad.returncode == 2 and "not a usable template" in bad.stderr and "Traceback" not in bad.stderr

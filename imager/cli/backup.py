@@ -34,7 +34,7 @@ def register(sub, parents) -> None:
                    help="thaw the filesystems after this long whatever happens, and fail the backup "
                         f"(default {DEFAULT_MAX_FREEZE:g} s for cow, {DEFAULT_MAX_FREEZE_READ:g} s for freeze)")
     b.add_argument("-o", "--output", help="image file to write (.zst); a directory for several volumes; "
-                   "- for standard output")
+                   "- for standard output; a template with {name}, {host}, {date:%%Y%%m%%d-%%H%%M}")
     b.add_argument("--label", help="with --tape: refuse a tape with another label")
     b.add_argument("--drive-compression", action="store_true",
                    help="keep the tape drive's compression on (off by default: the stream is compressed)")

@@ -15,6 +15,7 @@ EXAMPLES: dict[str, list[str]] = {
                "imager backup /dev/sda -o sda.zst --level 9            # a whole disk, smaller",
                "imager backup --snapshot cow data logs -o /backup/      # one freeze window for both",
                "imager backup --snapshot cow data -o mon.zst -i         # only what changed",
+               "imager backup --snapshot cow data -o '/backup/{name}-{date:%Y%m%d-%H%M}.zst' -i",
                "imager backup /dev/sdb1 -o - | ssh vault 'cat > b.zst'  # a stream to stdout",
                "imager backup /dev/sdb1 --tape /dev/nst0 --label WEEKLY1"],
     "restore": ["imager restore sdb1.zst /dev/sdc1 --verify",

@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Callable, Sequence
 
 import numpy as np
@@ -80,16 +82,32 @@ class Destination:
     block_size: int = DEFAULT_BLOCK_SIZE
     expect_label: str | None = None
     drive_compression: bool = False
+    # What {date} in an output template stands for: one instant for every volume of the run.
+    started: datetime = field(default_factory=lambda: datetime.now().astimezone())
 
     @property
     def to_stdout(self) -> bool:
         return self.output == STDOUT
 
+    @property
+    def is_template(self) -> bool:
+        return bool(self.output) and "{" in str(self.output)
+
     def image_path(self, name: str, many: bool) -> str:
         assert self.output is not None
+        if self.is_template:
+            return self._expand(name)
         if not self.to_stdout and (many or os.path.isdir(self.output)):
             return os.path.join(self.output, f"{name}.zst")
         return self.output
+
+    def _expand(self, name: str) -> str:
+        """-o '/backup/{name}-{date:%Y%m%d-%H%M}.zst': the volume's name, the run's local time, the host."""
+        try:
+            return str(self.output).format(name=name, date=self.started, host=socket.gethostname())
+        except (KeyError, IndexError, ValueError, AttributeError) as e:
+            raise UsageError(f"-o {self.output}: not a usable template ({e}); it may use {{name}}, {{host}} and "
+                             f"{{date}} with a strftime format, e.g. {{date:%Y%m%d-%H%M}}") from None
 
     def check(self, many: bool) -> None:
         if bool(self.output) == bool(self.tape):
@@ -100,6 +118,11 @@ class Destination:
             if many:
                 raise UsageError("-o - writes one image to standard output: give one source")
             return
+        if self.is_template:
+            if many and self._expand("a") == self._expand("b"):
+                raise UsageError(f"-o {self.output}: with several volumes, the template needs {{name}}")
+            check_image_output(self._expand("volume"))
+            return
         if self.output:
             st = check_image_output(self.output)
             if many and (st is None or not os.path.isdir(self.output)):
@@ -107,7 +130,8 @@ class Destination:
 
     def filesystems(self, many: bool, catalog: Catalog | None) -> list[str]:
         """The paths this destination writes to (none of them may be on a frozen filesystem)."""
-        paths = ([os.path.dirname(os.path.abspath(self.image_path("x", many)))]
+        fixed = str(self.output).split("{")[0] if self.is_template else None
+        paths = ([os.path.dirname(os.path.abspath(fixed if fixed is not None else self.image_path("x", many)))]
                  if self.output and not self.to_stdout else [])
         if self.tape and not self.tape.is_real_drive:
             paths.append(os.path.dirname(os.path.abspath(self.tape.path_for(1))))
