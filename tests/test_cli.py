@@ -175,3 +175,29 @@ def test_output_names_from_a_template(tmp_path):
     assert os.path.exists(written)
     bad = imager("backup", str(volume), "-o", str(tmp_path / "{volume}.zst"))
     assert bad.returncode == 2 and "not a usable template" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_jobs_leave_a_record_in_the_log_file_and_syslog(tmp_path):
+    import socket as sockets
+
+    volume = tmp_path / "vol.img"
+    volume.write_bytes(os.urandom(1 << 20))
+    listener = sockets.socket(sockets.AF_UNIX, sockets.SOCK_DGRAM)
+    listener.bind(str(tmp_path / "log.sock"))
+    listener.settimeout(30)
+    log_file = tmp_path / "jobs.log"
+    env = dict(os.environ, IMAGER_SYSLOG=str(tmp_path / "log.sock"))
+    done = imager("backup", str(volume), "-o", str(tmp_path / "v.zst"), "-q", "--log-file", str(log_file),
+                  "--catalog", str(tmp_path / "c.sqlite"), env=env)
+    failed = imager("verify", str(tmp_path / "missing.zst"), "--log-file", str(log_file), env=env)
+    assert done.returncode == 0 and failed.returncode == 2
+    assert done.stderr == "", "the record is for the logs, not the terminal"
+    text = log_file.read_text()
+    assert "INFO started: imager backup" in text and "imaged " in text
+    assert "ERROR failed: imager verify" in text and "no such image file" in text
+    assert oct(log_file.stat().st_mode & 0o777) == "0o600"
+    received = []
+    while not any(b"failed: imager verify" in m for m in received):
+        received.append(listener.recv(65536))
+    listener.close()
+    assert any(b"imager: started: imager backup" in m for m in received), received

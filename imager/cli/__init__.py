@@ -11,6 +11,7 @@ import sys
 from devices.errors import DeviceError
 
 from ..errors import ImagerError
+from .logs import AUDIT
 from .output import Output
 from .parser import build_parser
 
@@ -21,7 +22,13 @@ def _raise_interrupt(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    out = Output(args)
+    try:
+        out = Output(args)
+    except ImagerError as e:
+        print(f"imager: error: {e}", file=sys.stderr)
+        return e.exit_code
+    command = " ".join(sys.argv[1:] if argv is None else argv)
+    out.log.info("started: imager %s", command, extra=AUDIT)
     # SIGTERM unwinds like Ctrl-C, so every job's cleanup (temporary files, snapshots) runs.
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
@@ -30,8 +37,10 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except (ImagerError, DeviceError) as e:
         print(f"imager: error: {e}", file=sys.stderr)
+        out.log.error("failed: imager %s: %s", command, e, extra=AUDIT)
         return getattr(e, "exit_code", 1)
     except KeyboardInterrupt:
+        out.log.warning("interrupted: imager %s", command, extra=AUDIT)
         print("imager: interrupted; image files are only ever renamed into place when complete, but a "
               "restore onto a device or a tape file being written is left partial", file=sys.stderr)
         return 130

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import re
 import sys
 from contextlib import contextmanager
 from typing import Iterator
 
+from . import logs
 from .progress import Display, display_for
 
 
@@ -22,13 +22,8 @@ class Output:
         self.progress_mode = getattr(args, "progress", None) or "auto"
         # With `-o -` standard output carries the image: the summary goes to stderr.
         self.summary_stream = sys.stderr if getattr(args, "output", None) == "-" else sys.stdout
-        # -v: the engine's details (phases, plans, I/O fallbacks) are logged at INFO level.
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("imager: %(message)s"))
-        engine = logging.getLogger("imager")
-        engine.handlers[:] = [handler]
-        engine.setLevel(logging.INFO if self.verbose and not self.quiet else logging.WARNING)
-        engine.propagate = False
+        # -v: the engine's details (phases, plans, I/O fallbacks) on stderr; always in the logs.
+        self.log = logs.configure(self.verbose, self.quiet, getattr(args, "log_file", None))
 
     def notice(self, message: str) -> None:
         if not self.quiet:
@@ -45,6 +40,8 @@ class Output:
                 display.close()
 
     def result(self, data: dict, lines: list[str]) -> None:
+        for line in lines:
+            self.log.info("%s", line.strip(), extra=logs.AUDIT)
         if self.json:
             print(json.dumps(data, indent=2, sort_keys=True), file=self.summary_stream)
         elif not self.quiet:

@@ -31,6 +31,9 @@ def _parents() -> Parents:
     common.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
     common.add_argument("-v", "--verbose", action="store_true",
                         help="say more: phases, the used-block plan, I/O fallbacks")
+    common.add_argument("--log-file", metavar="PATH",
+                        help="also log the job (start, phases, plan, result, errors) to this file; the systemd "
+                             "journal or syslog get it anyway when they run")
     progress = argparse.ArgumentParser(add_help=False)
     progress.add_argument("--progress", choices=MODES, default="auto",
                           help="progress on stderr: a bar when stderr is a terminal (auto), always a bar, a "
@@ -78,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Shell completion completes these with file names (shtab's FILE, without importing shtab on
 # every start).
 FILE_COMPLETION = {"bash": "_shtab_compgen_files", "zsh": "_files", "tcsh": "f"}
-PATH_OPTIONS = {"--tape", "-o", "--output", "--catalog", "--cache", "--parent", "--exclude"}
+PATH_OPTIONS = {"--tape", "-o", "--output", "--catalog", "--cache", "--parent", "--exclude", "--log-file"}
 PATH_ARGUMENTS = {"IMAGE", "TARGET", "SOURCE", "IMAGE TARGET"}
 
 
