@@ -5,7 +5,9 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup system-deps demo test test-st test-long bench lint clean
 
-setup: system-deps $(STAMP)
+MANPAGE := $(VENV)/share/man/man1/imager.1
+
+setup: system-deps $(STAMP) $(MANPAGE)
 
 system-deps:
 	@./scripts/install-system-deps
@@ -14,9 +16,12 @@ $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[test]'
-	mkdir -p $(VENV)/share/man/man1
-	$(VENV)/bin/imager manpage > $(VENV)/share/man/man1/imager.1
 	touch $@
+
+# The man page is generated from the parser: made again whenever the command line changes.
+$(MANPAGE): $(STAMP) $(wildcard imager/cli/*.py)
+	mkdir -p $(dir $@)
+	$(VENV)/bin/imager manpage > $@.tmp && mv $@.tmp $@
 
 demo: setup
 	$(VENV)/bin/imager demo

@@ -99,7 +99,7 @@ def test_backup_records_the_image_in_the_catalog(ext4_volume, tmp_path, private_
     assert entry["segments"] == [{"image_id": summary["image_id"], "segment": 0, "kind": "file",
                                   "path": str(image), "tape_label": None, "tape_set": None,
                                   "tape_file": None, "stream_offset": 0,
-                                  "stream_length": image.stat().st_size}]
+                                  "stream_length": image.stat().st_size, "present": True}]
     other = tmp_path / "other.sqlite"
     imager("backup", dev, "-o", str(tmp_path / "b.zst"), "--catalog", str(other), "-q")
     assert len(json.loads(imager("catalog", "list", "--json", "--catalog", str(other)).stdout)["images"]) == 1
