@@ -201,3 +201,18 @@ def test_jobs_leave_a_record_in_the_log_file_and_syslog(tmp_path):
         received.append(listener.recv(65536))
     listener.close()
     assert any(b"imager: started: imager backup" in m for m in received), received
+
+
+def test_devices_draws_disks_and_partitions_as_a_tree_with_type_names(bench):
+    from lab import gpt_disk_with_esp
+
+    esp = gpt_disk_with_esp(bench)
+    disk = os.path.basename(esp)[:-2]
+    lines = imager("devices", check=True).stdout.splitlines()
+    names = [line.split()[0] for line in lines]
+    at = names.index(disk)
+    assert names[at + 1:at + 3] == [f"├─{disk}p1", f"└─{disk}p2"], lines
+    assert "EFI System" in lines[at + 1]
+    listed = json.loads(imager("devices", "--json", check=True).stdout)["block_devices"]
+    (entry,) = [d for d in listed if d["path"] == esp]
+    assert entry["partition_type_name"] == "EFI System" and entry["parent"] == disk

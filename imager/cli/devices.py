@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from devices import discover
+from devices.partitions import GPT_TYPE_NAMES, MBR_TYPE_NAMES
 
 from ..units import human_bytes
-from .output import Output
+from .output import Output, natural_key, table
 
 _HEADER = ("NAME", "SIZE", "SECTOR", "KIND", "FSTYPE", "LABEL", "UUID", "MOUNTPOINT", "PARTTYPE", "RO")
 
@@ -19,18 +20,42 @@ def register(sub, parents) -> None:
 def listing(args, out: Output) -> int:
     disks = discover.list_block_devices(include_empty=args.all)
     tapes = discover.list_tape_drives()
-    rows = [_HEADER]
-    for d in disks:
-        part = d.partition_type or ""
-        if d.is_esp:
-            part = (part + " (EFI system)").strip()
-        rows.append((d.name, human_bytes(d.size), f"{d.logical_sector_size}/{d.physical_sector_size}", d.kind,
-                     d.fs_type or "", d.label or "", d.uuid or "", ",".join(d.mount_points), part,
-                     "ro" if d.read_only else ""))
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(_HEADER))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    rows = [_row(d, prefix) for d, prefix in _as_tree(disks)]
+    lines = table(list(_HEADER), [list(r) for r in rows])
     if tapes:
         lines += ["", "TAPE DRIVES"] + [f"{t.path}  {t.vendor or ''} {t.model or ''}  {t.serial or ''}".rstrip()
                                         for t in tapes]
-    out.result({"block_devices": [d.to_dict() for d in disks], "tape_drives": [t.to_dict() for t in tapes]}, lines)
+    out.result({"block_devices": [dict(d.to_dict(), partition_type_name=type_name(d.partition_type) or None)
+                                  for d in disks],
+                "tape_drives": [t.to_dict() for t in tapes]}, lines)
     return 0
+
+
+def _as_tree(disks: list) -> list[tuple]:
+    """Each disk followed by its partitions, drawn as lsblk does (natural order: sda2 before sda10)."""
+    names = {d.name for d in disks}
+    children: dict[str, list] = {}
+    for d in disks:
+        if d.parent in names:
+            children.setdefault(d.parent, []).append(d)
+    ordered = []
+    for d in sorted((d for d in disks if d.parent not in names), key=lambda d: natural_key(d.name)):
+        ordered.append((d, ""))
+        kids = sorted(children.get(d.name, []), key=lambda c: natural_key(c.name))
+        ordered += [(c, "└─" if i == len(kids) - 1 else "├─") for i, c in enumerate(kids)]
+    return ordered
+
+
+def _row(d, prefix: str) -> tuple:
+    part = type_name(d.partition_type)
+    return (prefix + d.name, human_bytes(d.size), f"{d.logical_sector_size}/{d.physical_sector_size}", d.kind,
+            d.fs_type or "", d.label or "", d.uuid or "", ",".join(d.mount_points), part, "ro" if d.read_only else "")
+
+
+def type_name(partition_type: str | None) -> str:
+    """A partition type as fdisk names it (the raw GUID or id when it is not a known one)."""
+    if not partition_type:
+        return ""
+    if partition_type.startswith("0x"):
+        return MBR_TYPE_NAMES.get(int(partition_type, 16), partition_type)
+    return GPT_TYPE_NAMES.get(partition_type.lower(), partition_type)
