@@ -10,7 +10,8 @@ every device is described in three layers:
   3. `blkid -p` (a low-level probe of the device itself), once per device and only when udev
      has no record for it or its record carries neither a filesystem nor a partition entry.
 
-Where pyudev itself cannot be loaded (no libudev), the same records are read from /sys/class.
+Where pyudev itself cannot be loaded (no libudev), the same records are read from /sys/class
+(device_records.py enumerates the devices either way; this module describes them).
 Nothing here imports the imager engine.
 """
 
@@ -25,6 +26,7 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
+from .device_records import DeviceRecord, sysfs_record, sysfs_records, udev_record_by_number, udev_records
 from .errors import DeviceError
 from .fs import Mount, mounts
 from .partitions import ESP_GPT_TYPE, ESP_MBR_TYPE
@@ -82,19 +84,6 @@ class TapeDriveInfo:
         return dataclasses.asdict(self)
 
 
-@dataclass(frozen=True)
-class _DeviceRecord:
-    """One device as enumerated: its sysfs directory and the properties udev knows of it.
-
-    `properties` always holds the kernel's uevent keys (DEVNAME, DEVTYPE, MAJOR, MINOR);
-    `in_udev_database` says whether udev's rule-made keys (ID_*) can be expected as well.
-    """
-    name: str
-    sys_path: str
-    properties: Mapping[str, str]
-    in_udev_database: bool
-
-
 # ---------------------------------------------------------------------------------------------
 # Block devices
 
@@ -106,9 +95,9 @@ def list_block_devices(*, include_empty: bool = False, use_udev: bool = True) ->
     disks (ram*, zram*) are left out unless `include_empty` is set. `use_udev=False` reads
     sysfs alone (plus blkid), as happens anyway where pyudev cannot load libudev.
     """
-    records = _udev_records("block") if use_udev else None
+    records = udev_records("block") if use_udev else None
     if records is None:
-        records = _sysfs_records(SYSFS_ROOT, "block")
+        records = sysfs_records(SYSFS_ROOT, "block")
     all_mounts = mounts()
     devices = []
     for record in records:
@@ -136,9 +125,9 @@ def describe(path: str) -> BlockDeviceInfo:
     if not stat.S_ISBLK(st.st_mode):
         raise DeviceError(f"{path}: not a block device")
     major, minor = os.major(st.st_rdev), os.minor(st.st_rdev)
-    record = _udev_record_by_number(st.st_rdev)
+    record = udev_record_by_number(st.st_rdev)
     if record is None:
-        record = _sysfs_record(os.path.join(SYSFS_ROOT, "dev", "block", f"{major}:{minor}"))
+        record = sysfs_record(os.path.join(SYSFS_ROOT, "dev", "block", f"{major}:{minor}"))
     if record is None:
         raise DeviceError(f"{path}: block device {major}:{minor} is not known to the kernel")
     try:
@@ -147,7 +136,7 @@ def describe(path: str) -> BlockDeviceInfo:
         raise DeviceError(f"{path}: cannot read its sysfs attributes: {e.strerror}") from None
 
 
-def _describe_record(record: _DeviceRecord, all_mounts: list[Mount]) -> BlockDeviceInfo:
+def _describe_record(record: DeviceRecord, all_mounts: list[Mount]) -> BlockDeviceInfo:
     sys_path = record.sys_path
     props = record.properties
     device_number = _read_text(os.path.join(sys_path, "dev"))
@@ -197,7 +186,7 @@ def _describe_record(record: _DeviceRecord, all_mounts: list[Mount]) -> BlockDev
     )
 
 
-def _probe_if_udev_lacks_data(record: _DeviceRecord) -> dict[str, str]:
+def _probe_if_udev_lacks_data(record: DeviceRecord) -> dict[str, str]:
     """blkid's view of the device, or {} where udev has already probed it.
 
     udev's blkid builtin sets ID_FS_TYPE for a filesystem, ID_PART_TABLE_TYPE for a disk with
@@ -268,7 +257,7 @@ def _normalise_partition_type(value: str | None) -> str | None:
     return value
 
 
-def _device_node(record: _DeviceRecord) -> str:
+def _device_node(record: DeviceRecord) -> str:
     # DEVNAME is absolute from libudev and relative in a uevent file; sysfs names with '!'
     # (cciss!c0d0) stand for a '/' in the node path.
     devname = record.properties.get("DEVNAME") or record.name.replace("!", "/")
@@ -285,7 +274,7 @@ def _read_size(sys_path: str) -> int:
 
 def list_tape_drives(*, use_udev: bool = True) -> list[TapeDriveInfo]:
     """The SCSI tape drives (the st driver), one entry per drive, sorted by number."""
-    records = _udev_records("scsi_tape") if use_udev else None
+    records = udev_records("scsi_tape") if use_udev else None
     if records is None:
         return tape_drives_from_sysfs(SYSFS_ROOT)
     return _tape_drives_from_records(records)
@@ -293,10 +282,10 @@ def list_tape_drives(*, use_udev: bool = True) -> list[TapeDriveInfo]:
 
 def tape_drives_from_sysfs(sysfs_root: str, dev_root: str = "/dev") -> list[TapeDriveInfo]:
     """The tape drives described by the sysfs tree under `sysfs_root` (class/scsi_tape/*)."""
-    return _tape_drives_from_records(_sysfs_records(sysfs_root, "scsi_tape"), dev_root)
+    return _tape_drives_from_records(sysfs_records(sysfs_root, "scsi_tape"), dev_root)
 
 
-def _tape_drives_from_records(records: Iterable[_DeviceRecord],
+def _tape_drives_from_records(records: Iterable[DeviceRecord],
                               dev_root: str = "/dev") -> list[TapeDriveInfo]:
     drives = []
     for record in records:
@@ -339,70 +328,6 @@ def _unit_serial_number(vpd_page_path: str) -> str | None:
         return None
     serial = page[4:4 + page[3]].decode("ascii", "replace").strip(" \0")
     return serial or None
-
-
-# ---------------------------------------------------------------------------------------------
-# Enumeration: through pyudev, or sysfs alone
-
-
-def _udev_records(subsystem: str) -> list[_DeviceRecord] | None:
-    """The subsystem's devices through pyudev, or None where pyudev/libudev is unavailable."""
-    context = _udev_context()
-    if context is None:
-        return None
-    try:
-        return [_record_from_udev(device) for device in context.list_devices(subsystem=subsystem)]
-    except (OSError, ImportError):
-        return None
-
-
-def _udev_record_by_number(device_number: int) -> _DeviceRecord | None:
-    context = _udev_context()
-    if context is None:
-        return None
-    import pyudev
-
-    try:
-        return _record_from_udev(pyudev.Devices.from_device_number(context, "block", device_number))
-    except (pyudev.DeviceNotFoundError, OSError):
-        return None
-
-
-def _udev_context():
-    try:
-        import pyudev
-
-        return pyudev.Context()
-    except (ImportError, OSError):
-        return None  # libudev.so missing: pyudev raises ImportError when it binds it
-
-
-def _record_from_udev(device) -> _DeviceRecord:
-    return _DeviceRecord(name=device.sys_name, sys_path=device.sys_path,
-                         properties=dict(device.properties),
-                         in_udev_database=bool(device.is_initialized))
-
-
-def _sysfs_records(sysfs_root: str, class_name: str) -> list[_DeviceRecord]:
-    class_dir = os.path.join(sysfs_root, "class", class_name)
-    try:
-        names = sorted(os.listdir(class_dir))
-    except FileNotFoundError:
-        return []
-    records = (_sysfs_record(os.path.join(class_dir, name)) for name in names)
-    return [r for r in records if r is not None]
-
-
-def _sysfs_record(class_entry: str) -> _DeviceRecord | None:
-    """A device from its sysfs directory (or a link to it), with its uevent keys as properties."""
-    sys_path = os.path.realpath(class_entry)
-    try:
-        with open(os.path.join(sys_path, "uevent")) as f:
-            properties = dict(line.rstrip("\n").split("=", 1) for line in f if "=" in line)
-    except OSError:
-        return None
-    return _DeviceRecord(name=os.path.basename(sys_path), sys_path=sys_path,
-                         properties=properties, in_udev_database=False)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import pytest
 
 from devices import discover, loop
 from devices.block import BlockDevice
+from devices.device_records import DeviceRecord
 from devices.discover import ESP_GPT_TYPE, BlockDeviceInfo, TapeDriveInfo
 from devices.errors import DeviceError
 
@@ -341,7 +342,7 @@ def test_udev_properties_are_used_without_probing(monkeypatch, mounted_ext4):
 
     monkeypatch.setattr(discover, "probe_with_blkid", no_probe)
     sys_path = os.path.realpath(f"/sys/class/block/{name_of(mounted_ext4.device)}")
-    record = discover._DeviceRecord(
+    record = DeviceRecord(
         name=name_of(mounted_ext4.device), sys_path=sys_path, in_udev_database=True,
         properties={"DEVNAME": mounted_ext4.device, "ID_FS_TYPE": "ext4",
                     "ID_FS_LABEL": "imager_data", "ID_FS_LABEL_ENC": "imager\\x20data",

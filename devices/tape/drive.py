@@ -40,8 +40,8 @@ one in the VM rig of ../shared/vm-tape), st's behaviour is what is written here:
   them after opening). A StTape opened on the non-rewinding node stays where the tape was; a
   VirtualTape opens at BOT in variable block mode.
 
-The helpers on the base class (`skip_to_file`, `read_file`, `write_stream`) are built only on the
-operations, so they behave the same on a real and a virtual drive.
+The helpers on the base class (`skip_to_file`, `read_file`) are built only on the operations,
+so they behave the same on a real and a virtual drive.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from __future__ import annotations
 import errno
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ..errors import DeviceError
@@ -286,32 +286,3 @@ class TapeDrive(ABC):
         """The blocks from here to the next filemark; the tape is left after the filemark."""
         while block := self.read_block(max_block_size):
             yield block
-
-    def write_stream(self, chunks: Iterable, block_size: int) -> int:
-        """Write a byte stream as blocks of `block_size` bytes; the last block may be shorter.
-
-        Chunk boundaries do not matter: whole blocks inside a chunk are written from the
-        caller's memory without a copy. Returns the bytes written. Meant for variable block
-        mode; a caller that spans cartridges at ENOSPC uses write_block itself.
-        """
-        if block_size <= 0:
-            raise ValueError(f"block size must be positive, not {block_size}")
-        pending = bytearray()
-        total = 0
-        for chunk in chunks:
-            view = memoryview(chunk).cast("B")
-            if pending:
-                take = min(block_size - len(pending), len(view))
-                pending += view[:take]
-                view = view[take:]
-                if len(pending) < block_size:
-                    continue
-                total += self.write_block(pending)
-                pending = bytearray()
-            whole = len(view) - len(view) % block_size
-            for start in range(0, whole, block_size):
-                total += self.write_block(view[start:start + block_size])
-            pending += view[whole:]
-        if pending:
-            total += self.write_block(pending)
-        return total

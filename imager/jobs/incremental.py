@@ -111,35 +111,17 @@ def write_incremental(source: VolumeSource, sink: Sink, increment: Increment, *,
     used_now = states_now.used_any if states_now is not None else np.ones(n, dtype=bool)
     candidates = increment.change.candidates
     read_plan = _read_plan(candidates & used_now, source.size, block_size, plan)
-    region_blocks = read_size // block_size
     codec = ZstdCodec(level, block_size)
-    parent_digests = parent.trailer.digests
     workers = worker_count(workers)
     pool = BufferPool(workers * 2 + 2, read_size)
-    writer = ImageWriter(sink, header, base_digests=parent_digests)
+    compare = _RegionCompare(candidates, used_now, parent.trailer.digests, codec, pool, read_size // block_size,
+                             block_size)
+    writer = ImageWriter(sink, header, base_digests=parent.trailer.digests)
     totals = {"bytes_read": 0, "compared": 0, "changed": 0}
     started = time.monotonic()
 
     def count_read(count: int) -> None:
         totals["bytes_read"] += count
-
-    def compare(item) -> tuple[int, list[EncodedChunk], int]:
-        index, buf, length = item
-        first = index * region_blocks
-        try:
-            blocks = first + np.flatnonzero(candidates[first:first + region_blocks])
-            changed = []
-            for block in blocks.tolist():
-                start = (block - first) * block_size
-                size = min(block_size, length - start)
-                view = buf.view[start:start + size] if buf is not None and used_now[block] else None
-                digest = blake3.blake3(view).digest() if view is not None else zero_block_digests(size, block_size)
-                if digest != parent_digests[block * DIGEST_SIZE:(block + 1) * DIGEST_SIZE]:
-                    changed.append(codec.encode(block, view) if view is not None else codec.zero_chunk(block, size))
-            return length, changed, len(blocks)
-        finally:
-            if buf is not None:
-                pool.release(buf)
 
     def consume(result: tuple[int, list[EncodedChunk], int]) -> None:
         length, changed, compared = result
@@ -166,6 +148,42 @@ def write_incremental(source: VolumeSource, sink: Sink, increment: Increment, *,
                         parent_id=parent.header.image_id, method=increment.change.method,
                         reason=increment.change.reason, changed_blocks=totals["changed"],
                         compared_blocks=totals["compared"], block_table=writer.tables)
+
+
+@dataclass
+class _RegionCompare:
+    """The compare stage of an incremental, run by the pipeline's workers on each region read:
+    the candidate blocks in it are hashed and those whose digest differs from the parent's are
+    encoded. A block the filesystem no longer uses is compared, and written, as zeros."""
+
+    candidates: np.ndarray
+    used_now: np.ndarray
+    parent_digests: bytes
+    codec: ZstdCodec
+    pool: BufferPool
+    region_blocks: int
+    block_size: int
+
+    def __call__(self, item) -> tuple[int, list[EncodedChunk], int]:
+        """(bytes of the region, its changed blocks encoded, how many blocks were compared)."""
+        index, buf, length = item
+        # Locals, not attributes, in the loop: it runs once per candidate block.
+        block_size, used_now, parent_digests, codec = self.block_size, self.used_now, self.parent_digests, self.codec
+        first = index * self.region_blocks
+        try:
+            blocks = first + np.flatnonzero(self.candidates[first:first + self.region_blocks])
+            changed = []
+            for block in blocks.tolist():
+                start = (block - first) * block_size
+                size = min(block_size, length - start)
+                view = buf.view[start:start + size] if buf is not None and used_now[block] else None
+                digest = blake3.blake3(view).digest() if view is not None else zero_block_digests(size, block_size)
+                if digest != parent_digests[block * DIGEST_SIZE:(block + 1) * DIGEST_SIZE]:
+                    changed.append(codec.encode(block, view) if view is not None else codec.zero_chunk(block, size))
+            return length, changed, len(blocks)
+        finally:
+            if buf is not None:
+                self.pool.release(buf)
 
 
 def _read_plan(to_read: np.ndarray, size: int, block_size: int, plan: UsedMap | None) -> UsedMap:

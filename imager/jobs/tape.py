@@ -13,7 +13,7 @@ from ..catalog import Catalog, ImageRecord, SegmentRecord, TapeRecord
 from ..ends.feeds import StreamFeed
 from ..ends.target import RestoreTarget
 from ..errors import ImageFormatError, ImagerError, TapeMediaError, UsageError
-from ..format import DEFAULT_CHUNK_SIZE, DIGEST_SIZE
+from ..format import DEFAULT_CHUNK_SIZE, DIGEST_SIZE, ImageHeader, ImageTrailer
 from ..pipeline import DecodedChunk, decoder, run_ordered, worker_count
 from ..tape import Label, TapeFileInfo, TapeImageStream, TapeSpec, WrittenSegment, read_label, require_label, scan_files
 from .restore import compare_with_digests, restore_feed
@@ -170,102 +170,127 @@ def restore_chain_from_tape(spec: TapeSpec, chain: list[ImageRecord], target: st
     against the chain point's digest of it."""
     workers = worker_count(workers)
     started = time.monotonic()
-    point = chain[0]
-    target_file: RestoreTarget | None = None
-    done: np.ndarray | None = None
-    expected: bytes | None = None          # the point's digest of every block, once its trailer is read
-    point_trailer = None
-    geometry: tuple[int, int] = (0, 0)     # the point's volume and block size
-    totals = {"bytes_written": 0}
-    parent_link: dict = {}
+    restore = _ChainRestore(chain[0], target, force, progress)
     try:
         for position, record in enumerate(chain):
-            located = _locate_on_tape(spec, record.id, catalog)
-            feed = _open_located(spec, *located, block_size)
+            feed = _open_located(spec, *_locate_on_tape(spec, record.id, catalog), block_size)
             try:
-                header = feed.header
-                if header.image_id != record.id:
-                    raise ImageFormatError(f"{feed.name} holds image {header.image_id[:12]}, not {record.id[:12]}")
-                if position and header.image_id != parent_link.get("id"):
-                    raise ImageFormatError(f"{feed.name}: image {header.image_id[:12]} is not the parent "
-                                           f"{str(parent_link.get('id'))[:12]} of the image before it in the chain")
-                if target_file is None:
-                    target_file = RestoreTarget(target, header.volume_size, force)
-                    done = np.zeros(header.block_count, dtype=bool)
-                    geometry = (header.volume_size, header.block_size)
-                assert done is not None
-                per = header.chunk_blocks
-                if (header.volume_size, header.block_size) != geometry:
-                    raise ImageFormatError(f"{feed.name}: image {header.image_id[:12]} is of another volume geometry")
-                digests: list[tuple[int, bytes]] = []
-
-                def consume(result: DecodedChunk, header=header, per=per, digests=digests) -> None:
-                    index, data, digest = result
-                    digests.append((index, digest))
-                    first = index * per
-                    length = header.chunk_length(index)
-                    wanted = ~done[first:first + per]
-                    if not wanted.any():
-                        return
-                    if expected is not None:
-                        for offset in np.flatnonzero(wanted).tolist():
-                            block = first + offset
-                            mine = digest[offset * DIGEST_SIZE:(offset + 1) * DIGEST_SIZE]
-                            if mine != expected[block * DIGEST_SIZE:(block + 1) * DIGEST_SIZE]:
-                                raise ImageFormatError(
-                                    f"the chain of image {point.id[:12]} is inconsistent: block {block} in image "
-                                    f"{header.image_id[:12]} differs from the chain point's digest of it")
-                    if wanted.all():
-                        target_file.write_chunk(index * header.chunk_size, data, length)
-                        written = length
-                    else:
-                        written = 0
-                        for offset in np.flatnonzero(wanted).tolist():
-                            start = offset * header.block_size
-                            size = min(header.block_size, length - start)
-                            piece = None if data is None else data[start:start + size]
-                            target_file.write_chunk(index * header.chunk_size + start, piece, size)
-                            written += size
-                    done[first:first + per] |= wanted
-                    totals["bytes_written"] += written
-                    if progress:
-                        progress(written)
-
-                run_ordered(feed.chunks(), decoder(feed), consume, workers=workers)
-                trailer = feed.finish()
-                trailer.check_chunk_digests(digests)
-                if position and trailer.totals.get("image_digest") != parent_link.get("digest"):
-                    raise ImageFormatError(f"{feed.name}: image {header.image_id[:12]} is not the one its child was "
-                                           f"taken against (its digest differs)")
-                if expected is None:
-                    expected = trailer.digests
-                    point_trailer = trailer
-                parent_link = header.chain.get("parent") or {}
+                restore.tape_file(feed, record, newest=position == 0, workers=workers)
             finally:
                 feed.close()
-        assert done is not None and target_file is not None
-        if not done.all():
-            raise ImageFormatError(f"the chain of image {point.id[:12]} leaves block {int(np.flatnonzero(~done)[0])} "
-                                   f"unwritten")
-        target_file.finish()
+        restore.finish()
     except ImageFormatError as e:
-        if target_file is not None:
-            target_file.abort()
-            where = f"nothing written to {target}" if target_file.fresh_file else f"{target} holds a partial volume"
+        if restore.target is not None:
+            restore.target.abort()
+            where = f"nothing written to {target}" if restore.target.fresh_file else f"{target} holds a partial volume"
             raise ImageFormatError(f"restore failed, {where}: {e}") from None
         raise
     except BaseException:
-        if target_file is not None:
-            target_file.abort()
+        if restore.target is not None:
+            restore.target.abort()
         raise
-    target_file.close()
-    assert point_trailer is not None
+    assert restore.target is not None and restore.done is not None and restore.point_trailer is not None
+    restore.target.close()
+    volume_size, volume_block_size = restore.geometry
     if verify:
-        compare_with_digests(target, geometry[0], DEFAULT_CHUNK_SIZE, geometry[1], point_trailer.digests,
-                             workers=workers)
-    return RestoreResult(image=f"{spec.spec} (image {point.id[:12]})", target=target, volume_size=geometry[0],
-                         chunks=int(done.size), zero_chunks=0, bytes_written=totals["bytes_written"],
+        compare_with_digests(target, volume_size, DEFAULT_CHUNK_SIZE, volume_block_size,
+                             restore.point_trailer.digests, workers=workers)
+    return RestoreResult(image=f"{spec.spec} (image {chain[0].id[:12]})", target=target, volume_size=volume_size,
+                         chunks=int(restore.done.size), zero_chunks=0, bytes_written=restore.bytes_written,
                          seconds=time.monotonic() - started, verified=verify, chain=[r.id for r in chain])
+
+
+class _ChainRestore:
+    """One chain restored from tape, newest image first: the target, which of its blocks are
+    written already (each is written once, from the newest image that holds it) and the chain
+    point's digests that every block written after the point's own image is checked against."""
+
+    def __init__(self, point: ImageRecord, target: str, force: bool, progress):
+        self.point = point
+        self.target_path = target
+        self.force = force
+        self.progress = progress
+        self.target: RestoreTarget | None = None     # opened at the point's header: it gives the size
+        self.done: np.ndarray | None = None
+        self.point_trailer: ImageTrailer | None = None  # its digests check every older image's blocks
+        self.geometry: tuple[int, int] = (0, 0)      # the point's volume and block size
+        self.bytes_written = 0
+        self.parent_link: dict = {}                  # what the image just read says of its parent
+
+    def tape_file(self, feed: StreamFeed, record: ImageRecord, *, newest: bool, workers: int) -> None:
+        """Restore what one image of the chain adds, checking it is the image the catalog and the
+        newer image say it is."""
+        header = feed.header
+        if header.image_id != record.id:
+            raise ImageFormatError(f"{feed.name} holds image {header.image_id[:12]}, not {record.id[:12]}")
+        if not newest and header.image_id != self.parent_link.get("id"):
+            raise ImageFormatError(f"{feed.name}: image {header.image_id[:12]} is not the parent "
+                                   f"{str(self.parent_link.get('id'))[:12]} of the image before it in the chain")
+        if self.target is None:
+            self.target = RestoreTarget(self.target_path, header.volume_size, self.force)
+            self.done = np.zeros(header.block_count, dtype=bool)
+            self.geometry = (header.volume_size, header.block_size)
+        if (header.volume_size, header.block_size) != self.geometry:
+            raise ImageFormatError(f"{feed.name}: image {header.image_id[:12]} is of another volume geometry")
+        digests: list[tuple[int, bytes]] = []
+        run_ordered(feed.chunks(), decoder(feed), lambda result: self.chunk(header, result, digests),
+                    workers=workers)
+        trailer = feed.finish()
+        trailer.check_chunk_digests(digests)
+        if not newest and trailer.totals.get("image_digest") != self.parent_link.get("digest"):
+            raise ImageFormatError(f"{feed.name}: image {header.image_id[:12]} is not the one its child was "
+                                   f"taken against (its digest differs)")
+        if self.point_trailer is None:
+            self.point_trailer = trailer
+        self.parent_link = header.chain.get("parent") or {}
+
+    def chunk(self, header: ImageHeader, result: DecodedChunk, digests: list[tuple[int, bytes]]) -> None:
+        """Write the blocks of one decoded chunk that no newer image held."""
+        assert self.target is not None and self.done is not None
+        index, data, digest = result
+        digests.append((index, digest))
+        per = header.chunk_blocks
+        first = index * per
+        length = header.chunk_length(index)
+        wanted = ~self.done[first:first + per]
+        if not wanted.any():
+            return
+        if self.point_trailer is not None:
+            self._check_against_point(header, first, wanted, digest)
+        if wanted.all():
+            self.target.write_chunk(index * header.chunk_size, data, length)
+            written = length
+        else:
+            written = 0
+            for offset in np.flatnonzero(wanted).tolist():
+                start = offset * header.block_size
+                size = min(header.block_size, length - start)
+                piece = None if data is None else data[start:start + size]
+                self.target.write_chunk(index * header.chunk_size + start, piece, size)
+                written += size
+        self.done[first:first + per] |= wanted
+        self.bytes_written += written
+        if self.progress:
+            self.progress(written)
+
+    def _check_against_point(self, header: ImageHeader, first: int, wanted: np.ndarray, digest: bytes) -> None:
+        assert self.point_trailer is not None
+        expected = self.point_trailer.digests
+        for offset in np.flatnonzero(wanted).tolist():
+            block = first + offset
+            mine = digest[offset * DIGEST_SIZE:(offset + 1) * DIGEST_SIZE]
+            if mine != expected[block * DIGEST_SIZE:(block + 1) * DIGEST_SIZE]:
+                raise ImageFormatError(
+                    f"the chain of image {self.point.id[:12]} is inconsistent: block {block} in image "
+                    f"{header.image_id[:12]} differs from the chain point's digest of it")
+
+    def finish(self) -> None:
+        """Every block of the volume must have come from some image of the chain."""
+        assert self.done is not None and self.target is not None
+        if not self.done.all():
+            raise ImageFormatError(f"the chain of image {self.point.id[:12]} leaves block "
+                                   f"{int(np.flatnonzero(~self.done)[0])} unwritten")
+        self.target.finish()
 
 
 def verify_tape(spec: TapeSpec, image_id: str | None = None, *, catalog: Catalog | None = None,
