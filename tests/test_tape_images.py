@@ -82,7 +82,7 @@ def test_image_spans_three_cartridges_and_scan_rebuilds_the_catalog(loops, tmp_p
     summary = _backup(dev, pattern, "--tape-capacity", "10M", "--chunk-size", "1M")
     cartridges = sorted(p.name for p in (tmp_path / "vault").iterdir())
     assert cartridges == ["tape-001.tap", "tape-002.tap", "tape-003.tap"]
-    files = _tape_list(pattern, "--tape-capacity", "10M")
+    files = _tape_list(pattern)
     assert [(f["label"], f["segment"], f["continued"]) for f in files] == [
         ("tape-001", 0, True), ("tape-002", 1, True), ("tape-003", 2, False)]
     out = tmp_path / "restored.raw"
@@ -260,3 +260,44 @@ def test_a_chain_on_tape_restores_every_point_from_the_tape(loops, tmp_path):
     r = imager("restore", "--tape", tape, "--image", points[2][0], str(tmp_path / "none.raw"))
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert f"the parent {points[0][0][:12]}" in r.stderr and not (tmp_path / "none.raw").exists()
+
+
+REAL_TAPE = os.environ.get("IMAGER_TEST_TAPE")
+
+
+@pytest.mark.parametrize("medium", ["virtual"] + (["st"] if REAL_TAPE else []))
+def test_mt_verbs_move_a_virtual_tape_as_st_moves_a_drive(medium, tmp_path):
+    """The same verbs, one command each as an operator types them, end at the same positions on a
+    virtual tape as on /dev/nst0: a virtual tape keeps its position between commands."""
+    tape = str(tmp_path / "t.tap") if medium == "virtual" else REAL_TAPE
+    volume = tmp_path / "vol.img"
+    volume.write_bytes(os.urandom(3 << 20))
+    env = dict(os.environ, TAPE=tape)
+    assert imager("tape", "label", "MTVERBS", "--force", env=env).returncode == 0
+    for _ in range(2):
+        made = imager("backup", str(volume), "--tape", tape, "--block-size", "256K", "-q",
+                      "--catalog", str(tmp_path / "c.sqlite"))
+        assert made.returncode == 0, made.stderr
+
+    def verb(*args: str) -> tuple[int, int, int]:
+        """Where the drive says it is after the verb (MTIOCGET's numbers and MTIOCPOS)."""
+        done = imager("tape", *args, "--json", env=env)
+        assert done.returncode == 0, (args, done.stderr)
+        where = json.loads(done.stdout)
+        return where["file_number"], where["block_number"], where["position"]
+
+    assert verb("rewind") == (0, 0, 0)
+    file1 = verb("fsf", "1")
+    assert file1[:2] == (1, 0) and file1[2] == 2          # past the label block and its filemark
+    assert verb("fsr", "2") == (1, 2, file1[2] + 2)
+    assert verb("bsr", "1") == (1, 1, file1[2] + 1)
+    file2 = verb("fsf", "1")
+    assert file2[:2] == (2, 0) and file2[2] > file1[2] + 2
+    assert verb("bsf", "1") == (1, -1, file2[2] - 1)       # before the filemark that ends file 1
+    end = verb("eod")
+    assert end[0] == 3 and end[2] > file2[2]
+    assert verb("seek", str(file1[2]))[2] == file1[2]
+    # A command that only asks (tell) finds the tape where the last one left it.
+    told = json.loads(imager("tape", "tell", "--json", env=env, check=True).stdout)["position"]
+    assert told == file1[2]
+    assert verb("rewind") == (0, 0, 0)

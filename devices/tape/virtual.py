@@ -27,8 +27,11 @@ default, not MT_ST_TWO_FM); with a non-rewinding st device the tape would then s
 filemark. Likewise rewind(), unload(), seek() and backward_space_files() after a write first
 write a filemark (backward_space_files then spaces over it as well). A read or any other
 tape operation after a write, except set_block_size(), status() and tell(), cancels the
-filemark at close, as in st. Opening a VirtualTape always
-starts at the beginning of the tape, as after a rewind.
+filemark at close, as in st. Opening a VirtualTape starts at the beginning of the tape, as after
+a rewind, unless it `remembers_position`: then, like st's non-rewinding device, it stands where
+the last close left it (a sidecar file FILE.tap.pos keeps the position, the numbers st knows and
+the block size, valid only while the .tap file is exactly as that close left it), so that
+`mt`-style commands, one process each, rehearse on a file what they do to a drive.
 
 Write protection: writes and filemarks fail with EACCES, as st's do on a write-protected tape
 opened with O_NONBLOCK (st refuses a blocking read-write open of such a tape with EROFS;
@@ -84,6 +87,7 @@ ENOSPC of the early-warning zone; `host_errno` is what the filesystem answered.
 from __future__ import annotations
 
 import errno
+import json
 import os
 
 from . import mtio
@@ -95,6 +99,8 @@ from .virtual_head import EofState, Head
 __all__ = ["DEFAULT_EARLY_WARNING", "HostFileError", "VirtualTape"]
 
 DEFAULT_EARLY_WARNING = 32 << 20
+# Beside FILE.tap: where a tape that remembers its position keeps it between opens.
+POSITION_SUFFIX = ".pos"
 
 
 class VirtualTape(TapeDrive):
@@ -113,7 +119,7 @@ class VirtualTape(TapeDrive):
     def __init__(self, path, capacity: int | None = None, early_warning: int | None = None,
                  write_protected: bool = False, create: bool = True, *,
                  block_limits: BlockLimits | None = None, compression_capable: bool = True,
-                 density: int = 0):
+                 density: int = 0, remembers_position: bool = False):
         self.path = os.fspath(path)
         self._limits = block_limits or BlockLimits(1, LARGEST_BLOCK)
         if not 1 <= self._limits.minimum <= self._limits.maximum <= LARGEST_BLOCK:
@@ -140,6 +146,43 @@ class VirtualTape(TapeDrive):
         self._unloaded_status: TapeStatus | None = None
         self._block_size = 0
         self._writing = False
+        self._position_file = self.path + POSITION_SUFFIX if remembers_position else None
+        if self._position_file:
+            self._restore_position()
+
+    def _restore_position(self) -> None:
+        assert self._position_file is not None
+        try:
+            with open(self._position_file) as f:
+                saved = json.load(f)
+            st = os.stat(self.path)
+            if (saved["size"], saved["mtime_ns"]) != (st.st_size, st.st_mtime_ns):
+                return          # the file changed since: the tape is where a new cartridge is, at BOT
+            self._head.seek(int(saved["position"]))
+            self._head.file_known, self._head.block_known = bool(saved["file_known"]), bool(saved["block_known"])
+            self._block_size = int(saved["block_size"])
+        except (OSError, ValueError, KeyError, TypeError, TapeError):
+            self._head.to_bot()
+
+    def _save_position(self) -> None:
+        assert self._position_file is not None
+        try:
+            if not self._loaded:
+                os.unlink(self._position_file)
+                return
+            st = os.stat(self.path)
+            saved = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "position": self._head.position,
+                     "file_known": self._head.file_known, "block_known": self._head.block_known,
+                     "block_size": self._block_size}
+            temporary = f"{self._position_file}.{os.getpid()}"
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(saved, f)
+            os.replace(temporary, self._position_file)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            pass        # the position is a convenience: a tape that cannot keep it starts at BOT
 
     def is_blank(self) -> bool:
         """Whether nothing is recorded on the tape; known from the file, without moving the tape."""
@@ -382,3 +425,5 @@ class VirtualTape(TapeDrive):
                 self._end_file_if_writing()
         finally:
             self._file.close()
+            if self._position_file:
+                self._save_position()

@@ -111,7 +111,8 @@ def move(args, out: Output) -> int:
         block = None if ejected else drive.tell()
     out.result({"tape": args.tape, "file_number": st.file_number if st else None,
                 "block_number": st.block_number if st else None, "position": block},
-               [f"{args.tape}: {args.tape_command} done" + (f", at file {st.file_number}, block {block}" if st else "")])
+               [f"{args.tape}: {args.tape_command} done" + (f", at file {st.file_number}, block {st.block_number} "
+                                                            f"(position {block})" if st else "")])
     return 0
 
 

@@ -70,8 +70,10 @@ class TapeSpec:
             parent = os.path.dirname(os.path.abspath(path))
             if not os.path.isdir(parent):
                 raise UsageError(f"--tape {path}: no such directory {parent}")
+            # Like /dev/nst*, a single virtual tape stands where the last command left it; the
+            # cartridges of a set are taken out and put in, and start at BOT as real ones do.
             return VirtualTape(path, capacity=self.capacity, early_warning=self.early_warning_zone,
-                               create=create)
+                               create=create, remembers_position=not self.is_pattern)
         except DeviceError as e:
             raise TapeMediaError(str(e)) from None
 
