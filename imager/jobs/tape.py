@@ -15,6 +15,7 @@ from ..ends.target import RestoreTarget
 from ..errors import ImageFormatError, ImagerError, TapeMediaError, UsageError
 from ..format import DEFAULT_CHUNK_SIZE, DIGEST_SIZE, ImageHeader, ImageTrailer
 from ..pipeline import DecodedChunk, decoder, run_ordered, worker_count
+from ..progress import start_phase
 from ..tape import Label, TapeFileInfo, TapeImageStream, TapeSpec, WrittenSegment, read_label, require_label, scan_files
 from .restore import compare_with_digests, restore_feed
 from .results import RestoreResult, VerifyResult
@@ -194,7 +195,7 @@ def restore_chain_from_tape(spec: TapeSpec, chain: list[ImageRecord], target: st
     volume_size, volume_block_size = restore.geometry
     if verify:
         compare_with_digests(target, volume_size, DEFAULT_CHUNK_SIZE, volume_block_size,
-                             restore.point_trailer.digests, workers=workers)
+                             restore.point_trailer.digests, workers=workers, progress=progress)
     return RestoreResult(image=f"{spec.spec} (image {chain[0].id[:12]})", target=target, volume_size=volume_size,
                          chunks=int(restore.done.size), zero_chunks=0, bytes_written=restore.bytes_written,
                          seconds=time.monotonic() - started, verified=verify, chain=[r.id for r in chain])
@@ -232,6 +233,9 @@ class _ChainRestore:
             self.geometry = (header.volume_size, header.block_size)
         if (header.volume_size, header.block_size) != self.geometry:
             raise ImageFormatError(f"{feed.name}: image {header.image_id[:12]} is of another volume geometry")
+        # A phase per tape file; the last (the full) writes what no incremental held.
+        start_phase(self.progress, f"read {header.kind} {header.image_id[:12]}",
+                    int((~self.done).sum()) * header.block_size if not header.incremental else 0)
         digests: list[tuple[int, bytes]] = []
         run_ordered(feed.chunks(), decoder(feed), lambda result: self.chunk(header, result, digests),
                     workers=workers)
