@@ -6,12 +6,12 @@ from .consolidate import consolidate
 from .info import info, info_feed
 from .restore import compare_with_digests, restore, restore_chain, restore_feed
 from .results import BackupResult, ImageInfo, RestoreResult, VerifyResult
-from .tape import open_tape_image, restore_from_tape, scan_tape, verify_tape
+from .tape import open_tape_file, open_tape_image, read_tape_image, restore_from_tape, scan_tape, verify_tape
 from .verify import verify, verify_feed
 
 __all__ = [
     "BackupResult", "Destination", "ImageInfo", "ImagingOptions", "RestoreResult", "VerifyResult", "backup",
-    "backup_volumes", "compare_with_digests", "consolidate", "info", "info_feed", "open_chain", "open_tape_image",
-    "restore", "restore_chain", "restore_feed",
+    "backup_volumes", "compare_with_digests", "consolidate", "info", "info_feed", "open_chain", "open_tape_file",
+    "open_tape_image", "read_tape_image", "restore", "restore_chain", "restore_feed",
     "restore_from_tape", "scan_tape", "verify", "verify_feed", "verify_tape", "write_image",
 ]
