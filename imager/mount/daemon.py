@@ -21,7 +21,6 @@ import threading
 from contextlib import ExitStack
 
 from devices.errors import DeviceError
-from devices.libc import libc
 
 from ..errors import ImagerError, UsageError
 from ..spawn import become_daemon, send_ready
@@ -31,9 +30,6 @@ from .serve import VolumeServer
 from .volume import CachedVolume, open_chain_files
 
 log = logging.getLogger("imager.mount")
-
-M_MMAP_THRESHOLD = -3
-
 
 class Stopped(BaseException):
     """SIGTERM or SIGINT arrived while the mount was being set up."""
@@ -130,9 +126,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.ready_fd is not None:
         os.set_inheritable(args.ready_fd, False)
-    # 4 MiB regions come and go: with a fixed mmap threshold each one is its own mapping, given
-    # back to the kernel when evicted, so the process's memory follows the cache's bound.
-    libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
     record.update(pid=os.getpid(), start_time=registry.process_start_time(os.getpid()))
     registry.save(record)
 

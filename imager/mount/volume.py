@@ -13,6 +13,7 @@ off as data.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import mmap
 import os
@@ -159,7 +160,9 @@ class CachedVolume:
         self._cached_bytes += size
         self._decoded += 1
         self._ahead += ahead
-        entry.future.add_done_callback(lambda f: self._settled(region, entry, f))
+        # Not a closure over the entry: the future would hold it, and it the future, in a cycle
+        # that only the garbage collector breaks, long after eviction.
+        entry.future.add_done_callback(functools.partial(self._settled, region))
         return entry
 
     def _make_room(self, size: int) -> None:
@@ -176,18 +179,19 @@ class CachedVolume:
             if self._cached_bytes + size <= self.capacity:
                 return
 
-    def _settled(self, region: int, entry: _Entry, future: Future) -> None:
+    def _settled(self, region: int, future: Future) -> None:
         with self._lock:
-            if self._cache.get(region) is not entry:
+            entry = self._cache.get(region)
+            if entry is None or entry.future is not future:
                 return
-            failed = future.exception() is not None
+            failed = future.cancelled() or future.exception() is not None
             if failed or future.result() is None:
                 # A zero region costs nothing to keep; a failed one is not kept at all.
                 self._cached_bytes -= entry.size
                 entry.size = 0
             if failed:
                 del self._cache[region]
-                if isinstance(future.exception(), ImagerError):
+                if not future.cancelled() and isinstance(future.exception(), ImagerError):
                     self._damaged[region] = str(future.exception())
 
     def _decode(self, region: int) -> bytes | None:
