@@ -1,9 +1,10 @@
 """Starting helper processes of this very engine (the volume daemon, the mount daemon, the freeze
 guard), and where daemons keep their run directories.
 
-A daemon is started in a session of its own by start_daemon(): it forks once more
-(become_daemon(): no session leader, never a controlling terminal), logs to a file, and tells
-its starter on a pipe, in one JSON line (send_ready()), that it serves or why it cannot.
+A daemon is started in a session of its own by start_daemon() (a new interpreter) or
+fork_daemon() (this process, forked): it forks once more (no session leader, never a
+controlling terminal), logs to a file, and tells its starter on a pipe, in one JSON line
+(send_ready()), that it serves or why it cannot.
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ import os
 import select
 import signal
 import subprocess
+import sys
 import time
+import traceback
+from typing import Callable
 
 from .errors import ImagerError
 from .private import open_private
@@ -60,6 +64,46 @@ def start_daemon(command: list[str], log_path: str, *, what: str, error: type[Im
         os.close(ready_read)
         if ready_write >= 0:
             os.close(ready_write)
+
+
+def fork_daemon(run: Callable[[int], int], log_path: str, *, what: str, error: type[ImagerError],
+                timeout: float) -> dict:
+    """start_daemon() without a new interpreter: fork this process (it has imported what the
+    daemon needs; exec'ing Python again costs a third of a second) into a session of its own,
+    fork again, point standard input at /dev/null and output at the private file `log_path`,
+    close every other inherited descriptor, and call `run(ready_fd)` there; the daemon ends with
+    os._exit(its return value), never unwinding its parent's frames. Returns its ready line."""
+    ready_read, ready_write = os.pipe()
+    log = open_private(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, "ab")
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.setsid()
+            if os.fork() > 0:
+                os._exit(0)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            devnull = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(devnull, 0)
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+            os.closerange(3, ready_write)
+            os.closerange(ready_write + 1, os.sysconf("SC_OPEN_MAX"))
+            os.chdir("/")
+            code = run(ready_write)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    os.close(ready_write)
+    log.close()
+    try:
+        os.waitpid(pid, 0)          # the first child exits at once
+        return _read_ready(ready_read, log_path, what, error, timeout)
+    finally:
+        os.close(ready_read)
 
 
 def _read_ready(fd: int, log_path: str, what: str, error: type[ImagerError], timeout: float) -> dict:

@@ -1,9 +1,10 @@
 """The mount daemon: serves one image's volume (or chain point) read-only through FUSE and shows
 what it holds at the user's directory, until SIGTERM (imager umount) ends it.
 
-Started by imager.jobs.mount in a session of its own, it forks once more (spawn.become_daemon),
-logs to its run directory, and tells its starter on a pipe what it mounted where, or why it
-could not; whatever it made before a failure, or before a SIGTERM during the start, is undone
+Started by imager.jobs.mount in a session of its own (spawn.fork_daemon: a fork of the command,
+which has imported everything already; `python -m imager.mount.daemon` starts one the same way
+from a new interpreter, for debugging), it logs to its run directory and tells its starter on a
+pipe what it mounted where, or why it could not; whatever it made before a failure, or before a SIGTERM during the start, is undone
 first (registry.teardown). Its record is in the run directory (registry.py) before anything is
 created, so `imager umount` clears everything also after this process was killed with SIGKILL.
 
@@ -117,15 +118,21 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if not args.foreground:
         become_daemon()
-    record = registry.load(args.run_dir)
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
-                        format=f"%(asctime)s imager-mount[{os.getpid()}] %(levelname)s %(message)s")
-    if record is None:
-        log.error("no mount record in %s", args.run_dir)
-        send_ready(args.ready_fd, {"ok": False, "error": f"no mount record in {args.run_dir}", "kind": "ImagerError"})
-        return 1
     if args.ready_fd is not None:
         os.set_inheritable(args.ready_fd, False)
+    return serve(args.run_dir, args.ready_fd)
+
+
+def serve(run_dir: str, ready_fd: int | None) -> int:
+    """The daemon's life: mount what the record in `run_dir` says, tell the starter on
+    `ready_fd`, serve until SIGTERM, clear everything. Runs in a process of its own (main(), or
+    forked by imager.jobs.mount through spawn.fork_daemon)."""
+    _log_to_stderr()
+    record = registry.load(run_dir)
+    if record is None:
+        log.error("no mount record in %s", run_dir)
+        send_ready(ready_fd, {"ok": False, "error": f"no mount record in {run_dir}", "kind": "ImagerError"})
+        return 1
     record.update(pid=os.getpid(), start_time=registry.process_start_time(os.getpid()))
     registry.save(record)
 
@@ -153,9 +160,9 @@ def main(argv: list[str] | None = None) -> int:
             daemon.close()
         except BaseException as cleanup:
             log.exception("cleanup after the failed start: %s", cleanup)
-        send_ready(args.ready_fd, failure)
+        send_ready(ready_fd, failure)
         return 1
-    send_ready(args.ready_fd, {"ok": True, "mount": record})
+    send_ready(ready_fd, {"ok": True, "mount": record})
     while True:
         stop.wait(1.0)
         if not stop.is_set():
@@ -168,6 +175,17 @@ def main(argv: list[str] | None = None) -> int:
             stop.clear()
     log.info("unmounted %s", record["dir"])
     return 0
+
+
+def _log_to_stderr() -> None:
+    """Log with time and pid to standard error (the log file), whatever a forking parent set up."""
+    for name in ("imager", ""):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = []
+        logger.propagate = True
+    logging.getLogger("imager").setLevel(logging.NOTSET)
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, force=True,
+                        format=f"%(asctime)s imager-mount[{os.getpid()}] %(levelname)s %(message)s")
 
 
 def _failure(e: BaseException) -> dict:
