@@ -139,15 +139,6 @@ def umount(path: str, *, lazy: bool = False) -> None:
         raise DeviceError(f"cannot unmount {path}: {e.strerror}") from None
 
 
-def is_dead_fuse_mount(path: str) -> bool:
-    """Whether `path` is a FUSE mount whose server is gone (every access fails with ENOTCONN)."""
-    try:
-        os.stat(path)
-    except OSError as e:
-        return e.errno == errno.ENOTCONN
-    return False
-
-
 FIFREEZE = IOWR("X", 119, 4)
 FITHAW = IOWR("X", 120, 4)
 

@@ -16,6 +16,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -397,6 +398,26 @@ def test_sigterm_ends_the_daemon_and_clears_everything_but_not_while_in_use(buil
         user.wait()
     os.kill(info["pid"], signal.SIGTERM)
     wait_for_exit(info["pid"])
+    assert_cleared(point, run_dir)
+
+
+def test_a_threaded_program_mounts_through_the_python_api(built, run_dir, tmp_path):
+    """A program with threads of its own is not forked: its daemon is a new interpreter."""
+    b = built("ext4")
+    point = tmp_path / "mnt"
+    point.mkdir()
+    done = threading.Event()
+    other = threading.Thread(target=done.wait)
+    other.start()
+    try:
+        info = api.mount(b.image, str(point), catalog=False)
+    finally:
+        done.set()
+        other.join()
+    assert info.state == "mounted" and info.entries[0].how == "mounted"
+    assert (point / "small.txt").read_text().startswith("hello imager")
+    assert [m.directory for m in api.mounts()] == [str(point)]
+    assert api.umount(str(point)).state == "unmounted"
     assert_cleared(point, run_dir)
 
 

@@ -16,6 +16,7 @@ import os
 import stat
 import subprocess
 import sys
+import threading
 import time
 from contextlib import ExitStack
 
@@ -26,7 +27,7 @@ from ..ends.guards import under_dev
 from ..errors import ChunkError, ImageFormatError, ImagerError, UsageError
 from ..mount import daemon, registry
 from ..mount.volume import DEFAULT_CACHE_BYTES
-from ..spawn import engine_env, fork_daemon
+from ..spawn import engine_env, fork_daemon, start_daemon
 from .chains import open_chain
 from .results import ExtractResult, FileEntry, MountedEntry, MountInfo
 
@@ -39,13 +40,21 @@ def mount(image: str, directory: str, *, catalog: Catalog | None = None,
     """Mount the volume of the image file `image` (an incremental: at its point) read-only at the
     empty directory `directory`: a filesystem there, a whole disk's partitions in it as
     `<n>-<label or fstype>`, what the kernel cannot mount as the file of its bytes. Returns once
-    everything is mounted; a daemon (this process, forked) serves it until umount()."""
+    everything is mounted; a daemon (a fork of this process if it has no other thread, else a new
+    interpreter) serves it until umount()."""
     images = chain_files(image, catalog)
     directory = _check_mount_point(directory)
     record = registry.create(directory, images, cache_bytes)
     try:
-        reply = fork_daemon(lambda ready_fd: daemon.serve(record["run_dir"], ready_fd), record["log"],
-                            what="the mount daemon", error=ImagerError, timeout=READY_TIMEOUT)
+        if threading.active_count() == 1:
+            # The command (one thread): a fork of it has everything imported already.
+            reply = fork_daemon(lambda ready_fd: daemon.serve(record["run_dir"], ready_fd), record["log"],
+                                what="the mount daemon", error=ImagerError, timeout=READY_TIMEOUT)
+        else:
+            # A program with threads of its own is not forked (a lock one of them holds would stay
+            # held in the child forever): a new interpreter, as the volume daemon is started.
+            reply = start_daemon([sys.executable, "-m", "imager.mount.daemon", "--run-dir", record["run_dir"]],
+                                 record["log"], what="the mount daemon", error=ImagerError, timeout=READY_TIMEOUT)
     except BaseException:
         _abandon(record)
         raise
