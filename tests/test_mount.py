@@ -517,6 +517,12 @@ def test_ls_and_extract_give_the_same_bytes_modes_owners_and_times(built, run_di
     one_line_error(imager("extract", b.image, "secret/key", "-C", str(some)), "already exists", code=2)
     assert imager("extract", b.image, "secret/key", "-C", str(some), "--force").returncode == 0
     one_line_error(imager("extract", b.image, "../etc", "-C", str(some)), r"'\.\.'", code=2)
+    elsewhere, through = tmp_path / "elsewhere", tmp_path / "through"
+    elsewhere.mkdir()
+    through.mkdir()
+    os.symlink(elsewhere, through / "secret")
+    one_line_error(imager("extract", b.image, "secret/key", "-C", str(through), "--force"), "is a symlink", code=2)
+    assert os.listdir(elsewhere) == []
     one_line_error(imager("extract", b.image, "nothing-here", "-C", str(some)), "no such file", code=2)
     one_line_error(imager("ls", b.image, "abs-link/"), "no such file", code=2)   # /etc/passwd of the image
     assert not ours_left(run_dir)

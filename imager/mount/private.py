@@ -173,6 +173,10 @@ class View:
             if entry is None:
                 raise UsageError("give the entries to extract (imager ls IMAGE lists them), or each path in them")
             target = os.path.join(dest, *parts)
+            for depth in range(1, len(parts)):
+                directory = os.path.join(dest, *parts[:depth])
+                if os.path.islink(directory):
+                    raise UsageError(f"{directory}: is a symlink; extract does not write through one")
             if parts and os.path.lexists(target) and not force:
                 raise UsageError(f"{target}: already exists (use --force to overwrite)")
             if root is None:
@@ -189,10 +193,12 @@ class View:
                     src = resolve_in(root, rest[:inner], follow_last=True) if root is not None and inner > 0 \
                         else (root or entry.file)
                     made.append((directory, src))
+            # An existing file (a symlink too) is replaced, never written through.
+            replace = ["--remove-destination"] if force else []
             if root is None:
-                _run_cp(["cp", "--sparse=always", "-T", "--", source, target], self.top)
+                _run_cp(["cp", "--sparse=always", "-T", *replace, "--", source, target], self.top)
             else:
-                _run_cp(["cp", "-a", "-T", "--", source, target], self.top)
+                _run_cp(["cp", "-a", "-T", *replace, "--", source, target], self.top)
             entries, size = _count(source)
             copied.append({"path": path, "to": target, "entries": entries, "bytes": size})
         for directory, src in reversed(made):
