@@ -47,6 +47,7 @@ bench: setup
 	$(PY) bench/compare.py --aged --level 1 --peers dd,partclone,qemu --rounds 2
 	$(PY) bench/compare.py --fs xfs --aged --level 1 --peers dd,partclone --rounds 2 --no-restore
 	$(PY) bench/front.py
+	$(PY) bench/mount.py
 	$(PY) -m pytest -q -p no:cacheprovider -o python_files="bench_*.py" bench
 
 # pyflakes everywhere, the layering of the data flow, mypy on the seams (strict on format, ends and plan).
@@ -55,7 +56,8 @@ lint: setup
 	$(PY) -m pyflakes imager devices tests bench scripts
 	$(PY) scripts/check-layering.py
 	$(PY) -m mypy imager/format imager/ends imager/plan imager/pipeline.py imager/api.py imager/jobs/backup.py \
-		imager/jobs/restore.py imager/jobs/verify.py imager/jobs/info.py imager/snapshot/provider.py
+		imager/jobs/restore.py imager/jobs/verify.py imager/jobs/info.py imager/snapshot/provider.py \
+		imager/mount imager/jobs/mount.py imager/fusefile.py imager/spawn.py
 
 clean:
 	rm -rf $(VENV) bench/work

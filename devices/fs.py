@@ -120,6 +120,25 @@ def private_mount(device: str, attempts: list[tuple[str, str]]) -> PrivateMount:
     if not fds:
         raise MountRefused(device, reply.get("errors", []))
     return PrivateMount(fds[0], reply["options"], reply.get("errors", []))
+MNT_DETACH = 2
+
+
+class Busy(DeviceError):
+    """A filesystem cannot be unmounted: a process has a file or its working directory there."""
+
+
+def umount(path: str, *, lazy: bool = False) -> None:
+    """umount2(2): unmount the filesystem mounted at `path` (lazy: detach it now, let it go when
+    its last user does). Raises Busy while it is in use."""
+    try:
+        check(libc.umount2(os.fsencode(path), MNT_DETACH if lazy else 0))
+    except OSError as e:
+        if e.errno == errno.EBUSY:
+            raise Busy(f"{path} is in use (a process has a file or its working directory there; "
+                       f"fuser -vm {path} names it)") from None
+        raise DeviceError(f"cannot unmount {path}: {e.strerror}") from None
+
+
 FIFREEZE = IOWR("X", 119, 4)
 FITHAW = IOWR("X", 120, 4)
 

@@ -59,12 +59,14 @@ def attach(path: str, *, offset: int = 0, size_limit: int = 0, read_only: bool =
 
 
 @contextmanager
-def held(path: str, *, offset: int = 0, size_limit: int = 0, read_only: bool = True) -> Iterator[str]:
+def held(path: str, *, offset: int = 0, size_limit: int = 0, read_only: bool = True,
+         direct_io: bool = False) -> Iterator[str]:
     """A loop device on `path` that exists exactly as long as this process holds it: attached
     with autoclear and kept open, so that leaving the block, or dying in it even by SIGKILL,
-    detaches it (once whatever else opened it meanwhile has let go)."""
+    detaches it (once whatever else opened it meanwhile has let go: a filesystem mounted on it
+    holds it until it is unmounted)."""
     try:
-        device, fd = _attach(path, offset, size_limit, read_only, 0, True, False)
+        device, fd = _attach(path, offset, size_limit, read_only, 0, True, direct_io)
     except OSError as e:
         raise DeviceError(f"cannot attach {path} to a loop device: {e.strerror}") from None
     try:

@@ -11,6 +11,9 @@ The public Python API (the command line is a thin layer over it):
     imager.consolidate("mon.zst", "full.zst")                     # a full from the chain
     with imager.ImageReader("sdb1.zst") as image:                 # random access to the volume
         image.read(offset, length)
+    imager.mount("mon.zst", "/mnt/mon")                           # -> MountInfo; imager.umount("/mnt/mon")
+    imager.ls("mon.zst", "etc")                                   # -> [FileEntry]
+    imager.extract("mon.zst", ["etc/fstab"], "/tmp/restore")      # -> ExtractResult
 
 Every error a user should see is an imager.ImagerError (imager.errors) with a one-line message;
 imager.jobs holds the whole jobs (several volumes, snapshots, tape), imager.jobs.volumes the
@@ -23,9 +26,11 @@ __version__ = "0.1.0"
 # part of it (the freeze guard, the volume daemon).
 _PUBLIC = {
     "backup": "api", "consolidate": "api", "info": "api", "restore": "api", "verify": "api",
+    "mount": "api", "umount": "api", "mounts": "api", "ls": "api", "extract": "api",
     "ImageReader": "format",
     "BackupResult": "jobs.results", "ImageInfo": "jobs.results", "RestoreResult": "jobs.results",
-    "VerifyResult": "jobs.results",
+    "VerifyResult": "jobs.results", "MountInfo": "jobs.results", "FileEntry": "jobs.results",
+    "ExtractResult": "jobs.results",
     "CacheFullError": "errors", "ChunkError": "errors", "ImageFormatError": "errors", "ImagerError": "errors",
     "SnapshotError": "errors", "TapeMediaError": "errors", "UsageError": "errors", "VolumeError": "errors",
 }

@@ -9,7 +9,8 @@ from typing import Callable, Iterator, Sequence
 from . import jobs
 from .catalog import Catalog
 from .format import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL
-from .jobs.results import BackupResult, ImageInfo, RestoreResult, VerifyResult
+from .jobs.results import BackupResult, ExtractResult, FileEntry, ImageInfo, MountInfo, RestoreResult, VerifyResult
+from .mount.volume import DEFAULT_CACHE_BYTES
 
 Progress = Callable[[int], None]
 CatalogChoice = str | os.PathLike | bool
@@ -75,3 +76,41 @@ def _catalog(choice: CatalogChoice) -> Iterator[Catalog | None]:
 def info(image: str) -> ImageInfo:
     """What the image file `image` holds: its header and its trailer's totals."""
     return jobs.info(image)
+
+
+def mount(image: str, directory: str, *, cache_size: int = DEFAULT_CACHE_BYTES,
+          catalog: CatalogChoice = True) -> MountInfo:
+    """Mount the volume of the image file `image` (an incremental: at its point, its parents
+    found in the catalog or beside it) read-only at the empty directory `directory`: a
+    filesystem there, each partition of a whole disk in it as `<n>-<label or fstype>`, what the
+    kernel cannot mount as the file of its bytes. A daemon serves it, with at most `cache_size`
+    bytes of decompressed chunks, until umount(directory)."""
+    with _catalog(catalog) as opened:
+        return jobs.mount(image, directory, catalog=opened, cache_bytes=cache_size)
+
+
+def umount(directory: str) -> MountInfo:
+    """Unmount what mount() mounted at `directory` and end its daemon; also after the daemon was
+    killed. Refused, changing nothing, while a file there is in use."""
+    return jobs.umount(directory)
+
+
+def mounts() -> list[MountInfo]:
+    """Every image mounted with mount(), and what is where."""
+    return jobs.mounts()
+
+
+def ls(image: str, path: str = "", *, catalog: CatalogChoice = True) -> list[FileEntry]:
+    """The entries of the directory `path` in the image (or the file itself), without a visible
+    mount: a private one that nothing outlives."""
+    with _catalog(catalog) as opened:
+        return jobs.ls(image, path, catalog=opened)
+
+
+def extract(image: str, paths: Sequence[str], dest: str, *, force: bool = False,
+            catalog: CatalogChoice = True) -> ExtractResult:
+    """Copy `paths` of the image to the directory `dest` (`dest`/PATH), keeping modes, owners,
+    times, symlinks and extended attributes as cp -a does, without a visible mount; `force`
+    overwrites what is there."""
+    with _catalog(catalog) as opened:
+        return jobs.extract(image, list(paths), dest, force=force, catalog=opened)

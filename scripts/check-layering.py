@@ -2,10 +2,11 @@
 own package and anything in a lower layer, nothing above:
 
     devices                         kernel interfaces; imports nothing from imager
-    errors units progress failpoints private spawn
+    errors units progress failpoints private spawn fusefile
     format plan                     the image format; the used-block planner
     ends                            sources, sinks, feeds, restore targets, path guards
-    snapshot tape catalog           point in time (providers, COW, daemon); tape layout; the record
+    snapshot tape catalog mount     point in time (providers, COW, daemon); tape layout; the record;
+                                    images served read-only (mount)
     pipeline                        the stages
     jobs api                        one module per verb; the public API
     cli demo                        the command line
@@ -17,10 +18,11 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 LAYERS = [
     {"devices"},
-    {"imager.errors", "imager.units", "imager.progress", "imager.failpoints", "imager.private", "imager.spawn"},
+    {"imager.errors", "imager.units", "imager.progress", "imager.failpoints", "imager.private", "imager.spawn",
+     "imager.fusefile"},
     {"imager.format", "imager.plan"},
     {"imager.ends"},
-    {"imager.snapshot", "imager.tape", "imager.catalog"},
+    {"imager.snapshot", "imager.tape", "imager.catalog", "imager.mount"},
     {"imager.pipeline"},
     {"imager.jobs", "imager.api"},
     {"imager.cli", "imager.demo"},

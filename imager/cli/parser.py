@@ -61,13 +61,13 @@ def _parents() -> Parents:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import backup, catalog, consolidate, demo, devices, docs, info, loop, restore, tape, verify, volumes
+    from . import backup, catalog, consolidate, demo, devices, docs, info, loop, mount, restore, tape, verify, volumes
 
     p = argparse.ArgumentParser(prog="imager", description="Point-in-time images of block devices in use.")
     p.add_argument("--version", action="version", version=f"imager {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parents = _parents()
-    for verb in (backup, restore, verify, info, consolidate, loop, catalog, tape, volumes, devices, demo, docs):
+    for verb in (backup, restore, verify, info, consolidate, mount, loop, catalog, tape, volumes, devices, demo, docs):
         verb.register(sub, parents)
     for path, parser in commands(p):
         parser.formatter_class = argparse.RawDescriptionHelpFormatter

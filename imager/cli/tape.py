@@ -8,6 +8,7 @@ import sys
 from .. import jobs
 from ..catalog import Catalog, TapeRecord
 from ..errors import UsageError
+from ..ends.sinks import FileSink
 from ..tape import DEFAULT_BLOCK_SIZE, TapeSpec, drive_status, operator_prompt, require_label, tape_is_blank, write_label
 from ..units import count, human_bytes
 from .output import Output
@@ -45,8 +46,14 @@ def register(sub, parents) -> None:
     tl.add_argument("name", help="the label, e.g. WEEKLY1 (a cartridge's barcode is a good choice)")
     tl.add_argument("-f", "--force", action="store_true", help="overwrite a labelled or used tape")
     verb("list", "the tape files and what each holds", listing, "--changer")
-    verb("read", "write the bytes of tape file N to stdout", read, "--block-size").add_argument(
-        "--file", type=count, required=True, metavar="N", help="the tape file to read (as tape list numbers them)")
+    rd = verb("read", "write the bytes of tape file N to stdout (or -o FILE)", read, "--block-size", "--changer")
+    rd.add_argument("--file", type=count, required=True, metavar="N",
+                    help="the tape file to read (as tape list numbers them)")
+    rd.add_argument("--image-only", action="store_true",
+                    help="only the image: without the tape's segment header and end block, continued on the next "
+                         "cartridges, so that -o FILE is an image file that mount, info and verify take")
+    rd.add_argument("-o", "--output", metavar="FILE", help="write to FILE (appears only when complete)")
+    rd.add_argument("-f", "--force", action="store_true", help="replace an existing FILE")
     verb("scan", "rebuild the catalog entries of a tape from the media", scan, "--catalog", "--changer")
     verb("tell", "the block position of the tape (for seek)", tell)
     verb("weof", "write N filemarks (default 1) at the current position", weof).add_argument(
@@ -201,13 +208,36 @@ def _file_line(f) -> str:
 
 
 def read(args, out: Output) -> int:
-    with tape_spec(args).open(1, create=False) as drive:
-        require_label(drive)
-        drive.skip_to_file(args.file)
-        sink = sys.stdout.buffer
-        for block in drive.read_file(args.block_size or DEFAULT_BLOCK_SIZE):
-            sink.write(block)
-        sink.flush()
+    if args.image_only and args.output and args.output != "-":
+        found = jobs.read_tape_image(tape_spec(args), args.file, args.output, force=args.force,
+                                     block_size=args.block_size)
+        out.result(dict(found.to_dict(), tape_file=args.file, output=args.output),
+                   [f"{args.output}: image {found.header.image_id[:12]} of tape file {args.file}, "
+                    f"{human_bytes(found.file_size)} (a {human_bytes(found.header.volume_size)} volume)"])
+        return 0
+    if args.image_only:
+        stream = jobs.open_tape_file(tape_spec(args), args.file, args.block_size)
+        try:
+            while piece := stream.read(1 << 20):
+                sys.stdout.buffer.write(piece)
+        finally:
+            stream.close()
+        sys.stdout.buffer.flush()
+        return 0
+    sink = FileSink(args.output, force=args.force) if args.output and args.output != "-" else None
+    try:
+        with tape_spec(args).open(1, create=False) as drive:
+            require_label(drive)
+            drive.skip_to_file(args.file)
+            for block in drive.read_file(args.block_size or DEFAULT_BLOCK_SIZE):
+                (sink or sys.stdout.buffer).write(block)
+        if sink is not None:
+            sink.commit()
+    except BaseException:
+        if sink is not None:
+            sink.abort()
+        raise
+    sys.stdout.buffer.flush()
     return 0
 
 

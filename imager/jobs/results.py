@@ -93,3 +93,76 @@ class ImageInfo:
     def to_dict(self) -> dict:
         return {"image": self.image, "file_size": self.file_size, "header": self.header.to_dict(),
                 "totals": self.totals, "ratio": self.ratio}
+
+
+@dataclass
+class MountedEntry:
+    """One part of a mounted image: a filesystem mounted read-only, or the file of the bytes of
+    one the kernel cannot mount."""
+
+    name: str                   # "" for a filesystem mounted at the directory itself, "2-root" in a disk
+    path: str                   # where it is
+    how: str                    # "mounted" or "file"
+    fs_type: str | None
+    label: str | None
+    partition: int | None       # its partition number in a whole-disk image
+    offset: int                 # where its bytes start in the volume
+    size: int
+    device: str | None = None   # the read-only loop device it is mounted from
+    options: str | None = None  # the mount options
+    file: str = ""              # the served file of its bytes
+    reason: str = ""            # why it is a file, not mounted
+
+
+@dataclass
+class MountInfo:
+    directory: str
+    image: str                  # the image (chain point) mounted
+    images: list[str]           # it and its parents back to the full
+    state: str                  # mounted | starting | stopping | failed (its daemon is gone)
+    pid: int | None
+    log_path: str
+    volume_file: str            # the whole volume, served read-only
+    entries: list[MountedEntry] = field(default_factory=list)
+    problem: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class FileEntry:
+    """A file in an image, as `imager ls` shows it."""
+
+    name: str
+    type: str                   # file, dir, symlink, char, block, fifo, socket
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    mtime_ns: int
+    nlink: int
+    target: str | None = None   # a symlink's
+    fs_type: str | None = None  # an entry of a whole disk's view: its filesystem
+    label: str | None = None
+    partition: int | None = None
+    note: str = ""              # an entry shown as a file: why
+
+
+@dataclass
+class ExtractResult:
+    image: str
+    dest: str
+    copied: list[dict]          # per path: path, to, entries, bytes
+    seconds: float
+
+    @property
+    def entries(self) -> int:
+        return sum(c["entries"] for c in self.copied)
+
+    @property
+    def bytes(self) -> int:
+        return sum(c["bytes"] for c in self.copied)
+
+    def to_dict(self) -> dict:
+        return dict(asdict(self), entries=self.entries, bytes=self.bytes)

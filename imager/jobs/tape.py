@@ -11,14 +11,17 @@ import numpy as np
 
 from ..catalog import Catalog, ImageRecord, SegmentRecord, TapeRecord
 from ..ends.feeds import StreamFeed
+from ..ends.sinks import FileSink
 from ..ends.target import RestoreTarget
 from ..errors import ImageFormatError, ImagerError, TapeMediaError, UsageError
 from ..format import DEFAULT_CHUNK_SIZE, DIGEST_SIZE, ImageHeader, ImageTrailer
 from ..pipeline import DecodedChunk, decoder, run_ordered, worker_count
 from ..progress import start_phase
-from ..tape import Label, TapeFileInfo, TapeImageStream, TapeSpec, WrittenSegment, read_label, require_label, scan_files
+from ..tape import (Label, TapeFileInfo, TapeImageStream, TapeSpec, WrittenSegment, read_label, require_label,
+                    scan_files, segment_header)
+from .info import info as image_info
 from .restore import compare_with_digests, restore_feed
-from .results import RestoreResult, VerifyResult
+from .results import ImageInfo, RestoreResult, VerifyResult
 from .verify import verify_feed
 
 def tape_segment_records(image_id: str, segments: Iterable[WrittenSegment]) -> list[SegmentRecord]:
@@ -334,3 +337,42 @@ def _verify_on_tape(spec: TapeSpec, full_id: str, label_name: str, tape_file: in
 
 def _failed_verify(name: str, error: str) -> VerifyResult:
     return VerifyResult(image=name, volume_size=0, chunks=0, zero_chunks=0, seconds=0.0, ok=False, errors=[error])
+
+
+def open_tape_file(spec: TapeSpec, tape_file: int, block_size: int | None = None) -> TapeImageStream:
+    """The image byte stream of the image that starts in tape file `tape_file` of the first
+    cartridge of `spec` (continued on the next ones where it spans them): exactly the bytes of
+    the image file that was written, without the tape's segment header and end block."""
+    drive = spec.open(1, create=False)
+    try:
+        label = require_label(drive)
+        header = segment_header(drive, tape_file, block_size)
+        if header["segment"] != 0:
+            raise UsageError(f"{spec.spec}: tape file {tape_file} holds segment {header['segment']} of image "
+                             f"{header['image_id'][:12]}, which starts on an earlier cartridge; read it from there")
+        return TapeImageStream(spec, drive, label, tape_file, header["image_id"], block_size)
+    except BaseException:
+        drive.close()
+        raise
+
+
+def read_tape_image(spec: TapeSpec, tape_file: int, output: str, *, force: bool = False,
+                    block_size: int | None = None) -> ImageInfo:
+    """Write the image that starts in tape file `tape_file` to the image file `output`, seek
+    table included (open_tape_file), so that mount, info, verify and restore take it like any
+    image file. It appears under its name only when whole."""
+    stream = open_tape_file(spec, tape_file, block_size)
+    try:
+        sink = FileSink(output, force=force)
+        try:
+            while piece := stream.read(1 << 20):
+                sink.write(piece)
+            if stream.end is None:
+                raise TapeMediaError(f"{spec.spec}: tape file {tape_file} ends before its image does")
+            sink.commit()
+        except BaseException:
+            sink.abort()
+            raise
+    finally:
+        stream.close()
+    return image_info(output)

@@ -29,10 +29,10 @@ from .labels import Label, drive_status, read_label, require_label, tape_is_blan
 from .scan import TapeFileInfo, scan_files
 from .sink import TapeSink, WrittenSegment
 from .spec import TapeSpec, operator_prompt
-from .stream import TapeImageStream
+from .stream import TapeImageStream, segment_header
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE", "DamagedBlock", "Label", "TapeFileInfo", "TapeImageStream", "TapeSink", "TapeSpec",
     "WrittenSegment", "drive_status", "operator_prompt", "read_label", "require_label", "scan_files",
-    "tape_is_blank", "write_label",
+    "segment_header", "tape_is_blank", "write_label",
 ]

@@ -13,6 +13,28 @@ from .labels import Label, read_label
 from .spec import TapeSpec
 
 
+def segment_header(drive: TapeDrive, tape_file: int, read_size: int | None = None) -> dict:
+    """The checked segment header of tape file `tape_file` (the tape is left after it)."""
+    try:
+        drive.skip_to_file(tape_file)
+        first = drive.read_block(read_size or METADATA_READ_SIZE)
+    except TapeError as e:
+        if e.errno == errno.EIO:
+            raise TapeMediaError(f"{drive.path}: there is no tape file {tape_file} (the recorded data ends "
+                                 f"before it)") from None
+        raise TapeMediaError(f"{drive.path}: tape file {tape_file} cannot be read ({e})") from None
+    if not first:
+        raise TapeMediaError(f"{drive.path}: there is no tape file {tape_file} (the recorded data ends before it)")
+    try:
+        header = _parse_meta_block(first, SEGMENT_MAGIC, SEGMENT_TAG)
+    except DamagedBlock as e:
+        raise TapeMediaError(f"{drive.path}: tape file {tape_file}: its segment header {e}; it is not trusted") \
+            from None
+    if header is None:
+        raise TapeMediaError(f"{drive.path}: tape file {tape_file} is not an imager image")
+    return header
+
+
 class TapeImageStream:
     """The image byte stream of one image, read from its tape file(s) as a file-like object,
     asking for the next cartridge where the image continues.

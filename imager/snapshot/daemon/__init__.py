@@ -5,7 +5,8 @@ launch.py, snapshots.py) over the control protocol (protocol.py)."""
 from .client import (clear_stale_run_dir, detach, known_volumes, list_volumes, recover, require_running,
                      status)
 from .launch import attach, refuse_esp
-from .protocol import (MOUNT_DIR_NAME, RECORD_NAME, RUN_DIR_ENV, SNAPSHOT_FILE, STATE_DIR_ENV, VOLUME_FILE,
+from ...spawn import RUN_DIR_ENV
+from .protocol import (MOUNT_DIR_NAME, RECORD_NAME, SNAPSHOT_FILE, STATE_DIR_ENV, VOLUME_FILE,
                        SnapshotInfo, SnapshotSetInfo, VolumeInfo, cache_full_error, read_record, records)
 from .snapshots import HeldSnapshots, snapshot_create, snapshot_delete, snapshot_list
 

@@ -3,14 +3,10 @@ daemon (server.py) in its own session, and waits until it serves the front or sa
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import select
 import stat
-import subprocess
 import sys
-import time
 
 from devices import discover
 from devices.block import stat_volume
@@ -19,9 +15,9 @@ from devices.fs import mounts_of
 from devices.topology import path_is_on, same_file
 
 from ...errors import VolumeError
-from ...private import make_private_dir, open_private
-from ...spawn import engine_env
-from .protocol import (LOG_NAME, MAX_SOCKET_PATH, RUN_DIR_ENV, SOCKET_NAME, VolumeInfo, check_name, daemon_state,
+from ...private import make_private_dir
+from ...spawn import RUN_DIR_ENV, start_daemon
+from .protocol import (LOG_NAME, MAX_SOCKET_PATH, SOCKET_NAME, VolumeInfo, check_name, daemon_state,
                        default_state_dir, error_from, records, run_dir_of, volume_from)
 
 READY_TIMEOUT = 60.0
@@ -73,27 +69,13 @@ def _attach(device: str, name: str | None, cache_path: str | None, cache_size: i
     make_private_dir(run_dir)
 
     log_path = os.path.join(state_dir, LOG_NAME)
-    ready_read, ready_write = os.pipe()
     command = [sys.executable, "-m", "imager.snapshot.daemon.process", "--name", name, "--device", device,
-               "--state-dir", state_dir, "--run-dir", run_dir, "--ready-fd", str(ready_write)]
+               "--state-dir", state_dir, "--run-dir", run_dir]
     if cache_size is not None:
         command += ["--cache-size", str(int(cache_size))]
     if block_size is not None:
         command += ["--block-size", str(int(block_size))]
-    env = engine_env()
-    try:
-        with open_private(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, "ab") as log:
-            starter = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                       pass_fds=(ready_write,), start_new_session=True, cwd="/", env=env)
-        os.close(ready_write)
-        ready_write = -1
-        # The starter forks the daemon and exits at once; reap it so no zombie stays behind.
-        starter.wait()
-        reply = _read_ready(ready_read, log_path)
-    finally:
-        os.close(ready_read)
-        if ready_write >= 0:
-            os.close(ready_write)
+    reply = start_daemon(command, log_path, what="the volume daemon", error=VolumeError, timeout=READY_TIMEOUT)
     if not reply.get("ok"):
         raise error_from(reply)
     return volume_from(reply["volume"])
@@ -131,31 +113,3 @@ def refuse_esp(device: str, provider: str) -> None:
 def _default_name(device: str) -> str:
     base = os.path.basename(device)
     return re.sub(r"[^A-Za-z0-9._-]", "_", base).lstrip("._-") or "volume"
-
-
-def _read_ready(fd: int, log_path: str) -> dict:
-    data = b""
-    deadline = time.monotonic() + READY_TIMEOUT
-    while b"\n" not in data:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise VolumeError(f"the volume daemon did not get ready in {READY_TIMEOUT:.0f} s; see {log_path}")
-        readable, _, _ = select.select([fd], [], [], remaining)
-        if not readable:
-            continue
-        chunk = os.read(fd, 65536)
-        if not chunk:
-            raise VolumeError(f"the volume daemon exited before it was ready: {_log_tail(log_path)}")
-        data += chunk
-    return json.loads(data.split(b"\n", 1)[0])
-
-
-def _log_tail(log_path: str) -> str:
-    try:
-        with open(log_path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 2000))
-            lines = [ln for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        return f"see {log_path}"
-    return (lines[-1] if lines else "no message") + f" (log: {log_path})"

@@ -8,7 +8,6 @@ starter on a pipe when it serves the front or why it cannot, and serves until de
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
@@ -19,6 +18,7 @@ from devices.errors import DeviceError
 from devices.libc import check, libc
 
 from ...errors import ImagerError, VolumeError
+from ...spawn import become_daemon, send_ready
 from ..cow import DEFAULT_BLOCK_SIZE
 from .protocol import RECORD_NAME, error_reply
 from .server import VolumeDaemon
@@ -31,7 +31,7 @@ PR_SET_IO_FLUSHER = 57
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if not args.foreground:
-        _become_daemon()
+        become_daemon()
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format=f"%(asctime)s imager-daemon[{os.getpid()}] {args.name}: %(levelname)s %(message)s")
     _mark_io_flusher()
@@ -52,10 +52,10 @@ def main(argv: list[str] | None = None) -> int:
             log.exception("start failed")
             failure = error_reply(VolumeError(f"volume daemon failed to start: {e}"))
         daemon.abandon()
-        _send_ready(args.ready_fd, failure)
+        send_ready(args.ready_fd, failure)
         return 1
     daemon.write_record()
-    _send_ready(args.ready_fd, {"ok": True, "volume": daemon.describe()})
+    send_ready(args.ready_fd, {"ok": True, "volume": daemon.describe()})
     try:
         # The poll interval bounds how long detach waits for the server loop to notice shutdown().
         daemon.server.serve_forever(poll_interval=0.05)
@@ -107,14 +107,6 @@ def _remove_run_dir(daemon: VolumeDaemon) -> None:
         pass  # not empty: something else lives there, leave it
 
 
-def _become_daemon() -> None:
-    # attach() started us with setsid(); fork once more so the daemon is no session leader (it
-    # can never get a controlling terminal again) and the starter exits at once.
-    if os.fork() > 0:
-        os._exit(0)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-
-
 def _mark_io_flusher() -> None:
     # This process sits in the write-back path of the front device: memory reclaim must not make
     # it wait for its own writes (PR_SET_IO_FLUSHER, Linux 5.6, as loop and NBD servers do).
@@ -122,17 +114,6 @@ def _mark_io_flusher() -> None:
         check(libc.prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0))
     except OSError as e:
         log.info("PR_SET_IO_FLUSHER refused (%s): reclaim may wait on this daemon", e.strerror)
-
-
-def _send_ready(fd: int | None, reply: dict) -> None:
-    if fd is None:
-        return
-    try:
-        os.write(fd, json.dumps(reply).encode() + b"\n")
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 if __name__ == "__main__":

@@ -33,10 +33,9 @@ from typing import Iterable
 from devices.fs import mounts_of
 
 from ...errors import CacheFullError, ImagerError, SnapshotError, UsageError, VolumeError
+from ...spawn import run_base
 
-RUN_DIR_ENV = "IMAGER_RUN_DIR"
 STATE_DIR_ENV = "IMAGER_STATE_DIR"
-DEFAULT_RUN_DIR = "/run/imager"
 DEFAULT_STATE_DIR = "/var/lib/imager"
 SOCKET_NAME = "control.sock"
 MOUNT_DIR_NAME = "mnt"
@@ -49,10 +48,6 @@ RECORD_NAME = "volume.json"
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL
 MAX_SOCKET_PATH = 107
-
-
-def run_base() -> str:
-    return os.environ.get(RUN_DIR_ENV) or DEFAULT_RUN_DIR
 
 
 def run_dir_of(name: str) -> str:

@@ -33,7 +33,7 @@ from ...ends.atomic import write_atomically
 from ..cow import CowStore, SnapshotView
 from ..cow.tracker import Roll
 from .control import ControlServer
-from .fusefile import FileServer, ServedFile, serve
+from ...fusefile import FileServer, ServedFile, serve
 from .protocol import LOG_NAME, MOUNT_DIR_NAME, RECORD_NAME, SNAPSHOT_FILE, SOCKET_NAME, VOLUME_FILE
 
 log = logging.getLogger("imager.daemon")

@@ -1,6 +1,7 @@
 """A generic FUSE file server: a flat directory of files, each served by an object, through
 mfusepy (libfuse 3's high-level API over ctypes). The volume daemon serves a volume and its
-snapshot this way; `imager mount` serves an image's volume.
+snapshot this way (imager.snapshot.daemon); `imager mount`, `ls` and `extract` serve an
+image's volume and its partitions, read-only (imager.mount).
 
 Every file is opened with FOPEN_DIRECT_IO: no FUSE page cache, so a write reaches the file's
 object when the kernel issues it, and a file that reappears (a new snapshot) is never served
@@ -28,7 +29,7 @@ import mfusepy
 
 from devices.errors import DeviceError
 
-from ...errors import ImagerError
+from .errors import ImagerError
 
 log = logging.getLogger("imager.fuse")
 
@@ -209,15 +210,17 @@ class ZeroCopyFUSE(mfusepy.FUSE):
         return self.operations.write_from(_decode(path), _c_buffer(buf, size), offset, fip.contents)
 
 
-def serve(server: FileServer, mount_point: str, fsname: str) -> None:
+def serve(server: FileServer, mount_point: str, fsname: str, *, read_only: bool = False) -> None:
     """Serve until unmounted (blocks). One request at a time: with libfuse's thread pool the
     Python threads fought over the GIL, and random 4 KiB writes through the volume daemon ran
     at a third of the rate they reach from a single thread, which still gets many requests in
     flight from the kernel (async direct I/O). Measured in bench/front.py. Any failure to start
-    is left in `server.start_failure`, and `server.started` is set either way."""
+    is left in `server.start_failure`, and `server.started` is set either way. `read_only`
+    mounts it read-only (the kernel refuses every write before it reaches the server)."""
+    options = {"ro": True} if read_only else {}
     try:
         ZeroCopyFUSE(server, mount_point, raw_fi=True, foreground=True, nothreads=True, allow_other=True,
-                     default_permissions=True, fsname=fsname, subtype="imager")
+                     default_permissions=True, fsname=fsname, subtype="imager", **options)
     except BaseException as e:  # the thread's only job: report why FUSE stopped
         server.start_failure = str(e) or type(e).__name__
         log.error("FUSE loop ended: %s", server.start_failure)
@@ -228,6 +231,7 @@ def serve(server: FileServer, mount_point: str, fsname: str) -> None:
 
 def _c_buffer(pointer, size: int) -> memoryview:
     address = ctypes.cast(pointer, ctypes.c_void_p).value
+    assert address is not None      # libfuse never hands a NULL buffer
     return memoryview((ctypes.c_char * size).from_address(address)).cast("B")
 
 

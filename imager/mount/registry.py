@@ -1,0 +1,243 @@
+"""What is mounted where: one run directory per mounted image under $IMAGER_RUN_DIR/.mounts/
+(default /run/imager/.mounts/ID; a volume name cannot start with a dot), holding its record
+(mount.json), the daemon's log and the FUSE mount point fs/.
+
+The record is written before anything is created and says where to look: the directory the
+image is mounted at, the FUSE mount point, and every entry imager creates in the directory
+(written before it is created). What exists is then found, not remembered: the loop devices
+are those whose backing file is in the FUSE mount point, the mounts those of these loop
+devices. So teardown() clears everything after any failure, also after the daemon was killed
+with SIGKILL at any moment, and can be run again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import signal
+import time
+from typing import Any
+
+from devices import fs, loop
+from devices.errors import DeviceError
+
+from ..ends.atomic import write_atomically
+from ..errors import UsageError
+from ..private import make_private_dir
+from ..spawn import run_base
+
+log = logging.getLogger("imager.mount")
+
+MOUNTS_DIR = ".mounts"
+RECORD_NAME = "mount.json"
+LOG_NAME = "daemon.log"
+FUSE_DIR = "fs"
+
+Record = dict[str, Any]
+
+
+def base() -> str:
+    return os.path.join(run_base(), MOUNTS_DIR)
+
+
+def create(directory: str, images: list[str], cache_bytes: int) -> Record:
+    """A new run directory and the record of a mount about to start."""
+    make_private_dir(base())
+    while True:
+        # Never reused: a run directory names one mount, also to an umount that finds it later.
+        mount_id = os.urandom(4).hex()
+        run_dir = os.path.join(base(), mount_id)
+        try:
+            os.mkdir(run_dir, 0o700)
+            break
+        except FileExistsError:
+            continue
+    record: Record = {
+        "id": mount_id, "dir": directory, "image": images[0], "images": images, "cache_bytes": cache_bytes,
+        "run_dir": run_dir, "fuse": os.path.join(run_dir, FUSE_DIR), "log": os.path.join(run_dir, LOG_NAME),
+        "pid": None, "start_time": None, "state": "starting", "created": [], "entries": [],
+        "started_at": time.time(),
+    }
+    save(record)
+    return record
+
+
+def save(record: Record) -> None:
+    write_atomically(os.path.join(record["run_dir"], RECORD_NAME), json.dumps(record, indent=1).encode())
+
+
+def load(run_dir: str) -> Record | None:
+    try:
+        with open(os.path.join(run_dir, RECORD_NAME), "rb") as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("run_dir") == run_dir else None
+
+
+def records() -> list[Record]:
+    try:
+        names = os.listdir(base())
+    except OSError:
+        return []
+    found = [load(os.path.join(base(), n)) for n in names]
+    return sorted((r for r in found if r is not None), key=lambda r: r.get("started_at", 0))
+
+
+def find(directory: str) -> Record | None:
+    """The record of the image mounted at `directory` (its real path)."""
+    for record in records():
+        if record["dir"] == directory:
+            return record
+    return None
+
+
+def process_start_time(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot), which tells it from a later process
+    that got the same pid; None when there is no such process, or only its zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return None if fields[0] in ("Z", "X") else int(fields[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def daemon_alive(record: Record) -> bool:
+    pid = record.get("pid")
+    return isinstance(pid, int) and process_start_time(pid) == record.get("start_time")
+
+
+def stop_daemon(record: Record, timeout: float) -> bool:
+    """SIGTERM the record's daemon and wait for it to exit; False if it is still there."""
+    if not daemon_alive(record):
+        return True
+    pid: int = record["pid"]
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        if not daemon_alive(record):       # the pid is ours, not a newer process's
+            return True
+        os.kill(pid, signal.SIGTERM)
+        return bool(select.select([pidfd], [], [], timeout)[0])
+    finally:
+        os.close(pidfd)
+
+
+def kill_daemon(record: Record, timeout: float = 10.0) -> None:
+    """SIGKILL a daemon that does not stop, and wait for it to be gone."""
+    if not daemon_alive(record):
+        return
+    pid: int = record["pid"]
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        if daemon_alive(record):
+            os.kill(pid, signal.SIGKILL)
+            select.select([pidfd], [], [], timeout)
+    finally:
+        os.close(pidfd)
+
+
+# -- what exists ---------------------------------------------------------------------------------
+
+def _inside(path: str | None, directory: str) -> bool:
+    return path is not None and (path == directory or path.startswith(directory.rstrip("/") + "/"))
+
+
+def loop_devices(record: Record) -> list[str]:
+    """The loop devices on files this mount serves (found by their backing file, from sysfs)."""
+    return [info.device for info in loop.list_attached() if _inside(info.backing_file, record["fuse"])]
+
+
+def filesystem_mounts(record: Record) -> list[fs.Mount]:
+    """The mounts of filesystems on those loop devices, innermost last."""
+    devices = set(loop_devices(record))
+    return [m for m in fs.mounts() if m.source in devices]
+
+
+def fuse_mounted(record: Record) -> bool:
+    return any(m.mount_point == record["fuse"] for m in fs.mounts())
+
+
+def leftovers(record: Record) -> list[str]:
+    """What of this mount still exists (empty once teardown has done its work)."""
+    found = [f"mount {m.mount_point}" for m in filesystem_mounts(record)]
+    found += [f"loop device {d}" for d in loop_devices(record)]
+    if fuse_mounted(record):
+        found.append(f"FUSE mount {record['fuse']}")
+    found += [f"{path}" for path in record.get("created", []) if os.path.lexists(path)]
+    return found
+
+
+# -- undoing it ----------------------------------------------------------------------------------
+
+def unmount_filesystems(record: Record) -> list[str]:
+    """Unmount every filesystem mounted from this image; raises UsageError naming the first one
+    that is in use (those before it are unmounted, the rest stay)."""
+    done = []
+    for m in reversed(filesystem_mounts(record)):
+        try:
+            fs.umount(m.mount_point)
+        except fs.Busy as e:
+            raise UsageError(f"{e}; close it and run imager umount {record['dir']} again") from None
+        except DeviceError as e:
+            raise UsageError(str(e)) from None
+        done.append(m.mount_point)
+    return done
+
+
+def detach_loop_devices(record: Record) -> None:
+    for device in loop_devices(record):
+        try:
+            loop.detach(device)
+        except DeviceError as e:
+            log.info("%s", e)       # cleared itself meanwhile (autoclear)
+
+
+def teardown(record: Record) -> None:
+    """Undo everything of this mount that exists, in reverse order of creation: filesystem
+    mounts, loop devices, the FUSE mount, the entries made in the directory, the run
+    directory. Raises UsageError (leaving the rest) while a filesystem is in use."""
+    unmount_filesystems(record)
+    detach_loop_devices(record)
+    if fuse_mounted(record):
+        try:
+            fs.umount(record["fuse"])
+        except DeviceError:
+            fs.umount(record["fuse"], lazy=True)
+    for path in reversed(record.get("created", [])):
+        _remove_created(path, record)
+    for name in (RECORD_NAME, LOG_NAME):
+        try:
+            os.unlink(os.path.join(record["run_dir"], name))
+        except FileNotFoundError:
+            pass
+    for directory in (record["fuse"], record["run_dir"]):
+        try:
+            os.rmdir(directory)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log.warning("%s left in place: %s", directory, e.strerror)
+
+
+def _remove_created(path: str, record: Record) -> None:
+    """Remove an entry imager made in the directory: a symlink to a served file, or an empty
+    directory that is no mount point. Anything else is left as it is."""
+    try:
+        if os.path.islink(path):
+            if _inside(os.readlink(path), record["fuse"]):
+                os.unlink(path)
+        elif os.path.isdir(path) and not os.path.ismount(path):
+            os.rmdir(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.warning("%s left in place: %s", path, e.strerror)

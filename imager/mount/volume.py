@@ -1,0 +1,236 @@
+"""The volume of an image or chain point, read at random: each region (a chunk of the full) is
+decoded once, checked against the chain point's digests, and kept in a bounded LRU cache of
+decoded regions; on sequential reads the next regions are decoded ahead, in parallel, on every
+core (zstandard and blake3 release the GIL).
+
+A region that cannot be decoded (a damaged frame, a digest that does not match) makes every read
+that touches it fail with EIO, for good, and is reported in the log once, naming the chunk and
+the volume bytes it covers; every other region stays readable. A read never returns a short
+count inside the volume: a loop device fills a short read with zeros, which would pass damage
+off as data.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import mmap
+import os
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass
+
+import mfusepy
+
+from ..errors import ImagerError
+from ..format import ImageReader
+from ..format.chain import Chain, check_link
+
+log = logging.getLogger("imager.mount")
+
+DEFAULT_CACHE_BYTES = 64 << 20
+# Regions decoded ahead of a sequential reader, at most (and never more than the cache holds).
+DEFAULT_READAHEAD = 4
+
+
+@dataclass
+class CacheStats:
+    capacity: int           # bytes of decoded regions the cache keeps at most
+    cached_bytes: int       # what it holds now (zero regions cost nothing)
+    regions: int            # regions it holds now (zero ones included)
+    hits: int
+    misses: int             # reads that had to wait for a decode
+    decoded: int            # regions decoded (read-ahead included)
+    read_ahead: int         # of those, decoded ahead of the reader
+    damaged: list[int]      # regions that fail with EIO
+
+
+class _Entry:
+    __slots__ = ("future", "size", "ahead")
+
+    def __init__(self, future: Future, size: int, ahead: bool):
+        self.future = future
+        self.size = size
+        self.ahead = ahead
+
+
+class CachedVolume:
+    """Random access to the volume of `chain` (a Chain: a full image alone, or an incremental and
+    its parents) through a cache of at most `cache_bytes` of decoded regions, plus the regions
+    being decoded ahead (at most `readahead`)."""
+
+    def __init__(self, chain: Chain, *, cache_bytes: int = DEFAULT_CACHE_BYTES, workers: int | None = None,
+                 readahead: int = DEFAULT_READAHEAD):
+        self.chain = chain
+        self.size = chain.header.volume_size
+        self.region_size = chain.region_size
+        self.region_count = chain.region_count
+        self.capacity = max(int(cache_bytes), 2 * self.region_size)
+        # Read-ahead never pushes out what the reader is about to use.
+        self.readahead = max(0, min(readahead, self.capacity // self.region_size - 2))
+        self._pool = ThreadPoolExecutor(max(1, workers or os.cpu_count() or 1), thread_name_prefix="imager-decode")
+        self._lock = threading.RLock()     # a done callback may run inside _submit
+        self._cache: OrderedDict[int, _Entry] = OrderedDict()
+        self._cached_bytes = 0
+        self._damaged: dict[int, str] = {}
+        self._failures_logged: set[tuple[int, str]] = set()
+        self._last_region = -2
+        self._hits = self._misses = self._decoded = self._ahead = 0
+        # Zero regions are served from an anonymous mapping: the kernel's zero page, no memory.
+        self._zeros = mmap.mmap(-1, self.region_size, prot=mmap.PROT_READ)
+        self._zero_view = memoryview(self._zeros)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            self._cache.clear()
+            self._cached_bytes = 0
+        self._zero_view.release()
+        self._zeros.close()
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def read_into(self, dst: memoryview, offset: int) -> int:
+        """Fill `dst` with the volume's bytes from `offset` (fewer only at the volume's end);
+        mfusepy.FuseOSError(EIO) if any of them lies in a damaged region."""
+        if offset < 0:
+            raise mfusepy.FuseOSError(errno.EINVAL)
+        end = min(offset + len(dst), self.size)
+        pos = offset
+        while pos < end:
+            region = pos // self.region_size
+            start = pos - region * self.region_size
+            take = min(end - pos, self.chain.region_length(region) - start)
+            data = self._region(region)
+            out = pos - offset
+            if data is None:
+                dst[out:out + take] = self._zero_view[start:start + take]
+            else:
+                dst[out:out + take] = memoryview(data)[start:start + take]
+            pos += take
+        return max(0, end - offset)
+
+    def read(self, offset: int, length: int) -> bytes:
+        buf = bytearray(max(0, min(length, self.size - offset)))
+        n = self.read_into(memoryview(buf), offset)
+        return bytes(buf[:n])
+
+    def _region(self, region: int) -> bytes | None:
+        with self._lock:
+            if region in self._damaged:
+                raise mfusepy.FuseOSError(errno.EIO)
+            entry = self._cache.get(region)
+            if entry is not None:
+                self._cache.move_to_end(region)
+                if entry.future.done():
+                    self._hits += 1
+                else:
+                    self._misses += 1
+                entry.ahead = False
+            else:
+                self._misses += 1
+                entry = self._submit(region, ahead=False)
+            if region != self._last_region:
+                sequential = region == self._last_region + 1
+                self._last_region = region
+                if sequential:
+                    for ahead in range(region + 1, min(region + 1 + self.readahead, self.region_count)):
+                        if ahead not in self._cache and ahead not in self._damaged:
+                            self._submit(ahead, ahead=True)
+        try:
+            return entry.future.result()
+        except ImagerError:
+            raise mfusepy.FuseOSError(errno.EIO) from None   # logged once, where it was found
+        except OSError as e:
+            self._log_failure(region, f"{self._where(region)}: reading volume bytes {self._span(region)} "
+                                      f"failed: {e}")
+            raise mfusepy.FuseOSError(errno.EIO) from None
+
+    # -- the cache ---------------------------------------------------------------------------
+
+    def _submit(self, region: int, *, ahead: bool) -> _Entry:
+        """Start decoding `region` (lock held), making room first."""
+        size = self.chain.region_length(region)
+        self._make_room(size)
+        entry = _Entry(self._pool.submit(self._decode, region), size, ahead)
+        self._cache[region] = entry
+        self._cached_bytes += size
+        self._decoded += 1
+        self._ahead += ahead
+        # Not a closure over the entry: the future would hold it, and it the future, in a cycle
+        # that only the garbage collector breaks, long after eviction.
+        entry.future.add_done_callback(functools.partial(self._settled, region))
+        return entry
+
+    def _make_room(self, size: int) -> None:
+        """Evict the least recently used decoded regions until `size` more bytes fit. Regions
+        still being decoded stay: at most read-ahead + 1 of them, the bound's only excess."""
+        if self._cached_bytes + size <= self.capacity:
+            return
+        for region in list(self._cache):
+            entry = self._cache[region]
+            if not entry.future.done():
+                continue
+            del self._cache[region]
+            self._cached_bytes -= entry.size
+            if self._cached_bytes + size <= self.capacity:
+                return
+
+    def _settled(self, region: int, future: Future) -> None:
+        with self._lock:
+            entry = self._cache.get(region)
+            if entry is None or entry.future is not future:
+                return
+            failed = future.cancelled() or future.exception() is not None
+            if failed or future.result() is None:
+                # A zero region costs nothing to keep; a failed one is not kept at all.
+                self._cached_bytes -= entry.size
+                entry.size = 0
+            if failed:
+                del self._cache[region]
+                if not future.cancelled() and isinstance(future.exception(), ImagerError):
+                    self._damaged[region] = str(future.exception())
+
+    def _decode(self, region: int) -> bytes | None:
+        try:
+            return self.chain.region(region)[0]
+        except ImagerError as e:
+            self._log_failure(region, f"{self._where(region)}: {e}; reads of volume bytes {self._span(region)} fail "
+                                      f"with EIO, the rest of the volume reads normally")
+            raise
+
+    def _span(self, region: int) -> str:
+        first = region * self.region_size
+        return f"{first}-{first + self.chain.region_length(region) - 1}"
+
+    def _where(self, region: int) -> str:
+        """The image file(s) the region's bytes come from."""
+        if len(self.chain.images) == 1:
+            return self.chain.point.path
+        owners = sorted({int(o) for o in self.chain.region_owners(region)})
+        return ", ".join(self.chain.images[o].path for o in owners)
+
+    def _log_failure(self, region: int, message: str) -> None:
+        key = (region, message)
+        with self._lock:
+            if key in self._failures_logged:
+                return
+            self._failures_logged.add(key)
+        log.error("%s", message)
+
+    def stats(self) -> CacheStats:
+        with self._lock:
+            return CacheStats(self.capacity, self._cached_bytes, len(self._cache), self._hits, self._misses,
+                              self._decoded, self._ahead, sorted(self._damaged))
+
+
+def open_chain_files(paths: list[str], stack: ExitStack) -> Chain:
+    """The chain point of the image files `paths` (the point first, back to its full), each link
+    checked again; the readers close with `stack`."""
+    readers = [stack.enter_context(ImageReader(path)) for path in paths]
+    for child, parent in zip(readers, readers[1:]):
+        check_link(child.header, parent.header, parent.trailer, parent.path)
+    return Chain(readers)

@@ -1,0 +1,555 @@
+"""imager mount / umount / mounts / ls / extract, end to end as a user runs them: real images of
+real ext4 and xfs volumes, a whole GPT disk with a vfat ESP, a chain point, a damaged chunk, an
+image read back from a virtual tape; real loop devices, real FUSE, as root. Every test ends with
+nothing of it left: no mount, no loop device, no daemon, no run directory."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import select
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from devices import loop
+from devices.fs import file_extents, mounts
+from imager import api
+from imager.format import ImageReader
+from imager.mount import registry
+
+from conftest import REPO_ROOT, LoopFactory, imager, run
+from lab import DAEMON_TESTS, kill_and_wait, one_line_error
+
+pytestmark = DAEMON_TESTS
+
+MiB = 1 << 20
+WAIT = 30.0
+ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
+LINUX_TYPE = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
+KEY_TIME_NS = 1_000_000_000_123_456_789
+
+
+# -- the source trees and their images -----------------------------------------------------------
+
+def fill_tree(root: Path) -> None:
+    """Real files, incompressible data, symlinks (relative and absolute), a hard link, other
+    owners, odd modes, fixed times and an extended attribute."""
+    for src in ("/usr/lib/python3.11/email", "/usr/lib/python3.11/json"):
+        shutil.copytree(src, root / Path(src).name, symlinks=True)
+    (root / "random.bin").write_bytes(os.urandom(12 * MiB))
+    (root / "small.txt").write_text("hello imager\n" * 100)
+    os.link(root / "small.txt", root / "hard.txt")
+    os.setxattr(root / "small.txt", "user.imager", b"kept")
+    os.symlink("small.txt", root / "rel-link")
+    os.symlink("/etc/passwd", root / "abs-link")
+    secret = root / "secret"
+    secret.mkdir()
+    (secret / "key").write_bytes(b"k" * 100)
+    os.chmod(secret / "key", 0o640)
+    os.chmod(secret, 0o750)
+    for path in (secret, secret / "key"):
+        os.chown(path, 1234, 5678)
+        os.utime(path, ns=(KEY_TIME_NS, KEY_TIME_NS))
+    os.sync()
+
+
+def tree_of(root) -> dict[str, tuple]:
+    """Everything a copy must keep of each entry under `root` (the root itself as "."): type
+    and mode, owner, size, modification time, contents or link target, user xattrs, links."""
+    root = str(root)
+    found = {}
+    for directory, dirs, files in os.walk(root):
+        for name in ["."] if directory == root else []:
+            found["."] = _entry(root)
+        for name in sorted(dirs + files):
+            path = os.path.join(directory, name)
+            found[os.path.relpath(path, root)] = _entry(path)
+    return found
+
+
+def _entry(path: str) -> tuple:
+    st = os.lstat(path)
+    if stat.S_ISREG(st.st_mode):
+        with open(path, "rb") as f:
+            content = hashlib.sha256(f.read()).hexdigest()
+    elif stat.S_ISLNK(st.st_mode):
+        content = os.readlink(path)
+    else:
+        content = None
+    xattrs = {} if stat.S_ISLNK(st.st_mode) else {
+        n: os.getxattr(path, n) for n in os.listxattr(path) if n.startswith("user.")}
+    size = st.st_size if not stat.S_ISDIR(st.st_mode) else None
+    return (st.st_mode, st.st_uid, st.st_gid, size, st.st_mtime_ns, st.st_nlink if not stat.S_ISDIR(st.st_mode)
+            else None, content, tuple(sorted(xattrs.items())))
+
+
+def checksums(tree: dict) -> dict:
+    return {k: v[6] for k, v in tree.items() if stat.S_ISREG(v[0])}
+
+
+class Built:
+    """A volume with fill_tree() on it, its image, and what the tree held."""
+
+    def __init__(self, raw: str, image: str, tree: dict, extents: dict[str, list[tuple[int, int]]]):
+        self.raw = raw              # the volume's file (a raw image of it)
+        self.image = image
+        self.tree = tree
+        self.extents = extents      # file -> physical byte ranges on the volume
+
+
+def build(factory: LoopFactory, directory: Path, fs: str, size: int, name: str) -> Built:
+    device = factory.create(size, fs=fs, label=name)
+    point = factory.mount(device)
+    fill_tree(point)
+    tree = tree_of(point)
+    extents = {rel: file_extents(str(point / rel), exclusive_only=False)
+               for rel, e in tree.items() if stat.S_ISREG(e[0])}
+    factory.umount(point)
+    image = str(directory / f"{name}.zst")
+    api.backup(device, image, catalog=False)
+    return Built(loop.info(device).backing_file, image, tree, extents)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """The ext4 and xfs images, built once for the module."""
+    directory = tmp_path_factory.mktemp("images")
+    factory = LoopFactory(directory)
+    cache: dict[str, Built] = {}
+
+    def get(fs: str) -> Built:
+        if fs not in cache:
+            cache[fs] = build(factory, directory, fs, 64 * MiB if fs == "ext4" else 300 * MiB, fs)
+        return cache[fs]
+    try:
+        yield get
+    finally:
+        factory.cleanup()
+
+
+# -- what every test leaves behind: nothing ---------------------------------------------------------
+
+@pytest.fixture
+def run_dir(monkeypatch):
+    """A run directory of the test's own; at teardown every daemon of it is killed and what it
+    made cleared, and the test fails if anything was left."""
+    directory = tempfile.mkdtemp(prefix="imgr-mnt-", dir="/tmp")
+    monkeypatch.setenv("IMAGER_RUN_DIR", directory)
+    try:
+        yield directory
+    finally:
+        leftover = [r["dir"] for r in registry.records()]
+        for record in registry.records():
+            registry.kill_daemon(record)
+            try:
+                registry.teardown(record)
+            except Exception:
+                for m in reversed(registry.filesystem_mounts(record)):
+                    subprocess.run(["umount", "-l", m.mount_point])
+                registry.teardown(record)
+        assert wait_for(lambda: not ours_left(directory)), ours_left(directory)
+        shutil.rmtree(directory, ignore_errors=True)
+        assert not leftover, f"mounts the test did not undo: {leftover}"
+
+
+def ours_left(run_dir: str) -> list[str]:
+    """Loop devices on files served from `run_dir` (or from a private view's /dev/shm), and
+    mounts of them or under the run directory."""
+    devices = [i for i in loop.list_attached()
+               if i.backing_file.startswith(run_dir + "/") or i.backing_file.startswith("/dev/shm/fs/")]
+    names = {i.device for i in devices}
+    found = [f"loop {i.device} on {i.backing_file}" for i in devices]
+    found += [f"mount {m.mount_point}" for m in mounts() if m.source in names or m.mount_point.startswith(run_dir)]
+    return found
+
+
+def wait_for(condition, timeout: float = WAIT) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def wait_for_exit(pid: int, timeout: float = WAIT) -> None:
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        assert select.select([pidfd], [], [], timeout)[0], f"process {pid} did not exit"
+    finally:
+        os.close(pidfd)
+
+
+def mount_json(image: str, directory, *extra: str, env: dict | None = None) -> dict:
+    done = imager("mount", image, str(directory), "--json", *extra, env=env)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def umount(directory) -> None:
+    done = imager("umount", str(directory))
+    assert done.returncode == 0, done.stderr
+
+
+def assert_cleared(directory, run_dir: str) -> None:
+    assert not os.path.ismount(directory)
+    assert os.listdir(directory) == []
+    assert not ours_left(run_dir)
+    assert registry.records() == []
+    assert os.listdir(registry.base()) == []
+
+
+def mount_options(point) -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == str(point):
+                return fields[5].split(",")
+    raise AssertionError(f"{point} is not mounted")
+
+
+# -- mounting ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fs", ["ext4", "xfs"])
+def test_mount_gives_every_file_of_the_image_read_only(built, run_dir, tmp_path, fs):
+    b = built(fs)
+    point = tmp_path / "mnt"
+    point.mkdir()
+    info = mount_json(b.image, point)
+    assert info["directory"] == str(point) and info["state"] == "mounted"
+    [entry] = info["entries"]
+    assert (entry["how"], entry["fs_type"], entry["path"]) == ("mounted", fs, str(point))
+    assert loop.info(entry["device"]).read_only
+    mounted = tree_of(point)
+    assert len(mounted) == len(b.tree)                          # find | wc -l
+    assert checksums(mounted) == checksums(b.tree)              # every file's bytes
+    assert mounted == b.tree                                    # and modes, owners, times, links, xattrs
+    assert "ro" in mount_options(point)
+    with pytest.raises(OSError) as refused:
+        open(point / "new.txt", "w")
+    assert refused.value.errno == errno.EROFS
+    listed = json.loads(imager("mounts", "--json").stdout)["mounts"]
+    assert [m["directory"] for m in listed] == [str(point)]
+    umount(point)
+    assert_cleared(point, run_dir)
+
+
+def test_whole_gpt_disk_mounts_each_partition_and_shows_the_esp_as_its_bytes(run_dir, tmp_path):
+    disk = tmp_path / "disk.img"
+    with open(disk, "wb") as f:
+        f.truncate(480 * MiB)
+    table = f"label: gpt\nsize=32MiB, type={ESP_TYPE}\nsize=100MiB, type={LINUX_TYPE}\ntype={LINUX_TYPE}\n"
+    run("sfdisk", "-q", str(disk), input=table)
+    parts = json.loads(run("sfdisk", "--json", str(disk)).stdout)["partitiontable"]["partitions"]
+    for number, (part, fs) in enumerate(zip(parts, ["vfat", "ext4", "xfs"]), start=1):
+        device = loop.attach(str(disk), offset=part["start"] * 512, size_limit=part["size"] * 512)
+        try:
+            if fs == "vfat":
+                run("mkfs.vfat", device)
+            else:
+                run(f"mkfs.{fs}", "-q", "-L", "root" if fs == "ext4" else "data", device)
+                mnt = tmp_path / "fill"
+                mnt.mkdir(exist_ok=True)
+                run("mount", device, str(mnt))
+                (mnt / f"{fs}.txt").write_text(f"on {fs}\n")
+                run("umount", str(mnt))
+        finally:
+            loop.detach(device)
+    image = str(tmp_path / "disk.zst")
+    assert imager("backup", str(disk), "-o", image, "-q").returncode == 0
+    point = tmp_path / "mnt"
+    point.mkdir()
+    info = mount_json(image, point)
+    by_name = {e["name"]: e for e in info["entries"]}
+    assert sorted(by_name) == ["1-vfat", "2-root", "3-data"]
+    assert [by_name[n]["how"] for n in ("1-vfat", "2-root", "3-data")] == ["file", "mounted", "mounted"]
+    assert "vfat" in by_name["1-vfat"]["reason"]
+    assert (point / "2-root" / "ext4.txt").read_text() == "on ext4\n"
+    assert (point / "3-data" / "xfs.txt").read_text() == "on xfs\n"
+    esp = parts[0]
+    with open(disk, "rb") as f:
+        f.seek(esp["start"] * 512)
+        expected = f.read(esp["size"] * 512)
+    assert (point / "1-vfat").read_bytes() == expected           # the ESP, byte for byte
+    top = {e["name"]: e for e in json.loads(imager("ls", image, "--json").stdout)["entries"]}
+    assert sorted(top) == ["1-vfat", "2-root", "3-data"] and top["1-vfat"]["size"] == len(expected)
+    listed = json.loads(imager("ls", image, "3-data", "--json").stdout)["entries"]
+    assert [e["name"] for e in listed] == ["xfs.txt"]
+    umount(point)
+    assert_cleared(point, run_dir)
+
+
+def test_chain_point_shows_the_files_as_they_were_at_that_point(run_dir, loops, tmp_path):
+    device = loops.create(64 * MiB, fs="ext4")
+    source = loops.mount(device)
+    fill_tree(source)
+    at_full = tree_of(source)
+    loops.umount(source)
+    full, incremental = str(tmp_path / "full.zst"), str(tmp_path / "mon.zst")
+    assert imager("backup", device, "-o", full, "-q").returncode == 0
+    source = loops.mount(device)
+    (source / "small.txt").write_text("changed on monday\n")
+    (source / "new.txt").write_text("new on monday\n")
+    shutil.rmtree(source / "email")
+    os.sync()
+    at_point = tree_of(source)
+    loops.umount(source)
+    done = imager("backup", device, "-o", incremental, "--incremental", "--parent", full, "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["kind"] == "incremental"
+    source = loops.mount(device)                     # the volume moves on after the point
+    (source / "new.txt").write_text("changed on tuesday\n")
+    loops.umount(source)
+    at_mon, at_sun = tmp_path / "mon", tmp_path / "sun"
+    at_mon.mkdir()
+    at_sun.mkdir()
+    info = mount_json(incremental, at_mon)
+    assert info["images"] == [incremental, full]
+    mount_json(full, at_sun)                         # two mounts at once
+    assert tree_of(at_mon) == at_point
+    assert tree_of(at_sun) == at_full
+    assert len(json.loads(imager("mounts", "--json").stdout)["mounts"]) == 2
+    umount(at_mon)
+    umount(at_sun)
+    assert_cleared(at_mon, run_dir)
+
+
+def test_a_damaged_chunk_fails_its_reads_with_eio_and_one_log_line(built, run_dir, tmp_path):
+    b = built("ext4")
+    damaged = str(tmp_path / "damaged.zst")
+    shutil.copy(b.image, damaged)
+    with ImageReader(damaged) as reader:
+        chunk_size = reader.header.chunk_size
+        overlap: dict[int, int] = {}                      # the chunk holding most of random.bin's data
+        for start, end in b.extents["random.bin"]:
+            for c in range(start // chunk_size, (end - 1) // chunk_size + 1):
+                overlap[c] = overlap.get(c, 0) + min(end, (c + 1) * chunk_size) - max(start, c * chunk_size)
+        chunk = max(overlap, key=overlap.__getitem__)
+        where = reader.chunk_offsets[chunk] + reader.chunk_frame_sizes[chunk] // 2
+    with open(damaged, "r+b") as f:
+        f.seek(where)
+        byte = f.read(1)[0]
+        f.seek(where)
+        f.write(bytes([byte ^ 0x40]))
+    span = (chunk * chunk_size, (chunk + 1) * chunk_size)
+    outside = [rel for rel, ranges in b.extents.items()
+               if not any(s < span[1] and e > span[0] for s, e in ranges)]
+    assert "random.bin" not in outside and len(outside) > 50
+    point = tmp_path / "mnt"
+    point.mkdir()
+    info = mount_json(damaged, point)
+    for rel in outside:                                       # everything else reads fine
+        assert hashlib.sha256((point / rel).read_bytes()).hexdigest() == b.tree[rel][6], rel
+    for _ in range(2):
+        with pytest.raises(OSError) as failed:
+            (point / "random.bin").read_bytes()
+        assert failed.value.errno == errno.EIO
+    log = Path(info["log_path"]).read_text().splitlines()
+    naming = [line for line in log if f"chunk {chunk} " in line]
+    assert len(naming) == 1, log
+    assert f"volume offset {span[0]}" in naming[0] and "EIO" in naming[0]
+    umount(point)
+    assert_cleared(point, run_dir)
+
+
+# -- ending a mount ------------------------------------------------------------------------------
+
+def test_umount_after_the_daemon_was_killed_leaves_nothing(built, run_dir, tmp_path):
+    b = built("ext4")
+    point = tmp_path / "mnt"
+    point.mkdir()
+    info = mount_json(b.image, point)
+    kill_and_wait(info["pid"], signal.SIGKILL)
+    listed = json.loads(imager("mounts", "--json").stdout)["mounts"]
+    assert [(m["directory"], m["state"]) for m in listed] == [(str(point), "failed")]
+    assert "imager umount" in listed[0]["problem"]
+    umount(point)
+    assert_cleared(point, run_dir)
+
+
+def test_sigterm_ends_the_daemon_and_clears_everything_but_not_while_in_use(built, run_dir, tmp_path):
+    b = built("ext4")
+    point = tmp_path / "mnt"
+    point.mkdir()
+    info = mount_json(b.image, point)
+    user = subprocess.Popen(["sleep", "600"], cwd=point / "email")      # a shell sitting in the mount
+    try:
+        one_line_error(imager("umount", str(point)), "in use", code=2)
+        assert (point / "small.txt").read_text().startswith("hello imager")     # still served
+        os.kill(info["pid"], signal.SIGTERM)                                    # refused too: it goes on
+        assert wait_for(lambda: "not stopping" in Path(info["log_path"]).read_text())
+        assert (point / "small.txt").read_text().startswith("hello imager")
+    finally:
+        user.kill()
+        user.wait()
+    os.kill(info["pid"], signal.SIGTERM)
+    wait_for_exit(info["pid"])
+    assert_cleared(point, run_dir)
+
+
+def test_a_threaded_program_mounts_through_the_python_api(built, run_dir, tmp_path):
+    """A program with threads of its own is not forked: its daemon is a new interpreter."""
+    b = built("ext4")
+    point = tmp_path / "mnt"
+    point.mkdir()
+    done = threading.Event()
+    other = threading.Thread(target=done.wait)
+    other.start()
+    try:
+        info = api.mount(b.image, str(point), catalog=False)
+    finally:
+        done.set()
+        other.join()
+    assert info.state == "mounted" and info.entries[0].how == "mounted"
+    assert (point / "small.txt").read_text().startswith("hello imager")
+    assert [m.directory for m in api.mounts()] == [str(point)]
+    assert api.umount(str(point)).state == "unmounted"
+    assert_cleared(point, run_dir)
+
+
+def test_a_failure_halfway_leaves_nothing(built, run_dir, tmp_path):
+    """The second filesystem of a disk fails to attach after the first was mounted: the mount
+    fails in one line and nothing of it is left."""
+    b = built("ext4")
+    point = tmp_path / "mnt"
+    point.mkdir()
+    env = dict(os.environ, IMAGER_FAILPOINTS="mount.attach=EIO@0+1")
+    one_line_error(imager("mount", b.image, str(point), env=env), "injected at mount.attach", code=1)
+    assert_cleared(point, run_dir)
+    disk = tmp_path / "disk.img"
+    with open(disk, "wb") as f:
+        f.truncate(160 * MiB)
+    run("sfdisk", "-q", str(disk), input=f"label: gpt\nsize=64MiB, type={LINUX_TYPE}\ntype={LINUX_TYPE}\n")
+    for part in json.loads(run("sfdisk", "--json", str(disk)).stdout)["partitiontable"]["partitions"]:
+        device = loop.attach(str(disk), offset=part["start"] * 512, size_limit=part["size"] * 512)
+        try:
+            run("mkfs.ext4", "-q", device)
+        finally:
+            loop.detach(device)
+    image = str(tmp_path / "disk.zst")
+    assert imager("backup", str(disk), "-o", image, "-q").returncode == 0
+    env = dict(os.environ, IMAGER_FAILPOINTS="mount.attach=EIO@2+1")
+    one_line_error(imager("mount", image, str(point), env=env), "injected at mount.attach", code=1)
+    assert_cleared(point, run_dir)
+    info = mount_json(image, point)                   # and then it mounts
+    assert [e["how"] for e in info["entries"]] == ["mounted", "mounted"]
+    umount(point)
+    assert_cleared(point, run_dir)
+
+
+def test_refusals_are_one_line_and_start_nothing(built, run_dir, tmp_path):
+    b = built("ext4")
+    point = tmp_path / "mnt"
+    point.mkdir()
+    one_line_error(imager("mount", str(tmp_path / "missing.zst"), str(point)), "no such image file", code=2)
+    one_line_error(imager("mount", b.image, str(tmp_path / "nowhere")), "no such directory", code=2)
+    one_line_error(imager("mount", b.image, b.image), "not a directory", code=2)
+    (point / "file").write_text("x")
+    one_line_error(imager("mount", b.image, str(point)), "not empty", code=2)
+    (point / "file").unlink()
+    run("mount", "-t", "tmpfs", "imager-test", str(point))
+    try:
+        one_line_error(imager("mount", b.image, str(point)), "already a mount point", code=2)
+        one_line_error(imager("umount", str(point)), "not an image mounted by imager", code=2)
+    finally:
+        run("umount", str(point))
+    one_line_error(imager("umount", str(point)), "no image is mounted there", code=2)
+    bad_header = str(tmp_path / "bad-header.zst")
+    shutil.copy(b.image, bad_header)
+    with open(bad_header, "r+b") as f:
+        f.seek(40)
+        byte = f.read(1)[0]
+        f.seek(40)
+        f.write(bytes([byte ^ 0x01]))
+    one_line_error(imager("mount", bad_header, str(point)), "header", code=1)
+    one_line_error(imager("extract", b.image, "small.txt", "-C", "/dev/shm"), "under /dev", code=2)
+    info = mount_json(b.image, point)
+    one_line_error(imager("mount", b.image, str(point)), "mounted there already", code=2)
+    umount(point)
+    assert info["entries"][0]["how"] == "mounted"
+    assert_cleared(point, run_dir)
+
+
+# -- without a visible mount ---------------------------------------------------------------------
+
+def test_ls_and_extract_give_the_same_bytes_modes_owners_and_times(built, run_dir, tmp_path):
+    b = built("ext4")
+    listed = json.loads(imager("ls", b.image, "--json").stdout)["entries"]
+    top = {rel: e for rel, e in b.tree.items() if rel != "." and "/" not in rel}
+    assert sorted(e["name"] for e in listed) == sorted(top)
+    for e in listed:
+        mode, uid, gid, size, mtime, *_ = top[e["name"]]
+        assert (e["mode"], e["uid"], e["gid"], e["mtime_ns"]) == (mode, uid, gid, mtime), e
+        assert size is None or e["size"] == size
+    [key] = json.loads(imager("ls", b.image, "secret/key", "--json").stdout)["entries"]
+    assert (key["name"], key["mode"], key["uid"], key["mtime_ns"]) == ("key", stat.S_IFREG | 0o640, 1234, KEY_TIME_NS)
+    lines = imager("ls", b.image, "secret").stdout.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("-rw-r----- ") and lines[0].endswith(" key")
+
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    done = imager("extract", b.image, ".", "-C", str(whole), "--json")
+    assert done.returncode == 0, done.stderr
+    assert tree_of(whole) == b.tree                   # bytes, modes, owners, times, links, xattrs
+
+    some = tmp_path / "some"
+    some.mkdir()
+    done = imager("extract", b.image, "secret/key", "rel-link", "abs-link", "json", "-C", str(some), "--json")
+    assert done.returncode == 0, done.stderr
+    got = tree_of(some)
+    for rel in ("secret", "secret/key", "rel-link", "abs-link", "json", "json/decoder.py"):
+        assert got[rel] == b.tree[rel], rel
+    assert json.loads(done.stdout)["entries"] == len(got) - 2          # all but "." and the parent "secret"
+    one_line_error(imager("extract", b.image, "secret/key", "-C", str(some)), "already exists", code=2)
+    assert imager("extract", b.image, "secret/key", "-C", str(some), "--force").returncode == 0
+    one_line_error(imager("extract", b.image, "../etc", "-C", str(some)), r"'\.\.'", code=2)
+    elsewhere, through = tmp_path / "elsewhere", tmp_path / "through"
+    elsewhere.mkdir()
+    through.mkdir()
+    os.symlink(elsewhere, through / "secret")
+    one_line_error(imager("extract", b.image, "secret/key", "-C", str(through), "--force"), "is a symlink", code=2)
+    assert os.listdir(elsewhere) == []
+    one_line_error(imager("extract", b.image, "nothing-here", "-C", str(some)), "no such file", code=2)
+    one_line_error(imager("ls", b.image, "abs-link/"), "no such file", code=2)   # /etc/passwd of the image
+    assert not ours_left(run_dir)
+    assert registry.records() == []
+
+
+def test_an_image_read_back_from_tape_is_an_image_file_mount_info_and_verify_take(built, run_dir, tmp_path):
+    b = built("ext4")
+    tape = str(tmp_path / "vault.tap")
+    assert imager("tape", "label", "T1", "--tape", tape, "-q").returncode == 0
+    assert imager("backup", b.raw, "--tape", tape, "-q").returncode == 0
+    raw = tmp_path / "tapefile.bin"
+    with open(raw, "wb") as f:
+        subprocess.run([sys.executable, "-m", "imager.cli", "tape", "read", "--file", "1", "--tape", tape],
+                       stdout=f, check=True, cwd=REPO_ROOT)
+    assert imager("info", str(raw)).returncode != 0           # a tape file is more than the image
+    image = str(tmp_path / "from-tape.zst")
+    done = imager("tape", "read", "--file", "1", "--image-only", "-o", image, "--tape", tape, "--json")
+    assert done.returncode == 0, done.stderr
+    assert imager("info", image).returncode == 0
+    assert imager("verify", image).returncode == 0
+    one_line_error(imager("tape", "read", "--file", "2", "--image-only", "-o", str(tmp_path / "x.zst"),
+                          "--tape", tape), "no tape file 2", code=1)
+    point = tmp_path / "mnt"
+    point.mkdir()
+    mount_json(image, point)
+    assert checksums(tree_of(point)) == checksums(b.tree)
+    umount(point)
+    assert_cleared(point, run_dir)
+
