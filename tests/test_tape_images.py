@@ -262,14 +262,12 @@ def test_a_chain_on_tape_restores_every_point_from_the_tape(loops, tmp_path):
     assert f"the parent {points[0][0][:12]}" in r.stderr and not (tmp_path / "none.raw").exists()
 
 
-REAL_TAPE = os.environ.get("IMAGER_TEST_TAPE")
-
-
-@pytest.mark.parametrize("medium", ["virtual"] + (["st"] if REAL_TAPE else []))
-def test_mt_verbs_move_a_virtual_tape_as_st_moves_a_drive(medium, tmp_path):
-    """The same verbs, one command each as an operator types them, end at the same positions on a
-    virtual tape as on /dev/nst0: a virtual tape keeps its position between commands."""
-    tape = str(tmp_path / "t.tap") if medium == "virtual" else REAL_TAPE
+def test_mt_verbs_move_a_virtual_tape_as_st_moves_a_drive(tmp_path):
+    """The verbs, one command each as an operator types them, end where st leaves a drive after
+    the same moves: a virtual tape keeps its position between commands. (That VirtualTape and st
+    agree on each move is the drive conformance suite's part, which runs on /dev/nst0 in the VM
+    rig; a CLI process costs ~10 s there, so this sequence runs on the virtual tape only.)"""
+    tape = str(tmp_path / "t.tap")
     volume = tmp_path / "vol.img"
     volume.write_bytes(os.urandom(3 << 20))
     env = dict(os.environ, TAPE=tape)
