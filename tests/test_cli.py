@@ -216,3 +216,17 @@ def test_devices_draws_disks_and_partitions_as_a_tree_with_type_names(bench):
     listed = json.loads(imager("devices", "--json", check=True).stdout)["block_devices"]
     (entry,) = [d for d in listed if d["path"] == esp]
     assert entry["partition_type_name"] == "EFI System" and entry["parent"] == disk
+
+
+def test_an_incremental_is_never_written_over_its_own_parent(tmp_path):
+    volume = tmp_path / "vol.img"
+    volume.write_bytes(os.urandom(2 << 20))
+    image = tmp_path / "latest.zst"
+    catalog = str(tmp_path / "c.sqlite")
+    assert imager("backup", str(volume), "-o", str(image), "--catalog", catalog).returncode == 0
+    with open(volume, "r+b") as f:
+        f.write(b"changed")
+    before = image.read_bytes()
+    again = imager("backup", str(volume), "-o", str(image), "-i", "--force", "--catalog", catalog)
+    assert again.returncode == 2 and "is the parent of this incremental" in again.stderr, again.stderr
+    assert image.read_bytes() == before

@@ -82,6 +82,7 @@ class Destination:
     block_size: int = DEFAULT_BLOCK_SIZE
     expect_label: str | None = None
     drive_compression: bool = False
+    min_rate: float | None = None       # bytes/s the tape drive needs to keep streaming (None: from its density)
     # What {date} in an output template stands for: one instant for every volume of the run.
     started: datetime = field(default_factory=lambda: datetime.now().astimezone())
 
@@ -203,7 +204,7 @@ def _open_sink(volume: PlannedVolume, dest: Destination, options: ImagingOptions
                on_notice: Notice | None) -> Sink:
     if dest.tape:
         return TapeSink(dest.tape, image_id=image_id, block_size=dest.block_size, expect_label=dest.expect_label,
-                        drive_compression=dest.drive_compression,
+                        drive_compression=dest.drive_compression, min_rate=dest.min_rate,
                         largest_frame=zstd_frame_bound(options.chunk_size), on_notice=on_notice)
     if dest.to_stdout:
         return StreamSink()
@@ -211,6 +212,14 @@ def _open_sink(volume: PlannedVolume, dest: Destination, options: ImagingOptions
     if os.path.exists(path) and os.path.samefile(volume.source.path, path):
         raise UsageError(f"{path}: the image cannot be written over its own source")
     return FileSink(path, force=dest.force)
+
+
+def _refuse_replacing_the_parent(path: str, parent: str) -> None:
+    """An incremental written over its parent's file could never be restored: it holds only
+    what changed since the image it replaced."""
+    if os.path.exists(path) and os.path.exists(parent) and os.path.samefile(path, parent):
+        raise UsageError(f"{path}: is the parent of this incremental; writing over it would leave an image "
+                         f"that cannot be restored (give another -o, or a template with {{date}})")
 
 
 def _write_one(volume: PlannedVolume, dest: Destination, options: ImagingOptions, *, many: bool,
@@ -225,6 +234,8 @@ def _write_one(volume: PlannedVolume, dest: Destination, options: ImagingOptions
         increment = prepare_incremental(volume, _block_size(volume.source.size, options), parent_ref=options.parent,
                                         catalog=catalog, search_dir=near, on_notice=on_notice,
                                         compare_digests=options.compare_digests)
+        if increment is not None and dest.output and not dest.to_stdout:
+            _refuse_replacing_the_parent(dest.image_path(volume.name, many), increment.parent.where)
     sink = _open_sink(volume, dest, options, image_id, many, on_notice)
     log.info("%s: writing %s image %s to %s", volume.name, "an incremental" if increment else "a full", image_id,
              sink.path)
