@@ -299,3 +299,39 @@ def test_mt_verbs_move_a_virtual_tape_as_st_moves_a_drive(tmp_path):
     told = json.loads(imager("tape", "tell", "--json", env=env, check=True).stdout)["position"]
     assert told == file1[2]
     assert verb("rewind") == (0, 0, 0)
+
+
+def test_a_block_size_the_drive_cannot_write_is_refused_before_anything_is_written(tmp_path):
+    volume = tmp_path / "vol.img"
+    volume.write_bytes(os.urandom(1 << 20))
+    tape = tmp_path / "t.tap"
+    assert imager("tape", "label", "LIMITS", "--tape", str(tape)).returncode == 0
+    before = tape.read_bytes()
+    r = imager("backup", str(volume), "--tape", str(tape), "--block-size", "32M", "--catalog",
+               str(tmp_path / "c.sqlite"))
+    assert r.returncode == 2 and "outside the drive's block limits 1..16777215" in r.stderr, r.stderr
+    assert tape.read_bytes() == before
+
+
+def test_a_stream_slower_than_the_drive_needs_is_reported(tmp_path):
+    volume = tmp_path / "vol.img"
+    volume.write_bytes(os.urandom(4 << 20))
+    tape = tmp_path / "t.tap"
+    assert imager("tape", "label", "RATE", "--tape", str(tape)).returncode == 0
+    args = ["backup", str(volume), "--tape", str(tape), "--catalog", str(tmp_path / "c.sqlite"), "--progress", "none"]
+    slow = imager(*args, "--min-rate", "1000000")           # no drive needs 1 TB/s: always too slow
+    assert slow.returncode == 0 and "under the given --min-rate of 1000000 MB/s" in slow.stderr, slow.stderr
+    fine = imager(*args, "--min-rate", "0")
+    assert fine.returncode == 0 and "shoe-shining" not in fine.stderr
+
+
+def test_the_rate_warning_comes_while_it_happens_and_not_on_every_block():
+    from imager.tape.sink import StreamRate
+
+    notices: list[str] = []
+    rate = StreamRate(1e15, "a test minimum", notices.append)
+    rate.WINDOW = 0.0
+    for _ in range(100):
+        rate.wrote(1 << 20)
+    rate.finish()
+    assert len(notices) == 1 and "under a test minimum of 1000000000 MB/s" in notices[0]

@@ -36,6 +36,10 @@ def register(sub, parents) -> None:
     b.add_argument("-o", "--output", help="image file to write (.zst); a directory for several volumes; "
                    "- for standard output; a template with {name}, {host}, {date:%%Y%%m%%d-%%H%%M}")
     b.add_argument("--label", help="with --tape: refuse a tape with another label")
+    b.add_argument("--min-rate", type=float, metavar="MB/s",
+                   help="with --tape: warn while the compressed stream reaches the drive slower than this "
+                        "(default: the LTO generation's slowest speed-matching rate, from the drive's density "
+                        "code; 0: never)")
     b.add_argument("--drive-compression", action="store_true",
                    help="keep the tape drive's compression on (off by default: the stream is compressed)")
     b.add_argument("--level", type=int, default=DEFAULT_LEVEL, help=f"zstd level (default {DEFAULT_LEVEL})")
@@ -61,7 +65,8 @@ def register(sub, parents) -> None:
 def run(args, out: Output) -> int:
     dest = jobs.Destination(output=args.output, tape=tape_spec(args) if args.tape else None, force=args.force,
                             block_size=args.block_size or DEFAULT_BLOCK_SIZE, expect_label=args.label,
-                            drive_compression=args.drive_compression)
+                            drive_compression=args.drive_compression,
+                            min_rate=args.min_rate * 1e6 if args.min_rate is not None else None)
     options = jobs.ImagingOptions(level=args.level, chunk_size=args.chunk_size, workers=args.workers,
                                   all_blocks=args.all_blocks, excludes=tuple(os.path.abspath(p) for p in args.exclude),
                                   backups_as_sources=args.force, max_freeze=args.max_freeze,

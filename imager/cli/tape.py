@@ -142,7 +142,10 @@ def weof(args, out: Output) -> int:
 def setblk(args, out: Output) -> int:
     with tape_spec(args).open(1, create=False) as drive:
         if args.size:
-            drive.block_limits().check(args.size)
+            try:
+                drive.block_limits().check(args.size)
+            except ValueError as e:
+                raise UsageError(f"{args.tape}: {e}") from None
         drive.set_block_size(args.size)
     out.result({"tape": args.tape, "block_size": args.size},
                [f"{args.tape}: block size {args.size or 'variable'}"])

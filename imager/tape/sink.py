@@ -8,11 +8,13 @@ import errno
 import os
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable
 
 from devices.errors import DeviceError
 from devices.tape.drive import TapeDrive, TapeError
+from devices.tape.lto import generation
 
 from ..errors import CartridgeFull, ImagerError, TapeMediaError, UsageError
 from .append import position_for_append
@@ -31,6 +33,64 @@ class WrittenSegment:
     stream_length: int
 
 
+class StreamRate:
+    """The compressed stream's rate reaching the drive, against the slowest rate at which the
+    drive keeps the tape moving (below it the drive stops, rewinds a little and starts again:
+    shoe-shining, which wears tape and heads). Warns while it happens, at most every WARN_EVERY
+    seconds, measured over the last WINDOW seconds."""
+
+    WINDOW = 10.0
+    WARN_EVERY = 60.0
+
+    def __init__(self, minimum: float | None, what: str, notice: Callable[[str], None]):
+        self.minimum, self.what, self._notice = minimum, what, notice
+        self.started = self._window_start = time.monotonic()
+        self.total = self._window_bytes = 0
+        self._warned_at: float | None = None
+        self.warnings = 0
+
+    @classmethod
+    def for_drive(cls, drive: TapeDrive, min_rate: float | None, notice: Callable[[str], None]) -> "StreamRate":
+        """`min_rate` in bytes per second; else the LTO generation's, from the medium's density code."""
+        if min_rate is not None:
+            return cls(min_rate or None, "the given --min-rate", notice)
+        try:
+            lto = generation(drive.status().density)
+        except (OSError, DeviceError):
+            lto = None
+        if lto is None:
+            return cls(None, "", notice)
+        return cls(lto.streaming_rate() * 1e6, f"{lto.name}'s slowest speed-matching rate", notice)
+
+    def wrote(self, count: int) -> None:
+        self.total += count
+        self._window_bytes += count
+        now = time.monotonic()
+        if now - self._window_start < self.WINDOW:
+            return
+        rate = self._window_bytes / (now - self._window_start)
+        self._window_start, self._window_bytes = now, 0
+        if self.minimum and rate < self.minimum and (self._warned_at is None or now - self._warned_at >= self.WARN_EVERY):
+            self._warned_at = now
+            self.warnings += 1
+            self._notice(f"the stream reaches the drive at {rate / 1e6:.0f} MB/s, under {self.what} of "
+                         f"{self.minimum / 1e6:.0f} MB/s: the tape stops and repositions (shoe-shining); "
+                         f"use a lower --level or more cores")
+
+    def average(self) -> float:
+        elapsed = time.monotonic() - self.started
+        return self.total / elapsed if elapsed > 0 else 0.0
+
+    def finish(self) -> None:
+        """A stream too short for a window still says how it went."""
+        rate = self.average()
+        if self.minimum and not self.warnings and self.total and rate < self.minimum:
+            self.warnings += 1
+            self._notice(f"the stream reached the drive at {rate / 1e6:.0f} MB/s on average, under {self.what} "
+                         f"of {self.minimum / 1e6:.0f} MB/s: the tape stopped and repositioned (shoe-shining); "
+                         f"use a lower --level or more cores")
+
+
 class TapeSink:
     """An image sink that writes the stream as one tape file per cartridge it touches.
 
@@ -41,7 +101,7 @@ class TapeSink:
     def __init__(self, spec: TapeSpec, *, image_id: str, block_size: int = DEFAULT_BLOCK_SIZE,
                  expect_label: str | None = None, drive_compression: bool = False,
                  buffer_bytes: int = 64 << 20, largest_frame: int = 0,
-                 on_notice: Callable[[str], None] | None = None):
+                 on_notice: Callable[[str], None] | None = None, min_rate: float | None = None):
         if block_size <= 0 or block_size % 512:
             raise UsageError(f"tape block size {block_size} must be a positive multiple of 512")
         zone = spec.early_warning_zone
@@ -60,6 +120,7 @@ class TapeSink:
         self.bytes_written = 0
         self._notice = on_notice or (lambda message: None)
         self._drive, self._label, tape_file = self._first_cartridge(expect_label)
+        self.rate = StreamRate.for_drive(self._drive, min_rate, self._notice)
         self._pending = bytearray()
         self._queue: queue.Queue = queue.Queue(maxsize=max(2, buffer_bytes // block_size))
         self._error: BaseException | None = None
@@ -95,6 +156,11 @@ class TapeSink:
                 label = write_label(drive, _member_label(self.spec, 1), block_size=self.block_size)
                 self.labelled.append(label)
             label = check_label(drive, label, expect_label)
+            try:
+                # Before anything is written: st would refuse the first block with EINVAL.
+                drive.block_limits().check(self.block_size, "tape block size")
+            except ValueError as e:
+                raise UsageError(f"{self.spec.spec}: {e} (choose --block-size within them)") from None
             drive.set_block_size(0)
             drive.set_compression(self.drive_compression)
             tape_file = self._position_for_append(drive)
@@ -196,10 +262,12 @@ class TapeSink:
                 if item is None:
                     return
                 if isinstance(item, tuple):  # ("finish", record)
+                    self.rate.finish()
                     self._flush_pending()
                     self._end_segment(False, item[1])
                     return
                 self._append_frame(item)
+                self.rate.wrote(len(item))
         except BaseException as e:
             self._error = e if isinstance(e, ImagerError) else TapeMediaError(f"tape write failed: {e}")
             # Keep the producer from blocking on a full queue.
