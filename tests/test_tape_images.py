@@ -335,3 +335,19 @@ def test_the_rate_warning_comes_while_it_happens_and_not_on_every_block():
         rate.wrote(1 << 20)
     rate.finish()
     assert len(notices) == 1 and "under a test minimum of 1000000000 MB/s" in notices[0]
+
+
+def test_tape_erase_refuses_a_used_tape_unless_forced_and_then_erases_all_of_it(tmp_path):
+    tape = str(tmp_path / "t.tap")
+    volume = tmp_path / "vol.img"
+    volume.write_bytes(os.urandom(1 << 20))
+    assert imager("tape", "label", "ERASE", "--tape", tape).returncode == 0
+    assert imager("backup", str(volume), "--tape", tape, "-q", "--catalog", str(tmp_path / "c.sqlite")).returncode == 0
+    # After the backup the tape stands at its end, as a drive does: rewind, then into the middle.
+    assert imager("tape", "rewind", "--tape", tape).returncode == 0
+    assert imager("tape", "fsf", "1", "--tape", tape).returncode == 0
+    refused = imager("tape", "erase", "--tape", tape)
+    assert refused.returncode == 2 and "use --force" in refused.stderr
+    assert imager("tape", "erase", "--force", "--tape", tape).returncode == 0
+    status = json.loads(imager("tape", "status", "--json", "--tape", tape, check=True).stdout)
+    assert status["blank"] is True and os.path.getsize(tape) == 0

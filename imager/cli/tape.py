@@ -171,6 +171,8 @@ def erase(args, out: Output) -> int:
     with tape_spec(args).open(1, create=False) as drive:
         if not args.force and not tape_is_blank(drive, may_move=True):
             raise UsageError(f"{args.tape} holds a label or data; erasing destroys all of it: use --force")
+        # MTERASE erases from where the tape stands: the whole tape is erased from its start.
+        drive.rewind()
         drive.erase()
     out.result({"tape": args.tape, "erased": True}, [f"{args.tape}: erased"])
     return 0
