@@ -11,7 +11,7 @@ from devices.block import BlockDevice
 from devices.errors import DeviceError
 from devices.fs import mounts_of
 
-from ..errors import UsageError
+from ..errors import ImageFormatError, UsageError
 from .atomic import AtomicFile
 from .guards import check_restore_target, refuse_overwriting_data
 
@@ -82,6 +82,12 @@ class RestoreTarget:
         self.dev.close()
         if self.file is not None:
             self.file.abort()
+
+    def failed(self, error: ImageFormatError) -> ImageFormatError:
+        """Abort, and the error to raise: `error` with what the target holds now."""
+        self.abort()
+        where = f"nothing written to {self.path}" if self.fresh_file else f"{self.path} holds a partial volume"
+        return ImageFormatError(f"restore failed, {where}: {error}")
 
     def close(self) -> None:
         self.dev.close()

@@ -10,9 +10,10 @@ import os
 import socket
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -33,8 +34,8 @@ from ..plan.usedmap import ALL_BLOCKS, UsedMap
 from ..snapshot.freeze import Hook
 from ..snapshot.provider import PlannedVolume, SnapshotRequest, SnapshotSet, provider
 from ..tape import DEFAULT_BLOCK_SIZE, TapeSink, TapeSpec
-from ..units import check_block_size, now_iso
 from ..progress import Progress, start_phase
+from ..units import check_block_size, now_iso
 from .incremental import Increment, incremental_header, prepare_incremental, write_incremental
 from .results import BackupResult
 from .tape import record_labels, tape_segment_records
@@ -239,21 +240,12 @@ def _write_one(volume: PlannedVolume, dest: Destination, options: ImagingOptions
     sink = _open_sink(volume, dest, options, image_id, many, on_notice)
     log.info("%s: writing %s image %s to %s", volume.name, "an incremental" if increment else "a full", image_id,
              sink.path)
-    try:
+    with aborted_on_failure(sink, catalog):
         result = _write_kind(volume, sink, options, image_id, increment, progress)
         record = image_record(result.header, result.bytes_written, result.image_digest)
         if before_commit is not None:
             before_commit()
-        if isinstance(sink, TapeSink):
-            sink.commit(record_dict(record))
-        else:
-            sink.commit()
-    except BaseException:
-        sink.abort()
-        raise
-    finally:
-        if isinstance(sink, TapeSink):
-            record_labels(catalog, sink.labelled)
+        commit_image(sink, record)
     record_image(result, record, sink, catalog)
     if volume.commit_tracker is not None:
         volume.commit_tracker()      # the next incremental may start from this image
@@ -282,6 +274,27 @@ def _write_kind(volume: PlannedVolume, sink: Sink, options: ImagingOptions, imag
                                                            volume.snapshot_meta, volume.partitions, chain))
     return write_incremental(volume.source, sink, increment, header=header, plan=plan, read_size=options.chunk_size,
                              level=options.level, workers=options.workers, progress=progress)
+
+
+@contextmanager
+def aborted_on_failure(sink: Sink, catalog: Catalog | None) -> Iterator[None]:
+    """Abort `sink` if the body fails; the cartridges a tape sink labelled are catalogued either way."""
+    try:
+        yield
+    except BaseException:
+        sink.abort()
+        raise
+    finally:
+        if isinstance(sink, TapeSink):
+            record_labels(catalog, sink.labelled)
+
+
+def commit_image(sink: Sink, record: ImageRecord) -> None:
+    """Give the image its final place; a tape's end block carries the catalog record."""
+    if isinstance(sink, TapeSink):
+        sink.commit(record_dict(record))
+    else:
+        sink.commit()
 
 
 def record_image(result: BackupResult, record: ImageRecord, sink: Sink, catalog: Catalog | None) -> None:

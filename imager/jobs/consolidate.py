@@ -13,7 +13,7 @@ from contextlib import ExitStack
 from typing import Callable
 
 from .. import __version__
-from ..catalog import Catalog, record_dict
+from ..catalog import Catalog
 from ..ends.guards import check_image_output
 from ..ends.sinks import FileSink, Sink, StreamSink
 from ..errors import UsageError
@@ -23,10 +23,9 @@ from ..pipeline import run_ordered, worker_count
 from ..tape import TapeSink
 from ..units import now_iso
 from ..progress import Progress, start_phase
-from .backup import Destination, image_record, record_image
+from .backup import Destination, aborted_on_failure, commit_image, image_record, record_image
 from .chains import open_chain
 from .results import BackupResult
-from .tape import record_labels
 
 
 log = logging.getLogger("imager.consolidate")
@@ -43,23 +42,14 @@ def consolidate(image: str, dest: Destination, *, workers: int | None = None, pr
         header = _full_header(chain)
         sink = _open(dest, header, on_notice)
         started = time.monotonic()
-        try:
+        with aborted_on_failure(sink, catalog):
             counts = _write(chain, ImageWriter(sink, header), worker_count(workers), progress)
             writer, copied, recompressed = counts
             writer.finish({"seconds": round(time.monotonic() - started, 3), "finished": now_iso(),
                            "copied_chunks": copied, "recompressed_chunks": recompressed},
                           chain.trailer.used_any, chain.trailer.used_full)
             record = image_record(header, writer.bytes_written, writer.image_digest)
-            if isinstance(sink, TapeSink):
-                sink.commit(record_dict(record))
-            else:
-                sink.commit()
-        except BaseException:
-            sink.abort()
-            raise
-        finally:
-            if isinstance(sink, TapeSink):
-                record_labels(catalog, sink.labelled)
+            commit_image(sink, record)
         seconds = time.monotonic() - started
         log.info("consolidated %s: %d chunks copied, %d compressed again", image, copied, recompressed)
         result = BackupResult(image_id=header.image_id, image=sink.path, source=image, volume_size=header.volume_size,

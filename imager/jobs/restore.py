@@ -74,9 +74,7 @@ def restore_chain(chain: Chain, target: str, *, force: bool = False, verify: boo
         run_ordered(range(chain.region_count), assemble, consume, workers=workers)
         tgt.finish()
     except ImageFormatError as e:
-        tgt.abort()
-        where = f"nothing written to {target}" if tgt.fresh_file else f"{target} holds a partial volume"
-        raise ImageFormatError(f"restore failed, {where}: {e}") from None
+        raise tgt.failed(e) from None
     except BaseException:
         tgt.abort()
         raise
@@ -131,9 +129,7 @@ def restore_feed(feed: Feed, target: str, *, force: bool = False, verify: bool =
         trailer.check_chunk_digests(digests)
         tgt.finish()
     except ImageFormatError as e:
-        tgt.abort()
-        where = f"nothing written to {target}" if tgt.fresh_file else f"{target} holds a partial volume"
-        raise ImageFormatError(f"restore failed, {where}: {e}") from None
+        raise tgt.failed(e) from None
     except BaseException:
         tgt.abort()
         raise

@@ -185,9 +185,7 @@ def restore_chain_from_tape(spec: TapeSpec, chain: list[ImageRecord], target: st
         restore.finish()
     except ImageFormatError as e:
         if restore.target is not None:
-            restore.target.abort()
-            where = f"nothing written to {target}" if restore.target.fresh_file else f"{target} holds a partial volume"
-            raise ImageFormatError(f"restore failed, {where}: {e}") from None
+            raise restore.target.failed(e) from None
         raise
     except BaseException:
         if restore.target is not None:
