@@ -61,7 +61,10 @@ def imager(*args: str) -> tuple[float, dict]:
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"imager {' '.join(args)}: {done.stderr.strip()}")
-    return seconds, json.loads(done.stdout) if done.stdout.strip() else {}
+    summary = json.loads(done.stdout) if done.stdout.strip() else {}
+    if args[0] == "backup":
+        (summary,) = summary["images"]
+    return seconds, summary
 
 
 def night(mnt: Path, fraction: float, rng: random.Random) -> tuple[int, int]:
@@ -122,7 +125,7 @@ def main() -> int:
         sh("mount", front, str(mnt))
         cow = ("backup", "--snapshot", "cow", NAME, "--catalog", catalog)
         seconds, first = imager(*cow, "-o", str(out / "base.zst"))
-        rows.append({"case": "full (first)", "seconds": seconds, "bytes": first["bytes_written"]})
+        rows.append({"case": "full (first)", "seconds": seconds, "bytes": first["image_bytes"]})
         parent = str(out / "base.zst")
         step = 0
         for fraction in (0.01, 0.10):
@@ -137,8 +140,8 @@ def main() -> int:
                 assert tracked["method"] == "tracker" and digest["method"] == "digest", (tracked, digest)
                 rows.append({"case": f"{fraction:.0%} changed", "written": written, "blocks_touched": blocks,
                              "tracked_s": t_tr, "digest_s": t_dg, "full_s": t_full,
-                             "tracked_bytes": tracked["bytes_written"], "digest_bytes": digest["bytes_written"],
-                             "full_bytes": full["bytes_written"], "changed_blocks": tracked["changed_blocks"]})
+                             "tracked_bytes": tracked["image_bytes"], "digest_bytes": digest["image_bytes"],
+                             "full_bytes": full["image_bytes"], "changed_blocks": tracked["changed_blocks"]})
                 for f in ("t", "d"):
                     os.unlink(out / f"{f}{step}.zst")
         # A chain of a full and N incrementals of 1% nights; a full of the same last point.

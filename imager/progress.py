@@ -19,3 +19,20 @@ def start_phase(progress: Progress | None, name: str, total: int) -> None:
     """Tell `progress` that phase `name` of `total` bytes begins (counting from zero)."""
     if isinstance(progress, PhasedProgress):
         progress.phase(name, total)
+
+
+@runtime_checkable
+class CountsOutput(Protocol):
+    def output(self, label: str, minimum: float | None) -> None: ...
+    def written(self, count: int) -> None: ...
+
+
+def output_counter(progress: Progress | None, label: str, minimum: float | None = None) -> Callable[[int], None]:
+    """A callback for the bytes a job writes to its output (compressed, for an image), which a
+    display that shows them counts under `label` ("to tape"); `minimum` is the rate in bytes
+    per second under which the output suffers (a tape drive's slowest streaming rate). The
+    callback may be called from another thread (a tape sink's writer)."""
+    if isinstance(progress, CountsOutput):
+        progress.output(label, minimum)
+        return progress.written
+    return lambda count: None

@@ -2,14 +2,14 @@
 own package and anything in a lower layer, nothing above:
 
     devices                         kernel interfaces; imports nothing from imager
-    errors units progress failpoints private spawn fusefile
+    errors units progress failpoints private spawn fusefile views (the JSON names)
     format plan                     the image format; the used-block planner
     ends                            sources, sinks, feeds, restore targets, path guards
     snapshot tape catalog mount     point in time (providers, COW, daemon); tape layout; the record;
                                     images served read-only (mount)
     pipeline                        the stages
     jobs api                        one module per verb; the public API
-    cli demo                        the command line
+    cli demo schema                 the command line; the schema of its --json
 """
 import ast
 import pathlib
@@ -19,13 +19,13 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 LAYERS = [
     {"devices"},
     {"imager.errors", "imager.units", "imager.progress", "imager.failpoints", "imager.private", "imager.spawn",
-     "imager.fusefile"},
+     "imager.fusefile", "imager.views"},
     {"imager.format", "imager.plan"},
     {"imager.ends"},
     {"imager.snapshot", "imager.tape", "imager.catalog", "imager.mount"},
     {"imager.pipeline"},
     {"imager.jobs", "imager.api"},
-    {"imager.cli", "imager.demo"},
+    {"imager.cli", "imager.demo", "imager.schema"},
 ]
 
 

@@ -262,7 +262,7 @@ def test_a_clean_detach_keeps_the_tracker_and_a_write_behind_it_does_not(bench):
             done = imager("backup", "--snapshot", "cow", "keep", "-o", str(out / "i3.zst"), "--incremental",
                           "--compare-digests", "--all-blocks", "--json")
             assert done.returncode == 0, done.stderr
-            summary = json.loads(done.stdout)
+            (summary,) = json.loads(done.stdout)["images"]
             assert summary["method"] == "digest" and "--compare-digests" in summary["reason"], summary
     fourth = backup("keep", out / "i4.zst", incremental=True)
     assert fourth.method == "tracker", fourth.reason

@@ -17,10 +17,10 @@ from conftest import imager, writing_into
 def test_devices_lists_a_loop_volume_with_its_filesystem(ext4_volume):
     dev, _ = ext4_volume
     listing = json.loads(imager("devices", "--json").stdout)
-    entry = next(d for d in listing["block_devices"] if d["path"] == dev)
-    assert entry["kind"] == "loop" and entry["fs_type"] == "ext4" and entry["label"] == "imgtest"
+    entry = next(d for d in listing["blockdevices"] if d["path"] == dev)
+    assert entry["type"] == "loop" and entry["fstype"] == "ext4" and entry["label"] == "imgtest"
     assert entry["size"] == 256 << 20
-    assert listing["tape_drives"] == []
+    assert listing["tapedrives"] == []
     table = imager("devices").stdout.splitlines()
     assert table[0].split()[:4] == ["NAME", "SIZE", "SECTOR", "KIND"]
     assert any(line.split()[0] == os.path.basename(dev) and "ext4" in line for line in table[1:])
@@ -34,8 +34,8 @@ def test_loop_attach_list_detach(tmp_path):
     dev = r.stdout.strip()
     try:
         assert dev.startswith("/dev/loop")
-        listed = json.loads(imager("loop", "list", "--json").stdout)["loops"]
-        assert any(e["device"] == dev and e["backing_file"] == str(backing) for e in listed)
+        listed = json.loads(imager("loop", "list", "--json").stdout)["loopdevices"]
+        assert any(e["path"] == dev and e["back-file"] == str(backing) for e in listed)
     finally:
         r = imager("loop", "detach", dev)
     assert r.returncode == 0, r.stderr
@@ -79,9 +79,13 @@ def test_demo_runs_end_to_end_and_cleans_up():
     r = imager("demo", "--json")
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
+    from jsonschema import Draft202012Validator
+
+    from imager.schema import schema
+    assert not list(Draft202012Validator(dict(schema(), **{"$ref": "#/$defs/demo"})).iter_errors(summary))
     assert summary["backup"]["ratio"] > 1 and summary["restore"]["verified"]
     assert summary["tape_restore"]["verified"]
-    assert summary["backup"]["freeze_window_ms"] is not None and summary["tape_backup"]["bytes_written"] > 0
+    assert summary["backup"]["freeze_window_ms"] is not None and summary["tape_backup"]["image_bytes"] > 0
     assert not [i for i in loop.list_attached() if "imager-demo-" in i.backing_file]
     assert not [line for line in open("/proc/mounts") if "imager-demo-" in line]
 
@@ -89,17 +93,19 @@ def test_demo_runs_end_to_end_and_cleans_up():
 def test_backup_records_the_image_in_the_catalog(ext4_volume, tmp_path, private_catalog):
     dev, _ = ext4_volume
     image = tmp_path / "cat.zst"
-    summary = json.loads(imager("backup", dev, "-o", str(image), "--json").stdout)
+    (summary,) = json.loads(imager("backup", dev, "-o", str(image), "--json").stdout)["images"]
     listing = json.loads(imager("catalog", "list", "--json").stdout)
     assert listing["catalog"] == str(private_catalog)
     (entry,) = listing["images"]
-    assert entry["image"]["id"] == summary["image_id"]
-    assert entry["image"]["source"] == dev and entry["image"]["fs_type"] == "ext4"
-    assert entry["image"]["stream_bytes"] == image.stat().st_size
-    assert entry["segments"] == [{"image_id": summary["image_id"], "segment": 0, "kind": "file",
-                                  "path": str(image), "tape_label": None, "tape_set": None,
-                                  "tape_file": None, "stream_offset": 0,
-                                  "stream_length": image.stat().st_size, "present": True}]
+    assert entry["image_id"] == summary["image_id"]
+    assert entry["source"] == dev and entry["fstype"] == "ext4"
+    assert entry["image_bytes"] == image.stat().st_size == summary["image_bytes"]
+    assert entry["content_digest"] == summary["content_digest"]
+    assert entry["snapshot"]["provider"] == "none"
+    assert entry["segments"] == [{"segment": 0, "kind": "file", "path": str(image), "tape_label": None,
+                                  "tape_set": None, "tape_file": None, "offset": 0,
+                                  "bytes": image.stat().st_size, "present": True}]
+    assert summary["segments"] == [{k: v for k, v in entry["segments"][0].items() if k != "present"}]
     other = tmp_path / "other.sqlite"
     imager("backup", dev, "-o", str(tmp_path / "b.zst"), "--catalog", str(other), "-q")
     assert len(json.loads(imager("catalog", "list", "--json", "--catalog", str(other)).stdout)["images"]) == 1
@@ -139,23 +145,23 @@ def test_the_catalog_keeps_one_row_per_file_marks_missing_files_and_forgets_on_r
     def backup(out: str, *extra: str) -> str:
         made = imager("backup", str(volume), "-o", out, "--json", "--catalog", catalog, *extra)
         assert made.returncode == 0, made.stderr
-        return json.loads(made.stdout)["image_id"]
+        return json.loads(made.stdout)["images"][0]["image_id"]
 
     def listed(*extra: str) -> list[dict]:
         return json.loads(imager("catalog", "list", "--json", "--catalog", catalog, *extra, check=True).stdout)["images"]
 
     first = backup(str(tmp_path / "a.zst"))
     second = backup(str(tmp_path / "a.zst"), "--force")
-    assert [r["image"]["id"] for r in listed()] == [second], "the overwritten image's row stayed"
+    assert [r["image_id"] for r in listed()] == [second], "the overwritten image's row stayed"
     third = backup(str(tmp_path / "b.zst"))
     os.unlink(tmp_path / "b.zst")
-    rows = {r["image"]["id"]: r for r in listed()}
+    rows = {r["image_id"]: r for r in listed()}
     assert rows[third]["segments"][0]["present"] is False and rows[second]["segments"][0]["present"] is True
     assert "(MISSING)" in imager("catalog", "list", "--catalog", catalog, check=True).stdout
     assert listed("--since", "1h") and listed("--since", "2999-01-01") == []
     assert len(listed("--source", str(volume))) == 2 and listed("--source", "/dev/sdz") == []
     forgot = imager("catalog", "forget", third[:10], "--catalog", catalog, check=True)
-    assert "its files stay" in forgot.stdout and [r["image"]["id"] for r in listed()] == [second]
+    assert "its files stay" in forgot.stdout and [r["image_id"] for r in listed()] == [second]
     assert (tmp_path / "a.zst").exists()
     wrong = imager("catalog", "forget", "ffffffffff", "--catalog", catalog)
     assert wrong.returncode == 2 and "Traceback" not in wrong.stderr and first not in wrong.stderr
@@ -168,7 +174,7 @@ def test_output_names_from_a_template(tmp_path):
     made = imager("backup", str(volume), "-o", str(tmp_path / "{name}-{date:%Y%m%d}-{host}.zst"), "--json",
                   "--catalog", str(tmp_path / "c.sqlite"))
     assert made.returncode == 0, made.stderr
-    written = json.loads(made.stdout)["image"]
+    written = json.loads(made.stdout)["images"][0]["image"]
     # The run may cross midnight: its day is the one before or after it.
     assert os.path.basename(written) in {f"vol.img-{day}-{os.uname().nodename}.zst"
                                          for day in (day_before, time.strftime("%Y%m%d"))}
@@ -213,9 +219,10 @@ def test_devices_draws_disks_and_partitions_as_a_tree_with_type_names(bench):
     at = names.index(disk)
     assert names[at + 1:at + 3] == [f"├─{disk}p1", f"└─{disk}p2"], lines
     assert "EFI System" in lines[at + 1]
-    listed = json.loads(imager("devices", "--json", check=True).stdout)["block_devices"]
-    (entry,) = [d for d in listed if d["path"] == esp]
-    assert entry["partition_type_name"] == "EFI System" and entry["parent"] == disk
+    listed = json.loads(imager("devices", "--json", check=True).stdout)["blockdevices"]
+    (parent,) = [d for d in listed if d["name"] == disk]
+    (entry,) = [d for d in parent["children"] if d["path"] == esp]
+    assert entry["parttypename"] == "EFI System" and entry["pkname"] == disk and entry["type"] == "part"
 
 
 def test_an_incremental_is_never_written_over_its_own_parent(tmp_path):

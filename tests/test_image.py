@@ -23,7 +23,7 @@ def imaged(ext4_volume, tmp_path):
     image = tmp_path / "vol.zst"
     result = imager("backup", dev, "-o", str(image), "--json", "--chunk-size", "1M")
     assert result.returncode == 0, result.stderr
-    return dev, sums, image, json.loads(result.stdout)
+    return dev, sums, image, json.loads(result.stdout)["images"][0]
 
 
 def test_stock_zstd_decompresses_image_to_the_device_bytes(imaged, tmp_path):
@@ -34,7 +34,7 @@ def test_stock_zstd_decompresses_image_to_the_device_bytes(imaged, tmp_path):
     assert raw.stat().st_size == device_size(dev)
     assert same_bytes(str(raw), dev, device_size(dev))
     assert summary["volume_size"] == device_size(dev)
-    assert summary["bytes_written"] == image.stat().st_size
+    assert summary["image_bytes"] == image.stat().st_size
     assert summary["zero_chunks"] > 0
 
 
@@ -254,7 +254,8 @@ def test_info_and_verify_json(imaged):
     info = json.loads(imager("info", str(image), "--json").stdout)
     assert info["header"]["volume_size"] == summary["volume_size"]
     assert info["header"]["source"]["fs_type"] == "ext4"
-    assert info["totals"]["complete"] is True
+    assert info["totals"]["complete"] is True and info["image_bytes"] == image.stat().st_size
+    assert info["image_id"] == summary["image_id"] and info["totals"]["image_digest"] == summary["content_digest"]
     v = json.loads(imager("verify", str(image), "--json").stdout)
     assert v["ok"] is True and v["images"][0]["chunks"] == summary["chunks"]
 

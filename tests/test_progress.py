@@ -91,3 +91,29 @@ def test_json_lines_for_programs(image, tmp_path):
 def test_quiet_shows_nothing_even_on_a_terminal(image, tmp_path):
     code, shown = run_on_a_terminal_stderr(["verify", str(image), "-q", "--progress", "bar"], tmp_path / "out")
     assert code == 0 and shown.strip() == "", shown
+
+
+def test_the_compressed_rate_is_shown_and_a_tape_under_its_streaming_rate_is_flagged(tmp_path):
+    volume = tmp_path / "volume.img"
+    with open(volume, "wb") as f:
+        for i in range(32):
+            f.write(os.urandom(MiB // 2) + bytes(MiB // 2))
+    to_file = imager("backup", str(volume), "-o", str(tmp_path / "v.zst"), "--progress", "json", "--json",
+                     "--catalog", str(tmp_path / "c.sqlite"))
+    assert to_file.returncode == 0, to_file.stderr
+    (summary,) = json.loads(to_file.stdout)["images"]
+    final = [json.loads(line) for line in to_file.stderr.splitlines() if line.startswith("{")][-1]
+    assert final["output"] == "written" and final["bytes_written"] == summary["image_bytes"], final
+    assert final["done"] == 32 * MiB and final["minimum_per_second"] is None
+
+    tape = str(tmp_path / "t.tap")
+    assert imager("tape", "label", "T1", "--tape", tape).returncode == 0
+    # No machine streams 10 TB/s: the drive's minimum (given, as a real drive's LTO generation
+    # would give it) is never reached, and the display says so.
+    done = imager("backup", str(volume), "--tape", tape, "--progress", "plain", "--min-rate", "10000000", "--json",
+                  "--catalog", str(tmp_path / "c.sqlite"))
+    assert done.returncode == 0, done.stderr
+    (summary,) = json.loads(done.stdout)["images"]
+    line = next(line for line in done.stderr.splitlines() if line.startswith("imager: backup") and "done" in line)
+    assert re.search(r"[\d.]+ MiB/s to tape \(UNDER the drive's 9536743 MiB/s\)", line), line
+    assert "shoe-shining" in done.stderr

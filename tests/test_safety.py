@@ -174,8 +174,8 @@ def test_image_stream_through_stdout_and_stdin(image_of, loops, tmp_path):
     stream, err = backup.communicate(timeout=300)
     assert backup.returncode == 0, err
     assert not (tmp_path / "-").exists(), "-o - must not write a file named '-'"
-    summary = json.loads(err[err.index(b"{"):])
-    assert summary["bytes_written"] == len(stream) and summary["image"] == "standard output"
+    (summary,) = json.loads(err[err.index(b"{"):])["images"]
+    assert summary["image_bytes"] == len(stream) and summary["image"] == "standard output"
     zstd = subprocess.run(["zstd", "-d", "-c"], input=stream, capture_output=True)
     assert zstd.returncode == 0 and len(zstd.stdout) == device_size(dev)
 
@@ -187,7 +187,7 @@ def test_image_stream_through_stdout_and_stdin(image_of, loops, tmp_path):
     r = piped("info", "-", "--json")
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
-    assert info["file_size"] == len(stream) and info["header"]["image_id"] == summary["image_id"]
+    assert info["image_bytes"] == len(stream) and info["header"]["image_id"] == summary["image_id"]
     target = loops.create(256 << 20)
     r = piped("restore", "-", target, "--verify")
     assert r.returncode == 0, r.stderr

@@ -673,15 +673,19 @@ def test_stream_cut_into_blocks(medium):
 
 # The SIMH .tap format, read and written independently of VirtualTape.
 
-def read_simh(path) -> list:
-    """A minimal SIMH magtape reader: blocks as bytes, filemarks as None."""
+def read_simh(path, *, raw: bool = False) -> list:
+    """A minimal SIMH magtape reader: blocks as bytes, filemarks as None. Unless `raw`, the
+    second tape mark of a double tape mark just before the end-of-medium marker is left out:
+    by convention it ends the data, it is not a file."""
     data = path.read_bytes()
-    objects = []
+    objects: list = []
     offset = 0
     while offset < len(data):
         (length,) = struct.unpack_from("<I", data, offset)
         offset += 4
         if length == 0xFFFFFFFF:
+            if not raw and offset == len(data) and objects[-2:] == [None, None]:
+                objects.pop()
             break
         if length == 0:
             objects.append(None)
@@ -719,9 +723,18 @@ def test_tap_file_matches_the_simh_format(tmp_path):
         drive.write_filemarks(2)
         drive.set_block_size(800)
         drive.write_block(fixed)
-    assert read_simh(path) == variable + [None, None] + [fixed[:800], fixed[800:1600], fixed[1600:], None]
-    expected_size = sum(8 + len(b) + len(b) % 2 for b in variable) + 4 * 3 + 3 * 808
+    # st's closing filemark, then the double tape mark and the end-of-medium marker of SIMH.
+    assert read_simh(path, raw=True) == variable + [None, None] + [fixed[:800], fixed[800:1600], fixed[1600:],
+                                                                   None, None]
+    expected_size = sum(8 + len(b) + len(b) % 2 for b in variable) + 4 * 3 + 3 * 808 + 4 + 4
     assert path.stat().st_size == expected_size
+    assert path.read_bytes()[-8:] == b"\0\0\0\0\xff\xff\xff\xff"
+    with VirtualTape(path, create=False) as drive:      # the second tape mark is not a file
+        drive.seek_end_of_data()
+        assert drive.status().file_number == 3
+        drive.write_block(variable[0])                  # appending replaces the end mark
+    assert read_simh(path, raw=True) == (variable + [None, None] + [fixed[:800], fixed[800:1600], fixed[1600:],
+                                                                    None] + [variable[0], None, None])
 
 
 def test_reads_a_tap_file_written_elsewhere(tmp_path):
@@ -736,6 +749,10 @@ def test_reads_a_tap_file_written_elsewhere(tmp_path):
         drive.seek_end_of_data()
         drive.write_block(blocks[0])  # appending replaces the end-of-medium marker
     assert read_simh(path) == blocks[:3] + [None] + blocks[3:] + [None, blocks[0], None]
+    # A single tape mark before the marker (as this file had) is a filemark of the data.
+    with VirtualTape(path, create=False) as drive:
+        drive.seek_end_of_data()
+        assert drive.status().file_number == 3
 
 
 OPERATIONS_ON_TAPE = strategies.lists(strategies.one_of(
@@ -788,6 +805,7 @@ def test_tap_file_always_holds_what_was_written(operations):
                 assert drive.tell() == position
         if writing:
             objects[position:] = [None]
+        # Once written, the data ends with a double tape mark (when it ends with a filemark).
         assert read_simh(path) == objects
 
 

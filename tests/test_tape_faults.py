@@ -145,7 +145,7 @@ def test_a_full_host_filesystem_is_not_the_end_of_the_cartridge(loops, tmp_path)
     # The next backup replaces the unfinished file, which frees its space.
     r = imager("backup", little, "--tape", str(tape), "--json")
     assert r.returncode == 0, r.stderr
-    image_id = json.loads(r.stdout)["image_id"]
+    image_id = json.loads(r.stdout)["images"][0]["image_id"]
     assert _states(tape) == [(1, image_id, "complete")]
     _restores_identically(tape, image_id, little, tmp_path / "r.raw")
 
@@ -241,8 +241,8 @@ def test_the_next_backup_replaces_what_an_interrupted_write_left(sources, tmp_pa
 
     r = imager("backup", sources[1], "--tape", str(tape), "--json")
     assert r.returncode == 0, r.stderr
-    new = json.loads(r.stdout)
-    assert new["image"].endswith("file 2")
+    (new,) = json.loads(r.stdout)["images"]
+    assert [s["tape_file"] for s in new["segments"]] == [2]
     assert "tape file 2" in r.stderr and "the new image replaces it" in r.stderr, r.stderr
     assert _states(tape) == [(1, first, "complete"), (2, new["image_id"], "complete")]
     _restores_identically(tape, new["image_id"], sources[1], tmp_path / "new.raw")
@@ -257,12 +257,14 @@ def test_an_image_whose_filemark_was_never_written_is_kept_and_closed(sources, t
     tape = tmp_path / "t.tap"
     _label(tape)
     first = _backup(sources[0], str(tape))["image_id"]
-    tape.write_bytes(tape.read_bytes()[:-4])  # killed after the end block, before the filemark
+    written = tape.read_bytes()
+    assert written[-12:] == bytes(8) + b"\xff" * 4   # the closing filemark, then the double mark's second and EOM
+    tape.write_bytes(written[:-12])                  # killed after the end block, before the filemark
     assert _states(tape) == [(1, first, "complete")]
     r = imager("backup", sources[1], "--tape", str(tape), "--json")
     assert r.returncode == 0, r.stderr
     assert "tape file 1 had no closing filemark" in r.stderr, r.stderr
-    second = json.loads(r.stdout)["image_id"]
+    second = json.loads(r.stdout)["images"][0]["image_id"]
     assert _states(tape) == [(1, first, "complete"), (2, second, "complete")]
     _restores_identically(tape, first, sources[0], tmp_path / "a.raw")
     _restores_identically(tape, second, sources[1], tmp_path / "b.raw")
@@ -275,7 +277,7 @@ def test_a_virtual_set_replaces_an_interrupted_write_on_its_first_cartridge(sour
     r = imager("backup", sources[1], "--tape", pattern, "--json")
     assert r.returncode == 0, r.stderr
     assert "tape file 1" in r.stderr and "replaces it" in r.stderr
-    new = json.loads(r.stdout)["image_id"]
+    new = json.loads(r.stdout)["images"][0]["image_id"]
     assert _states(pattern) == [(1, new, "complete")]
     assert first not in _scanned_images(pattern, tmp_path / "fresh.sqlite")
     _restores_identically(pattern, new, sources[1], tmp_path / "r.raw")
@@ -316,7 +318,8 @@ def test_a_damaged_metadata_block_fails_verify_and_is_not_trusted(sources, tmp_p
 
     # A damaged file is never taken for an interrupted write: the next image goes after it.
     r = imager("backup", sources[0], "--tape", str(tape), "--json")
-    assert r.returncode == 0 and json.loads(r.stdout)["image"].endswith("file 3"), r.stderr
+    assert r.returncode == 0, r.stderr
+    assert [s["tape_file"] for s in json.loads(r.stdout)["images"][0]["segments"]] == [3]
 
 
 def test_a_damaged_label_is_not_trusted_and_only_relabelled_with_force(sources, tmp_path):
@@ -424,7 +427,7 @@ def test_a_backup_killed_at_any_moment_leaves_the_tape_fit_for_the_next(loops, t
     _label(tape)
     r, duration = _timed("backup", dev, "--tape", str(tape), "--json")
     assert r.returncode == 0, r.stderr
-    complete = [json.loads(r.stdout)["image_id"]]
+    complete = [json.loads(r.stdout)["images"][0]["image_id"]]
     rng = random.Random(9)
     interrupted = 0
     for n, signum in enumerate(SIGNALS * KILLS):
@@ -437,7 +440,7 @@ def test_a_backup_killed_at_any_moment_leaves_the_tape_fit_for_the_next(loops, t
         r, duration = _timed("backup", dev, "--tape", str(tape), "--json")
         assert r.returncode == 0, f"after {signum.name} at {delay:.3f} s: {r.stderr}"
         interrupted += "interrupted write" in r.stderr
-        new = json.loads(r.stdout)["image_id"]
+        new = json.loads(r.stdout)["images"][0]["image_id"]
         _restores_identically(tape, new, dev, tmp_path / "r.raw")
         states = {image_id: state for _, image_id, state in _states(tape)}
         assert all(states[image_id] == "complete" for image_id in complete + [new]), (signum.name, delay, states)

@@ -161,7 +161,7 @@ def test_stock_tools_read_what_imager_wrote(loops, tmp_path):
     for _ in range(2):
         done = imager("backup", source, "--tape", TAPE, "--json", "--quiet")
         assert done.returncode == 0, done.stderr
-        sizes.append(json.loads(done.stdout)["bytes_written"])
+        sizes.append(json.loads(done.stdout)["images"][0]["image_bytes"])
 
     def mt_status() -> tuple[int, int]:
         text = run(mt, "-f", TAPE, "status").stdout
@@ -192,3 +192,40 @@ def test_stock_tools_read_what_imager_wrote(loops, tmp_path):
     # dd read the tape file and its filemark: the tape is at the start of file 3, the end of data.
     assert mt_status() == (3, 0)
     assert mt_tell() == file3
+
+
+@needs_tape
+def test_mt_verbs_end_where_they_end_on_a_virtual_tape(tmp_path, capsys):
+    """The same verbs, as an operator types them, on /dev/nst0 and on a .tap file end at the same
+    place (MTIOCGET's numbers and MTIOCPOS). Run through the command line's main() in this
+    process: a Python start costs ~10 s in the VM."""
+    from imager.cli import main
+
+    volume = tmp_path / "vol.img"
+    volume.write_bytes(os.urandom(3 << 20))
+
+    def cli(*argv: str) -> dict:
+        code = main([*argv, "--json"])
+        shown = capsys.readouterr()
+        assert code == 0, (argv, shown.err)
+        return json.loads(shown.out) if shown.out.strip() else {}
+
+    def walk(tape: str) -> list[tuple[int, int, int]]:
+        cli("tape", "label", "MTVERBS", "--force", "--tape", tape)
+        for _ in range(2):
+            cli("backup", str(volume), "--tape", tape, "--block-size", "256K", "-q")
+
+        def verb(*args: str) -> tuple[int, int, int]:
+            where = cli("tape", *args, "--tape", tape)
+            return where["file_number"], where["block_number"], where["position"]
+
+        seen = [verb("rewind"), verb("fsf", "1"), verb("fsr", "2"), verb("bsr", "1"), verb("fsf", "1"),
+                verb("bsf", "1"), verb("eod")]
+        seen.append(verb("seek", str(seen[1][2])))
+        seen.append((-2, -2, cli("tape", "tell", "--tape", tape)["position"]))
+        return seen
+
+    on_virtual = walk(str(tmp_path / "t.tap"))
+    on_st = walk(TAPE)
+    assert on_st == on_virtual
+    assert on_st[1][:2] == (1, 0) and on_st[-1][2] == on_st[1][2]

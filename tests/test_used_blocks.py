@@ -42,7 +42,8 @@ def image_info(image: Path) -> dict:
 
 def backup_json(source: str, image: Path, *extra: str) -> tuple[dict, str]:
     r = ok(imager("backup", source, "-o", str(image), "--json", *extra))
-    return json.loads(r.stdout), r.stderr
+    (summary,) = json.loads(r.stdout)["images"]
+    return summary, r.stderr
 
 
 def restore(image: Path, target: str) -> None:

@@ -4,7 +4,9 @@ The format: each block is a 32-bit little-endian length, the data, one pad byte 
 odd, and the same length again; a length of 0 is a filemark; 0xFFFFFFFF marks the end of the
 medium (read as end of data). A block holds at most 0xFFFFFF bytes (SIMH's and st's limit); any
 other word with one of the top eight bits set is a SIMH marker this emulation does not produce
-and refuses to read.
+and refuses to read. A tape that was written ends, when closed, with a double tape mark and the
+end-of-medium marker (SimhTapeFile.seal: the second tape mark and the marker are not recorded
+data; the next write at the end of data replaces them).
 
 SimhTapeFile numbers the objects of the file (blocks and filemarks) from 0, as tape positions,
 and knows nothing of st: VirtualTape (virtual.py) gives them st's semantics. What this module
@@ -34,6 +36,13 @@ _WORD = struct.Struct("<I")
 _FILEMARK = 0
 _END_OF_MEDIUM = 0xFFFFFFFF
 _FILEMARK_WORD = _WORD.pack(_FILEMARK)
+_END_OF_MEDIUM_WORD = _WORD.pack(_END_OF_MEDIUM)
+# What follows the recorded data once a tape that was written is closed, when that data ends
+# with a filemark (st's closing one): a second tape mark (the double tape mark that ends the data
+# for SIMH tools and for OSes that read until an empty file) and the end-of-medium marker. A tape
+# mark right after a filemark and followed by the marker at the very end of the file is that
+# second mark, not recorded data (SIMH tools that end a tape the same way agree).
+_END_MARK = _FILEMARK_WORD + _END_OF_MEDIUM_WORD
 _RECORD_OVERHEAD = 2 * _WORD.size
 FILEMARK_BYTES = _WORD.size
 LARGEST_BLOCK = mtio.MT_ST_BLKSIZE_MASK
@@ -82,6 +91,7 @@ class SimhTapeFile:
         self._indexed_all = False
         # Where a torn last record begins (the end of data), and what is wrong with it.
         self._torn: tuple[int, str] | None = None
+        self._changed = False       # written since opened: seal() ends the data with _END_MARK
         try:
             self._check_is_tape()
         except BaseException:
@@ -156,6 +166,9 @@ class SimhTapeFile:
         if length == _END_OF_MEDIUM:
             self._indexed_all = True
         elif length == _FILEMARK:
+            if self._is_end_mark(offset):
+                self._indexed_all = True
+                return
             self.marks.append(len(self._starts) - 1)
             self._starts.append(offset + _WORD.size)
         elif length > LARGEST_BLOCK:
@@ -169,6 +182,33 @@ class SimhTapeFile:
             if after != word:
                 raise self._corrupt(offset, f"a block of {length} bytes is not followed by its length")
             self._starts.append(end)
+
+    def _is_end_mark(self, offset: int) -> bool:
+        after_a_filemark = bool(self.marks) and self.marks[-1] == len(self._starts) - 2
+        return (after_a_filemark and offset + len(_END_MARK) == self._size
+                and os.pread(self._fd, _WORD.size, offset + _WORD.size) == _END_OF_MEDIUM_WORD)
+
+    def seal(self) -> None:
+        """After writes, end the file with _END_MARK (or the end-of-medium marker alone when the
+        data does not end with a filemark); a write at the end of data truncates it away again.
+        Best effort: a file that cannot take these 8 bytes reads the same without them."""
+        if self.closed or self.read_only or not self._changed:
+            return
+        objects = self.end_of_data()
+        end = self._starts[objects]
+        suffix = _END_MARK if objects and self.is_filemark(objects - 1) else _END_OF_MEDIUM_WORD
+        try:
+            if os.pwrite(self._fd, suffix, end) == len(suffix):
+                self._size = end + len(suffix)
+                self._changed = False
+                return
+        except OSError:
+            pass
+        try:
+            os.ftruncate(self._fd, end)
+            self._size = end
+        except OSError:
+            pass
 
     def _end_at_torn_record(self, offset: int, why: str) -> None:
         """A record cut short by an interrupted write ends the recorded data where it begins."""
@@ -282,6 +322,7 @@ class SimhTapeFile:
         finally:
             # Whatever was torn at the end of data is gone: overwritten or truncated away.
             self._torn = None
+            self._changed = True
         self._size = offset
         self._starts.extend(object_ends)
         self.marks.extend(marks)

@@ -424,6 +424,7 @@ class VirtualTape(TapeDrive):
             if self._loaded:
                 self._end_file_if_writing()
         finally:
+            self._file.seal()
             self._file.close()
             if self._position_file:
                 self._save_position()

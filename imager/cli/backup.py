@@ -82,7 +82,7 @@ def run(args, out: Output) -> int:
                                           progress=progress, on_notice=out.notice, catalog=catalog)
     lines = []
     for r in results:
-        lines.append(f"imaged {r.source} ({human_bytes(r.volume_size)}) to {r.image}, image id {r.image_id}")
+        lines.append(f"imaged {r.source} ({human_bytes(r.volume_size)}) to {_where(r)}, image id {r.image_id}")
         if r.kind == "incremental":
             lines += [f"  incremental on {r.parent_id}, changes found by {r.method} ({r.reason})",
                       f"  {r.changed_blocks} of {r.compared_blocks} blocks compared changed, "
@@ -95,9 +95,15 @@ def run(args, out: Output) -> int:
                          f"{r.mb_per_second:.0f} MB/s")
     if results and results[0].freeze_window_ms is not None:
         lines.append(f"snapshot ({args.snapshot}): filesystems frozen for {results[0].freeze_window_ms:.1f} ms")
-    data = results[0].to_dict() if len(results) == 1 else {"images": [r.to_dict() for r in results]}
-    out.result(data, lines)
+    out.result({"images": [r.to_dict() for r in results]}, lines)
     return 0
+
+
+def _where(result) -> str:
+    on_tape = [s for s in result.segments if s["kind"] == "tape"]
+    if not on_tape:
+        return result.image
+    return f"{result.image} (" + ", ".join(f"{s['tape_label']} file {s['tape_file']}" for s in on_tape) + ")"
 
 
 def _source_sizes(sources: list[str], provider: str) -> int:

@@ -7,7 +7,8 @@ import os
 import sys
 from datetime import datetime, timedelta, timezone
 
-from ..catalog import Catalog, record_dict
+from .. import views
+from ..catalog import Catalog
 from ..errors import UsageError
 from ..jobs.retention import KeepRules, check, prune
 from ..units import human_bytes
@@ -89,8 +90,8 @@ def listing(args, out: Output) -> int:
                 continue
             segments = catalog.segments(img.id)
             present = [s.kind != "file" or bool(s.path and os.path.exists(s.path)) for s in segments]
-            rows.append({"image": record_dict(img), "segments": [dict(record_dict(s), present=p)
-                                                                 for s, p in zip(segments, present)]})
+            rows.append(dict(views.image_record(img), segments=[views.segment(s, present=p)
+                                                                for s, p in zip(segments, present)]))
             where = "; ".join((s.path + ("" if p else " (MISSING)")) if s.kind == "file"
                               else f"tape {s.tape_label} file {s.tape_file}" for s, p in zip(segments, present))
             kind = (f"incremental on {img.parent_id[:12]} by {img.method}" if img.kind == "incremental" and img.parent_id

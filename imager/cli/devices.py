@@ -25,10 +25,33 @@ def listing(args, out: Output) -> int:
     if tapes:
         lines += ["", "TAPE DRIVES"] + [f"{t.path}  {t.vendor or ''} {t.model or ''}  {t.serial or ''}".rstrip()
                                         for t in tapes]
-    out.result({"block_devices": [dict(d.to_dict(), partition_type_name=type_name(d.partition_type) or None)
-                                  for d in disks],
-                "tape_drives": [t.to_dict() for t in tapes]}, lines)
+    out.result({"blockdevices": _lsblk_tree(disks), "tapedrives": [t.to_dict() for t in tapes]}, lines)
     return 0
+
+
+def _lsblk_tree(disks: list) -> list[dict]:
+    """What `lsblk --json -O` gives, in its key names (partitions as their disk's children),
+    plus what imager adds: esp."""
+    names = {d.name for d in disks}
+    by_parent: dict[str, list] = {}
+    for d in disks:
+        if d.parent in names:
+            by_parent.setdefault(d.parent, []).append(d)
+
+    def node(d) -> dict:
+        entry = {"name": d.name, "path": d.path, "maj:min": d.device_number, "size": d.size, "ro": d.read_only,
+                 "type": "part" if d.kind == "partition" else d.kind, "fstype": d.fs_type, "label": d.label,
+                 "uuid": d.uuid, "mountpoints": list(d.mount_points),
+                 "pttype": d.partition_table or d.partition_scheme, "parttype": d.partition_type,
+                 "parttypename": type_name(d.partition_type) or None, "log-sec": d.logical_sector_size,
+                 "phy-sec": d.physical_sector_size, "pkname": d.parent, "back-file": d.backing_file,
+                 "esp": d.is_esp}
+        kids = sorted(by_parent.get(d.name, []), key=lambda c: natural_key(c.name))
+        if kids:
+            entry["children"] = [node(c) for c in kids]
+        return entry
+
+    return [node(d) for d in sorted((d for d in disks if d.parent not in names), key=lambda d: natural_key(d.name))]
 
 
 def _as_tree(disks: list) -> list[tuple]:

@@ -3,6 +3,7 @@ disagree with --help."""
 
 from __future__ import annotations
 
+import json
 import sys
 
 from .output import Output
@@ -19,6 +20,10 @@ def register(sub, parents) -> None:
                        description="Print imager(1) in roff. `make setup` installs it into the environment's "
                                    "share/man/man1.")
     m.set_defaults(func=manpage)
+    sc = sub.add_parser("schema", help="print the JSON Schema of every command's --json output",
+                        description="Print the JSON Schema (draft 2020-12) that every --json output follows: "
+                                    "one definition per command under $defs, e.g. $defs['tape list'].")
+    sc.set_defaults(func=print_schema)
 
 
 def completion(args, out: Output) -> int:
@@ -38,4 +43,11 @@ def manpage(args, out: Output) -> int:
     page = str(Manpage(build_parser(), _data={"project_name": "imager", "description":
                                                "point-in-time images of block devices in use"}))
     sys.stdout.write(page)
+    return 0
+
+
+def print_schema(args, out: Output) -> int:
+    from ..schema import schema
+
+    print(json.dumps(schema(), indent=2))
     return 0

@@ -82,6 +82,7 @@ EXAMPLES: dict[str, list[str]] = {
     "demo": ["imager demo"],
     "completion": ["source <(imager completion bash)", "imager completion zsh > ~/.zfunc/_imager"],
     "manpage": ["imager manpage | man -l -"],
+    "schema": ["imager schema > imager.schema.json", "imager schema | jq '.[\"$defs\"][\"tape list\"]'"],
 }
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from devices import loop
 
 from ..units import parse_size
@@ -25,7 +27,8 @@ def register(sub, parents) -> None:
 
 def attach(args, out: Output) -> int:
     dev = loop.attach(args.file, offset=args.offset, size_limit=args.size_limit, read_only=args.read_only)
-    out.result({"device": dev, "file": args.file}, [dev])
+    out.result({"name": os.path.basename(dev), "path": dev, "back-file": os.path.abspath(args.file),
+                "offset": args.offset, "sizelimit": args.size_limit, "ro": args.read_only}, [dev])
     return 0
 
 
@@ -38,7 +41,9 @@ def detach(args, out: Output) -> int:
 
 def listing(args, out: Output) -> int:
     rows = sorted(loop.list_attached(), key=lambda r: natural_key(r.device))
-    out.result({"loops": [r.__dict__ for r in rows]},
+    out.result({"loopdevices": [{"name": os.path.basename(r.device), "path": r.device, "back-file": r.backing_file,
+                                 "offset": r.offset, "sizelimit": r.size_limit, "ro": r.read_only,
+                                 "autoclear": r.autoclear} for r in rows]},
                table(["DEVICE", "OFFSET", "RO", "BACK-FILE"],
                      [[r.device, str(r.offset), "1" if r.read_only else "0", r.backing_file] for r in rows])
                or ["no loop devices attached"])

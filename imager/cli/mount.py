@@ -89,7 +89,7 @@ def ls(args, out: Output) -> int:
             line += f"    ({e.fs_type or 'unknown'}" + (f" {e.label!r}" if e.label else "") + \
                 (f"; {e.note}" if e.note else "") + ")"
         lines.append(line)
-    out.result({"image": args.image, "path": args.path, "entries": [e.__dict__ for e in entries]}, lines)
+    out.result({"image": args.image, "path": args.path, "entries": [e.to_dict() for e in entries]}, lines)
     return 0
 
 

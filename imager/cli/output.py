@@ -44,7 +44,7 @@ class Output:
             self.log.info("%s", line.strip(), extra=logs.AUDIT)
         if self.json:
             print(json.dumps(data, indent=2, sort_keys=True), file=self.summary_stream)
-        elif not self.quiet:
+        elif not self.quiet and lines:
             print("\n".join(lines), file=self.summary_stream)
 
 

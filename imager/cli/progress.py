@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import threading
 import time
 from typing import TextIO
 
@@ -33,6 +34,33 @@ class Display:
         self.command, self.stream = command, stream
         self.phase_name, self.total, self.done = "", total, 0
         self.started = time.monotonic()
+        # What the job writes, when it says (see imager.progress.output_counter).
+        self.out_label: str | None = None
+        self.out_minimum: float | None = None
+        self.out_bytes = 0
+        self.out_started = self.started
+        self._out_lock = threading.Lock()
+
+    def output(self, label: str, minimum: float | None) -> None:
+        self.out_label, self.out_minimum = label, minimum
+        self.out_bytes, self.out_started = 0, time.monotonic()
+
+    def written(self, count: int) -> None:
+        with self._out_lock:
+            self.out_bytes += count
+
+    def out_rate(self) -> float:
+        elapsed = time.monotonic() - self.out_started
+        return self.out_bytes / elapsed if elapsed > 0 else 0.0
+
+    def out_text(self) -> str:
+        """", 41.2 MiB/s to tape (under the drive's 112 MiB/s)" for the lines and the bar."""
+        if not self.out_label:
+            return ""
+        rate = self.out_rate()
+        under = (f" (UNDER the drive's {self.out_minimum / 2**20:.0f} MiB/s)"
+                 if self.out_minimum and self.out_bytes and rate < self.out_minimum else "")
+        return f"{rate / 2**20:.1f} MiB/s {self.out_label}{under}"
 
     def phase(self, name: str, total: int) -> None:
         if self.phase_name:
@@ -79,8 +107,9 @@ class PlainDisplay(Display):
         eta = self.eta()
         tail = "done" if final else (f"ETA {_clock(eta)}" if eta is not None else "")
         name = f"{self.command} {self.phase_name}".strip()
+        out = self.out_text()
         print(f"imager: {name}: {human_bytes(self.done)}{of}{pct}, {self.rate() / 2**20:.1f} MiB/s"
-              + (f", {tail}" if tail else ""), file=self.stream, flush=True)
+              + (f", {out}" if out else "") + (f", {tail}" if tail else ""), file=self.stream, flush=True)
 
 
 class JsonDisplay(Display):
@@ -98,16 +127,21 @@ class JsonDisplay(Display):
     def _emit(self, final: bool) -> None:
         self._last = time.monotonic()
         eta = self.eta()
-        print(json.dumps({"command": self.command, "phase": self.phase_name or self.command, "done": self.done,
-                          "total": self.total or None, "bytes_per_second": round(self.rate()),
-                          "eta_seconds": None if final or eta is None else round(eta, 1), "final": final}),
-              file=self.stream, flush=True)
+        event = {"command": self.command, "phase": self.phase_name or self.command, "done": self.done,
+                 "total": self.total or None, "bytes_per_second": round(self.rate()),
+                 "eta_seconds": None if final or eta is None else round(eta, 1), "final": final}
+        if self.out_label:
+            event.update(output=self.out_label, bytes_written=self.out_bytes,
+                         written_per_second=round(self.out_rate()),
+                         minimum_per_second=round(self.out_minimum) if self.out_minimum else None)
+        print(json.dumps(event), file=self.stream, flush=True)
 
 
 class BarDisplay(Display):
     def __init__(self, command: str, total: int, stream: TextIO):
         super().__init__(command, total, stream)
         self._bar = None
+        self._postfix_at = 0.0
         self._open()
 
     def _open(self) -> None:
@@ -128,6 +162,9 @@ class BarDisplay(Display):
 
     def update(self) -> None:
         if self._bar is not None:
+            if self.out_label and time.monotonic() - self._postfix_at >= 0.5:
+                self._postfix_at = time.monotonic()
+                self._bar.set_postfix_str(self.out_text(), refresh=False)
             self._bar.update(self.done - self._bar.n)
 
     def end_phase(self) -> None:

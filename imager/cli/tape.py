@@ -184,7 +184,7 @@ def label(args, out: Output) -> int:
     with Catalog(args.catalog) as catalog:
         catalog.forget_tape(written.label)
         catalog.add_tape(TapeRecord(written.label, written.tape_set, written.sequence, written.created))
-    out.result(written.__dict__, [f"{args.tape}: labelled {written.label!r}"])
+    out.result(dict(written.__dict__, tape=args.tape), [f"{args.tape}: labelled {written.label!r}"])
     return 0
 
 
@@ -213,29 +213,46 @@ def _file_line(f) -> str:
 
 
 def read(args, out: Output) -> int:
-    if args.image_only and args.output and args.output != "-":
+    to_file = bool(args.output and args.output != "-")
+    if not to_file:
+        # Standard output carries the tape file's bytes: the summary (and --json) goes to stderr.
+        out.summary_stream = sys.stderr
+    if args.image_only and to_file:
         found = jobs.read_tape_image(tape_spec(args), args.file, args.output, force=args.force,
                                      block_size=args.block_size)
-        out.result(dict(found.to_dict(), tape_file=args.file, output=args.output),
+        out.result(dict(found.to_dict(), tape=args.tape, tape_file=args.file, output=args.output),
                    [f"{args.output}: image {found.header.image_id[:12]} of tape file {args.file}, "
                     f"{human_bytes(found.file_size)} (a {human_bytes(found.header.volume_size)} volume)"])
         return 0
+    written = 0
     if args.image_only:
         stream = jobs.open_tape_file(tape_spec(args), args.file, args.block_size)
         try:
             while piece := stream.read(1 << 20):
                 sys.stdout.buffer.write(piece)
+                written += len(piece)
         finally:
             stream.close()
         sys.stdout.buffer.flush()
-        return 0
+    else:
+        written = _copy_tape_file(args)
+    out.result({"tape": args.tape, "tape_file": args.file, "output": args.output or "-", "bytes": written},
+               [f"tape file {args.file}: {human_bytes(written)} to {args.output or 'standard output'}"]
+               if to_file or out.json else [])
+    return 0
+
+
+def _copy_tape_file(args) -> int:
+    """Every block of the tape file, as it is on tape, to -o or standard output."""
     sink = FileSink(args.output, force=args.force) if args.output and args.output != "-" else None
+    written = 0
     try:
         with tape_spec(args).open(1, create=False) as drive:
             require_label(drive)
             drive.skip_to_file(args.file)
             for block in drive.read_file(args.block_size or DEFAULT_BLOCK_SIZE):
                 (sink or sys.stdout.buffer).write(block)
+                written += len(block)
         if sink is not None:
             sink.commit()
     except BaseException:
@@ -243,7 +260,7 @@ def read(args, out: Output) -> int:
             sink.abort()
         raise
     sys.stdout.buffer.flush()
-    return 0
+    return written
 
 
 def scan(args, out: Output) -> int:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
-
+from .. import views
 from ..jobs import volumes
 from ..snapshot.freeze import DEFAULT_MAX_FREEZE
 from ..units import human_bytes, positive_float, positive_size
@@ -50,7 +49,7 @@ def _register_snapshot(sub, parents) -> None:
 
 def attach(args, out: Output) -> int:
     v = volumes.attach(args.device, name=args.name, cache_path=args.cache, cache_size=args.cache_size)
-    out.result(asdict(v), [v.front or ""])
+    out.result(views.with_iso_times(v), [v.front or ""])
     out.notice(f"{args.device} is managed as {v.name!r}: mount and write {v.front}; "
                f"snapshot with: imager snapshot create {v.name}")
     return 0
@@ -58,7 +57,7 @@ def attach(args, out: Output) -> int:
 
 def recover(args, out: Output) -> int:
     v = volumes.recover(args.name)
-    out.result(asdict(v), [f"recovered {v.name}: {v.device} -> front {v.front}", f"filesystem: {v.problem}"])
+    out.result(views.with_iso_times(v), [f"recovered {v.name}: {v.device} -> front {v.front}", f"filesystem: {v.problem}"])
     out.notice(f"mount {v.front} again where it was (its device number may have changed)")
     return 0
 
@@ -73,7 +72,7 @@ def detach(args, out: Output) -> int:
 def listing(args, out: Output) -> int:
     found = volumes.list_volumes()
     found = sorted(found, key=lambda v: natural_key(v.name))
-    out.result({"volumes": [asdict(v) for v in found]},
+    out.result({"volumes": [views.with_iso_times(v) for v in found]},
                table(["NAME", "SOURCE", "FRONT", "SIZE", "STATE", "SNAPSHOT"], [_volume_row(v) for v in found])
                or ["no attached volumes"])
     return 0
@@ -92,7 +91,7 @@ def _volume_row(v: volumes.VolumeInfo) -> list[str]:
 
 def snapshot_create(args, out: Output) -> int:
     info = volumes.snapshot_create(args.names, args.pre_freeze, args.post_thaw, max_freeze=args.max_freeze)
-    out.result(asdict(info), [f"{s.name}: snapshot at {s.path}" for s in info.snapshots]
+    out.result(views.with_iso_times(info), [f"{s.name}: snapshot at {s.path}" for s in info.snapshots]
                + [f"freeze window {info.freeze_window_ms:.1f} ms"
                   + (f" ({', '.join(info.frozen_mounts)})" if info.frozen_mounts else " (nothing mounted)")])
     return 0
@@ -100,7 +99,7 @@ def snapshot_create(args, out: Output) -> int:
 
 def snapshot_list(args, out: Output) -> int:
     snaps = volumes.snapshot_list()
-    out.result({"snapshots": [asdict(s) for s in snaps]},
+    out.result({"snapshots": [views.with_iso_times(s) for s in snaps]},
                table(["NAME", "CACHE", "STATE", "PATH"],
                      [[s.name, human_bytes(s.cache_bytes_used), "INVALID: " + s.invalid_reason if s.invalid else "valid",
                        s.path] for s in sorted(snaps, key=lambda s: natural_key(s.name))]) or ["no snapshots"])

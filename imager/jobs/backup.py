@@ -20,7 +20,7 @@ import numpy as np
 from devices.buffers import BufferPool
 from devices.errors import DeviceError
 
-from .. import __version__
+from .. import __version__, views
 from ..catalog import Catalog, ImageRecord, SegmentRecord, record_dict
 from ..ends.guards import check_image_output
 from ..ends.sinks import STDOUT, FileSink, Sink, StreamSink
@@ -33,7 +33,7 @@ from ..plan.planner import PlanRules, remove_stale_planning_mounts
 from ..plan.usedmap import ALL_BLOCKS, UsedMap
 from ..snapshot.freeze import Hook
 from ..snapshot.provider import PlannedVolume, SnapshotRequest, SnapshotSet, provider
-from ..tape import DEFAULT_BLOCK_SIZE, TapeSink, TapeSpec
+from ..tape import DEFAULT_BLOCK_SIZE, TapeSink, TapeSpec, output_counting
 from ..progress import Progress, start_phase
 from ..units import check_block_size, now_iso
 from .incremental import Increment, incremental_header, prepare_incremental, write_incremental
@@ -302,14 +302,14 @@ def record_image(result: BackupResult, record: ImageRecord, sink: Sink, catalog:
     image_id = result.image_id
     if isinstance(sink, TapeSink):
         segments = tape_segment_records(image_id, sink.segments)
-        result.image = ", ".join(f"{s.tape_label} file {s.tape_file}" for s in segments)
     elif isinstance(sink, StreamSink):
         result.image = sink.path
         return    # a stream has no place the catalog could find it again
     else:
         segments = [SegmentRecord(image_id, 0, "file", os.path.abspath(sink.path), None, None, None, 0,
                                   result.bytes_written)]
-        result.image = sink.path
+    result.image = sink.path
+    result.segments = [views.segment(s) for s in segments]
     if catalog is not None:
         catalog.add_image(record, segments, replaces_tape_files=isinstance(sink, TapeSink))
         if isinstance(sink, TapeSink) and result.block_table is not None:
@@ -340,11 +340,16 @@ def write_image(source: VolumeSource, sink: Sink, *, options: ImagingOptions | N
     def count_read(n: int) -> None:
         totals["bytes_read"] += n
 
+    count_output = output_counting(sink, progress)
+    before = [0]
+
     def consume(chunk: EncodedChunk) -> None:
         writer.write_chunk(chunk)
         totals["zero_chunks"] += chunk.zero
         if progress:
             progress(chunk.length)
+            count_output(writer.bytes_written - before[0])
+            before[0] = writer.bytes_written
 
     try:
         run_ordered(read_chunks(source, options.chunk_size, pool, count_read, plan),
@@ -355,6 +360,7 @@ def write_image(source: VolumeSource, sink: Sink, *, options: ImagingOptions | N
     seconds = time.monotonic() - started
     writer.finish({"bytes_read": totals["bytes_read"], "zero_chunks": totals["zero_chunks"],
                    "seconds": round(seconds, 3), "finished": now_iso()}, *used_bitmaps(plan, header))
+    count_output(writer.bytes_written - before[0])
     return BackupResult(image_id=header.image_id, image=sink.path, source=source.path, volume_size=source.size,
                         chunks=header.chunk_count, zero_chunks=totals["zero_chunks"],
                         bytes_read=totals["bytes_read"], bytes_written=writer.bytes_written, seconds=seconds,

@@ -31,6 +31,7 @@ from ..plan.usedmap import ALL_BLOCKS, UsedMap
 from ..snapshot.provider import PlannedVolume
 from ..units import now_iso
 from ..progress import Progress
+from ..tape import output_counting
 from .chains import ParentImage, find_parent
 from .results import BackupResult
 
@@ -123,6 +124,9 @@ def write_incremental(source: VolumeSource, sink: Sink, increment: Increment, *,
     def count_read(count: int) -> None:
         totals["bytes_read"] += count
 
+    count_output = output_counting(sink, progress)
+    before = [0]
+
     def consume(result: tuple[int, list[EncodedChunk], int]) -> None:
         length, changed, compared = result
         writer.write_blocks(changed)
@@ -130,6 +134,8 @@ def write_incremental(source: VolumeSource, sink: Sink, increment: Increment, *,
         totals["changed"] += len(changed)
         if progress:
             progress(length)
+            count_output(writer.bytes_written - before[0])
+            before[0] = writer.bytes_written
 
     try:
         run_ordered(read_chunks(source, read_size, pool, count_read, read_plan), compare, consume,
@@ -141,6 +147,7 @@ def write_incremental(source: VolumeSource, sink: Sink, increment: Increment, *,
                            else (pack_bits(np.ones(n, dtype=bool)),) * 2)
     writer.finish({"bytes_read": totals["bytes_read"], "compared_blocks": totals["compared"],
                    "seconds": round(seconds, 3), "finished": now_iso()}, used_any, used_full)
+    count_output(writer.bytes_written - before[0])
     return BackupResult(image_id=header.image_id, image=sink.path, source=source.path, volume_size=source.size,
                         chunks=totals["changed"], zero_chunks=0, bytes_read=totals["bytes_read"],
                         bytes_written=writer.bytes_written, seconds=seconds, level=level, chunk_size=block_size,

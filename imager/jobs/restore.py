@@ -141,7 +141,7 @@ def restore_feed(feed: Feed, target: str, *, force: bool = False, verify: bool =
     return RestoreResult(image=feed.name, target=target, volume_size=header.volume_size,
                          chunks=header.chunk_count, zero_chunks=totals["zero_chunks"],
                          bytes_written=totals["bytes_written"], seconds=time.monotonic() - started,
-                         verified=verify)
+                         verified=verify, chain=[header.image_id])
 
 
 def compare_with_digests(target: str, volume_size: int, read_size: int, block_size: int, digests: bytes, *,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from .. import views
 from ..format import ImageHeader
 
 
@@ -31,6 +32,16 @@ class BackupResult:
     compared_blocks: int | None = None   # and blocks read and compared
     # The trailer's block digests and maps (the catalog keeps them for images on tape).
     block_table: tuple[bytes, bytes, bytes] | None = field(default=None, repr=False)
+    segments: list[dict] = field(default_factory=list)   # where the stream went (views.segment)
+
+    @property
+    def image_bytes(self) -> int:
+        """The JSON's name (views.py) for the compressed stream's size."""
+        return self.bytes_written
+
+    @property
+    def content_digest(self) -> str:
+        return self.image_digest
 
     @property
     def ratio(self) -> float:
@@ -41,8 +52,10 @@ class BackupResult:
         return self.volume_size / self.seconds / 1e6 if self.seconds else 0.0
 
     def to_dict(self) -> dict:
-        d = {k: v for k, v in asdict(self).items() if k not in ("header", "block_table")}
-        return dict(d, ratio=round(self.ratio, 3), mb_per_second=round(self.mb_per_second, 1))
+        d = {k: v for k, v in asdict(self).items()
+             if k not in ("header", "block_table", "bytes_written", "image_digest")}
+        return dict(d, image_bytes=self.bytes_written, content_digest=self.image_digest,
+                    ratio=round(self.ratio, 3), mb_per_second=round(self.mb_per_second, 1))
 
 
 @dataclass
@@ -55,14 +68,15 @@ class RestoreResult:
     bytes_written: int
     seconds: float
     verified: bool
-    chain: list[str] | None = None       # an incremental's: the image ids it came from, newest first
+    chain: list[str] = field(default_factory=list)   # the image ids read, the point first, back to its full
 
     @property
     def mb_per_second(self) -> float:
         return self.volume_size / self.seconds / 1e6 if self.seconds else 0.0
 
     def to_dict(self) -> dict:
-        return dict(asdict(self), mb_per_second=round(self.mb_per_second, 1))
+        return dict(asdict(self), image_id=self.chain[0] if self.chain else None,
+                    mb_per_second=round(self.mb_per_second, 1))
 
 
 @dataclass
@@ -74,10 +88,11 @@ class VerifyResult:
     seconds: float
     ok: bool = True
     errors: list[str] = field(default_factory=list)
-    chain: list[str] | None = None       # an incremental's: every image checked, newest first
+    chain: list[str] = field(default_factory=list)   # every image checked, the point first, back to its full
+    image_id: str | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return dict(asdict(self), image_id=self.image_id or (self.chain[0] if self.chain else None))
 
 
 @dataclass
@@ -91,8 +106,10 @@ class ImageInfo:
     ratio: float
 
     def to_dict(self) -> dict:
-        return {"image": self.image, "file_size": self.file_size, "header": self.header.to_dict(),
-                "totals": self.totals, "ratio": self.ratio}
+        # The header and the trailer's totals are shown as the image stores them (a format, with
+        # its own names: the totals' image_digest is the content_digest of the other commands).
+        return {"image": self.image, "image_id": self.header.image_id, "image_bytes": self.file_size,
+                "header": self.header.to_dict(), "totals": self.totals, "ratio": self.ratio}
 
 
 @dataclass
@@ -127,7 +144,10 @@ class MountInfo:
     problem: str = ""
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        for entry in d["entries"]:
+            entry["fstype"] = entry.pop("fs_type")
+        return d
 
 
 @dataclass
@@ -147,6 +167,12 @@ class FileEntry:
     label: str | None = None
     partition: int | None = None
     note: str = ""              # an entry shown as a file: why
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["fstype"] = d.pop("fs_type")
+        d["mtime"] = views.iso_time_ns(d.pop("mtime_ns"))
+        return d
 
 
 @dataclass

@@ -172,7 +172,7 @@ class CheckProblem:
     problem: str
 
     def to_dict(self) -> dict:
-        return {"image": self.image_id, "problem": self.problem}
+        return {"image_id": self.image_id, "problem": self.problem}
 
 
 def check(catalog: Catalog) -> tuple[int, list[CheckProblem]]:

@@ -197,7 +197,7 @@ def restore_chain_from_tape(spec: TapeSpec, chain: list[ImageRecord], target: st
     if verify:
         compare_with_digests(target, volume_size, DEFAULT_CHUNK_SIZE, volume_block_size,
                              restore.point_trailer.digests, workers=workers, progress=progress)
-    return RestoreResult(image=f"{spec.spec} (image {chain[0].id[:12]})", target=target, volume_size=volume_size,
+    return RestoreResult(image=spec.spec, target=target, volume_size=volume_size,
                          chunks=int(restore.done.size), zero_chunks=0, bytes_written=restore.bytes_written,
                          seconds=time.monotonic() - started, verified=verify, chain=[r.id for r in chain])
 
@@ -311,14 +311,13 @@ def verify_tape(spec: TapeSpec, image_id: str | None = None, *, catalog: Catalog
         if f.kind == "damaged":
             results.append(_failed_verify(name, f.problem))
         elif f.incomplete and f.segment == 0:
-            results.append(_failed_verify(f"{name} (image {f.image_id[:12]})", "incomplete: an interrupted write "
-                                          "left it without its end block (the next backup to this cartridge "
-                                          "replaces it)"))
+            results.append(_failed_verify(name, "incomplete: an interrupted write left it without its end "
+                                          "block (the next backup to this cartridge replaces it)", f.image_id))
         elif f.kind == "image" and f.segment == 0:
             try:
                 results.append(_verify_on_tape(spec, f.image_id, f.label, f.tape_file, block_size, **kw))
             except ImagerError as e:
-                results.append(_failed_verify(f"{name} (image {f.image_id[:12]})", str(e)))
+                results.append(_failed_verify(name, str(e), f.image_id))
     if not results:
         raise UsageError(f"{spec.spec}: the tape holds no image")
     return results
@@ -333,8 +332,9 @@ def _verify_on_tape(spec: TapeSpec, full_id: str, label_name: str, tape_file: in
         feed.close()
 
 
-def _failed_verify(name: str, error: str) -> VerifyResult:
-    return VerifyResult(image=name, volume_size=0, chunks=0, zero_chunks=0, seconds=0.0, ok=False, errors=[error])
+def _failed_verify(name: str, error: str, image_id: str | None = None) -> VerifyResult:
+    return VerifyResult(image=name, volume_size=0, chunks=0, zero_chunks=0, seconds=0.0, ok=False, errors=[error],
+                        image_id=image_id)
 
 
 def open_tape_file(spec: TapeSpec, tape_file: int, block_size: int | None = None) -> TapeImageStream:

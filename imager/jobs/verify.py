@@ -52,4 +52,5 @@ def verify_feed(feed: Feed, *, workers: int | None = None, progress: Progress | 
     run_ordered(feed.chunks(), decoder(feed), consume, workers=worker_count(workers))
     feed.finish().check_chunk_digests(digests)
     return VerifyResult(image=feed.name, volume_size=header.volume_size, chunks=count[0],
-                        zero_chunks=zero[0], seconds=time.monotonic() - started)
+                        zero_chunks=zero[0], seconds=time.monotonic() - started, image_id=header.image_id,
+                        chain=[header.image_id])

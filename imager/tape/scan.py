@@ -9,6 +9,7 @@ from typing import Iterator
 
 from devices.tape.drive import TapeDrive, TapeError
 
+from .. import views
 from ..errors import TapeMediaError
 from .blocks import END_MAGIC, END_TAG, METADATA_READ_SIZE, SEGMENT_MAGIC, SEGMENT_TAG, DamagedBlock, _parse_meta_block
 from .labels import require_label
@@ -37,7 +38,11 @@ class TapeFileInfo:
         return self.kind == "image" and not self.complete and self.problem is None
 
     def to_dict(self) -> dict:
-        return dict(asdict(self), incomplete=self.incomplete)
+        d = asdict(self)
+        d["offset"] = d.pop("stream_offset")
+        d["bytes"] = d.pop("stream_length")
+        d["image"] = views.image_record(self.image) if self.image else None
+        return dict(d, incomplete=self.incomplete)
 
 
 def scan_files(drive: TapeDrive) -> Iterator[TapeFileInfo]:

@@ -17,6 +17,7 @@ from devices.tape.drive import TapeDrive, TapeError
 from devices.tape.lto import generation
 
 from ..errors import CartridgeFull, ImagerError, TapeMediaError, UsageError
+from ..progress import Progress, output_counter
 from .append import position_for_append
 from .blocks import DEFAULT_BLOCK_SIZE, END_MAGIC, END_TAG, SEGMENT_MAGIC, SEGMENT_TAG, _meta_block
 from .labels import Label, _is_blank, _tape_write_problem, check_label, read_label, write_label
@@ -48,6 +49,7 @@ class StreamRate:
         self.total = self._window_bytes = 0
         self._warned_at: float | None = None
         self.warnings = 0
+        self.listener: Callable[[int], None] = lambda count: None   # a display's output counter
 
     @classmethod
     def for_drive(cls, drive: TapeDrive, min_rate: float | None, notice: Callable[[str], None]) -> "StreamRate":
@@ -63,6 +65,7 @@ class StreamRate:
         return cls(lto.streaming_rate() * 1e6, f"{lto.name}'s slowest speed-matching rate", notice)
 
     def wrote(self, count: int) -> None:
+        self.listener(count)
         self.total += count
         self._window_bytes += count
         now = time.monotonic()
@@ -324,3 +327,14 @@ class TapeSink:
 # --- reading -----------------------------------------------------------------------------------
 
 
+
+
+def output_counting(sink: object, progress: Progress | None) -> Callable[[int], None]:
+    """What counts an image's compressed bytes for the display: for a tape, the bytes reaching
+    the drive (the sink's writer thread counts them, against the drive's streaming minimum;
+    the callback returned counts nothing); for a file or a pipe, the callback counts the bytes
+    written."""
+    if isinstance(sink, TapeSink):
+        sink.rate.listener = output_counter(progress, "to tape", sink.rate.minimum)
+        return lambda count: None
+    return output_counter(progress, "written")
