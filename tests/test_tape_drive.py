@@ -554,7 +554,9 @@ def test_writing_to_the_end_of_the_cartridge(medium, block_size):
         status = drive.status()
         results[-1] += "+eot" * status.eot + "+eod" * status.eod
     pattern = " ".join(results)
-    assert re.fullmatch(r"(ok )+ok\+eot (ENOSPC\+eod ok\+eot )*(ENOSPC\+eod ENOSPC\+eot ?){2}", pattern), pattern
+    # (The first write may already reach the warning: 8 MiB blocks on a cartridge whose early
+    # warning lies 8 MiB from its start, as in make test-st.)
+    assert re.fullmatch(r"(ok )*ok\+eot (ENOSPC\+eod ok\+eot )*(ENOSPC\+eod ENOSPC\+eot ?){2}", pattern), pattern
     if block_size <= 1 << 20:
         assert "ENOSPC+eod ok+eot" in pattern  # the zone takes more blocks after the warning
     drive.write_filemarks(1)

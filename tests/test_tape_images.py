@@ -96,6 +96,13 @@ def test_image_spans_three_cartridges_and_scan_rebuilds_the_catalog(loops, tmp_p
     written = _catalog_rows(private_catalog)
     assert written["segments"] and len(written["tapes"]) == 3
     assert _catalog_rows(scanned) == written
+    # The last cartridge alone (as it would be in a drive) says where the image starts.
+    last = tmp_path / "last.tap"
+    last.write_bytes((tmp_path / "vault" / "tape-003.tap").read_bytes())
+    r = imager("verify", "--tape", str(last))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert (f"holds segment 2 of image {summary['image_id'][:12]}, which starts on cartridge 'tape-001'"
+            in r.stderr), r.stderr
 
 
 def test_missing_and_out_of_order_cartridges_are_clear_errors(loops, tmp_path):
@@ -353,3 +360,42 @@ def test_tape_erase_refuses_a_used_tape_unless_forced_and_then_erases_all_of_it(
     status = json.loads(imager("tape", "status", "--json", "--tape", tape, check=True).stdout)
     with open(tape, "rb") as erased:        # nothing left but SIMH's end-of-medium marker
         assert status["blank"] is True and erased.read() == b"\xff\xff\xff\xff"
+
+
+def test_a_drive_that_cannot_switch_compression_is_written_with_a_notice(volumes, tmp_path):
+    """st answers MTCOMPRESSION with EIO on a drive without a changeable compression page: the
+    backup goes on (the stream is zstd already) and says so."""
+    from devices.tape.virtual import VirtualTape
+    from imager.ends.sources import open_source
+    from imager.jobs.backup import write_image
+    from imager.tape import TapeSink, TapeSpec, write_label
+
+    class FixedCompressionDrive(TapeSpec):
+        def open(self, sequence: int = 1, *, create: bool = True) -> VirtualTape:
+            return VirtualTape(self.path_for(sequence), create=create, compression_capable=False)
+
+    tape = str(tmp_path / "fixed.tap")
+    with VirtualTape(tape) as drive:
+        write_label(drive, "FIXED")
+    notices: list[str] = []
+    sink = TapeSink(FixedCompressionDrive(tape), image_id="b" * 32, on_notice=notices.append)
+    with open_source(volumes[0]) as source:
+        write_image(source, sink, image_id="b" * 32)
+    sink.commit({"id": "b" * 32})
+    assert any("cannot switch its hardware compression off" in n for n in notices), notices
+    out = tmp_path / "r.raw"
+    assert imager("restore", "--tape", tape, "--image", "b" * 32, str(out)).returncode == 0
+    assert same_bytes(volumes[0], str(out), device_size(volumes[0]))
+
+
+def test_the_cartridges_of_a_set_on_a_drive_are_named_after_the_first():
+    from imager.tape.labels import Label
+    from imager.tape.spec import TapeSpec, _member_label
+
+    single = TapeSpec("/tmp/single.tap")        # one drive (or one .tap): the drive's naming
+    first = Label("S1", "a" * 32, 1, "", 0)
+    second = Label(_member_label(single, 2, first), "a" * 32, 2, "", 0)
+    third = Label(_member_label(single, 3, second), "a" * 32, 3, "", 0)
+    assert [second.label, third.label, _member_label(single, 4, third)] == ["S1+2", "S1+3", "S1+4"]
+    # A first label that happens to end like a member's keeps its name whole.
+    assert _member_label(single, 2, Label("DAILY+1", "a" * 32, 1, "", 0)) == "DAILY+1+2"

@@ -18,7 +18,7 @@ import subprocess
 
 import pytest
 
-from conftest import imager, run
+from conftest import imager, run, same_bytes
 from devices.scsi import ScsiError
 from devices.tape import StTape, TapeError
 from devices.tape.changer import Changer, ChangerError, ElementKind
@@ -229,3 +229,46 @@ def test_mt_verbs_end_where_they_end_on_a_virtual_tape(tmp_path, capsys):
     on_st = walk(TAPE)
     assert on_st == on_virtual
     assert on_st[1][:2] == (1, 0) and on_st[-1][2] == on_st[1][2]
+
+
+@needs_changer
+def test_an_image_spans_three_cartridges_through_the_changer(changer, loops, tmp_path, capsys):
+    """The acceptance of a library: a backup larger than a cartridge has the changer load blank
+    cartridges itself; restore gets each cartridge by its label through the changer, whatever the
+    drive holds; a scan through the changer rebuilds the catalog from the cartridges alone."""
+    from imager.cli import main
+
+    def cli(*argv: str) -> dict:
+        code = main([*argv, "--json", "-q"])
+        shown = capsys.readouterr()
+        assert code == 0, (argv, shown.err)
+        return json.loads(shown.out)
+
+    others = [e.barcode for e in changer.status().slots if e.full and e.barcode != FIRST]
+    assert len(others) >= 2, "the rig has three cartridges"
+    for barcode in others:            # blank, as new cartridges are (the suite wrote on them)
+        unload_drive(changer)
+        with load(changer, barcode) as drive:
+            drive.rewind()
+            drive.erase()
+    unload_drive(changer)
+    load(changer, FIRST).close()
+
+    size = 20 << 20                   # more than two cartridges hold before their early warning (8 MiB)
+    source = loops.create(size)
+    with open(source, "r+b") as f:
+        f.write(os.urandom(size))
+        os.fsync(f.fileno())
+    cli("tape", "label", "SPAN", "--force", "--tape", TAPE)
+    (image,) = cli("backup", source, "--tape", TAPE, "--changer", CHANGER, "--chunk-size", "1M")["images"]
+    assert [s["tape_label"] for s in image["segments"]] == ["SPAN", "SPAN+2", "SPAN+3"], image["segments"]
+
+    unload_drive(changer)             # whatever the drive holds (here: nothing), restore finds its cartridges
+    out = tmp_path / "restored.raw"
+    cli("restore", "--tape", TAPE, "--changer", CHANGER, "--image", image["image_id"], str(out), "--verify")
+    assert same_bytes(source, str(out), size)
+
+    fresh = str(tmp_path / "fresh.sqlite")
+    cli("tape", "scan", "--tape", TAPE, "--changer", CHANGER, "--catalog", fresh)
+    (found,) = [i for i in cli("catalog", "list", "--catalog", fresh)["images"] if i["image_id"] == image["image_id"]]
+    assert [(s["tape_label"], s["tape_file"]) for s in found["segments"]] == [("SPAN", 1), ("SPAN+2", 1), ("SPAN+3", 1)]

@@ -48,8 +48,10 @@ def _parents() -> Parents:
         "--block-size": dict(type=positive_size, metavar="SIZE",
                              help=f"tape block size (default {DEFAULT_BLOCK_SIZE >> 10}K to write; to read, the size "
                                   f"the image was written with)"),
-        "--changer": dict(metavar="CMD", help="command that loads the next cartridge ($IMAGER_CARTRIDGE is its "
-                          "number); without it the operator is asked"),
+        "--changer": dict(metavar="DEV|CMD", help="the library's SCSI medium changer (/dev/sgN): it loads the next "
+                          "blank cartridge when an image spans, and the cartridge by label to read; or a command "
+                          "that loads the next cartridge ($IMAGER_CARTRIDGE is its number); without either the "
+                          "operator is asked"),
     }
     alone: dict[str, argparse.ArgumentParser] = {}
     tape = argparse.ArgumentParser(add_help=False)

@@ -9,6 +9,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from devices.tape.drive import TapeDrive
+
 from ..catalog import Catalog, ImageRecord, SegmentRecord, TapeRecord
 from ..ends.feeds import StreamFeed
 from ..ends.sinks import FileSink
@@ -44,6 +46,17 @@ def _cartridge_sequences(spec: TapeSpec) -> Iterator[int]:
         sequence += 1
 
 
+def _every_cartridge(spec: TapeSpec) -> Iterator[TapeDrive]:
+    """The cartridge in the drive, every cartridge of a virtual set, or with a SCSI changer
+    every cartridge of the library, each open in turn."""
+    if spec.library is not None:
+        yield from spec.library.each_cartridge(spec.open_if_loaded())
+        return
+    for sequence in _cartridge_sequences(spec):
+        with spec.open(sequence, create=False) as drive:
+            yield drive
+
+
 def scan_tape(spec: TapeSpec, catalog: Catalog | None = None) -> list[TapeFileInfo]:
     """Read what every cartridge of `spec` holds from the media alone; with a catalog, replace
     what it says of these cartridges by what was found."""
@@ -51,19 +64,20 @@ def scan_tape(spec: TapeSpec, catalog: Catalog | None = None) -> list[TapeFileIn
     segments: dict[str, list[SegmentRecord]] = {}
     records: dict[str, dict] = {}
     labels = []
-    for sequence in _cartridge_sequences(spec):
-        with spec.open(sequence, create=False) as drive:
-            label = require_label(drive)
-            labels.append(label)
-            for info in scan_files(drive):
-                info.label = label.label
-                found.append(info)
-                if info.kind == "image" and info.complete:
-                    segments.setdefault(info.image_id, []).append(SegmentRecord(
-                        info.image_id, info.segment, "tape", None, label.label, label.tape_set, info.tape_file,
-                        info.stream_offset, info.stream_length))
-                    if info.image:
-                        records[info.image_id] = info.image
+    for drive in _every_cartridge(spec):
+        label = read_label(drive) if spec.library is not None else require_label(drive)
+        if label is None:
+            continue        # a blank or foreign cartridge of the library
+        labels.append(label)
+        for info in scan_files(drive):
+            info.label = label.label
+            found.append(info)
+            if info.kind == "image" and info.complete:
+                segments.setdefault(info.image_id, []).append(SegmentRecord(
+                    info.image_id, info.segment, "tape", None, label.label, label.tape_set, info.tape_file,
+                    info.stream_offset, info.stream_length))
+                if info.image:
+                    records[info.image_id] = info.image
     if catalog is not None:
         for label in labels:
             catalog.forget_tape(label.label)
@@ -118,7 +132,7 @@ def _open_located(spec: TapeSpec, full_id: str, label_name: str, tape_file: int,
                 break
         else:
             raise TapeMediaError(f"{spec.spec}: no cartridge labelled {label_name!r} in the set")
-    drive = spec.open(sequence, create=False)
+    drive = spec.open_labelled(label_name) if spec.is_real_drive else spec.open(sequence, create=False)
     try:
         label = require_label(drive, label_name)
         stream = TapeImageStream(spec, drive, label, tape_file, full_id, block_size)
@@ -306,7 +320,8 @@ def verify_tape(spec: TapeSpec, image_id: str | None = None, *, catalog: Catalog
     if image_id:
         return [_verify_on_tape(spec, *_locate_on_tape(spec, image_id, catalog), block_size, **kw)]
     results = []
-    for f in scan_tape(spec):
+    files = scan_tape(spec)
+    for f in files:
         name = f"{spec.spec} {f.label} file {f.tape_file}"
         if f.kind == "damaged":
             results.append(_failed_verify(name, f.problem))
@@ -319,8 +334,29 @@ def verify_tape(spec: TapeSpec, image_id: str | None = None, *, catalog: Catalog
             except ImagerError as e:
                 results.append(_failed_verify(name, str(e), f.image_id))
     if not results:
-        raise UsageError(f"{spec.spec}: the tape holds no image")
+        raise UsageError(_no_image_starts_here(spec, [f for f in files if f.kind == "image"], catalog))
     return results
+
+
+def _no_image_starts_here(spec: TapeSpec, images: list[TapeFileInfo], catalog: Catalog | None) -> str:
+    """Why verify --tape found nothing to verify: a cartridge that holds only the continuation of
+    an image started on an earlier cartridge of its set says which one to load."""
+    if not images:
+        return f"{spec.spec}: the tape holds no image"
+    f = images[0]
+    first = None
+    if catalog is not None and f.image_id:
+        first = next((s.tape_label for s in _catalog_segments(catalog, f.image_id) if s.segment == 0), None)
+    where = f"cartridge {first!r}" if first else "an earlier cartridge of its set"
+    return (f"{spec.spec}: cartridge {f.label!r} holds segment {f.segment} of image {f.image_id[:12]}, which starts "
+            f"on {where}: load that cartridge (the image is verified from its start, across the set)")
+
+
+def _catalog_segments(catalog: Catalog, image_id: str) -> list[SegmentRecord]:
+    try:
+        return [s for s in catalog.segments(catalog.image(image_id).id) if s.kind == "tape"]
+    except UsageError:
+        return []
 
 
 def _verify_on_tape(spec: TapeSpec, full_id: str, label_name: str, tape_file: int, block_size: int | None,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from devices.errors import DeviceError
-from devices.tape.drive import TapeDrive, TapeError
+from devices.tape.drive import CompressionNotSwitchable, TapeDrive, TapeError
 from devices.tape.lto import generation
 
 from ..errors import CartridgeFull, ImagerError, TapeMediaError, UsageError
@@ -165,7 +165,7 @@ class TapeSink:
             except ValueError as e:
                 raise UsageError(f"{self.spec.spec}: {e} (choose --block-size within them)") from None
             drive.set_block_size(0)
-            drive.set_compression(self.drive_compression)
+            self._set_drive_compression(drive)
             tape_file = self._position_for_append(drive)
         except BaseException:
             drive.close()
@@ -216,6 +216,16 @@ class TapeSink:
             raise TapeMediaError(_tape_write_problem(e)) from None
         self.segments.append(seg)
 
+    def _set_drive_compression(self, drive: TapeDrive) -> None:
+        """Off by default (the stream is zstd already); a drive that cannot switch it writes as
+        it does by itself, which costs nothing but the drive's own attempt."""
+        try:
+            drive.set_compression(self.drive_compression)
+        except CompressionNotSwitchable:
+            self._notice(f"{drive.path}: the drive cannot switch its hardware compression "
+                         f"{'on' if self.drive_compression else 'off'}; writing with its own setting "
+                         f"(the image is compressed already)")
+
     def _switch_cartridge(self) -> None:
         self._end_segment(True, None)
         sequence = self._label.sequence + 1
@@ -233,7 +243,7 @@ class TapeSink:
             raise TapeMediaError(f"{drive.path}: wrong cartridge: {label.label!r} is cartridge {label.sequence} "
                                  f"of another set; expected cartridge {sequence} of set {self._label.tape_set[:12]}")
         drive.set_block_size(0)
-        drive.set_compression(self.drive_compression)
+        self._set_drive_compression(drive)
         tape_file = self._position_for_append(drive)
         if tape_file != 1:
             raise TapeMediaError(f"{drive.path}: cartridge {label.label!r} already holds images; a spanned "

@@ -16,6 +16,7 @@ from devices.tape.virtual import VirtualTape
 from ..ends.guards import check_tape_path
 from ..errors import TapeMediaError, UsageError
 from .labels import Label
+from .library import CartridgeLibrary, is_changer_device
 
 
 @dataclass
@@ -34,6 +35,12 @@ class TapeSpec:
         if self._real_drive and self.is_pattern:
             raise UsageError(f"--tape {self.spec!r}: a set of cartridges as a pattern is for virtual tapes; "
                              f"a real drive is one device (/dev/nstN) with --changer or the operator")
+        self.library: CartridgeLibrary | None = None
+        if self.changer and is_changer_device(self.changer):
+            if not self._real_drive:
+                raise UsageError(f"--changer {self.changer}: a SCSI changer loads a real drive (/dev/nstN); "
+                                 f"a set of virtual cartridges is a pattern, e.g. --tape 'tape-{{n:03}}.tap'")
+            self.library = CartridgeLibrary(self.changer, self.spec)
 
     @property
     def is_pattern(self) -> bool:
@@ -77,9 +84,33 @@ class TapeSpec:
         except DeviceError as e:
             raise TapeMediaError(str(e)) from None
 
-    def next_cartridge(self, drive: TapeDrive, sequence: int, *, create: bool = True) -> TapeDrive:
-        """Take `drive`'s cartridge out and return the drive with cartridge `sequence` in it.
-        A virtual cartridge that does not exist is created only when `create` (for writing)."""
+    def open_labelled(self, label: str) -> TapeDrive:
+        """The drive with the cartridge labelled `label`: through the changer when there is one
+        (the caller still checks the label, as for any cartridge)."""
+        if self.library is None:
+            return self.open(1, create=False)
+        return self.library.load_labelled(label, self.open_if_loaded())
+
+    def open_if_loaded(self) -> TapeDrive | None:
+        """A real drive, open, when it holds a tape; None when it is empty (st opens an empty
+        drive, and fails its first tape operation with ENOMEDIUM)."""
+        try:
+            drive = self.open(1, create=False)
+        except TapeMediaError:
+            return None
+        try:
+            if drive.status().online:
+                return drive
+        except DeviceError:
+            pass
+        drive.close()
+        return None
+
+    def next_cartridge(self, drive: TapeDrive, sequence: int, *, create: bool = True,
+                       label: str | None = None) -> TapeDrive:
+        """Take `drive`'s cartridge out and return the drive with cartridge `sequence` in it:
+        for writing (`create`) a blank one, for reading the one labelled `label`. A virtual
+        cartridge that does not exist is created only when `create`."""
         if self.is_pattern:
             drive.close()
             if not create and not os.path.exists(self.path_for(sequence)):
@@ -89,9 +120,15 @@ class TapeSpec:
             drive.close()
             raise TapeMediaError(f"{self.spec}: cartridge full, and a single virtual tape has no next "
                                  f"cartridge; give a set as a pattern, e.g. --tape 'tape-{{n:03}}.tap'")
+        if self.library is not None:
+            if create:
+                return self.library.next_blank(drive)
+            if label is None:
+                raise TapeMediaError(f"{self.spec}: which cartridge {sequence} is, by label, is not known")
+            return self.library.load_labelled(label, drive)
         drive.unload()
         drive.close()
-        message = f"insert cartridge {sequence} of the set into {self.spec}"
+        message = f"insert cartridge {sequence} of the set" + (f" ({label})" if label else "") + f" into {self.spec}"
         if self.changer:
             r = subprocess.run(self.changer, shell=True, env=dict(os.environ, IMAGER_CARTRIDGE=str(sequence),
                                                                     IMAGER_DRIVE=self.spec))
@@ -117,9 +154,14 @@ def operator_prompt(message: str) -> None:
         raise TapeMediaError(f"{message}: no terminal to ask on (use --changer)") from None
 
 
-def _member_label(spec: TapeSpec, sequence: int, first: Label | None = None) -> str:
-    """The label a new cartridge of a set gets: a virtual cartridge's file name, or the first
-    cartridge's label with the sequence number for a real drive."""
+def _member_label(spec: TapeSpec, sequence: int, previous: Label | None = None) -> str:
+    """The label a new cartridge of a set gets: a virtual cartridge's file name, or the set's
+    name with the sequence number for a real drive ("S1", "S1+2", "S1+3": the name is the first
+    cartridge's label, found from `previous`, the label of the cartridge before it)."""
     if spec.is_pattern:
         return os.path.splitext(os.path.basename(spec.path_for(sequence)))[0][:64]
-    return f"{first.label[:58]}+{sequence}" if first else f"imager+{sequence}"
+    if previous is None:
+        return f"imager+{sequence}"
+    name, suffix = previous.label, f"+{previous.sequence}"
+    base = name[:-len(suffix)] if previous.sequence > 1 and name.endswith(suffix) else name
+    return f"{base[:58]}+{sequence}"

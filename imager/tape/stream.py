@@ -10,7 +10,7 @@ from devices.tape.drive import TapeDrive, TapeError
 from ..errors import TapeMediaError
 from .blocks import END_MAGIC, END_TAG, METADATA_READ_SIZE, SEGMENT_MAGIC, SEGMENT_TAG, DamagedBlock, _parse_meta_block
 from .labels import Label, read_label
-from .spec import TapeSpec
+from .spec import TapeSpec, _member_label
 
 
 def segment_header(drive: TapeDrive, tape_file: int, read_size: int | None = None) -> dict:
@@ -141,7 +141,8 @@ class TapeImageStream:
             return False
         self._segment += 1
         sequence = self.label.sequence + 1
-        self.drive = self.spec.next_cartridge(self.drive, sequence, create=False)
+        self.drive = self.spec.next_cartridge(self.drive, sequence, create=False,
+                                              label=_member_label(self.spec, sequence, self.label))
         label = read_label(self.drive)
         if label is None or label.tape_set != self.label.tape_set or label.sequence != sequence:
             found = "an unlabelled tape" if label is None else f"{label.label!r} (cartridge {label.sequence})"
