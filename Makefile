@@ -48,6 +48,7 @@ bench: setup
 	$(PY) bench/compare.py --fs xfs --aged --level 1 --peers dd,partclone --rounds 2 --no-restore
 	$(PY) bench/front.py
 	$(PY) bench/mount.py
+	$(PY) bench/tape_streaming.py --buffer-mib 64
 	$(PY) -m pytest -q -p no:cacheprovider -o python_files="bench_*.py" bench
 
 # pyflakes everywhere, the layering of the data flow, mypy on the seams (strict on format, ends and plan).

@@ -73,7 +73,7 @@ def image_record(record: Any) -> dict:
 
 def segment(record: Any, *, present: bool | None = None) -> dict:
     """One stretch of an image's stream and where it lies: a file, or a tape file of a cartridge
-    (a SegmentRecord of the catalog, or a WrittenSegment of a tape sink)."""
+    (a SegmentRecord of the catalog, or a dict with its fields)."""
     r: Mapping[str, Any] = record if isinstance(record, Mapping) else vars(record)
     on_tape = r.get("kind", "tape") == "tape"
     out = {

@@ -990,3 +990,49 @@ def test_st_tape_errors_name_the_operation():
     assert str(error) == "/dev/null: MTFSF 2: Input/output error"
     error = fails(errno.ENOTTY, StTape, "/dev/null")
     assert "not a tape drive" in str(error)
+
+
+class StepClock:
+    """A clock the test moves: the host's rate is exactly what the test says."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("host_rate, back_hitches", [(200e6, 0), (100e6, 9)])
+def test_a_drive_fed_slower_than_it_streams_back_hitches(tmp_path, host_rate, back_hitches):
+    """A modelled drive (150 MB/s at its slowest, a 4 MiB buffer) fed 1 MiB blocks: faster than
+    it streams, never a stop; slower, a stop each time its buffer runs dry (after the first few
+    blocks the buffer holds nothing in advance: a back-hitch per block)."""
+    from devices.tape.streaming import StreamingModel
+
+    clock = StepClock()
+    model = StreamingModel(150e6, 4 << 20, clock=clock)
+    block = bytes(1 << 20)
+    with VirtualTape(tmp_path / "s.tap", streaming=model) as drive:
+        for _ in range(10):
+            drive.write_block(block)
+            clock.now += len(block) / host_rate
+        drive.write_filemarks(1)        # the end of the stream: a stop on purpose
+        clock.now += 60
+        drive.write_block(block)         # a new stream after a pause: no back-hitch either
+    assert model.back_hitches == back_hitches
+
+
+def test_a_drive_starts_the_tape_only_with_enough_data_to_stream(tmp_path):
+    """A small record, a long pause, then data at full speed: the drive waited for its buffer to
+    fill before moving the tape, so nothing ran dry (a header written ahead of a spooled image)."""
+    from devices.tape.streaming import StreamingModel
+
+    clock = StepClock()
+    model = StreamingModel(150e6, 4 << 20, clock=clock)
+    with VirtualTape(tmp_path / "s.tap", streaming=model) as drive:
+        drive.write_block(bytes(64 << 10))
+        clock.now += 30
+        for _ in range(10):
+            drive.write_block(bytes(1 << 20))
+            clock.now += (1 << 20) / 400e6
+    assert model.back_hitches == 0

@@ -399,3 +399,39 @@ def test_the_cartridges_of_a_set_on_a_drive_are_named_after_the_first():
     assert [second.label, third.label, _member_label(single, 4, third)] == ["S1+2", "S1+3", "S1+4"]
     # A first label that happens to end like a member's keeps its name whole.
     assert _member_label(single, 2, Label("DAILY+1", "a" * 32, 1, "", 0)) == "DAILY+1+2"
+
+
+def test_a_spooled_backup_reaches_the_tape_only_when_whole(volumes, tmp_path):
+    """--spool DIR: the image is made on disk first and the drive gets it in one go at the end
+    (it never waits for the compressor); nothing is left in DIR."""
+    from devices.tape.virtual import VirtualTape
+    from imager.ends.sources import open_source
+    from imager.jobs.backup import write_image
+    from imager.tape import TapeSink, TapeSpec, write_label
+
+    tape, spool = tmp_path / "t.tap", tmp_path / "spool"
+    spool.mkdir()
+    with VirtualTape(tape) as drive:
+        write_label(drive, "SPOOL")
+    before = tape.stat().st_size
+    notices: list[str] = []
+    sink = TapeSink(TapeSpec(str(tape)), image_id="c" * 32, on_notice=notices.append, spool_dir=str(spool))
+    with open_source(volumes[1]) as source:
+        result = write_image(source, sink, image_id="c" * 32)
+    # The whole image is made, and the tape is untouched (an abort now would leave it as it was).
+    assert tape.stat().st_size == before and result.bytes_written > 1 << 20
+    sink.commit({"id": "c" * 32})
+    assert any("writing the spooled image" in n for n in notices), notices
+    assert list(spool.iterdir()) == []
+    out = tmp_path / "r.raw"
+    assert imager("restore", "--tape", str(tape), "--image", "c" * 32, str(out)).returncode == 0
+    assert same_bytes(volumes[1], str(out), device_size(volumes[1]))
+
+    # The command line: --spool with a tape; refused without one.
+    made = imager("backup", volumes[2], "--tape", str(tape), "--spool", str(spool), "--json")
+    assert made.returncode == 0, made.stderr
+    assert list(spool.iterdir()) == []
+    refused = imager("backup", volumes[2], "-o", str(tmp_path / "x.zst"), "--spool", str(spool))
+    assert refused.returncode == 2 and "--spool is for a backup to tape" in refused.stderr
+    missing = imager("backup", volumes[2], "--tape", str(tape), "--spool", str(tmp_path / "nowhere"))
+    assert missing.returncode == 2 and "no such directory" in missing.stderr

@@ -94,6 +94,7 @@ from . import mtio
 from .drive import (BlockLimits, Compression, CompressionNotSwitchable, TapeDrive, TapeError, TapeStatus,
                     check_count)
 from .simh import FILEMARK_BYTES, LARGEST_BLOCK, HostFileError, SimhTapeFile, record_bytes
+from .streaming import StreamingModel
 from .virtual_head import EofState, Head
 
 __all__ = ["DEFAULT_EARLY_WARNING", "HostFileError", "VirtualTape"]
@@ -113,13 +114,14 @@ class VirtualTape(TapeDrive):
     The drive's facts are configured: `block_limits` (default 1 byte to 16 MiB - 1, st's
     largest block), whether it can switch compression (`compression_capable`; if not,
     set_compression raises CompressionNotSwitchable as st's EIO does) and the `density` code
-    status() reports (0: the default).
+    status() reports (0: the default). `streaming`, a StreamingModel, counts the back-hitches
+    a real drive would make at the rate the writes come.
     """
 
     def __init__(self, path, capacity: int | None = None, early_warning: int | None = None,
                  write_protected: bool = False, create: bool = True, *,
                  block_limits: BlockLimits | None = None, compression_capable: bool = True,
-                 density: int = 0, remembers_position: bool = False):
+                 density: int = 0, remembers_position: bool = False, streaming: StreamingModel | None = None):
         self.path = os.fspath(path)
         self._limits = block_limits or BlockLimits(1, LARGEST_BLOCK)
         if not 1 <= self._limits.minimum <= self._limits.maximum <= LARGEST_BLOCK:
@@ -146,6 +148,8 @@ class VirtualTape(TapeDrive):
         self._unloaded_status: TapeStatus | None = None
         self._block_size = 0
         self._writing = False
+        # A drive's buffer and slowest tape speed, to count back-hitches (streaming.py).
+        self.streaming = streaming
         self._position_file = self.path + POSITION_SUFFIX if remembers_position else None
         if self._position_file:
             self._restore_position()
@@ -251,6 +255,8 @@ class VirtualTape(TapeDrive):
             head.eof = EofState.EOM_OK
         else:
             head.eof = EofState.NOEOF
+        if self.streaming is not None:
+            self.streaming.wrote(size)
         return size
 
     def write_filemarks(self, count: int = 1) -> None:
@@ -259,6 +265,8 @@ class VirtualTape(TapeDrive):
         if self.write_protected:
             raise self._error(errno.EACCES, "writing a filemark: the tape is write-protected")
         self._writing = False
+        if self.streaming is not None:
+            self.streaming.stopped()
         if count:
             self._check_room(count * FILEMARK_BYTES, errno.EIO, "no room for a filemark at the end of the medium")
             self._file.write_filemarks(self._head.position, count)

@@ -40,6 +40,10 @@ def register(sub, parents) -> None:
                    help="with --tape: warn while the compressed stream reaches the drive slower than this "
                         "(default: the LTO generation's slowest speed-matching rate, from the drive's density "
                         "code; 0: never)")
+    b.add_argument("--spool", metavar="DIR",
+                   help="with --tape: make each image in DIR first (an unnamed file, gone afterwards), then "
+                        "stream it to the drive at the disk's speed, so that a slow compression never makes "
+                        "the tape stop and reposition (DIR needs room for one image)")
     b.add_argument("--drive-compression", action="store_true",
                    help="keep the tape drive's compression on (off by default: the stream is compressed)")
     b.add_argument("--level", type=int, default=DEFAULT_LEVEL, help=f"zstd level (default {DEFAULT_LEVEL})")
@@ -66,7 +70,10 @@ def run(args, out: Output) -> int:
     dest = jobs.Destination(output=args.output, tape=tape_spec(args) if args.tape else None, force=args.force,
                             block_size=args.block_size or DEFAULT_BLOCK_SIZE, expect_label=args.label,
                             drive_compression=args.drive_compression,
-                            min_rate=args.min_rate * 1e6 if args.min_rate is not None else None)
+                            min_rate=args.min_rate * 1e6 if args.min_rate is not None else None,
+                            spool=args.spool)
+    if args.spool and not args.tape:
+        raise UsageError("--spool is for a backup to tape (--tape): an image file is written as it is made")
     options = jobs.ImagingOptions(level=args.level, chunk_size=args.chunk_size, workers=args.workers,
                                   all_blocks=args.all_blocks, excludes=tuple(os.path.abspath(p) for p in args.exclude),
                                   backups_as_sources=args.force, max_freeze=args.max_freeze,

@@ -84,6 +84,7 @@ class Destination:
     expect_label: str | None = None
     drive_compression: bool = False
     min_rate: float | None = None       # bytes/s the tape drive needs to keep streaming (None: from its density)
+    spool: str | None = None            # a directory where a tape image is made whole before it is written
     # What {date} in an output template stands for: one instant for every volume of the run.
     started: datetime = field(default_factory=lambda: datetime.now().astimezone())
 
@@ -205,7 +206,7 @@ def _open_sink(volume: PlannedVolume, dest: Destination, options: ImagingOptions
                on_notice: Notice | None) -> Sink:
     if dest.tape:
         return TapeSink(dest.tape, image_id=image_id, block_size=dest.block_size, expect_label=dest.expect_label,
-                        drive_compression=dest.drive_compression, min_rate=dest.min_rate,
+                        drive_compression=dest.drive_compression, min_rate=dest.min_rate, spool_dir=dest.spool,
                         largest_frame=zstd_frame_bound(options.chunk_size), on_notice=on_notice)
     if dest.to_stdout:
         return StreamSink()

@@ -7,10 +7,12 @@ from __future__ import annotations
 import errno
 import os
 import queue
+import tempfile
 import threading
 import time
+from array import array
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 from devices.errors import DeviceError
 from devices.tape.drive import CompressionNotSwitchable, TapeDrive, TapeError
@@ -64,6 +66,11 @@ class StreamRate:
             return cls(None, "", notice)
         return cls(lto.streaming_rate() * 1e6, f"{lto.name}'s slowest speed-matching rate", notice)
 
+    def restart(self) -> None:
+        """The stream to the drive starts now (a spooled image: the drive stood idle meanwhile)."""
+        self.started = self._window_start = time.monotonic()
+        self._window_bytes = 0
+
     def wrote(self, count: int) -> None:
         self.listener(count)
         self.total += count
@@ -104,7 +111,8 @@ class TapeSink:
     def __init__(self, spec: TapeSpec, *, image_id: str, block_size: int = DEFAULT_BLOCK_SIZE,
                  expect_label: str | None = None, drive_compression: bool = False,
                  buffer_bytes: int = 64 << 20, largest_frame: int = 0,
-                 on_notice: Callable[[str], None] | None = None, min_rate: float | None = None):
+                 on_notice: Callable[[str], None] | None = None, min_rate: float | None = None,
+                 spool_dir: str | None = None):
         if block_size <= 0 or block_size % 512:
             raise UsageError(f"tape block size {block_size} must be a positive multiple of 512")
         zone = spec.early_warning_zone
@@ -122,17 +130,18 @@ class TapeSink:
         self.labelled: list[Label] = []
         self.bytes_written = 0
         self._notice = on_notice or (lambda message: None)
+        self._spool = _Spool(spool_dir) if spool_dir else None
         self._drive, self._label, tape_file = self._first_cartridge(expect_label)
         self.rate = StreamRate.for_drive(self._drive, min_rate, self._notice)
         self._pending = bytearray()
         self._queue: queue.Queue = queue.Queue(maxsize=max(2, buffer_bytes // block_size))
         self._error: BaseException | None = None
         self._ending = False
-        try:
-            self._start_segment(tape_file)
-        except BaseException:
-            self._drive.close()
-            raise
+        # A spooled image touches the tape only when it is whole: the drive would stop (and
+        # reposition) between a segment header written now and the data written then.
+        self._first_tape_file = tape_file
+        if self._spool is None:
+            self._start_first_segment()
         self._thread = threading.Thread(target=self._writer, name="imager-tape", daemon=True)
         self._thread.start()
 
@@ -216,6 +225,15 @@ class TapeSink:
             raise TapeMediaError(_tape_write_problem(e)) from None
         self.segments.append(seg)
 
+    def _start_first_segment(self) -> None:
+        try:
+            self._start_segment(self._first_tape_file)
+        except BaseException:
+            self._drive.close()
+            if self._spool is not None:
+                self._spool.close()
+            raise
+
     def _set_drive_compression(self, drive: TapeDrive) -> None:
         """Off by default (the stream is zstd already); a drive that cannot switch it writes as
         it does by itself, which costs nothing but the drive's own attempt."""
@@ -257,6 +275,9 @@ class TapeSink:
         """Queue one whole zstd frame of the image stream (frame boundaries matter for spanning)."""
         if self._error is not None:
             raise self._error
+        if self._spool is not None:
+            self._spool.append(frame)
+            return
         self._put(frame)
 
     def _put(self, item) -> None:
@@ -316,7 +337,17 @@ class TapeSink:
             self._pending = bytearray()
 
     def commit(self, record: dict | None = None) -> None:
-        """Close the image's last segment with the image record; waits for the drive."""
+        """Close the image's last segment with the image record; waits for the drive. A spooled
+        image goes to the drive now, as fast as the disk reads it back."""
+        if self._spool is not None and self._error is None:
+            self._notice(f"writing the spooled image ({self._spool.bytes >> 20} MiB) to {self.path}")
+            self._start_first_segment()
+            self.rate.restart()
+            for frame in self._spool.frames():
+                self._put(frame)
+                if self._error is not None:
+                    break
+            self._spool.close()
         if self._error is None:
             self._put(("finish", record))
         self._thread.join()
@@ -325,6 +356,8 @@ class TapeSink:
             raise self._error
 
     def abort(self) -> None:
+        if self._spool is not None:
+            self._spool.close()
         if self._thread.is_alive():
             self._put(None)
             self._thread.join()
@@ -334,9 +367,40 @@ class TapeSink:
             pass
 
 
-# --- reading -----------------------------------------------------------------------------------
+class _Spool:
+    """The image's frames on disk until the whole image is made (`--spool DIR`, as Bacula
+    spools): the drive then gets them at the disk's speed, never slower than it streams. An
+    unnamed file (O_TMPFILE): nothing is left in DIR whatever happens to the process."""
 
+    def __init__(self, directory: str):
+        if not os.path.isdir(directory):
+            raise UsageError(f"--spool {directory}: no such directory")
+        try:
+            self._file = tempfile.TemporaryFile(dir=directory, prefix=".imager-spool-")
+        except OSError as e:
+            raise UsageError(f"--spool {directory}: cannot create the spool file: {e.strerror}") from None
+        self.lengths = array("q")
+        self.bytes = 0
 
+    def append(self, frame: bytes) -> None:
+        try:
+            self._file.write(frame)
+        except OSError as e:
+            raise ImagerError(f"the spool file could not take the image: {e.strerror}") from None
+        self.lengths.append(len(frame))
+        self.bytes += len(frame)
+
+    def frames(self) -> Iterator[bytes]:
+        self._file.flush()
+        self._file.seek(0)
+        for length in self.lengths:
+            frame = self._file.read(length)
+            if len(frame) != length:
+                raise ImagerError("the spool file ends early (it was changed or truncated)")
+            yield frame
+
+    def close(self) -> None:
+        self._file.close()
 
 
 def output_counting(sink: object, progress: Progress | None) -> Callable[[int], None]:
