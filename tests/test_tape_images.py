@@ -428,9 +428,14 @@ def test_a_spooled_backup_reaches_the_tape_only_when_whole(volumes, tmp_path):
     assert same_bytes(volumes[1], str(out), device_size(volumes[1]))
 
     # The command line: --spool with a tape; refused without one.
-    made = imager("backup", volumes[2], "--tape", str(tape), "--spool", str(spool), "--json")
+    made = imager("backup", volumes[2], "--tape", str(tape), "--spool", str(spool), "--json", "--progress", "json",
+                  "--min-rate", "10000000")
     assert made.returncode == 0, made.stderr
     assert list(spool.iterdir()) == []
+    # While it is made, the display shows the spool's rate: nothing reaches the drive yet, and
+    # a drive's minimum means nothing to a spool file.
+    final = [json.loads(line) for line in made.stderr.splitlines() if line.startswith("{")][-1]
+    assert final["output"] == "to the spool" and final["minimum_per_second"] is None, final
     refused = imager("backup", volumes[2], "-o", str(tmp_path / "x.zst"), "--spool", str(spool))
     assert refused.returncode == 2 and "--spool is for a backup to tape" in refused.stderr
     missing = imager("backup", volumes[2], "--tape", str(tape), "--spool", str(tmp_path / "nowhere"))

@@ -225,6 +225,10 @@ class TapeSink:
             raise TapeMediaError(_tape_write_problem(e)) from None
         self.segments.append(seg)
 
+    @property
+    def spooled(self) -> bool:
+        return self._spool is not None
+
     def _start_first_segment(self) -> None:
         try:
             self._start_segment(self._first_tape_file)
@@ -408,7 +412,9 @@ def output_counting(sink: object, progress: Progress | None) -> Callable[[int], 
     the drive (the sink's writer thread counts them, against the drive's streaming minimum;
     the callback returned counts nothing); for a file or a pipe, the callback counts the bytes
     written."""
-    if isinstance(sink, TapeSink):
+    if isinstance(sink, TapeSink) and not sink.spooled:
         sink.rate.listener = output_counter(progress, "to tape", sink.rate.minimum)
         return lambda count: None
-    return output_counter(progress, "written")
+    # A spooled image reaches the drive only at the end: what the display can show meanwhile
+    # is the spool's rate, which has no minimum.
+    return output_counter(progress, "to the spool" if isinstance(sink, TapeSink) else "written")
