@@ -342,15 +342,13 @@ def write_image(source: VolumeSource, sink: Sink, *, options: ImagingOptions | N
         totals["bytes_read"] += n
 
     count_output = output_counting(sink, progress)
-    before = [0]
 
     def consume(chunk: EncodedChunk) -> None:
         writer.write_chunk(chunk)
         totals["zero_chunks"] += chunk.zero
         if progress:
             progress(chunk.length)
-            count_output(writer.bytes_written - before[0])
-            before[0] = writer.bytes_written
+            count_output(writer.bytes_written)
 
     try:
         run_ordered(read_chunks(source, options.chunk_size, pool, count_read, plan),
@@ -361,7 +359,7 @@ def write_image(source: VolumeSource, sink: Sink, *, options: ImagingOptions | N
     seconds = time.monotonic() - started
     writer.finish({"bytes_read": totals["bytes_read"], "zero_chunks": totals["zero_chunks"],
                    "seconds": round(seconds, 3), "finished": now_iso()}, *used_bitmaps(plan, header))
-    count_output(writer.bytes_written - before[0])
+    count_output(writer.bytes_written)
     return BackupResult(image_id=header.image_id, image=sink.path, source=source.path, volume_size=source.size,
                         chunks=header.chunk_count, zero_chunks=totals["zero_chunks"],
                         bytes_read=totals["bytes_read"], bytes_written=writer.bytes_written, seconds=seconds,

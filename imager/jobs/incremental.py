@@ -125,7 +125,6 @@ def write_incremental(source: VolumeSource, sink: Sink, increment: Increment, *,
         totals["bytes_read"] += count
 
     count_output = output_counting(sink, progress)
-    before = [0]
 
     def consume(result: tuple[int, list[EncodedChunk], int]) -> None:
         length, changed, compared = result
@@ -134,8 +133,7 @@ def write_incremental(source: VolumeSource, sink: Sink, increment: Increment, *,
         totals["changed"] += len(changed)
         if progress:
             progress(length)
-            count_output(writer.bytes_written - before[0])
-            before[0] = writer.bytes_written
+            count_output(writer.bytes_written)
 
     try:
         run_ordered(read_chunks(source, read_size, pool, count_read, read_plan), compare, consume,
@@ -147,7 +145,7 @@ def write_incremental(source: VolumeSource, sink: Sink, increment: Increment, *,
                            else (pack_bits(np.ones(n, dtype=bool)),) * 2)
     writer.finish({"bytes_read": totals["bytes_read"], "compared_blocks": totals["compared"],
                    "seconds": round(seconds, 3), "finished": now_iso()}, used_any, used_full)
-    count_output(writer.bytes_written - before[0])
+    count_output(writer.bytes_written)
     return BackupResult(image_id=header.image_id, image=sink.path, source=source.path, volume_size=source.size,
                         chunks=totals["changed"], zero_chunks=0, bytes_read=totals["bytes_read"],
                         bytes_written=writer.bytes_written, seconds=seconds, level=level, chunk_size=block_size,

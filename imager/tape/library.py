@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
-from typing import Callable, Iterator
+from typing import Iterator
 
 from devices.errors import DeviceError
 from devices.tape.changer import Changer, Element, ElementKind
@@ -50,10 +50,8 @@ def is_changer_device(value: str) -> bool:
 class CartridgeLibrary:
     """The changer at `changer_path` and the drive `drive_path` (its drive number `drive_number`)."""
 
-    def __init__(self, changer_path: str, drive_path: str, drive_number: int = 0,
-                 notice: Callable[[str], None] | None = None):
+    def __init__(self, changer_path: str, drive_path: str, drive_number: int = 0):
         self.changer_path, self.drive_path, self.drive_number = changer_path, drive_path, drive_number
-        self._notice = notice or (lambda message: None)
 
     def _changer(self) -> Changer:
         try:
@@ -102,8 +100,8 @@ class CartridgeLibrary:
                     continue
                 loaded = self._load(changer, slot)
                 if _is_blank(loaded):
-                    self._notice(f"changer: loaded the blank cartridge {slot.barcode or ''} from slot {slot.number}"
-                                 .replace("  ", " "))
+                    log.info("changer %s: slot %d holds a blank cartridge: continuing on it", self.changer_path,
+                             slot.number)
                     loaded.rewind()
                     return loaded
                 tried.append(slot.barcode or f"slot {slot.number}")
@@ -124,7 +122,7 @@ class CartridgeLibrary:
             for slot in slots:
                 loaded = self._load(changer, slot)
                 if _label_of(loaded) == label:
-                    self._notice(f"changer: loaded cartridge {label!r} from slot {slot.number}")
+                    log.info("changer %s: cartridge %r found in slot %d", self.changer_path, label, slot.number)
                     return loaded
                 self._put_back(changer, loaded)
         raise TapeMediaError(f"{self.changer_path}: no cartridge labelled {label!r} in the library "

@@ -344,7 +344,7 @@ class TapeSink:
         """Close the image's last segment with the image record; waits for the drive. A spooled
         image goes to the drive now, as fast as the disk reads it back."""
         if self._spool is not None and self._error is None:
-            self._notice(f"writing the spooled image ({self._spool.bytes >> 20} MiB) to {self.path}")
+            self._notice(f"writing the spooled image ({sum(self._spool.lengths) >> 20} MiB) to {self.path}")
             self._start_first_segment()
             self.rate.restart()
             for frame in self._spool.frames():
@@ -384,7 +384,6 @@ class _Spool:
         except OSError as e:
             raise UsageError(f"--spool {directory}: cannot create the spool file: {e.strerror}") from None
         self.lengths = array("q")
-        self.bytes = 0
 
     def append(self, frame: bytes) -> None:
         try:
@@ -392,7 +391,6 @@ class _Spool:
         except OSError as e:
             raise ImagerError(f"the spool file could not take the image: {e.strerror}") from None
         self.lengths.append(len(frame))
-        self.bytes += len(frame)
 
     def frames(self) -> Iterator[bytes]:
         self._file.flush()
@@ -408,13 +406,20 @@ class _Spool:
 
 
 def output_counting(sink: object, progress: Progress | None) -> Callable[[int], None]:
-    """What counts an image's compressed bytes for the display: for a tape, the bytes reaching
-    the drive (the sink's writer thread counts them, against the drive's streaming minimum;
-    the callback returned counts nothing); for a file or a pipe, the callback counts the bytes
-    written."""
+    """What counts an image's compressed bytes for the display, called with the image writer's
+    running total: for a tape, the bytes reaching the drive (the sink's writer thread counts
+    them, against the drive's streaming minimum; the callback returned ignores the total); for
+    a file, a pipe or a spool, the bytes written since the last call."""
     if isinstance(sink, TapeSink) and not sink.spooled:
         sink.rate.listener = output_counter(progress, "to tape", sink.rate.minimum)
-        return lambda count: None
+        return lambda total: None
     # A spooled image reaches the drive only at the end: what the display can show meanwhile
     # is the spool's rate, which has no minimum.
-    return output_counter(progress, "to the spool" if isinstance(sink, TapeSink) else "written")
+    count = output_counter(progress, "to the spool" if isinstance(sink, TapeSink) else "written")
+    counted = 0
+
+    def running_total(total: int) -> None:
+        nonlocal counted
+        count(total - counted)
+        counted = total
+    return running_total
