@@ -3,9 +3,11 @@ under writers that fsync, is a pause to the filesystem on the front, never an er
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import subprocess
+import time
 
 import pytest
 
@@ -13,7 +15,7 @@ from imager.errors import VolumeError
 from imager.snapshot import daemon
 
 from conftest import fsck_clean
-from lab import DAEMON_TESTS, MiB, Writers, check_live_volume, kill_and_wait
+from lab import DAEMON_TESTS, WAIT, MiB, Writers, check_live_volume, kill_and_wait
 
 pytestmark = DAEMON_TESTS
 
@@ -70,12 +72,28 @@ def test_detach_after_worker_deaths_leaves_nothing_behind(bench):
     with pytest.raises(VolumeError, match="is mounted at"):
         daemon.detach("tidy")                      # a restarted worker still refuses what the first did
     subprocess.run(["umount", mnt], check=True)
+    wait_released(vol.front)
     daemon.detach("tidy")
     assert daemon.list_volumes() == []
     assert not os.path.exists(vol.run_dir)
     assert not any(line.split()[1].startswith(vol.run_dir) for line in open("/proc/mounts"))
     checked = fsck_clean(source)
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def wait_released(device: str) -> None:
+    """Until nothing holds `device` any more. On a shared machine a mount namespace made by
+    another program while our filesystem was mounted keeps a copy of the mount, and with it the
+    device, for a moment after our umount returns."""
+    deadline = time.monotonic() + WAIT
+    while True:
+        try:
+            os.close(os.open(device, os.O_RDONLY | os.O_EXCL))
+            return
+        except OSError as e:
+            if e.errno != errno.EBUSY or time.monotonic() > deadline:
+                raise
+        time.sleep(0.05)
 
 
 def digest(path: str) -> str:
