@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from devices import loop  # noqa: E402
 from imager import jobs  # noqa: E402
+from imager.errors import ImagerError  # noqa: E402
 from imager.snapshot import daemon  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -59,6 +60,20 @@ def sh(*cmd: str) -> str:
 def drop_caches() -> None:
     os.sync()
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def detach_when_released(name: str, timeout: float = 60.0) -> None:
+    """Detach once the front is no longer claimed: right after `umount` returns, the backup's
+    private mounts of it can still hold it for a moment (seen once as "in use" here)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            daemon.detach(name)
+            return
+        except ImagerError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def main() -> int:
@@ -152,7 +167,7 @@ def main() -> int:
             subprocess.run(["umount", str(mounted)])
         if attached:
             daemon.snapshot_delete(name, force=True, missing_ok=True)
-            daemon.detach(name)
+            detach_when_released(name)
         for d in devices:
             loop.detach(d)
         subprocess.run(["rm", "-rf", str(tmp)])

@@ -113,7 +113,7 @@ SNAPSHOT = record({"name": STR, "path": STR, "created": nullable(TIME), "generat
 
 VOLUME = record({"name": STR, "device": STR, "size": INT, "front": nullable(STR), "fuse_file": STR, "state_dir": STR,
                  "run_dir": STR, "pid": INT, "log_path": STR, "snapshot": nullable(ref("snapshot")), "state": STR,
-                 "problem": STR, "tracker": nullable(OBJ)})
+                 "problem": STR, "tracker": nullable(OBJ)}, {"worker": nullable(record({"pid": INT, "restarts": INT}))})
 
 NAMES = {"type": "array", "items": STR}
 

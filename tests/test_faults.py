@@ -283,8 +283,9 @@ def test_a_stopped_daemon_holds_up_no_other_backup(bench):
     other, _, other_mnt = bench.ext4_volume("other", 64 * MiB)
     fill_with_data(other_mnt, 4 * MiB)
     plain, plain_mnt = bench.plain_ext4("plain", 64 * MiB)
-    os.kill(stuck.pid, signal.SIGSTOP)
-    bench.defer(lambda: os.kill(stuck.pid, signal.SIGCONT))
+    # The worker is what answers; its supervisor only waits for it.
+    os.kill(stuck.worker["pid"], signal.SIGSTOP)
+    bench.defer(lambda: os.kill(stuck.worker["pid"], signal.SIGCONT))
     out = bench.tmp / "out"
     out.mkdir()
     # Before, every backup asked every daemon for its status with a 60 s timeout.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import socketserver
 from typing import TYPE_CHECKING
 
@@ -23,8 +24,15 @@ log = logging.getLogger("imager.daemon")
 class ControlServer(socketserver.ThreadingUnixStreamServer):
     daemon_threads = True
 
-    def __init__(self, path: str, daemon: VolumeDaemon):
+    def __init__(self, path: str, daemon: VolumeDaemon, listen_fd: int | None = None):
         self.daemon = daemon
+        if listen_fd is not None:
+            # The supervisor's socket, bound for as long as the volume is attached: clients that
+            # connect while no worker runs wait in its backlog for the next one.
+            super().__init__(path, ControlHandler, bind_and_activate=False)
+            self.socket.close()
+            self.socket = socket.socket(fileno=listen_fd)
+            return
         try:
             os.unlink(path)
         except FileNotFoundError:

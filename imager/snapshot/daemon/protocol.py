@@ -121,6 +121,7 @@ class VolumeInfo:
     state: str = "running"      # running | failed (the daemon is gone) | not answering
     problem: str = ""           # for a volume not running: what happened and what to do
     tracker: dict | None = None  # the change tracker: series, sequence, base, changed blocks
+    worker: dict | None = None   # the process serving the volume under `pid`: its pid, restarts so far
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,8 @@ def volume_from(d: dict) -> VolumeInfo:
         name=d["name"], device=d["device"], size=d["size"], front=d.get("front"),
         fuse_file=d["fuse_file"], state_dir=d["state_dir"], run_dir=d["run_dir"], pid=d["pid"],
         log_path=d["log_path"], snapshot=SnapshotInfo(**snap) if snap else None,
-        state=d.get("state", "running"), problem=d.get("problem", ""), tracker=d.get("tracker"))
+        state=d.get("state", "running"), problem=d.get("problem", ""), tracker=d.get("tracker"),
+        worker=d.get("worker"))
 
 
 def checked(reply: dict) -> dict:

@@ -1,11 +1,12 @@
-"""The managed-volume daemon: one process per volume, started by launch.attach().
+"""The managed-volume daemon's worker: started (and restarted) by the supervisor
+(supervisor.py), which holds the source device's O_EXCL claim, the mounted FUSE connection and
+the control socket, and hands the worker the last two.
 
-It owns the source device (opened O_EXCL, so nothing else mounts or claims it), serves it as the
-FUSE file `volume` whose every write goes through a CowStore (fusefile.FileServer), attaches
-the front loop device on that file, and while a snapshot exists serves the read-only file
-`snapshot` beside it. It answers the control protocol (protocol.py) on a Unix socket
-(control.py) and writes its record to the run directory.
-
+The worker opens the CowStore and serves the FUSE file `volume` whose every write goes through
+it (files.VolumeFiles on devices.fuse), and while a snapshot exists the read-only file
+`snapshot` beside it. The first worker attaches the front loop device on `volume`; later ones
+find it attached. It answers the control protocol (protocol.py) on the socket (control.py) and
+writes its record to the run directory.
 """
 
 from __future__ import annotations
@@ -18,9 +19,7 @@ import os
 import threading
 import time
 
-import mfusepy
-
-from devices import loop
+from devices import fuse, loop
 from devices.block import BlockDevice
 from devices.errors import DeviceError
 from devices.fs import mounts_of
@@ -30,91 +29,60 @@ from devices.topology import write_fingerprint
 from ... import failpoints
 from ...errors import ImagerError, SnapshotError, VolumeError
 from ...ends.atomic import write_atomically
-from ..cow import CowStore, SnapshotView
+from ..cow import CowStore
 from ..cow.tracker import Roll
 from .control import ControlServer
-from ...fusefile import FileServer, ServedFile, serve
+from .files import VolumeFiles
 from .protocol import LOG_NAME, MOUNT_DIR_NAME, RECORD_NAME, SNAPSHOT_FILE, SOCKET_NAME, VOLUME_FILE
+from .supervisor import WORKER_FILE
 
 log = logging.getLogger("imager.daemon")
 
 MNT_DETACH = 2
 # The kernel sends RELEASE a moment after the last close (or loop detach): how long to wait for it.
 HANDLE_RELEASE_TIMEOUT = 3.0
-FUSE_START_TIMEOUT = 30.0
-
-
-class _VolumeHandle:
-    """An open of `volume`: every write through the COW store."""
-
-    def __init__(self, store: CowStore):
-        self.store = store
-
-    def read_into(self, dst: memoryview, offset: int) -> int:
-        return self.store.read_into(dst, offset)
-
-    def write_from(self, src: memoryview, offset: int) -> int:
-        if offset >= self.store.size:
-            raise mfusepy.FuseOSError(errno.ENOSPC)
-        src = src[:self.store.size - offset]
-        self.store.write(offset, src)
-        return len(src)
-
-    def flush(self) -> None:
-        self.store.flush()
-
-    def close(self) -> None:
-        pass
-
-
-class _SnapshotHandle:
-    """An open of `snapshot`: a read-only view of one generation."""
-
-    def __init__(self, view: SnapshotView, on_unreadable):
-        self.view = view
-        self._on_unreadable = on_unreadable
-
-    def read_into(self, dst: memoryview, offset: int) -> int:
-        try:
-            return self.view.read_into(dst, offset)
-        except SnapshotError as e:
-            self._on_unreadable(e)
-            raise mfusepy.FuseOSError(errno.EIO) from None
-
-    def write_from(self, src: memoryview, offset: int) -> int:
-        raise mfusepy.FuseOSError(errno.EBADF)
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        self.view.close()
+FUSE_STOP_TIMEOUT = 30.0
+# The worker's exit status when it cannot serve FUSE any more: the supervisor starts another.
+EXIT_NOT_SERVING = 70
 
 
 class VolumeDaemon:
-    """Owns the device, the CowStore, the FUSE mount and the front loop device of one volume."""
+    """The worker of one volume: the CowStore, the FUSE server on the supervisor's connection,
+    the front loop device (attached by the first worker) and the control socket."""
 
     def __init__(self, name: str, device_path: str, state_dir: str, run_dir: str,
-                 cache_size: int | None, block_size: int):
+                 cache_size: int | None, block_size: int, *, fuse_fd: int, session: fuse.Session,
+                 listen_fd: int, front: str | None = None, fingerprint: dict | None = None,
+                 restarts: int = 0, created_ns: int = 0):
         self.name = name
         self.device_path = device_path
         self.state_dir = state_dir
         self.run_dir = run_dir
         self.cache_size = cache_size
         self.block_size = block_size
+        self.fuse_fd = fuse_fd
+        self.session = session
+        self.listen_fd = listen_fd
+        self.fingerprint = fingerprint
+        self.restarts = restarts
+        self.supervisor_pid = os.getppid()
         self.mount_point = os.path.join(run_dir, MOUNT_DIR_NAME)
         self.fuse_file = os.path.join(self.mount_point, VOLUME_FILE)
         self.socket_path = os.path.join(run_dir, SOCKET_NAME)
         self.device: BlockDevice | None = None
         self.store: CowStore | None = None
-        self.fs: FileServer | None = None
-        self.front: str | None = None
+        self.fs: VolumeFiles | None = None
+        self.front: str | None = front
+        self._attached_front = False
         self.server: ControlServer | None = None
         self._fuse_thread: threading.Thread | None = None
-        self._mounted = False
+        self._fuse_ended = threading.Event()
+        self._mounted = True         # by the supervisor
         # Serialises snapshot create/delete and detach against each other.
         self._control_lock = threading.Lock()
-        self.fs_created_ns = time.time_ns()
+        # The supervisor's mount time: the same for every worker, as the file is the same. (Not a
+        # stat of the mount point: that would wait on this very worker's FUSE server.)
+        self.fs_created_ns = created_ns or time.time_ns()
         self._reported_unreadable_generation = -1
         self._roll: Roll | None = None        # what the tracker said when the backup's snapshot was taken
 
@@ -123,53 +91,53 @@ class VolumeDaemon:
     def start(self) -> None:
         # Buffered, like a disk with a write cache: FUSE hands writes over at unaligned addresses
         # (O_DIRECT would cost a copy each), and fsync/flush on the front reach the device
-        # through store.flush() before they return. Measured in bench/front.py.
-        fingerprint = _write_fingerprint(self.device_path)     # before anything of ours writes
-        self.device = BlockDevice(self.device_path, writable=True, exclusive=True, direct=False,
+        # through store.flush() before they return. Measured in bench/front.py. Not O_EXCL: the
+        # supervisor holds the claim for every worker.
+        self.device = BlockDevice(self.device_path, writable=True, exclusive=False, direct=False,
                                   on_notice=lambda msg: log.info("%s", msg))
-        self.store = CowStore(self.device, self.state_dir, self.block_size, self.cache_size, fingerprint=fingerprint)
+        self.store = CowStore(self.device, self.state_dir, self.block_size, self.cache_size,
+                              fingerprint=self.fingerprint)
         if self.store.tracker.restarted:
             log.info("tracking changes anew (series %s): %s", self.store.tracker.state.series,
                      self.store.tracker.restarted)
         if self.store.snapshot_active:
             log.info("resuming snapshot generation %d from %s", self.store.generation, self.state_dir)
-        os.makedirs(self.mount_point, mode=0o700, exist_ok=True)
-        self.fs = FileServer(self._files)
-        self._fuse_thread = threading.Thread(target=serve, args=(self.fs, self.mount_point, f"imager:{self.name}"),
-                                             name="fuse", daemon=True)
+        self.fs = VolumeFiles(self.store, self.fs_created_ns, self.run_dir, self._report_unreadable)
+        started = time.monotonic()
+        # What a dead predecessor had read but not answered is queued again, ahead of new requests.
+        fuse.resend(self.fuse_fd)
+        self._fuse_thread = threading.Thread(target=self._serve, args=(started,), name="fuse", daemon=True)
         self._fuse_thread.start()
-        if not self.fs.started.wait(FUSE_START_TIMEOUT):
-            raise VolumeError(f"FUSE did not start in {FUSE_START_TIMEOUT:.0f} s")
-        if self.fs.start_failure is not None:
-            raise VolumeError(f"cannot serve {self.device_path} through FUSE: {self.fs.start_failure}")
-        self._mounted = True
-        # loop direct I/O: the front's requests go straight to FUSE (no second page cache of
-        # the same data) and aio lets the loop driver keep several requests in flight.
-        self.front = loop.attach(self.fuse_file, direct_io=True,
-                                 block_size=self.device.logical_sector_size)
+        if self.front is None:
+            # loop direct I/O: the front's requests go straight to FUSE (no second page cache of
+            # the same data) and aio lets the loop driver keep several requests in flight.
+            self.front = loop.attach(self.fuse_file, direct_io=True,
+                                     block_size=self.device.logical_sector_size)
+            self._attached_front = True
         log.info("serving %s (%d bytes) as %s, front %s", self.device_path, self.store.size,
                  self.fuse_file, self.front)
-        self.server = ControlServer(self.socket_path, self)
+        self.server = ControlServer(self.socket_path, self, listen_fd=self.listen_fd)
 
-    def _files(self) -> dict[str, ServedFile]:
-        store = self.store
-        files = {VOLUME_FILE: ServedFile(store.size, 0o600, self.fs_created_ns, store.block_size, self._open_volume)}
-        started = store.snapshot_started_at
-        if started is not None:
-            files[SNAPSHOT_FILE] = ServedFile(store.size, 0o400, int(started * 1e9), store.block_size,
-                                              self._open_snapshot)
-        return files
-
-    def _open_volume(self, writable: bool) -> _VolumeHandle:
-        return _VolumeHandle(self.store)
-
-    def _open_snapshot(self, writable: bool) -> _SnapshotHandle:
-        if writable:
-            raise mfusepy.FuseOSError(errno.EROFS)
+    def _serve(self, started: float) -> None:
+        server = fuse.Server(self.fuse_fd, self.session, self.fs,
+                             on_error=lambda opcode, e: log.error("FUSE request %d failed: %r", opcode, e))
         try:
-            return _SnapshotHandle(self.store.view(), self._report_unreadable)
-        except SnapshotError:
-            raise mfusepy.FuseOSError(errno.ENOENT) from None
+            server.serve(on_first_reply=lambda: self._first_reply(started))
+        except BaseException:
+            # Nobody would answer the front any more: let the supervisor start a worker that does.
+            log.exception("the FUSE server failed")
+            os._exit(EXIT_NOT_SERVING)
+        log.info("FUSE connection ended")
+        self._fuse_ended.set()
+
+    def _first_reply(self, started: float) -> None:
+        now = time.monotonic()
+        log.info("first FUSE request answered %.3f s after the worker began serving", now - started)
+        try:
+            write_atomically(os.path.join(self.run_dir, WORKER_FILE), json.dumps(
+                {"pid": os.getpid(), "restarts": self.restarts, "first_reply_monotonic": now}).encode())
+        except OSError as e:
+            log.warning("cannot write %s: %s", WORKER_FILE, e.strerror)
 
     def _report_unreadable(self, error: SnapshotError) -> None:
         # Say why once per snapshot, not once per request.
@@ -201,7 +169,8 @@ class VolumeDaemon:
             }
         return {"name": self.name, "device": self.device_path, "size": store.size, "front": self.front,
                 "fuse_file": self.fuse_file, "state_dir": self.state_dir, "run_dir": self.run_dir,
-                "pid": os.getpid(), "log_path": os.path.join(self.state_dir, LOG_NAME),
+                "pid": self.supervisor_pid, "worker": {"pid": os.getpid(), "restarts": self.restarts},
+                "log_path": os.path.join(self.state_dir, LOG_NAME),
                 "snapshot": snapshot, "tracker": store.tracker.describe()}
 
     def handle(self, request: dict) -> dict:
@@ -294,9 +263,10 @@ class VolumeDaemon:
         if self._mounted:
             if not self.fs.wait_for_handles(VOLUME_FILE, 0, HANDLE_RELEASE_TIMEOUT):
                 raise VolumeError(f"{self.fuse_file} is still open; close it first")
+            # The connection's last request (DESTROY) is answered by our own FUSE thread.
             _umount(self.mount_point)
             self._mounted = False
-            self._fuse_thread.join(FUSE_START_TIMEOUT)
+            self._fuse_ended.wait(FUSE_STOP_TIMEOUT)
         self.close(clean=True)
 
     def close(self, clean: bool = False) -> None:
@@ -315,31 +285,18 @@ class VolumeDaemon:
             self.store.close(fingerprint)
         if self.device is not None:
             self.device.close()
-        try:
-            os.rmdir(self.mount_point)
-        except OSError:
-            pass
 
     def abandon(self) -> None:
-        """Best-effort cleanup after a failed start, so that nothing half-made stays attached."""
+        """Best-effort cleanup after a failed start: the front this worker attached goes; the
+        supervisor unmounts and removes the run directory."""
         try:
-            if self.front is not None:
+            if self._attached_front and self.front is not None:
                 loop.detach(self.front)
                 self.front = None
-            if self._mounted or (self._fuse_thread is not None and self._fuse_thread.is_alive()):
-                try:
-                    _umount(self.mount_point)
-                except VolumeError:
-                    _umount(self.mount_point, MNT_DETACH)
-                self._mounted = False
         except Exception as e:
             log.error("cleanup after failed start: %s", e)
         finally:
             self.close()
-            try:
-                os.rmdir(self.run_dir)
-            except OSError:
-                pass
 
 
 def _write_fingerprint(device: str) -> dict | None:
