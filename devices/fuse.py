@@ -20,6 +20,8 @@ import mmap
 import os
 import stat
 import struct
+import threading
+import time
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -187,6 +189,10 @@ class Server:
         for m in (self._in, self._out):
             _mlock(m)
         self.requests = 0
+        # Held while a request is handled: whoever takes it (a worker handing over to the next)
+        # knows that no request is half done and none will start.
+        self.gate = threading.Lock()
+        self.busy_since: float | None = None    # monotonic start of the request being handled
 
     def serve(self, on_first_reply=None) -> None:
         """Until the filesystem is unmounted. `on_first_reply` is called once after the first
@@ -210,10 +216,12 @@ class Server:
                 continue                    # the next read says the connection is gone
             handler = handlers.get(opcode)
             try:
-                if handler is None:
-                    self._send(unique, -errno.ENOSYS)
-                else:
-                    handler(unique, nodeid, buf)
+                with self.gate:
+                    self.busy_since = time.monotonic()
+                    if handler is None:
+                        self._send(unique, -errno.ENOSYS)
+                    else:
+                        handler(unique, nodeid, buf)
             except OSError as e:
                 self._send(unique, -(e.errno or errno.EIO))
             except ConnectionGone:
@@ -222,6 +230,7 @@ class Server:
                 if self._on_error is not None:
                     self._on_error(opcode, e)
                 self._send(unique, -errno.EIO)
+            self.busy_since = None
             self.requests += 1
             if first is not None:
                 first()

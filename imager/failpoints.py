@@ -7,7 +7,8 @@ can arm a point once the volume is up:
     IMAGER_FAILPOINTS="cow.cache-write=ENOSPC,source.read=EIO@1048576+65536"   (or "on": none yet)
 
 `NAME=ERRNO` fails every pass through the point; `@START+LENGTH` only those touching that byte
-range (a bad sector). Points: source.read, source.write, source.flush (the source device),
+range (a bad sector). `NAME=HANG` blocks there for good instead (a stuck device, for the
+watchdog). Points: source.read, source.write, source.flush (the source device),
 cow.read-original (reading an original before its first overwrite), cow.cache-write,
 cow.cache-read, cow.cache-sync (the cache region), state.persist (the snapshot state file).
 Unset, every check is one test of an empty dict.
@@ -17,8 +18,10 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 
 ENV = "IMAGER_FAILPOINTS"
+HANG = -1
 
 
 def _parse(spec: str) -> dict[str, tuple[int, int, int]]:
@@ -29,7 +32,8 @@ def _parse(spec: str) -> dict[str, tuple[int, int, int]]:
         name, _, rest = item.partition("=")
         code, _, where = rest.partition("@")
         start, _, length = where.partition("+")
-        points[name] = (getattr(errno, code, None) or int(code), int(start or 0), int(length or -1))
+        number = HANG if code == "HANG" else getattr(errno, code, None) or int(code)
+        points[name] = (number, int(start or 0), int(length or -1))
     return points
 
 
@@ -55,4 +59,6 @@ def check(name: str, offset: int = 0, length: int = 0) -> None:
     code, start, span = point
     if span >= 0 and (offset + max(length, 1) <= start or offset >= start + span):
         return
+    if code == HANG:
+        threading.Event().wait()
     raise OSError(code, f"{os.strerror(code)} (injected at {name})")

@@ -160,6 +160,7 @@ COMMANDS: dict[str, dict] = {
     "recover": ref("volume"),
     "detach": record({"detached": NAMES}),
     "volumes": record({"volumes": list_of(ref("volume"))}),
+    "volumes restart": record({"volumes": list_of(ref("volume"))}),
     "snapshot create": record({"snapshots": list_of(ref("snapshot")), "freeze_window_ms": NUM,
                                "frozen_mounts": NAMES, "created": nullable(TIME)}),
     "snapshot list": record({"snapshots": list_of(ref("snapshot"))}),

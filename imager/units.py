@@ -69,6 +69,17 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    """A number of seconds where 0 means "off"."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive number: {text!r}")
+    return value
+
+
 def now_iso() -> str:
     """Now, in UTC, as ISO 8601 to the second: the time every record and header carries."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -33,6 +33,7 @@ from conftest import REPO_ROOT, fsck_clean, imager
 
 MiB = 1 << 20
 VOLUME_SIZE = 128 * MiB
+XFS_MIN_SIZE = 320 * MiB    # mkfs.xfs refuses below 300 MiB
 WAIT = 60.0                     # upper bound for any condition a test waits on
 
 DAEMON_TESTS = [
@@ -374,11 +375,15 @@ class Bench(Lab):
     def defer(self, undo) -> None:
         self._undo.append(undo)
 
-    def ext4_volume(self, name: str, size: int = VOLUME_SIZE, **attach_options):
-        """An attached volume with ext4 on its front, mounted: (volume info, source, mount point)."""
+    def ext4_volume(self, name: str, size: int = VOLUME_SIZE, *, fs: str = "ext4", **attach_options):
+        """An attached volume with ext4 (or `fs`: xfs) on its front, mounted: (volume info,
+        source, mount point)."""
+        if fs == "xfs":
+            size = max(size, XFS_MIN_SIZE)
         source = self.loop_device(size, name=f"{name}.img")
         vol = self.attach(source, name, **attach_options)
-        subprocess.run(["mkfs.ext4", "-q", "-F", vol.front], check=True)
+        subprocess.run(["mkfs.xfs", "-q", "-f", vol.front] if fs == "xfs" else ["mkfs.ext4", "-q", "-F", vol.front],
+                       check=True)
         return vol, source, self.mount(vol.front, f"mnt-{name}")
 
     def plain_ext4(self, name: str, size: int = VOLUME_SIZE) -> tuple[str, str]:
@@ -560,11 +565,11 @@ def assert_after_snapshot_differs(reports: dict, window: dict) -> None:
 
 
 def check_live_volume(bench: Bench, vol: daemon.VolumeInfo, source: str, mount_point: str,
-                      reports: dict, label: str) -> None:
+                      reports: dict, label: str, fs: str = "ext4") -> None:
     """Unmount the front, detach, fsck the source and find every write on it."""
     umount_point(mount_point)
     daemon.detach(vol.name)
-    checked = fsck_clean(source)
+    checked = fsck_clean(source, fs)
     assert checked.returncode == 0, f"fsck of the live {label}: {checked.stdout}{checked.stderr}"
     point = bench.mount(source, f"live-{label}", "ro")
     assert_final_content(point, reports, bench.tmp / f"live-{label}-copy")

@@ -215,6 +215,48 @@ def test_a_killed_daemon_makes_the_next_incremental_use_digests(bench):
     assert same(out / "restored2.raw", view2)
 
 
+def test_a_live_upgrade_keeps_the_tracker_and_a_killed_worker_does_not(bench):
+    vol, source, mnt = bench.ext4_volume("upgrade", VOLUME)
+    rng = random.Random(4)
+    seed(mnt, rng)
+    out = bench.tmp / "out"
+    out.mkdir()
+    backup("upgrade", out / "full.zst", incremental=False)
+    with open(os.path.join(mnt, "data.bin"), "r+b") as f:
+        f.write(rng.randbytes(1 * MiB))
+    restarted = imager("volumes", "restart", "upgrade", "--json")
+    assert restarted.returncode == 0, restarted.stderr
+    (shown,) = json.loads(restarted.stdout)["volumes"]
+    assert shown["worker"]["restarts"] == 1 and shown["worker"]["pid"] != vol.pid
+    with open(os.path.join(mnt, "data.bin"), "r+b") as f:
+        f.seek(4 * MiB)
+        f.write(rng.randbytes(1 * MiB))
+
+    def upgrade_while_reading():           # the worker is replaced during the backup, too
+        daemon.restart_worker("upgrade")
+        with open(os.path.join(mnt, "data.bin"), "r+b") as f:
+            f.seek(8 * MiB)
+            f.write(rng.randbytes(1 * MiB))
+
+    points = []
+    for n, then in enumerate((None, upgrade_while_reading, None)):
+        view = out / f"view{n}.raw"
+        result = backup("upgrade", out / f"inc{n}.zst", incremental=True, progress=ViewCopy("upgrade", view, then))
+        assert result.method == "tracker", result.reason
+        points.append((out / f"inc{n}.zst", view))
+    assert daemon.status("upgrade").worker["restarts"] == 2
+    kill_and_wait(daemon.status("upgrade").worker["pid"])
+    with open(os.path.join(mnt, "after-kill.bin"), "wb") as f:
+        f.write(rng.randbytes(2 * MiB))
+    view = out / "view-kill.raw"
+    killed = backup("upgrade", out / "inc-kill.zst", incremental=True, progress=ViewCopy("upgrade", view))
+    assert killed.method == "digest" and "did not stop cleanly" in killed.reason, killed.reason
+    points.append((out / "inc-kill.zst", view))
+    for n, (image, view) in enumerate(points):
+        restore(image, out / f"restored{n}.raw")
+        assert same(out / f"restored{n}.raw", view), image
+
+
 def test_a_clean_detach_keeps_the_tracker_and_a_write_behind_it_does_not(bench):
     vol, source, mnt = bench.ext4_volume("keep", VOLUME)
     seed(mnt, random.Random(5))

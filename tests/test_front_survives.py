@@ -6,24 +6,33 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import signal
 import subprocess
+import sys
 import time
 
 import pytest
 
+from imager import jobs
 from imager.errors import VolumeError
 from imager.snapshot import daemon
+from imager.snapshot.daemon.protocol import request
 
-from conftest import fsck_clean
-from lab import DAEMON_TESTS, WAIT, MiB, Writers, check_live_volume, kill_and_wait
+from conftest import fsck_clean, sweep_size
+from lab import (DAEMON_TESTS, REPO_ROOT, SMALL_CHUNKS, WAIT, MiB, Writers, WritesWhileReading,
+                 assert_no_snapshot_leftovers, assert_same_instant, capture, check_live_volume, imager, kill_and_wait,
+                 kill_process)
 
 pytestmark = DAEMON_TESTS
 
-KILLS = 20
+# The acceptance count (50 on each filesystem) under make test-long; fewer in make test.
+KILLS = sweep_size(50, 12)
 
 
-def test_the_filesystem_on_the_front_survives_kill_9_of_the_worker(bench):
-    vol, source, mnt = bench.ext4_volume("survivor")
+@pytest.mark.sweep
+@pytest.mark.parametrize("fs", ["ext4", "xfs"])
+def test_the_filesystem_on_the_front_survives_kill_9_of_the_worker(bench, fs):
+    vol, source, mnt = bench.ext4_volume("survivor", fs=fs)
     log_since = kernel_log_end()
     writers = Writers(bench, mnt)                  # a document, SQLite (WAL) and file churn, fsync'ing
     progress = writers.wait_progress()
@@ -36,7 +45,7 @@ def test_the_filesystem_on_the_front_survives_kill_9_of_the_worker(bench):
     reports = writers.stop()
     assert mount_options(mnt)[0] == "rw"
     assert front_errors(vol.front, log_since) == []
-    check_live_volume(bench, vol, source, mnt, reports, "survivor")   # fsck clean, every write there
+    check_live_volume(bench, vol, source, mnt, reports, "survivor", fs)   # fsck clean, every write there
 
 
 def test_a_snapshot_reads_the_same_across_worker_deaths(bench):
@@ -79,6 +88,13 @@ def test_detach_after_worker_deaths_leaves_nothing_behind(bench):
     assert not any(line.split()[1].startswith(vol.run_dir) for line in open("/proc/mounts"))
     checked = fsck_clean(source)
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def wait_until(condition, what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
 
 
 def wait_released(device: str) -> None:
@@ -129,3 +145,100 @@ def front_errors(front: str, since: float) -> list[str]:
                                                                f"{name}," in line)
             and any(word in line.lower() for word in ("error", "read-only", "remount"))
             and not (unsupported[0] in line and any(op in line for op in unsupported[1:]))]
+
+
+def test_kill_9_of_the_worker_during_a_backup_keeps_the_image_one_point_in_time(bench):
+    vol, source, mnt = bench.ext4_volume("midway")
+    writers = Writers(bench, mnt, journal="WAL")
+    writers.wait_progress(at_least=3)
+    window = {}
+
+    def record():
+        window.update(capture(mnt, bench.tmp / "window"))
+        window["progress"] = writers.progress()
+
+    wait_writers = WritesWhileReading([writers], lambda: [window], ["midway"])
+    killed = []
+
+    def kill_while_reading(n: int) -> None:
+        if len(killed) < 3:               # at the first three chunks the backup writes
+            killed.append(daemon.status("midway").worker["pid"])
+            kill_and_wait(killed[-1])
+        wait_writers(n)                   # the writers go on past the snapshot, served by new workers
+
+    out = bench.tmp / "out"
+    out.mkdir()
+    (result,) = jobs.backup_volumes(["midway"], jobs.Destination(output=str(out / "midway.zst")), snapshot="cow",
+                                    while_frozen=record, options=SMALL_CHUNKS, progress=kill_while_reading)
+    assert len(killed) == 3 and daemon.status("midway").worker["restarts"] == 3
+    assert_no_snapshot_leftovers([vol], out, {"midway.zst"})
+    reports = writers.stop()
+    restored = bench.restore(result.image, "restored")
+    point = bench.mount(restored, "restored-mnt", "ro")
+    assert_same_instant(capture(point, bench.tmp / "restored-copy"), window, "midway")
+    check_live_volume(bench, vol, source, mnt, reports, "midway")
+
+
+HOLDER = """
+import sys
+from imager.snapshot import daemon
+from imager.snapshot.daemon.protocol import request
+held = daemon.HeldSnapshots([sys.argv[1]])
+print(held.info.snapshots[0].generation, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_snapshot_whose_backup_dies_after_its_worker_died_is_deleted(bench):
+    vol, source, mnt = bench.ext4_volume("orphan", 64 * MiB)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, "orphan"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+    bench.defer(lambda: kill_process(holder))
+    generation = int(holder.stdout.readline())
+    kill_and_wait(daemon.status("orphan").worker["pid"])
+    # The new worker serves the same snapshot: the holder's connection went with the old one.
+    assert daemon.status("orphan").snapshot.generation == generation
+    kill_and_wait(holder.pid)
+    wait_until(lambda: daemon.status("orphan").snapshot is None, "the orphaned snapshot was not deleted")
+
+
+@pytest.mark.parametrize("stuck", ["stopped", "hung-write"])
+def test_the_watchdog_replaces_a_worker_that_stops_answering(bench, monkeypatch, stuck):
+    monkeypatch.setenv("IMAGER_FAILPOINTS", "on")      # every worker may be armed, none is yet
+    vol, source, mnt = bench.ext4_volume("watched", 64 * MiB, watchdog=1.0)
+    writers = Writers(bench, mnt, kinds=("doc", "sqlite"))
+    progress = writers.wait_progress()
+    worker = daemon.status("watched").worker["pid"]
+    if stuck == "stopped":
+        os.kill(worker, signal.SIGSTOP)               # answers nothing, FUSE or control
+    else:
+        # The FUSE server blocks on one write for good (a stuck device); the control socket answers.
+        request("watched", {"op": "failpoints", "set": "source.write=HANG"})
+    # Replaced: the writers go on without an error, their stuck request resent to the new worker.
+    progress = writers.wait_progress(beyond=progress)
+    now = daemon.status("watched").worker
+    assert now["pid"] != worker and now["restarts"] == 1
+    with open(vol.log_path) as f:
+        said = f.read()
+    reason = "did not answer in 1 s" if stuck == "stopped" else "serving one FUSE request for"
+    assert f"worker {worker} " in said and reason in said and "killing it (watchdog" in said
+    reports = writers.stop()
+    check_live_volume(bench, vol, source, mnt, reports, "watched")
+
+
+def test_a_live_upgrade_under_writers_is_a_pause(bench):
+    vol, source, mnt = bench.ext4_volume("upgraded")
+    log_since = kernel_log_end()
+    writers = Writers(bench, mnt)
+    progress = writers.wait_progress()
+    for n in range(1, 4):
+        old = daemon.status("upgraded").worker["pid"]
+        restarted = imager("volumes", "restart", "upgraded")
+        assert restarted.returncode == 0, restarted.stderr
+        assert f"restart {n}" in restarted.stdout
+        assert daemon.status("upgraded").worker["pid"] != old
+        progress = writers.wait_progress(beyond=progress)
+    reports = writers.stop()
+    assert mount_options(mnt)[0] == "rw"
+    assert front_errors(vol.front, log_since) == []
+    check_live_volume(bench, vol, source, mnt, reports, "upgraded")

@@ -24,6 +24,15 @@ def register(sub, parents) -> None:
                         description="Print the JSON Schema (draft 2020-12) that every --json output follows: "
                                     "one definition per command under $defs, e.g. $defs['tape list'].")
     sc.set_defaults(func=print_schema)
+    su = sub.add_parser("systemd-unit", help="print the systemd unit template that attaches a managed volume at boot",
+                        description="Print imager-volume@.service: install it in /etc/systemd/system, describe "
+                                    "volume NAME in /etc/imager/volumes/NAME.conf (DEVICE=/dev/..., optional "
+                                    "ATTACH_OPTIONS=...) and mount its front from /etc/fstab with the line "
+                                    "--fstab NAME MOUNTPOINT prints.")
+    su.add_argument("--fstab", nargs=2, metavar=("NAME", "MOUNTPOINT"),
+                    help="print the /etc/fstab line for volume NAME mounted at MOUNTPOINT instead")
+    su.add_argument("--type", default="ext4", metavar="FSTYPE", help="filesystem type for --fstab (default ext4)")
+    su.set_defaults(func=systemd_unit)
 
 
 def completion(args, out: Output) -> int:
@@ -43,6 +52,13 @@ def manpage(args, out: Output) -> int:
     page = str(Manpage(build_parser(), _data={"project_name": "imager", "description":
                                                "point-in-time images of block devices in use"}))
     sys.stdout.write(page)
+    return 0
+
+
+def systemd_unit(args, out: Output) -> int:
+    from ..snapshot.daemon.boot import fstab_line, unit_text
+
+    sys.stdout.write(fstab_line(*args.fstab, args.type) + "\n" if args.fstab else unit_text())
     return 0
 
 

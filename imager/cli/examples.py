@@ -75,6 +75,7 @@ EXAMPLES: dict[str, list[str]] = {
                "imager attach /dev/sdb1 --name data --cache /var/lib/imager/data"],
     "detach": ["imager detach data"],
     "volumes": ["imager volumes", "imager volumes --json"],
+    "volumes restart": ["apt upgrade imager; imager volumes restart data     # the new version serves data"],
     "recover": ["umount /srv/data; imager recover data"],
     "snapshot": ["imager snapshot create data", "imager snapshot list"],
     "snapshot create": ["imager snapshot create data logs       # one freeze window"],
@@ -84,6 +85,9 @@ EXAMPLES: dict[str, list[str]] = {
     "demo": ["imager demo"],
     "completion": ["source <(imager completion bash)", "imager completion zsh > ~/.zfunc/_imager"],
     "manpage": ["imager manpage | man -l -"],
+    "systemd-unit": ["imager systemd-unit > /etc/systemd/system/imager-volume@.service",
+                     "echo DEVICE=/dev/disk/by-id/ata-EXAMPLE-part1 > /etc/imager/volumes/data.conf",
+                     "imager systemd-unit --fstab data /srv/data >> /etc/fstab; systemctl daemon-reload"],
     "schema": ["imager schema > imager.schema.json", "imager schema | jq '.[\"$defs\"][\"tape list\"]'"],
 }
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from .. import views
 from ..jobs import volumes
 from ..snapshot.freeze import DEFAULT_MAX_FREEZE
-from ..units import human_bytes, positive_float, positive_size
+from ..units import human_bytes, non_negative_float, positive_float, positive_size
 from .output import Output, natural_key, table
 
 
@@ -17,12 +17,21 @@ def register(sub, parents) -> None:
     at.add_argument("--cache", metavar="PATH", help="state directory for the bitmap and cache region "
                     "(not on the device itself; default /var/lib/imager/NAME)")
     at.add_argument("--cache-size", type=positive_size, metavar="SIZE", help="cap on the snapshot cache region")
+    at.add_argument("--watchdog", type=non_negative_float, metavar="SECONDS", default=None,
+                    help="replace the volume's worker when it does not answer for this long "
+                         "(default 30; 0: never)")
     at.set_defaults(func=attach)
     de = sub.add_parser("detach", parents=[parents.common], help="stop managing volumes")
     de.add_argument("names", nargs="+", metavar="NAME", help="managed volumes to detach")
     de.set_defaults(func=detach)
-    sub.add_parser("volumes", parents=[parents.common],
-                   help="list managed volumes and their snapshots").set_defaults(func=listing)
+    vo = sub.add_parser("volumes", parents=[parents.common], help="list managed volumes and their snapshots")
+    vo.set_defaults(func=listing)
+    vsub = vo.add_subparsers(dest="volumes_command", required=False, metavar="ACTION")
+    vr = vsub.add_parser("restart", parents=[parents.common],
+                         help="replace the worker serving volumes by the imager installed now (a live upgrade); "
+                              "the filesystems on their fronts see a pause, not an error")
+    vr.add_argument("names", nargs="+", metavar="NAME", help="managed volumes whose worker to replace")
+    vr.set_defaults(func=restart)
     rc = sub.add_parser("recover", parents=[parents.common],
                         help="bring back a volume whose daemon died: re-attach and check its filesystem")
     rc.add_argument("name", metavar="NAME", help="the managed volume whose daemon died")
@@ -48,7 +57,8 @@ def _register_snapshot(sub, parents) -> None:
 
 
 def attach(args, out: Output) -> int:
-    v = volumes.attach(args.device, name=args.name, cache_path=args.cache, cache_size=args.cache_size)
+    v = volumes.attach(args.device, name=args.name, cache_path=args.cache, cache_size=args.cache_size,
+                       watchdog=args.watchdog)
     out.result(views.with_iso_times(v), [v.front or ""])
     out.notice(f"{args.device} is managed as {v.name!r}: mount and write {v.front}; "
                f"snapshot with: imager snapshot create {v.name}")
@@ -66,6 +76,14 @@ def detach(args, out: Output) -> int:
     for name in args.names:
         volumes.detach(name)
     out.result({"detached": args.names}, [f"detached {n}" for n in args.names])
+    return 0
+
+
+def restart(args, out: Output) -> int:
+    restarted = [volumes.restart_worker(name) for name in args.names]
+    out.result({"volumes": [views.with_iso_times(v) for v in restarted]},
+               [f"{v.name}: worker {v.worker['pid']} serves {v.front} (restart {v.worker['restarts']})"
+                for v in restarted if v.worker])
     return 0
 
 

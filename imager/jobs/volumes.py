@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 from ..snapshot.daemon import (HeldSnapshots, SnapshotInfo, SnapshotSetInfo, VolumeInfo, attach, detach,
-                               list_volumes, snapshot_create, snapshot_delete, snapshot_list, status)
+                               list_volumes, restart_worker, snapshot_create, snapshot_delete, snapshot_list,
+                               status)
 from ..snapshot.daemon import recover as _recover
 from ..snapshot.daemon.fsck import check_filesystem
 
@@ -16,5 +17,5 @@ def recover(name: str) -> VolumeInfo:
 
 __all__ = [
     "HeldSnapshots", "SnapshotInfo", "SnapshotSetInfo", "VolumeInfo", "attach", "detach", "list_volumes",
-    "recover", "snapshot_create", "snapshot_delete", "snapshot_list", "status",
+    "recover", "restart_worker", "snapshot_create", "snapshot_delete", "snapshot_list", "status",
 ]

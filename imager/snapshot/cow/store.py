@@ -57,9 +57,10 @@ class CowStore:
     """
 
     def __init__(self, device, state_dir: str, block_size: int = DEFAULT_BLOCK_SIZE,
-                 cache_capacity: int | None = None, *, fingerprint: dict | None = None):
+                 cache_capacity: int | None = None, *, fingerprint: dict | None = None, handover: str = ""):
         """`fingerprint`: the device's write fingerprint before anything wrote to it (see
-        ChangeTracker); None when it cannot be known (tracked changes then start anew)."""
+        ChangeTracker); None when it cannot be known (tracked changes then start anew);
+        `handover`: the supervisor token under which a replaced worker handed the tracker over."""
         sector = int(device.logical_sector_size)
         problem = check_block_size(block_size, sector, "COW block size")
         if problem:
@@ -96,7 +97,7 @@ class CowStore:
         self._index = memoryview(self._index_map).cast("q")
         self._index_array = np.frombuffer(self._index_map, dtype=np.int64)
         try:
-            self.tracker = ChangeTracker(self._dir, self.size, fingerprint)
+            self.tracker = ChangeTracker(self._dir, self.size, fingerprint, handover)
         except BaseException:
             self._dir.close()
             raise

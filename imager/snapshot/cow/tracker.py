@@ -15,7 +15,10 @@ series, the parent's sequence == base); then it commits (base = its sequence) or
 (pending merged back into current).
 
 Trust: while the daemon runs the tracker is "in-use" on disk; only a clean stop (bits flushed,
-then the state written) marks it "clean" with the device's write fingerprint. Opening anything
+then the state written) marks it "clean" with the device's write fingerprint. A worker replaced
+on purpose (a live upgrade) marks it "handed-over" with its supervisor's token, with no write in
+flight: the supervisor holds the source exclusively meanwhile, so the next worker of that same
+supervisor (same boot, same process) may go on with the series; anyone else may not. Opening anything
 else (a killed daemon, a crash, a fingerprint that moved: the device was written while
 detached, or the machine rebooted and the counters are gone) starts a new series: nothing
 recorded before can be trusted, and the next incremental finds its changes by digests.
@@ -53,9 +56,10 @@ class TrackerState:
     sequence: int = 0                 # the last roll's number
     base: int | None = None           # the last roll whose backup committed
     pending: int | None = None        # the roll whose bits are in tracker.pending
-    state: str = "in-use"
+    state: str = "in-use"             # in-use | clean | handed-over
     since: str = ""                   # when this series started
     fingerprint: dict = field(default_factory=dict)
+    handover: str = ""                # handed-over: to the next worker of this supervisor (its token)
 
 
 @dataclass
@@ -73,16 +77,17 @@ class Roll:
 
 
 class ChangeTracker:
-    def __init__(self, state_dir: StateDir, volume_size: int, fingerprint: dict | None):
+    def __init__(self, state_dir: StateDir, volume_size: int, fingerprint: dict | None, handover: str = ""):
         """Open (or start) the tracker in `state_dir`; `fingerprint` is the device's write
-        fingerprint now, before anything writes to it (None: cannot be known, never trusted)."""
+        fingerprint now, before anything writes to it (None: cannot be known, never trusted);
+        `handover`: the token of the supervisor this worker serves under ("" when none)."""
         self._dir = state_dir
         self.volume_size = volume_size
         self._lock = threading.Lock()
         self.restarted = ""
         stored = self._load()
         block_size = chain_block_size(volume_size)
-        reason = self._distrust(stored, block_size, fingerprint)
+        reason = self._distrust(stored, block_size, fingerprint, handover)
         if reason:
             stored = TrackerState(TRACKER_FORMAT, uuid.uuid4().hex, block_size, volume_size, since=now_iso())
             self.restarted = reason
@@ -101,6 +106,7 @@ class ChangeTracker:
             self._pending[:] = 0
         self.state.state = "in-use"
         self.state.fingerprint = {}
+        self.state.handover = ""
         self._persist()
 
     def _load(self) -> TrackerState | None:
@@ -112,12 +118,18 @@ class ChangeTracker:
         except (ValueError, TypeError):
             return None
 
-    def _distrust(self, stored: TrackerState | None, block_size: int, fingerprint: dict | None) -> str:
+    def _distrust(self, stored: TrackerState | None, block_size: int, fingerprint: dict | None,
+                  handover: str) -> str:
         """Why the stored bits cannot be trusted ("" when they can)."""
         if stored is None:
             return "no changes were tracked on this volume before"
         if stored.format != TRACKER_FORMAT or stored.block_size != block_size or stored.volume_size != self.volume_size:
             return "the volume's size or the tracker's layout changed"
+        if stored.state == "handed-over":
+            if handover and stored.handover == handover:
+                return ""
+            return ("the volume's worker was replaced, but the machine or the volume's supervisor changed "
+                    "before the next one started")
         if stored.state != "clean":
             return "the volume's daemon did not stop cleanly (killed, crashed or the machine went down)"
         if fingerprint is None or stored.fingerprint != fingerprint:
@@ -188,6 +200,16 @@ class ChangeTracker:
             current = int(np.unpackbits(self._current, count=self.block_count).sum())
             return {"series": self.state.series, "sequence": self.state.sequence, "base": self.state.base,
                     "block_size": self.block_size, "changed_blocks": current, "since": self.state.since}
+
+    def hand_over(self, token: str) -> None:
+        """A live upgrade: the next worker under supervisor `token` goes on with this series.
+        Called with no write in flight and none to come from this process."""
+        with self._lock:
+            self._current_map.flush()
+            self._pending_map.flush()
+            self.state.state = "handed-over"
+            self.state.handover = token
+            self._persist()
 
     def close(self, fingerprint: dict | None) -> None:
         """A clean stop: the bits made durable first, then the state marked clean with the

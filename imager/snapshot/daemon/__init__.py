@@ -3,7 +3,7 @@ write path (server.py); clients attach, detach, recover and snapshot them (clien
 launch.py, snapshots.py) over the control protocol (protocol.py)."""
 
 from .client import (clear_stale_run_dir, detach, known_volumes, list_volumes, recover, require_running,
-                     status)
+                     restart_worker, status)
 from .launch import attach, refuse_esp
 from ...spawn import RUN_DIR_ENV
 from .protocol import (MOUNT_DIR_NAME, RECORD_NAME, SNAPSHOT_FILE, STATE_DIR_ENV, VOLUME_FILE,
@@ -13,6 +13,6 @@ from .snapshots import HeldSnapshots, snapshot_create, snapshot_delete, snapshot
 __all__ = [
     "MOUNT_DIR_NAME", "RECORD_NAME", "RUN_DIR_ENV", "SNAPSHOT_FILE", "STATE_DIR_ENV", "VOLUME_FILE",
     "HeldSnapshots", "SnapshotInfo", "cache_full_error", "SnapshotSetInfo", "VolumeInfo", "attach", "clear_stale_run_dir", "detach",
-    "known_volumes", "list_volumes", "read_record", "records", "recover", "refuse_esp", "require_running",
+    "known_volumes", "list_volumes", "read_record", "records", "recover", "refuse_esp", "require_running", "restart_worker",
     "snapshot_create", "snapshot_delete", "snapshot_list", "status",
 ]

@@ -25,7 +25,7 @@ from devices.fs import mounts_of
 
 from ...errors import VolumeError
 from .launch import attach
-from .protocol import (MOUNT_DIR_NAME, RECORD_NAME, REQUEST_TIMEOUT, SOCKET_NAME, STATUS_TIMEOUT, VOLUME_FILE,
+from .protocol import (FRONT_LINK, MOUNT_DIR_NAME, PID_NAME, RECORD_NAME, REQUEST_TIMEOUT, SOCKET_NAME, STATUS_TIMEOUT, VOLUME_FILE,
                        VolumeInfo, check_name, checked, connect, daemon_state, read_record, records, request,
                        socket_answers, volume_from)
 
@@ -61,6 +61,34 @@ def _wait_for_exit(pid: int, timeout: float) -> None:
 
 def status(name: str) -> VolumeInfo:
     return volume_from(request(name, {"op": "status"}, STATUS_TIMEOUT)["volume"])
+
+
+# How long a new worker may take to answer after the old one handed over.
+WORKER_START_TIMEOUT = 60.0
+
+
+def restart_worker(name: str) -> VolumeInfo:
+    """Replace the worker of volume `name` by a new one, started from the imager installed now (a
+    live upgrade); the filesystem on the front sees a pause. Returns the volume as the new
+    worker describes it."""
+    old = request(name, {"op": "restart-worker"}, REQUEST_TIMEOUT)["worker"]["pid"]
+    try:
+        pidfd = os.pidfd_open(old)
+    except ProcessLookupError:
+        pidfd = -1
+    if pidfd >= 0:
+        try:
+            if not select.select([pidfd], [], [], WORKER_START_TIMEOUT)[0]:
+                record = read_record(name) or {}
+                raise VolumeError(f"the worker {old} of {name!r} did not hand over in {WORKER_START_TIMEOUT:.0f} s "
+                                  f"(see {record.get('log_path', 'its log')})")
+        finally:
+            os.close(pidfd)
+    # Waits in the supervisor's socket backlog until the next worker answers.
+    info = volume_from(request(name, {"op": "status"}, WORKER_START_TIMEOUT)["volume"])
+    if info.worker is None or info.worker.get("pid") == old:
+        raise VolumeError(f"the worker of {name!r} was not replaced (see {info.log_path})")
+    return info
 
 
 def known_volumes() -> list[VolumeInfo]:
@@ -153,6 +181,12 @@ def clear_stale_run_dir(run_dir: str) -> None:
         if socket_answers(sock):
             raise VolumeError(f"a daemon is already serving {run_dir}")
         os.unlink(sock)
+    # The link would name a loop device that is detached below and may serve another file next.
+    for name in (FRONT_LINK, PID_NAME):
+        try:
+            os.unlink(os.path.join(run_dir, name))
+        except FileNotFoundError:
+            pass
     mount_point = os.path.join(run_dir, MOUNT_DIR_NAME)
     # A front loop device on the dead FUSE file can only return errors now; detaching it is all
     # that is left to do (deferred by the kernel while something still holds it open).

@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 import socketserver
+import struct
 from typing import TYPE_CHECKING
 
 from devices.errors import DeviceError
@@ -57,6 +58,7 @@ class ControlHandler(socketserver.StreamRequestHandler):
                     reply = daemon.handle(request)
                     if request.get("op") == "snapshot-create" and request.get("hold"):
                         held = daemon.store.generation
+                        daemon.record_holder(held, _peer_pid(self.request))
                     elif request.get("op") == "snapshot-delete":
                         held = None
                 except (ImagerError, DeviceError) as e:
@@ -65,8 +67,11 @@ class ControlHandler(socketserver.StreamRequestHandler):
                     log.exception("request %r failed", line)
                     reply = {"ok": False, "error": f"internal error in the volume daemon: {e}", "kind": "VolumeError"}
                 stopping = reply.pop("stopping", False)
+                restarting = reply.pop("restarting", False)
                 self.wfile.write(json.dumps(reply).encode() + b"\n")
                 self.wfile.flush()
+                if restarting:
+                    daemon.hand_over()          # does not return: the next worker takes over
                 if stopping:
                     # The client learns that the daemon is gone when this connection closes at exit.
                     self.server.shutdown()
@@ -76,3 +81,8 @@ class ControlHandler(socketserver.StreamRequestHandler):
         finally:
             if held is not None:
                 daemon.drop_abandoned_snapshot(held)
+
+
+def _peer_pid(sock: socket.socket) -> int:
+    pid, _, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    return pid

@@ -24,21 +24,23 @@ READY_TIMEOUT = 60.0
 
 
 def attach(device: str, name: str | None = None, cache_path: str | None = None,
-           cache_size: int | None = None, *, block_size: int | None = None) -> VolumeInfo:
+           cache_size: int | None = None, *, block_size: int | None = None,
+           watchdog: float | None = None) -> VolumeInfo:
     """Start managing `device`: returns once the daemon serves it and its front loop device exists.
 
     `cache_path` is the state directory (bitmap, index, cache region, log); it must not be on the
     device itself nor on the front of any managed volume. `cache_size` caps the cache region in
-    bytes (None: bounded only by free space there)."""
+    bytes (None: bounded only by free space there). `watchdog`: seconds after which a worker that
+    does not answer is replaced (0: never; None: the default)."""
     try:
-        return _attach(device, name, cache_path, cache_size, block_size)
+        return _attach(device, name, cache_path, cache_size, block_size, watchdog)
     except OSError as e:
         where = f" ({e.filename})" if e.filename else ""
         raise VolumeError(f"cannot attach {device}: {e.strerror}{where}") from None
 
 
 def _attach(device: str, name: str | None, cache_path: str | None, cache_size: int | None,
-            block_size: int | None) -> VolumeInfo:
+            block_size: int | None, watchdog: float | None) -> VolumeInfo:
     device = os.path.abspath(device)
     _check_attachable(device)
     name = check_name(name if name is not None else _default_name(device))
@@ -75,6 +77,8 @@ def _attach(device: str, name: str | None, cache_path: str | None, cache_size: i
         command += ["--cache-size", str(int(cache_size))]
     if block_size is not None:
         command += ["--block-size", str(int(block_size))]
+    if watchdog is not None:
+        command += ["--watchdog", repr(float(watchdog))]
     reply = start_daemon(command, log_path, what="the volume daemon", error=VolumeError, timeout=READY_TIMEOUT)
     if not reply.get("ok"):
         raise error_from(reply)

@@ -27,7 +27,7 @@ from ...spawn import become_daemon, send_ready
 from ..cow import DEFAULT_BLOCK_SIZE
 from .protocol import RECORD_NAME, error_reply
 from .server import VolumeDaemon
-from .supervisor import Supervisor
+from .supervisor import DEFAULT_WATCHDOG, Supervisor
 
 log = logging.getLogger("imager.daemon")
 
@@ -103,6 +103,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE)
     parser.add_argument("--ready-fd", type=int, help="write one JSON line here when ready or failed")
     parser.add_argument("--foreground", action="store_true", help="do not fork (for debugging)")
+    parser.add_argument("--watchdog", type=float, default=DEFAULT_WATCHDOG,
+                        help="kill and replace a worker that does not answer for this long (0: never)")
     worker = parser.add_argument_group("worker (started by the supervisor)")
     worker.add_argument("--worker", action="store_true")
     worker.add_argument("--fuse-fd", type=int)

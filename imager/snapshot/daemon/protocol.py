@@ -6,13 +6,19 @@ line, request then reply:
 
     {"op": "status"}                                -> {"ok": true, "volume": {...}}
     {"op": "snapshot-create", "hold": b}            -> {"ok": true, "volume": {...}}   (COW on)
-    {"op": "snapshot-delete", "force": b}           -> {"ok": true, "volume": {...}}   (COW off)
+    {"op": "snapshot-delete", "force": b[, "generation": g]}
+                                                    -> {"ok": true, "volume": {...}}   (COW off; with
+                                                       "generation", a snapshot already gone is no error)
+    {"op": "restart-worker"}                        -> {"ok": true}, then a new worker takes over
+    {"op": "ping"}                                  -> {"ok": true, "fuse_busy": s}  (the watchdog)
     {"op": "detach"}                                -> {"ok": true}, then the daemon exits (EOF)
     {"op": "failpoints", "set": spec}               -> {"ok": true}   (tests: imager.failpoints)
     any failure                  -> {"ok": false, "error": "one line", "kind": "SnapshotError"}
 
 A snapshot created with "hold" belongs to that connection: when it closes before a
-snapshot-delete (the backup died), the daemon deletes the snapshot.
+snapshot-delete (the backup died), the daemon deletes the snapshot. The holder's pid is also
+kept in the run directory (holder.json): a worker that replaces a dead one cannot see the old
+connection, so it watches that process instead, and the backup reconnects to delete it.
 
 Layout: run directory $IMAGER_RUN_DIR/<name> (default /run/imager/<name>) holds control.sock,
 the daemon's record (volume.json: who it is, read without asking it) and the FUSE mount point
@@ -45,6 +51,11 @@ LOG_NAME = "daemon.log"
 # What a running daemon says of itself, in its run directory: read without asking the daemon,
 # so that a dead or stuck daemon of one volume never holds up work on another.
 RECORD_NAME = "volume.json"
+# For boot (imager-volume@.service, fstab): a stable name of the front, whose loop device number
+# varies, and the supervisor's pid for systemd's PIDFile=.
+FRONT_LINK = "front"
+PID_NAME = "supervisor.pid"
+HOLDER_NAME = "holder.json"      # the process holding the snapshot: generation, pid, start time
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL
 MAX_SOCKET_PATH = 107
@@ -157,6 +168,11 @@ def checked(reply: dict) -> dict:
     return reply
 
 
+class ConnectionLost(VolumeError):
+    """The daemon's worker went away mid-conversation (killed or restarted): the supervisor's
+    socket takes a new connection for the next worker."""
+
+
 class Connection:
     def __init__(self, name: str, timeout: float):
         self.name = name
@@ -188,9 +204,9 @@ class Connection:
             raise VolumeError(f"the daemon of volume {self.name!r} did not answer {payload['op']!r} in "
                               f"{self.timeout:g} s (stopped or stuck? see its log)") from None
         except OSError as e:
-            raise VolumeError(f"lost the daemon of {self.name!r}: {e.strerror}") from None
+            raise ConnectionLost(f"lost the daemon of {self.name!r}: {e.strerror}") from None
         if not line:
-            raise VolumeError(f"the daemon of {self.name!r} closed the connection")
+            raise ConnectionLost(f"the daemon of {self.name!r} closed the connection")
         return json.loads(line)
 
     def wait_closed(self, timeout: float) -> None:
@@ -256,7 +272,9 @@ def daemon_state(record: dict) -> tuple[str, str]:
     where = f", mounted at {', '.join(m.mount_point for m in mounted)}," if mounted else ""
     steps = (f"umount {' '.join(m.mount_point for m in mounted)}; imager recover {record['name']}"
              if mounted else f"imager recover {record['name']} (or imager detach {record['name']})")
-    return "failed", (f"the volume daemon (pid {record['pid']}) is gone: {front}{where} fails every request; "
+    # The supervisor replaces dead workers; only its own death (or the FUSE connection's) ends here.
+    return "failed", (f"the volume daemon's supervisor (pid {record['pid']}) is gone, and the FUSE connection with "
+                      f"it: {front}{where} fails every request; "
                       f"recover: {steps} (re-attaches {record['device']} and checks the filesystem); "
                       f"log: {record['log_path']}")
 

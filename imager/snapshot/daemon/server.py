@@ -16,6 +16,7 @@ import errno
 import json
 import logging
 import os
+import select
 import threading
 import time
 
@@ -33,8 +34,8 @@ from ..cow import CowStore
 from ..cow.tracker import Roll
 from .control import ControlServer
 from .files import VolumeFiles
-from .protocol import LOG_NAME, MOUNT_DIR_NAME, RECORD_NAME, SNAPSHOT_FILE, SOCKET_NAME, VOLUME_FILE
-from .supervisor import WORKER_FILE
+from .protocol import FRONT_LINK, HOLDER_NAME, LOG_NAME, MOUNT_DIR_NAME, RECORD_NAME, SNAPSHOT_FILE, SOCKET_NAME, VOLUME_FILE
+from .supervisor import EXIT_HANDED_OVER, WORKER_FILE
 
 log = logging.getLogger("imager.daemon")
 
@@ -76,6 +77,7 @@ class VolumeDaemon:
         self._attached_front = False
         self.server: ControlServer | None = None
         self._fuse_thread: threading.Thread | None = None
+        self._fuse_server: fuse.Server | None = None
         self._fuse_ended = threading.Event()
         self._mounted = True         # by the supervisor
         # Serialises snapshot create/delete and detach against each other.
@@ -96,12 +98,17 @@ class VolumeDaemon:
         self.device = BlockDevice(self.device_path, writable=True, exclusive=False, direct=False,
                                   on_notice=lambda msg: log.info("%s", msg))
         self.store = CowStore(self.device, self.state_dir, self.block_size, self.cache_size,
-                              fingerprint=self.fingerprint)
-        if self.store.tracker.restarted:
-            log.info("tracking changes anew (series %s): %s", self.store.tracker.state.series,
-                     self.store.tracker.restarted)
+                              fingerprint=self.fingerprint, handover=supervisor_token(self.supervisor_pid))
+        tracker = self.store.tracker
+        if tracker.restarted:
+            log.info("tracking changes anew (series %s): %s", tracker.state.series, tracker.restarted)
         if self.store.snapshot_active:
             log.info("resuming snapshot generation %d from %s", self.store.generation, self.state_dir)
+            if not tracker.restarted and tracker.state.pending is not None:
+                # Handed over during a backup: its roll is still the one its snapshot took.
+                self._roll = Roll(tracker.state.series, tracker.state.pending, tracker.state.base,
+                                  tracker.block_size)
+            self._watch_holder(self.store.generation)
         self.fs = VolumeFiles(self.store, self.fs_created_ns, self.run_dir, self._report_unreadable)
         started = time.monotonic()
         # What a dead predecessor had read but not answered is queued again, ahead of new requests.
@@ -114,13 +121,15 @@ class VolumeDaemon:
             self.front = loop.attach(self.fuse_file, direct_io=True,
                                      block_size=self.device.logical_sector_size)
             self._attached_front = True
+            _link(self.front, os.path.join(self.run_dir, FRONT_LINK))
         log.info("serving %s (%d bytes) as %s, front %s", self.device_path, self.store.size,
                  self.fuse_file, self.front)
         self.server = ControlServer(self.socket_path, self, listen_fd=self.listen_fd)
 
     def _serve(self, started: float) -> None:
-        server = fuse.Server(self.fuse_fd, self.session, self.fs,
-                             on_error=lambda opcode, e: log.error("FUSE request %d failed: %r", opcode, e))
+        server = self._fuse_server = fuse.Server(
+            self.fuse_fd, self.session, self.fs,
+            on_error=lambda opcode, e: log.error("FUSE request %d failed: %r", opcode, e))
         try:
             server.serve(on_first_reply=lambda: self._first_reply(started))
         except BaseException:
@@ -177,6 +186,11 @@ class VolumeDaemon:
         op = request.get("op")
         if op == "status":
             return {"ok": True, "volume": self.describe()}
+        if op == "ping":
+            # Lock-free: the supervisor's watchdog asks whether the FUSE server is stuck on a request.
+            server = self._fuse_server
+            since = server.busy_since if server is not None else None
+            return {"ok": True, "fuse_busy": 0.0 if since is None else time.monotonic() - since}
         if op == "failpoints" and failpoints.ENABLED:
             failpoints.configure(str(request.get("set", "")))
             log.warning("failpoints armed: %r", request.get("set"))
@@ -190,8 +204,13 @@ class VolumeDaemon:
             if op == "tracker-changes":
                 return self._tracker_changes(request.get("sequence"))
             if op == "snapshot-delete":
+                generation = request.get("generation")
+                if generation is not None and (not self.store.snapshot_active or self.store.generation != generation):
+                    return {"ok": True, "volume": self.describe()}     # gone already (its holder died)
                 self._delete_snapshot(bool(request.get("force")), commit=request.get("tracker") == "commit")
                 return {"ok": True, "volume": self.describe()}
+            if op == "restart-worker":
+                return {"ok": True, "restarting": True, "worker": {"pid": os.getpid(), "restarts": self.restarts}}
             if op == "detach":
                 self.detach()
                 return {"ok": True, "stopping": True}
@@ -215,6 +234,61 @@ class VolumeDaemon:
             except (ImagerError, DeviceError) as e:
                 log.error("could not delete the abandoned snapshot: %s", e)
 
+    # -- a backup's hold on its snapshot, across workers ----------------------------------------
+
+    def record_holder(self, generation: int, pid: int) -> None:
+        """Process `pid` holds snapshot `generation` (a backup): kept for the workers after this one."""
+        try:
+            write_atomically(os.path.join(self.run_dir, HOLDER_NAME), json.dumps(
+                {"generation": generation, "pid": pid, "start": process_start(pid)}).encode())
+        except OSError as e:
+            log.warning("cannot record who holds the snapshot (%s): if this worker dies, the snapshot stays "
+                        "until deleted", e.strerror)
+
+    def _watch_holder(self, generation: int) -> None:
+        """The snapshot was taken under an earlier worker: if a backup holds it, delete it when
+        that process ends (its connection went with the earlier worker)."""
+        try:
+            with open(os.path.join(self.run_dir, HOLDER_NAME)) as f:
+                holder = json.load(f)
+        except (OSError, ValueError):
+            return                  # not held: `imager snapshot create` keeps it until deleted
+        if holder.get("generation") != generation:
+            return
+        threading.Thread(target=self._drop_when_gone, args=(generation, holder["pid"], holder.get("start")),
+                         name="holder", daemon=True).start()
+
+    def _drop_when_gone(self, generation: int, pid: int, start: int | None) -> None:
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            pidfd = -1
+        try:
+            # A pid in use by another process since: the holder is gone.
+            if pidfd >= 0 and process_start(pid) == start:
+                select.select([pidfd], [], [])     # readable once the process has ended
+        finally:
+            if pidfd >= 0:
+                os.close(pidfd)
+        self.drop_abandoned_snapshot(generation)
+
+    def hand_over(self) -> None:
+        """Leave the volume to the next worker (a live upgrade) and exit: no control or FUSE
+        request half done, the tracker handed over. What arrives meanwhile waits in the kernel's
+        queue and the socket's backlog; what this worker had read and not answered, the next
+        one has the kernel resend."""
+        self._control_lock.acquire()
+        if self._fuse_server is not None:
+            self._fuse_server.gate.acquire()
+        try:
+            self.store.tracker.hand_over(supervisor_token(self.supervisor_pid))
+            log.info("worker %d handed over to the next one", os.getpid())
+        except Exception as e:
+            # The tracker stays "in-use": the next incremental compares digests, and says why.
+            log.error("could not hand the change tracker over (%s): the next worker starts a new series", e)
+        logging.shutdown()
+        os._exit(EXIT_HANDED_OVER)
+
     def write_record(self) -> None:
         """Say who we are in the run directory, for clients that must not wait on a daemon that
         may be stuck (and to tell what a dead daemon left behind)."""
@@ -233,6 +307,7 @@ class VolumeDaemon:
                     f"handles); detach its loop devices and close it first")
             log.warning("deleting the snapshot of %s while it is open", self.name)
         generation = self.store.generation
+        _unlink(os.path.join(self.run_dir, HOLDER_NAME))
         if self._roll is not None:
             if commit and self.store.tracker.commit(self._roll.sequence):
                 log.info("tracker sequence %d committed: the next incremental starts from it", self._roll.sequence)
@@ -260,6 +335,7 @@ class VolumeDaemon:
             loop.detach(self.front)
             log.info("front %s detached", self.front)
             self.front = None
+            _unlink(os.path.join(self.run_dir, FRONT_LINK))
         if self._mounted:
             if not self.fs.wait_for_handles(VOLUME_FILE, 0, HANDLE_RELEASE_TIMEOUT):
                 raise VolumeError(f"{self.fuse_file} is still open; close it first")
@@ -297,6 +373,40 @@ class VolumeDaemon:
             log.error("cleanup after failed start: %s", e)
         finally:
             self.close()
+
+
+def _link(target: str, path: str) -> None:
+    """`path` -> `target`, replacing whatever link was there in one step."""
+    temporary = f"{path}.new"
+    _unlink(temporary)
+    os.symlink(target, temporary)
+    os.rename(temporary, path)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def process_start(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot), to tell it from a later one with the
+    same pid; None when there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2:].split()[19])
+
+
+def supervisor_token(pid: int) -> str:
+    """Names one supervisor process in one boot: a tracker handed over under it is trusted by
+    its next worker only."""
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        boot = f.read().strip()
+    return f"{boot}/{pid}/{process_start(pid)}"
 
 
 def _write_fingerprint(device: str) -> dict | None:

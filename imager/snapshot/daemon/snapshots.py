@@ -4,6 +4,7 @@ backup for its lifetime or kept until deleted."""
 from __future__ import annotations
 
 import base64
+import logging
 import time
 from typing import Callable, Iterable, Sequence
 
@@ -12,8 +13,10 @@ from devices.fs import mounts_of
 from ...errors import ImagerError, SnapshotError
 from ..freeze import DEFAULT_MAX_FREEZE, Hook, freeze_window
 from .client import list_volumes, require_running, status
-from .protocol import (REQUEST_TIMEOUT, STATUS_TIMEOUT, Connection, SnapshotInfo, SnapshotSetInfo, checked, connect,
-                       name_list, request, volume_from)
+from .protocol import (REQUEST_TIMEOUT, STATUS_TIMEOUT, Connection, ConnectionLost, SnapshotInfo, SnapshotSetInfo,
+                       checked, connect, name_list, request, volume_from)
+
+log = logging.getLogger(__name__)
 
 def snapshot_create(names: str | Iterable[str], pre_freeze_hooks: Sequence[Hook] = (),
                     post_thaw_hooks: Sequence[Hook] = (),
@@ -115,11 +118,21 @@ class HeldSnapshots:
     def close(self) -> None:
         """Delete the snapshots of a held set, waiting for each daemon's answer."""
         failures = []
+        generations = {s.name: s.generation for s in self.info.snapshots}
         for conn in self._connections:
             try:
                 conn.timeout = REQUEST_TIMEOUT
                 tracker = "commit" if conn.name in self._committed else "give-up"
-                checked(conn.request({"op": "snapshot-delete", "force": True, "tracker": tracker}))
+                delete = {"op": "snapshot-delete", "force": True, "tracker": tracker,
+                          "generation": generations[conn.name]}
+                try:
+                    checked(conn.request(delete))
+                except ConnectionLost:
+                    # Its worker died or was restarted during the backup; the next one serves
+                    # the same snapshot and takes the delete on a new connection.
+                    log.info("%s: the volume's worker changed during the backup; deleting its snapshot anew",
+                             conn.name)
+                    request(conn.name, delete, REQUEST_TIMEOUT)
             except ImagerError as e:
                 failures.append(str(e))
             finally:

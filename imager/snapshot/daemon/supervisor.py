@@ -31,9 +31,10 @@ from devices import fuse
 from devices.errors import DeviceError
 from devices.topology import write_fingerprint
 
+from ...ends.atomic import write_atomically
 from ...errors import VolumeError
 from ...spawn import send_ready
-from .protocol import MOUNT_DIR_NAME, RECORD_NAME, SOCKET_NAME, error_reply
+from .protocol import FRONT_LINK, HOLDER_NAME, MOUNT_DIR_NAME, PID_NAME, RECORD_NAME, SOCKET_NAME, error_reply
 
 log = logging.getLogger("imager.daemon")
 
@@ -43,6 +44,11 @@ WORKER_READY_TIMEOUT = 60.0
 # to start: wait before the next, longer each time.
 QUICK_DEATH = 5.0
 MAX_BACKOFF = 10.0
+# A worker that does not answer its health check in this long, or spends it on one FUSE request,
+# is stuck: the kernel's FUSE requests and the clients would wait for it forever.
+DEFAULT_WATCHDOG = 30.0
+# A worker that exits with this has handed the volume over on request (a live upgrade).
+EXIT_HANDED_OVER = 75
 WORKER_FILE = "worker.json"  # the worker's pid and when it first answered (worker.py)
 HANDLES_FILE = "handles.json"
 
@@ -75,6 +81,11 @@ class Supervisor:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._forward)
         reply = self._first_worker(fingerprint)
+        if reply.get("ok"):
+            try:
+                write_atomically(os.path.join(self.args.run_dir, PID_NAME), f"{os.getpid()}\n".encode())
+            except OSError as e:
+                log.warning("cannot write %s: %s", PID_NAME, e.strerror)
         send_ready(ready_fd, reply)
         if not reply.get("ok"):
             self._clean_up()
@@ -145,7 +156,7 @@ class Supervisor:
         backoff = 0.0
         while True:
             started = time.monotonic()
-            code = self.worker.wait()
+            code = self._wait_worker()
             if code == 0:
                 log.info("worker %d stopped: the volume is detached", self.worker.pid)
                 self._clean_up()
@@ -156,6 +167,11 @@ class Supervisor:
                 self._clean_up()
                 return 1
             self.restarts += 1
+            if code == EXIT_HANDED_OVER:
+                log.info("worker %d handed over: starting the next (installed) one", self.worker.pid)
+                backoff = 0.0
+                self.worker = self._spawn([])
+                continue
             failing = not self._served(self.worker.pid) and time.monotonic() - started < QUICK_DEATH
             backoff = min(MAX_BACKOFF, max(0.1, backoff * 2)) if failing else 0.0
             log.error("worker %d ended (%s): starting another%s", self.worker.pid, _how(code),
@@ -163,6 +179,41 @@ class Supervisor:
             if backoff:
                 time.sleep(backoff)     # it failed right after its start: do not spin
             self.worker = self._spawn([])
+
+    def _wait_worker(self) -> int:
+        """The worker's exit status. With the watchdog on, a worker that stops answering its
+        control socket, or whose FUSE server is stuck on one request, is killed (and replaced)."""
+        limit = self.args.watchdog
+        if not limit:
+            return self.worker.wait()
+        while True:
+            try:
+                return self.worker.wait(timeout=limit / 3)
+            except subprocess.TimeoutExpired:
+                pass
+            problem = self._health(limit)
+            if problem and self.worker.poll() is None:
+                log.error("worker %d %s: killing it (watchdog, %g s)", self.worker.pid, problem, limit)
+                self.worker.kill()
+
+    def _health(self, limit: float) -> str:
+        """What is wrong with the worker ("" if nothing): asked on the control socket, where the
+        connection waits in the backlog while a new worker starts."""
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(limit)
+                sock.connect(self.socket_path)
+                sock.sendall(b'{"op": "ping"}\n')
+                reply = json.loads(sock.makefile("rb").readline() or b"{}")
+        except socket.timeout:
+            return f"did not answer in {limit:g} s"
+        except (OSError, ValueError) as e:
+            return f"answered no health check ({e})"
+        if not reply.get("ok"):
+            return f"failed its health check ({reply.get('error')})"
+        if reply.get("fuse_busy", 0.0) > limit:
+            return f"has been serving one FUSE request for {reply['fuse_busy']:.0f} s"
+        return ""
 
     def _served(self, pid: int) -> bool:
         """Whether worker `pid` answered a request (it says so in the run directory)."""
@@ -201,7 +252,7 @@ class Supervisor:
         if self.listener is not None:
             self.listener.close()
         run_dir = self.args.run_dir
-        for name in (SOCKET_NAME, RECORD_NAME, WORKER_FILE, HANDLES_FILE):
+        for name in (SOCKET_NAME, RECORD_NAME, WORKER_FILE, HANDLES_FILE, HOLDER_NAME, FRONT_LINK, PID_NAME):
             try:
                 os.unlink(os.path.join(run_dir, name))
             except FileNotFoundError:
