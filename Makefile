@@ -29,7 +29,7 @@ demo: setup
 # The suite on loop devices, then (where ../shared/vm-tape is, beside the checkout) the tests
 # that need the real st driver in one VM; both run, either failing fails the target.
 test: setup lint
-	@rc=0; $(PY) -m pytest -q -p no:cacheprovider --benchmark-disable tests || rc=$$?; \
+	@rc=0; $(PY) -m pytest -q -p no:cacheprovider --benchmark-disable --durations=20 tests || rc=$$?; \
 	PY=$(PY) scripts/test-st --if-present || rc=$$?; exit $$rc
 
 # The st driver, a SCSI medium changer and mt/dd/zstd on what imager wrote, in one VM of the
