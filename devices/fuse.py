@@ -170,39 +170,81 @@ def umount(mount_point: str, lazy: bool = False) -> None:
     check(libc.umount2(os.fsencode(mount_point), 2 if lazy else 0), f"umount {mount_point}")
 
 
-class Server:
-    """Serves `files` on a mounted, negotiated descriptor, one request at a time (a single thread
-    still gets many requests in flight from a loop device doing async direct I/O). Every reply
-    is one write; a request's data is handed over as a view of the one request buffer, valid
-    during the call only."""
+class _Lane:
+    """One serving thread's buffers, and the gate it holds while it handles a request."""
 
-    def __init__(self, fd: int, session: Session, files: Files, on_error=None):
+    def __init__(self, session: Session):
+        # Locked in memory: a request the kernel copies into an unmapped page when this process is
+        # being killed would fail with EIO instead of staying queued for the next server.
+        self.request = mmap.mmap(-1, session.max_write + 4096)
+        self.reply = mmap.mmap(-1, session.max_write + OUT_HEADER.size)
+        for m in (self.request, self.reply):
+            _mlock(m)
+        self.gate = threading.Lock()
+        self.busy_since: float | None = None    # monotonic start of the request being handled
+
+
+class Server:
+    """Serves `files` on a mounted, negotiated descriptor from `threads` threads, each taking
+    the next request (the kernel hands each request to one reader), so that one request's disk
+    read overlaps another's reply. Every reply is one write; a request's data is handed over as
+    a view of its thread's request buffer, valid during the call only. `files` must be
+    thread-safe."""
+
+    def __init__(self, fd: int, session: Session, files: Files, on_error=None, threads: int = 1):
         self.fd = fd
         self.session = session
         self.files = files
         self._on_error = on_error
-        # Locked in memory: a request the kernel copies into an unmapped page when this process is
-        # being killed would fail with EIO instead of staying queued for the next server.
-        size = session.max_write + 4096
-        self._in = mmap.mmap(-1, size)
-        self._out = mmap.mmap(-1, session.max_write + OUT_HEADER.size)
-        for m in (self._in, self._out):
-            _mlock(m)
+        self._lanes = [_Lane(session) for _ in range(max(1, threads))]
+        self._local = threading.local()
+        self._first_lock = threading.Lock()
         self.requests = 0
-        # Held while a request is handled: whoever takes it (a worker handing over to the next)
-        # knows that no request is half done and none will start.
-        self.gate = threading.Lock()
-        self.busy_since: float | None = None    # monotonic start of the request being handled
+
+    def hold(self) -> None:
+        """Wait until no request is being handled and keep it so (for handing over to another
+        server process: what is queued or read but not handled is resent to it)."""
+        for lane in self._lanes:
+            lane.gate.acquire()
+
+    def busy_for(self) -> float:
+        """How long the longest request now being handled has taken so far (0: none)."""
+        now = time.monotonic()
+        starts = [lane.busy_since for lane in self._lanes if lane.busy_since is not None]
+        return now - min(starts) if starts else 0.0
 
     def serve(self, on_first_reply=None) -> None:
         """Until the filesystem is unmounted. `on_first_reply` is called once after the first
-        request is answered (how long a replacement took to serve)."""
-        fd, buf = self.fd, memoryview(self._in)
+        request is answered (how long a replacement took to serve). An exception in any thread
+        ends serving and is raised here."""
+        self._first = on_first_reply
+        failures: list[BaseException] = []
+
+        def run(lane: _Lane) -> None:
+            try:
+                self._serve_lane(lane)
+            except BaseException as e:
+                failures.append(e)
+
+        threads = [threading.Thread(target=run, args=(lane,), name=f"fuse-{n}", daemon=True)
+                   for n, lane in enumerate(self._lanes[1:], 1)]
+        for t in threads:
+            t.start()
+        run(self._lanes[0])
+        if failures:
+            raise failures[0]
+        for t in threads:
+            t.join()
+        if failures:
+            raise failures[0]
+
+    def _serve_lane(self, lane: _Lane) -> None:
+        fd, buf = self.fd, memoryview(lane.request)
+        self._local.reply = memoryview(lane.reply)
         handlers = {LOOKUP: self._lookup, GETATTR: self._getattr, SETATTR: self._setattr, OPEN: self._open,
                     READ: self._read, WRITE: self._write, STATFS: self._statfs, RELEASE: self._release,
                     FSYNC: self._fsync, FLUSH: self._flush, OPENDIR: self._opendir, READDIR: self._readdir,
                     RELEASEDIR: self._empty, FSYNCDIR: self._empty}
-        first = on_first_reply
         while True:
             try:
                 _read(fd, buf)
@@ -216,8 +258,8 @@ class Server:
                 continue                    # the next read says the connection is gone
             handler = handlers.get(opcode)
             try:
-                with self.gate:
-                    self.busy_since = time.monotonic()
+                with lane.gate:
+                    lane.busy_since = time.monotonic()
                     if handler is None:
                         self._send(unique, -errno.ENOSYS)
                     else:
@@ -230,11 +272,13 @@ class Server:
                 if self._on_error is not None:
                     self._on_error(opcode, e)
                 self._send(unique, -errno.EIO)
-            self.busy_since = None
+            lane.busy_since = None
             self.requests += 1
-            if first is not None:
-                first()
-                first = None
+            if self._first is not None:
+                with self._first_lock:
+                    first, self._first = self._first, None
+                if first is not None:
+                    first()
 
     # -- replies -------------------------------------------------------------------------------
 
@@ -281,7 +325,7 @@ class Server:
 
     def _read(self, unique, nodeid, buf) -> None:
         fh, offset, size, _ = RW_IN.unpack_from(buf, IN_HEADER.size)
-        out = memoryview(self._out)
+        out = self._local.reply
         n = self.files.read_into(fh, out[OUT_HEADER.size:OUT_HEADER.size + size], offset)
         OUT_HEADER.pack_into(out, 0, OUT_HEADER.size + n, 0, unique)
         _write_reply(self.fd, out[:OUT_HEADER.size + n])

@@ -279,7 +279,7 @@ def test_a_killed_daemon_is_reported_and_recovered(bench):
 # -- 4. a stuck daemon holds up only its own volume -------------------------------------------------
 
 def test_a_stopped_daemon_holds_up_no_other_backup(bench):
-    stuck, _, _ = bench.ext4_volume("stuck", 64 * MiB)
+    stuck, _, _ = bench.ext4_volume("stuck", 64 * MiB, watchdog=0)   # no watchdog: it stays stuck
     other, _, other_mnt = bench.ext4_volume("other", 64 * MiB)
     fill_with_data(other_mnt, 4 * MiB)
     plain, plain_mnt = bench.plain_ext4("plain", 64 * MiB)

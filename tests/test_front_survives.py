@@ -27,6 +27,7 @@ pytestmark = DAEMON_TESTS
 
 # The acceptance count (50 on each filesystem) under make test-long; fewer in make test.
 KILLS = sweep_size(50, 12)
+BACKUP_KILLS = sweep_size(25, 3)     # during one backup from the snapshot
 
 
 @pytest.mark.sweep
@@ -147,6 +148,7 @@ def front_errors(front: str, since: float) -> list[str]:
             and not (unsupported[0] in line and any(op in line for op in unsupported[1:]))]
 
 
+@pytest.mark.sweep
 def test_kill_9_of_the_worker_during_a_backup_keeps_the_image_one_point_in_time(bench):
     vol, source, mnt = bench.ext4_volume("midway")
     writers = Writers(bench, mnt, journal="WAL")
@@ -161,7 +163,7 @@ def test_kill_9_of_the_worker_during_a_backup_keeps_the_image_one_point_in_time(
     killed = []
 
     def kill_while_reading(n: int) -> None:
-        if len(killed) < 3:               # at the first three chunks the backup writes
+        if len(killed) < BACKUP_KILLS:    # at each of the first chunks the backup writes
             killed.append(daemon.status("midway").worker["pid"])
             kill_and_wait(killed[-1])
         wait_writers(n)                   # the writers go on past the snapshot, served by new workers
@@ -170,7 +172,7 @@ def test_kill_9_of_the_worker_during_a_backup_keeps_the_image_one_point_in_time(
     out.mkdir()
     (result,) = jobs.backup_volumes(["midway"], jobs.Destination(output=str(out / "midway.zst")), snapshot="cow",
                                     while_frozen=record, options=SMALL_CHUNKS, progress=kill_while_reading)
-    assert len(killed) == 3 and daemon.status("midway").worker["restarts"] == 3
+    assert len(killed) == BACKUP_KILLS and daemon.status("midway").worker["restarts"] == BACKUP_KILLS
     assert_no_snapshot_leftovers([vol], out, {"midway.zst"})
     reports = writers.stop()
     restored = bench.restore(result.image, "restored")

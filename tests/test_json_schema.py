@@ -158,4 +158,5 @@ def test_managed_volume_commands_follow_the_schema(validator, lab, tmp_path):
     assert [s["name"] for s in checked(validator, "snapshot", "list")["snapshots"]] == ["js"]
     checked(validator, "snapshot", "delete", "js")
     checked(validator, "backup", "--snapshot", "cow", "js", "-o", str(tmp_path / "js.zst"))
+    assert checked(validator, "volumes", "restart", "js")["volumes"][0]["worker"]["restarts"] == 1
     checked(validator, "detach", "js")

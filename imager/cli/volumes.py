@@ -26,7 +26,7 @@ def register(sub, parents) -> None:
     de.set_defaults(func=detach)
     vo = sub.add_parser("volumes", parents=[parents.common], help="list managed volumes and their snapshots")
     vo.set_defaults(func=listing)
-    vsub = vo.add_subparsers(dest="volumes_command", required=False, metavar="ACTION")
+    vsub = vo.add_subparsers(dest="volumes_command", required=False, metavar="[ACTION]")
     vr = vsub.add_parser("restart", parents=[parents.common],
                          help="replace the worker serving volumes by the imager installed now (a live upgrade); "
                               "the filesystems on their fronts see a pause, not an error")

@@ -149,8 +149,10 @@ class VolumeFiles:
         except SnapshotError:
             raise OSError(errno.ENOENT, "no snapshot") from None
         with self._changed:
-            self._open[fh] = view
-        return view
+            kept = self._open.setdefault(fh, view)    # another thread may have made one meanwhile
+        if kept is not view:
+            view.close()
+        return kept
 
     def _load(self) -> dict[int, dict]:
         try:
