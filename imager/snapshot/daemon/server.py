@@ -43,9 +43,10 @@ MNT_DETACH = 2
 # The kernel sends RELEASE a moment after the last close (or loop detach): how long to wait for it.
 HANDLE_RELEASE_TIMEOUT = 3.0
 FUSE_STOP_TIMEOUT = 30.0
-# Threads serving FUSE requests: a reader of the snapshot (a backup) gets several reads in flight
-# and one's disk read overlaps another's reply. Measured in bench/front.py.
-FUSE_THREADS = int(os.environ.get("IMAGER_FUSE_THREADS", "2"))
+# Threads serving FUSE READs beside the one serving everything else: a reader of the snapshot (a
+# backup) gets several disk reads in flight. Measured in bench/front.py (IMAGER_FUSE_READERS
+# sets it there).
+FUSE_READERS = int(os.environ.get("IMAGER_FUSE_READERS", "2"))
 # The worker's exit status when it cannot serve FUSE any more: the supervisor starts another.
 EXIT_NOT_SERVING = 70
 
@@ -131,7 +132,7 @@ class VolumeDaemon:
 
     def _serve(self, started: float) -> None:
         server = self._fuse_server = fuse.Server(
-            self.fuse_fd, self.session, self.fs, threads=FUSE_THREADS,
+            self.fuse_fd, self.session, self.fs, readers=FUSE_READERS,
             on_error=lambda opcode, e: log.error("FUSE request %d failed: %r", opcode, e))
         try:
             server.serve(on_first_reply=lambda: self._first_reply(started))

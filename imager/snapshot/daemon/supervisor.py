@@ -47,6 +47,7 @@ MAX_BACKOFF = 10.0
 # A worker that does not answer its health check in this long, or spends it on one FUSE request,
 # is stuck: the kernel's FUSE requests and the clients would wait for it forever.
 DEFAULT_WATCHDOG = 30.0
+WORKER_START_GRACE = 15.0
 # A worker that exits with this has handed the volume over on request (a live upgrade).
 EXIT_HANDED_OVER = 75
 WORKER_FILE = "worker.json"  # the worker's pid and when it first answered (worker.py)
@@ -66,6 +67,7 @@ class Supervisor:
         self.worker: subprocess.Popen | None = None
         self.front: str | None = None
         self.restarts = 0
+        self.worker_answered = False   # the current worker answered a health check (or its start)
 
     def run(self, ready_fd: int | None) -> int:
         fingerprint = _write_fingerprint(self.args.device)     # before anything of ours writes
@@ -135,6 +137,7 @@ class Supervisor:
             return error_reply(VolumeError(f"the volume worker did not start (see {self.args.state_dir})"))
         if reply.get("ok"):
             self.front = reply["volume"]["front"]
+            self.worker_answered = True
         else:
             self.worker.wait()
         return reply
@@ -148,6 +151,7 @@ class Supervisor:
         worker = subprocess.Popen(command, stdin=subprocess.DEVNULL,
                                   pass_fds=(self.fuse_fd, self.listener.fileno(), *fds))
         log.info("worker %d started%s", worker.pid, f" (restart {self.restarts})" if self.restarts else "")
+        self.worker_answered = False
         return worker
 
     # -- serving ---------------------------------------------------------------------------------
@@ -199,18 +203,24 @@ class Supervisor:
     def _health(self, limit: float) -> str:
         """What is wrong with the worker ("" if nothing): asked on the control socket, where the
         connection waits in the backlog while a new worker starts."""
+        # A new interpreter takes a while to start on a busy machine: until a worker has answered
+        # once, it has longer.
+        wait = limit if self.worker_answered else max(limit, WORKER_START_GRACE)
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-                sock.settimeout(limit)
+                sock.settimeout(wait)
                 sock.connect(self.socket_path)
                 sock.sendall(b'{"op": "ping"}\n')
                 reply = json.loads(sock.makefile("rb").readline() or b"{}")
         except socket.timeout:
-            return f"did not answer in {limit:g} s"
+            return f"did not answer in {wait:g} s"
+        except FileNotFoundError:
+            return ""           # the socket is gone: the worker is detaching the volume
         except (OSError, ValueError) as e:
             return f"answered no health check ({e})"
         if not reply.get("ok"):
             return f"failed its health check ({reply.get('error')})"
+        self.worker_answered = True
         if reply.get("fuse_busy", 0.0) > limit:
             return f"has been serving one FUSE request for {reply['fuse_busy']:.0f} s"
         return ""
