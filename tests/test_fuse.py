@@ -1,0 +1,111 @@
+"""devices.fuse, the FUSE kernel protocol spoken without libfuse, against the real kernel: what
+the kernel asks of a served directory (names of any length, reads and writes of any size at any
+offset, through the request layouts the server splits for alignment) comes back right."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import stat
+import threading
+
+import pytest
+
+from devices import fuse
+
+MAX_WRITE = 1 << 20
+LONG_NAME = "a-file-whose-name-is-longer-than-the-head-of-a-request-" + "x" * 150
+
+
+class MemoryFiles:
+    """devices.fuse.Files over byte arrays: the model the kernel's view is checked against."""
+
+    def __init__(self, sizes: dict[str, int]):
+        self.data = {name: bytearray(random.Random(name).randbytes(size)) for name, size in sizes.items()}
+        self.attrs = {name: fuse.Attr(10 + n, size, stat.S_IFREG | 0o600, 0, 4096)
+                      for n, (name, size) in enumerate(sizes.items())}
+        self.handles: dict[int, str] = {}
+        self.lock = threading.Lock()
+
+    def listing(self):
+        return dict(self.attrs)
+
+    def open(self, attr, writable, fh):
+        with self.lock:
+            self.handles[fh] = next(name for name, a in self.attrs.items() if a.ino == attr.ino)
+
+    def release(self, fh):
+        with self.lock:
+            self.handles.pop(fh, None)
+
+    def read_into(self, fh, dst, offset):
+        data = self.data[self.handles[fh]]
+        piece = data[offset:offset + len(dst)]
+        dst[:len(piece)] = piece
+        return len(piece)
+
+    def write_from(self, fh, src, offset):
+        data = self.data[self.handles[fh]]
+        if offset + len(src) > len(data):
+            raise OSError(errno.ENOSPC, "fixed size")
+        data[offset:offset + len(src)] = src
+        return len(src)
+
+    def flush(self, fh):
+        pass
+
+    def fsync(self, fh):
+        pass
+
+
+@pytest.fixture(params=[0, 2], ids=["inline-reads", "reader-threads"])
+def served(tmp_path, request):
+    files = MemoryFiles({"small": 5000, "big": 8 * MAX_WRITE + 123, LONG_NAME: 70000})
+    point = tmp_path / "mnt"
+    point.mkdir()
+    fd = fuse.mount(str(point), "imager-test", "imagertest")
+    try:
+        session = fuse.negotiate(fd, MAX_WRITE)
+        server = fuse.Server(fd, session, files, readers=request.param)
+        thread = threading.Thread(target=server.serve, daemon=True)
+        thread.start()
+        yield point, files
+    finally:
+        fuse.umount(str(point), lazy=True)
+        os.close(fd)
+    thread.join(10)
+    assert not thread.is_alive()            # serve() returns once the connection is gone
+
+
+def test_the_directory_lists_every_name_and_stats_each_file(served):
+    point, files = served
+    assert sorted(os.listdir(point)) == sorted(files.data)
+    for name, data in files.data.items():
+        st = os.stat(point / name)          # a LOOKUP longer than a request's head
+        assert st.st_size == len(data) and stat.S_ISREG(st.st_mode)
+    with pytest.raises(FileNotFoundError):
+        os.stat(point / ("missing-" + "y" * 200))
+
+
+def test_reads_and_writes_of_any_size_at_any_offset_match_the_model(served):
+    point, files = served
+    rng = random.Random(7)
+    for name in files.data:
+        fd = os.open(point / name, os.O_RDWR)
+        try:
+            size = len(files.data[name])
+            for _ in range(40):
+                offset = rng.randrange(size)
+                length = rng.choice((1, 511, 4096, 65536 + 3, MAX_WRITE, 3 * MAX_WRITE + 17))
+                if rng.random() < 0.5:
+                    payload = rng.randbytes(min(length, size - offset))
+                    assert os.pwrite(fd, payload, offset) == len(payload)
+                    assert files.data[name][offset:offset + len(payload)] == payload
+                else:
+                    assert os.pread(fd, length, offset) == bytes(files.data[name][offset:offset + length])
+            with pytest.raises(OSError) as refused:
+                os.pwrite(fd, b"beyond", size)
+            assert refused.value.errno == errno.ENOSPC
+        finally:
+            os.close(fd)
