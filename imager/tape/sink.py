@@ -351,10 +351,13 @@ class TapeSink:
                 self._put(frame)
                 if self._error is not None:
                     break
-            self._spool.close()
         if self._error is None:
             self._put(("finish", record))
         self._thread.join()
+        if self._spool is not None:
+            # Only now: freeing a spool of gigabytes takes the kernel half a second, which before
+            # the image's last block would stop the drive.
+            self._spool.close()
         self._drive.close()
         if self._error is not None:
             raise self._error
@@ -395,6 +398,9 @@ class _Spool:
     def frames(self) -> Iterator[bytes]:
         self._file.flush()
         self._file.seek(0)
+        # Read back in the kernel's largest readahead steps: a stall reading the spool is a stall
+        # of the drive.
+        os.posix_fadvise(self._file.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
         for length in self.lengths:
             frame = self._file.read(length)
             if len(frame) != length:
