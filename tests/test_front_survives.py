@@ -219,11 +219,11 @@ def test_the_watchdog_replaces_a_worker_that_stops_answering(bench, monkeypatch,
     # Replaced: the writers go on without an error, their stuck request resent to the new worker.
     progress = writers.wait_progress(beyond=progress)
     now = daemon.status("watched").worker
-    assert now["pid"] != worker and now["restarts"] == 1
+    assert now["pid"] != worker and now["restarts"] >= 1    # more, if a loaded machine ever kept one a second
     with open(vol.log_path) as f:
         said = f.read()
-    reason = "did not answer in 1 s" if stuck == "stopped" else "serving one FUSE request for"
-    assert f"worker {worker} " in said and reason in said and "killing it (watchdog" in said
+    reason = "did not answer in 1 s" if stuck == "stopped" else "has been serving one FUSE request for"
+    assert f"worker {worker} {reason}" in said and "killing it (watchdog" in said, said
     reports = writers.stop()
     check_live_volume(bench, vol, source, mnt, reports, "watched")
 
