@@ -204,21 +204,32 @@ class Server:
     handed over as a view of its thread's buffer, valid during the call only. `files` must be
     thread-safe when `readers` > 0."""
 
-    def __init__(self, fd: int, session: Session, files: Files, on_error=None, readers: int = 0):
+    def __init__(self, fd: int, session: Session, files: Files, on_error=None, readers: int = 0, on_fatal=None):
+        """`on_error(opcode, exception)`: a request failed unexpectedly (it is answered EIO).
+        `on_fatal(exception)`: a reader thread cannot go on (its READs would never be answered)."""
         self.fd = fd
         self.session = session
         self.files = files
         self._on_error = on_error
+        self._on_fatal = on_fatal
         self._lane = _Lane(session)
         self._read_lanes = [_Lane(session, request=False) for _ in range(readers)]
         self._reads: queue.SimpleQueue = queue.SimpleQueue()    # (unique, fh, offset, size), None: stop
         self.requests = 0
 
-    def hold(self) -> None:
+    def hold(self, timeout: float) -> bool:
         """Wait until no request is being handled and keep it so (for handing over to another
-        server process: what is queued or read but not answered is resent to it)."""
+        server process: what is queued or read but not answered is resent to it). False, and
+        nothing held, if a request is still being handled after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        held = []
         for lane in (self._lane, *self._read_lanes):
-            lane.gate.acquire()
+            if not lane.gate.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                for gate in held:
+                    gate.release()
+                return False
+            held.append(lane.gate)
+        return True
 
     def busy_for(self) -> float:
         """How long the longest request now being handled has taken so far (0: none)."""
@@ -272,16 +283,23 @@ class Server:
                 first = None
 
     def _serve_reads(self, lane: _Lane) -> None:
-        while (item := self._reads.get()) is not None:
-            unique, fh, offset, size = item
-            if not self._handle(lane, self._read_at, READ, unique, (fh, offset, size), None):
-                return
+        try:
+            while (item := self._reads.get()) is not None:
+                unique, fh, offset, size = item
+                if not self._handle(lane, self._read_at, READ, unique, (fh, offset, size), None):
+                    return
+        except BaseException as e:
+            if self._on_fatal is None:
+                raise
+            self._on_fatal(e)
 
     def _handle(self, lane: _Lane, handler, opcode: int, unique: int, nodeid, buf) -> bool:
         """Handle one request on `lane`; False once the connection is gone."""
         try:
             with lane.gate:
-                lane.busy_since = time.monotonic()
+                # A flush may write back gigabytes of the server's cache on a slow disk: not what
+                # a stuck server looks like.
+                lane.busy_since = None if opcode in (FLUSH, FSYNC) else time.monotonic()
                 if handler is None:
                     self._send(unique, -errno.ENOSYS)
                 else:

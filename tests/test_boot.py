@@ -63,13 +63,17 @@ def test_the_unit_attaches_before_the_fstab_mount_and_detaches_cleanly_after(ben
     subprocess.run(["mkfs.ext4", "-q", source], check=True)
     settings = unit_service("bootvol")
     conf = tmp_path / "bootvol.conf"       # stands in for /etc/imager/volumes/bootvol.conf
-    conf.write_text(f"DEVICE={source}\nATTACH_OPTIONS=--cache {tmp_path / 'state'} --watchdog 20\n")
+    by_id = tmp_path / "disk-by-id-link"    # made by udev at boot, maybe after the unit started
+    conf.write_text(f"DEVICE={by_id}\nATTACH_OPTIONS=--cache {tmp_path / 'state'} --watchdog 20\n")
     assert settings["EnvironmentFile"] == ["/etc/imager/volumes/bootvol.conf"]
     assert settings["Type"] == ["forking"]
     env = environment(settings, str(conf))
 
-    started = subprocess.run(command_line(settings["ExecStart"][0], env), env=env, capture_output=True, text=True)
-    assert started.returncode == 0, started.stderr
+    starting = subprocess.Popen(command_line(settings["ExecStart"][0], env), env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    os.symlink(source, by_id)
+    _, err = starting.communicate(timeout=120)
+    assert starting.returncode == 0, err
     info = daemon.status("bootvol")
     bench.defer(lambda: imager("detach", "bootvol"))
     with open(settings["PIDFile"][0]) as f:          # what systemd then watches

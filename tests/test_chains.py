@@ -227,7 +227,7 @@ def test_a_live_upgrade_keeps_the_tracker_and_a_killed_worker_does_not(bench):
     restarted = imager("volumes", "restart", "upgrade", "--json")
     assert restarted.returncode == 0, restarted.stderr
     (shown,) = json.loads(restarted.stdout)["volumes"]
-    assert shown["worker"]["restarts"] == 1 and shown["worker"]["pid"] != vol.pid
+    assert shown["worker"]["restarts"] == 1 and shown["worker"]["pid"] != vol.worker["pid"]
     with open(os.path.join(mnt, "data.bin"), "r+b") as f:
         f.seek(4 * MiB)
         f.write(rng.randbytes(1 * MiB))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -224,6 +225,7 @@ def test_the_watchdog_replaces_a_worker_that_stops_answering(bench, monkeypatch,
         said = f.read()
     reason = "did not answer in 1 s" if stuck == "stopped" else "has been serving one FUSE request for"
     assert f"worker {worker} {reason}" in said and "killing it (watchdog" in said, said
+    assert not re.search(rf"worker {now['pid']} .*killing it", said)     # the one serving now was not
     reports = writers.stop()
     check_live_volume(bench, vol, source, mnt, reports, "watched")
 

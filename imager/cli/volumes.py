@@ -20,6 +20,8 @@ def register(sub, parents) -> None:
     at.add_argument("--watchdog", type=non_negative_float, metavar="SECONDS", default=None,
                     help="replace the volume's worker when it does not answer for this long "
                          "(default 30; 0: never)")
+    at.add_argument("--wait", type=non_negative_float, metavar="SECONDS", default=0.0,
+                    help="wait up to this long for the device to appear (at boot, before udev made it)")
     at.set_defaults(func=attach)
     de = sub.add_parser("detach", parents=[parents.common], help="stop managing volumes")
     de.add_argument("names", nargs="+", metavar="NAME", help="managed volumes to detach")
@@ -58,7 +60,7 @@ def _register_snapshot(sub, parents) -> None:
 
 def attach(args, out: Output) -> int:
     v = volumes.attach(args.device, name=args.name, cache_path=args.cache, cache_size=args.cache_size,
-                       watchdog=args.watchdog)
+                       watchdog=args.watchdog, wait_for_device=args.wait)
     out.result(views.with_iso_times(v), [v.front or ""])
     out.notice(f"{args.device} is managed as {v.name!r}: mount and write {v.front}; "
                f"snapshot with: imager snapshot create {v.name}")

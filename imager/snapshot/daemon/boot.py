@@ -51,6 +51,9 @@ Description=imager managed volume %I
 DefaultDependencies=no
 After=systemd-udevd.service systemd-remount-fs.service
 Wants=systemd-udevd.service
+# The state directory (bitmap, cache region, change tracker) must be there before the volume
+# is attached and until it is detached. Add the --cache directory of ATTACH_OPTIONS if elsewhere.
+RequiresMountsFor={state or DEFAULT_STATE_DIR}
 Conflicts=shutdown.target
 Before=shutdown.target
 ConditionPathExists={CONFIG_DIR}/%i.conf
@@ -59,7 +62,8 @@ ConditionPathExists={CONFIG_DIR}/%i.conf
 Type=forking
 PIDFile={run}/%i/{PID_NAME}
 {environment}EnvironmentFile={CONFIG_DIR}/%i.conf
-ExecStart={imager} attach --name %i $ATTACH_OPTIONS ${{DEVICE}}
+# --wait: at boot the device may appear after the unit starts.
+ExecStart={imager} attach --wait 60 --name %i $ATTACH_OPTIONS ${{DEVICE}}
 # A clean detach marks the change tracker clean: the first incremental after the reboot uses it.
 ExecStop={imager} detach %i
 # The supervisor alone gets the stop signal: it hands it to its worker, which detaches as

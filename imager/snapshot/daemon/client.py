@@ -25,6 +25,7 @@ from devices.fs import mounts_of
 
 from ...errors import VolumeError
 from .launch import attach
+from .supervisor import HANDLES_FILE, WORKER_FILE
 from .protocol import (FRONT_LINK, MOUNT_DIR_NAME, PID_NAME, RECORD_NAME, REQUEST_TIMEOUT, SOCKET_NAME, STATUS_TIMEOUT, VOLUME_FILE,
                        VolumeInfo, check_name, checked, connect, daemon_state, read_record, records, request,
                        socket_answers, volume_from)
@@ -181,8 +182,10 @@ def clear_stale_run_dir(run_dir: str) -> None:
         if socket_answers(sock):
             raise VolumeError(f"a daemon is already serving {run_dir}")
         os.unlink(sock)
-    # The link would name a loop device that is detached below and may serve another file next.
-    for name in (FRONT_LINK, PID_NAME):
+    # The link would name a loop device that is detached below and may serve another file next;
+    # the handles were the dead connection's. (The holder stays: the next daemon drops a resumed
+    # snapshot when the backup that held it is gone.)
+    for name in (FRONT_LINK, PID_NAME, WORKER_FILE, HANDLES_FILE):
         try:
             os.unlink(os.path.join(run_dir, name))
         except FileNotFoundError:

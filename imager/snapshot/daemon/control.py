@@ -53,12 +53,12 @@ class ControlHandler(socketserver.StreamRequestHandler):
         held: int | None = None
         try:
             for line in self.rfile:
+                daemon.request_started()
                 try:
                     request = json.loads(line)
-                    reply = daemon.handle(request)
+                    reply = daemon.handle(request, _peer_pid(self.request))
                     if request.get("op") == "snapshot-create" and request.get("hold"):
-                        held = daemon.store.generation
-                        daemon.record_holder(held, _peer_pid(self.request))
+                        held = reply.get("generation")
                     elif request.get("op") == "snapshot-delete":
                         held = None
                 except (ImagerError, DeviceError) as e:
@@ -68,10 +68,13 @@ class ControlHandler(socketserver.StreamRequestHandler):
                     reply = {"ok": False, "error": f"internal error in the volume daemon: {e}", "kind": "VolumeError"}
                 stopping = reply.pop("stopping", False)
                 restarting = reply.pop("restarting", False)
-                self.wfile.write(json.dumps(reply).encode() + b"\n")
-                self.wfile.flush()
+                try:
+                    self.wfile.write(json.dumps(reply).encode() + b"\n")
+                    self.wfile.flush()
+                finally:
+                    daemon.request_replied()
                 if restarting:
-                    daemon.hand_over()          # does not return: the next worker takes over
+                    daemon.hand_over()          # exits, unless a request is stuck: the next worker takes over
                 if stopping:
                     # The client learns that the daemon is gone when this connection closes at exit.
                     self.server.shutdown()

@@ -7,6 +7,7 @@ import os
 import re
 import stat
 import sys
+import time
 
 from devices import discover
 from devices.block import stat_volume
@@ -25,18 +26,26 @@ READY_TIMEOUT = 60.0
 
 def attach(device: str, name: str | None = None, cache_path: str | None = None,
            cache_size: int | None = None, *, block_size: int | None = None,
-           watchdog: float | None = None) -> VolumeInfo:
+           watchdog: float | None = None, wait_for_device: float = 0.0) -> VolumeInfo:
     """Start managing `device`: returns once the daemon serves it and its front loop device exists.
 
     `cache_path` is the state directory (bitmap, index, cache region, log); it must not be on the
     device itself nor on the front of any managed volume. `cache_size` caps the cache region in
     bytes (None: bounded only by free space there). `watchdog`: seconds after which a worker that
-    does not answer is replaced (0: never; None: the default)."""
+    does not answer is replaced (0: never; None: the default). `wait_for_device`: seconds to
+    wait for `device` to appear (at boot, udev may not have made it yet)."""
+    _wait_for(device, wait_for_device)
     try:
         return _attach(device, name, cache_path, cache_size, block_size, watchdog)
     except OSError as e:
         where = f" ({e.filename})" if e.filename else ""
         raise VolumeError(f"cannot attach {device}: {e.strerror}{where}") from None
+
+
+def _wait_for(device: str, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not os.path.exists(device) and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def _attach(device: str, name: str | None, cache_path: str | None, cache_size: int | None,

@@ -40,6 +40,8 @@ from .supervisor import EXIT_HANDED_OVER, WORKER_FILE
 log = logging.getLogger("imager.daemon")
 
 MNT_DETACH = 2
+# How long a worker asked to hand over waits for the requests in progress before it gives up.
+HAND_OVER_TIMEOUT = 30.0
 # The kernel sends RELEASE a moment after the last close (or loop detach): how long to wait for it.
 HANDLE_RELEASE_TIMEOUT = 3.0
 FUSE_STOP_TIMEOUT = 30.0
@@ -91,6 +93,9 @@ class VolumeDaemon:
         self.fs_created_ns = created_ns or time.time_ns()
         self._reported_unreadable_generation = -1
         self._roll: Roll | None = None        # what the tracker said when the backup's snapshot was taken
+        self._handing_over = False            # restart-worker was asked: this worker is on its way out
+        self._replies = threading.Condition()
+        self._replying = 0                    # control requests taken and not yet answered
 
     # -- start -------------------------------------------------------------------------------
 
@@ -112,14 +117,21 @@ class VolumeDaemon:
                 # Handed over during a backup: its roll is still the one its snapshot took.
                 self._roll = Roll(tracker.state.series, tracker.state.pending, tracker.state.base,
                                   tracker.block_size)
-            self._watch_holder(self.store.generation)
         self.fs = VolumeFiles(self.store, self.fs_created_ns, self.run_dir, self._report_unreadable)
         started = time.monotonic()
         # What a dead predecessor had read but not answered is queued again, ahead of new requests.
         fuse.resend(self.fuse_fd)
         self._fuse_thread = threading.Thread(target=self._serve, args=(started,), name="fuse", daemon=True)
         self._fuse_thread.start()
-        if self.front is None:
+        inherited = self.front
+        if inherited is not None and not any(info.device == inherited and info.backing_file == self.fuse_file
+                                             for info in loop.list_attached()):
+            # Detached by an earlier worker (a detach that stopped half-way): the device may
+            # serve another file by now, so it is not ours to name, nor to attach again.
+            log.warning("the front %s no longer serves %s: the volume has no front", inherited, self.fuse_file)
+            self.front = None
+            _unlink(os.path.join(self.run_dir, FRONT_LINK))
+        if self.front is None and inherited is None:
             # loop direct I/O: the front's requests go straight to FUSE (no second page cache of
             # the same data) and aio lets the loop driver keep several requests in flight.
             self.front = loop.attach(self.fuse_file, direct_io=True,
@@ -128,12 +140,15 @@ class VolumeDaemon:
             _link(self.front, os.path.join(self.run_dir, FRONT_LINK))
         log.info("serving %s (%d bytes) as %s, front %s", self.device_path, self.store.size,
                  self.fuse_file, self.front)
+        if self.store.snapshot_active:
+            self._watch_holder(self.store.generation)
         self.server = ControlServer(self.socket_path, self, listen_fd=self.listen_fd)
 
     def _serve(self, started: float) -> None:
         server = self._fuse_server = fuse.Server(
             self.fuse_fd, self.session, self.fs, readers=FUSE_READERS,
-            on_error=lambda opcode, e: log.error("FUSE request %d failed: %r", opcode, e))
+            on_error=lambda opcode, e: log.error("FUSE request %d failed: %r", opcode, e),
+            on_fatal=self._reader_failed)
         try:
             server.serve(on_first_reply=lambda: self._first_reply(started))
         except BaseException:
@@ -142,6 +157,11 @@ class VolumeDaemon:
             os._exit(EXIT_NOT_SERVING)
         log.info("FUSE connection ended")
         self._fuse_ended.set()
+
+    def _reader_failed(self, error: BaseException) -> None:
+        # Its READs would wait forever: let the supervisor start a worker that answers them.
+        log.error("a FUSE reader thread failed: %r", error)
+        os._exit(EXIT_NOT_SERVING)
 
     def _first_reply(self, started: float) -> None:
         now = time.monotonic()
@@ -186,7 +206,9 @@ class VolumeDaemon:
                 "log_path": os.path.join(self.state_dir, LOG_NAME),
                 "snapshot": snapshot, "tracker": store.tracker.describe()}
 
-    def handle(self, request: dict) -> dict:
+    def handle(self, request: dict, peer_pid: int = 0) -> dict:
+        """Answer one control request. `peer_pid`: the process asking (it holds what it creates
+        with "hold")."""
         op = request.get("op")
         if op == "status":
             return {"ok": True, "volume": self.describe()}
@@ -199,11 +221,15 @@ class VolumeDaemon:
             log.warning("failpoints armed: %r", request.get("set"))
             return {"ok": True}
         with self._control_lock:
+            if self._handing_over:
+                raise VolumeError(f"the worker of {self.name} is being replaced: ask again in a moment")
             if op == "snapshot-create":
                 self._roll = self.store.start_snapshot(roll=bool(request.get("hold")))
+                if request.get("hold"):
+                    self.record_holder(self.store.generation, peer_pid)
                 log.info("snapshot generation %d created%s", self.store.generation,
                          f" (tracker sequence {self._roll.sequence})" if self._roll else "")
-                return {"ok": True, "volume": self.describe()}
+                return {"ok": True, "volume": self.describe(), "generation": self.store.generation}
             if op == "tracker-changes":
                 return self._tracker_changes(request.get("sequence"))
             if op == "snapshot-delete":
@@ -213,6 +239,9 @@ class VolumeDaemon:
                 self._delete_snapshot(bool(request.get("force")), commit=request.get("tracker") == "commit")
                 return {"ok": True, "volume": self.describe()}
             if op == "restart-worker":
+                if not self._mounted:
+                    raise VolumeError(f"{self.name} is being detached")
+                self._handing_over = True       # from now on, no request but status and ping
                 return {"ok": True, "restarting": True, "worker": {"pid": os.getpid(), "restarts": self.restarts}}
             if op == "detach":
                 self.detach()
@@ -263,26 +292,38 @@ class VolumeDaemon:
 
     def _drop_when_gone(self, generation: int, pid: int, start: int | None) -> None:
         try:
-            pidfd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            pidfd = -1
-        try:
-            # A pid in use by another process since: the holder is gone.
-            if pidfd >= 0 and process_start(pid) == start:
-                select.select([pidfd], [], [])     # readable once the process has ended
-        finally:
-            if pidfd >= 0:
-                os.close(pidfd)
-        self.drop_abandoned_snapshot(generation)
+            try:
+                pidfd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                pidfd = -1
+            try:
+                # A pid in use by another process since: the holder is gone.
+                if pidfd >= 0 and process_start(pid) == start:
+                    select.select([pidfd], [], [])     # readable once the process has ended
+            finally:
+                if pidfd >= 0:
+                    os.close(pidfd)
+            self.drop_abandoned_snapshot(generation)
+        except Exception:
+            log.exception("watching the process that holds snapshot generation %d failed: the snapshot stays "
+                          "until deleted (imager snapshot delete %s)", generation, self.name)
 
     def hand_over(self) -> None:
         """Leave the volume to the next worker (a live upgrade) and exit: no control or FUSE
         request half done, the tracker handed over. What arrives meanwhile waits in the kernel's
         queue and the socket's backlog; what this worker had read and not answered, the next
         one has the kernel resend."""
-        self._control_lock.acquire()
-        if self._fuse_server is not None:
-            self._fuse_server.hold()
+        with self._replies:
+            # Every other request answered first: its client must not see the connection drop.
+            self._replies.wait_for(lambda: self._replying == 0, HAND_OVER_TIMEOUT)
+        if not self._control_lock.acquire(timeout=HAND_OVER_TIMEOUT) or (
+                self._fuse_server is not None and not self._fuse_server.hold(HAND_OVER_TIMEOUT)):
+            log.error("worker %d could not hand over: a request has been running for %g s; it keeps serving",
+                      os.getpid(), HAND_OVER_TIMEOUT)
+            if self._control_lock.locked():
+                self._control_lock.release()
+            self._handing_over = False
+            return
         try:
             self.store.tracker.hand_over(supervisor_token(self.supervisor_pid))
             log.info("worker %d handed over to the next one", os.getpid())
@@ -291,6 +332,15 @@ class VolumeDaemon:
             log.error("could not hand the change tracker over (%s): the next worker starts a new series", e)
         logging.shutdown()
         os._exit(EXIT_HANDED_OVER)
+
+    def request_started(self) -> None:
+        with self._replies:
+            self._replying += 1
+
+    def request_replied(self) -> None:
+        with self._replies:
+            self._replying -= 1
+            self._replies.notify_all()
 
     def write_record(self) -> None:
         """Say who we are in the run directory, for clients that must not wait on a daemon that

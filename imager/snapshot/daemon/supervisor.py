@@ -207,13 +207,21 @@ class Supervisor:
         # once, it has longer.
         wait = limit if self.worker_answered else max(limit, WORKER_START_GRACE)
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock, _pidfd(self.worker.pid) as exited:
                 sock.settimeout(wait)
                 sock.connect(self.socket_path)
                 sock.sendall(b'{"op": "ping"}\n')
+                # A worker that dies meanwhile never answers: its end is news enough.
+                ready = select.select([sock, exited], [], [], wait)[0]
+                if exited in ready and sock not in ready:
+                    return ""
+                if not ready:
+                    raise socket.timeout()
                 reply = json.loads(sock.makefile("rb").readline() or b"{}")
         except socket.timeout:
             return f"did not answer in {wait:g} s"
+        except ProcessLookupError:
+            return ""           # it has ended already
         except FileNotFoundError:
             return ""           # the socket is gone: the worker is detaching the volume
         except (OSError, ValueError) as e:
@@ -275,6 +283,19 @@ class Supervisor:
         if self.claim >= 0:
             os.close(self.claim)
             self.claim = -1
+
+
+class _pidfd:
+    """A descriptor that becomes readable when process `pid` ends, closed on exit."""
+
+    def __init__(self, pid: int):
+        self.fd = os.pidfd_open(pid)
+
+    def __enter__(self) -> int:
+        return self.fd
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.fd)
 
 
 def _read_line(fd: int, timeout: float) -> dict | None:
