@@ -70,7 +70,6 @@ def run_ordered(items: Iterable[T], work: Callable[[T], R], consume: Callable[[R
         try:
             for item in items:
                 if stop.is_set():
-                    _close(items)       # a generator's own cleanup (buffers it read ahead) runs now
                     return
                 fut = pool.submit(work, item)
                 while not stop.is_set():
@@ -102,12 +101,6 @@ def run_ordered(items: Iterable[T], work: Callable[[T], R], consume: Callable[[R
             _drain(in_flight)
 
 
-def _close(items: Iterable) -> None:
-    close = getattr(items, "close", None)
-    if close is not None:
-        close()
-
-
 def _put_unless_stopped(q: queue.Queue, value, stop: threading.Event) -> None:
     while not stop.is_set():
         try:
@@ -134,21 +127,18 @@ ReadChunk = tuple[int, AlignedBuffer | None, int]     # (index, buffer or None f
 
 
 def read_chunks(source: VolumeSource, chunk_size: int, pool: BufferPool, on_read: Callable[[int], None],
-                plan: UsedMap | None = None, readers: int = 1) -> Iterator[ReadChunk]:
+                plan: UsedMap | None = None) -> Iterator[ReadChunk]:
     """Each chunk of the source in a pooled buffer; with a plan, only the used ranges are read
-    (the rest of the buffer is zeros) and a chunk with nothing used comes without a buffer.
-    With `readers` > 1, that many chunks are read at once, ahead of the one yielded: for
-    scattered reads, each waiting out the device's latency (an incremental's changed blocks).
-    The pool must then hold `readers` buffers more than the consumer keeps."""
+    (the rest of the buffer is zeros) and a chunk with nothing used comes without a buffer."""
     count = -(-source.size // chunk_size)
-
-    def pieces_of(index: int) -> tuple[int, int, list[tuple[int, int]]]:
+    for index in range(count):
         offset = index * chunk_size
         length = min(chunk_size, source.size - offset)
-        return offset, length, plan.ranges_in(offset, length) if plan is not None else [(0, length)]
-
-    def fill(index: int, buf: AlignedBuffer) -> ReadChunk:
-        offset, length, pieces = pieces_of(index)
+        pieces = plan.ranges_in(offset, length) if plan is not None else [(0, length)]
+        if not pieces:
+            yield index, None, length
+            continue
+        buf = pool.acquire()
         try:
             if pieces != [(0, length)]:
                 buf.array[:length] = 0
@@ -157,47 +147,11 @@ def read_chunks(source: VolumeSource, chunk_size: int, pool: BufferPool, on_read
                 if got != end - start:
                     raise ImagerError(f"{source.path}: short read at offset {offset + start + got} "
                                       f"(device shrank or ended early)")
+                on_read(got)
         except BaseException:
             pool.release(buf)
             raise
-        return index, buf, length
-
-    def counted(item: ReadChunk) -> ReadChunk:
-        index, buf, length = item           # counted in the caller's thread, in order
-        if buf is not None:
-            on_read(sum(end - start for start, end in pieces_of(index)[2]))
-        return item
-
-    def start(index: int, reading: ThreadPoolExecutor | None):
-        """The chunk (readers == 1) or a future of it; the buffer is taken here, never by a
-        reader thread, so that no reader can wait on the pool after the consumer gave up."""
-        _, length, pieces = pieces_of(index)
-        if not pieces:
-            done: Future = Future()
-            done.set_result((index, None, length))
-            return done if reading else (index, None, length)
-        buf = pool.acquire()
-        return reading.submit(fill, index, buf) if reading else fill(index, buf)
-
-    if readers <= 1:
-        for index in range(count):
-            yield counted(start(index, None))
-        return
-    with ThreadPoolExecutor(readers, thread_name_prefix="imager-read-ahead") as reading:
-        ahead: list[Future] = []
-        try:
-            for index in range(count):
-                ahead.append(start(index, reading))
-                if len(ahead) >= readers:
-                    yield counted(ahead.pop(0).result())
-            while ahead:
-                yield counted(ahead.pop(0).result())
-        finally:
-            for future in ahead:            # given up half-way: the buffers read ahead go back
-                if future.exception() is None:
-                    _, buf, _ = future.result()
-                    if buf is not None:
-                        pool.release(buf)
+        yield index, buf, length
 
 
 def encoder(pool: BufferPool, codec: Codec) -> Callable[[ReadChunk], EncodedChunk]:

@@ -48,11 +48,6 @@ class Increment:
     change: ChangePlan
 
 
-# An incremental reads scattered blocks, each waiting out the device's (or the volume daemon's)
-# latency: this many at once. Measured in bench/chain.py.
-CONCURRENT_READS = 4
-
-
 def prepare_incremental(volume: PlannedVolume, block_size: int, *, parent_ref: str | None, catalog: Catalog | None,
                         search_dir: str | None, on_notice: Notice | None,
                         compare_digests: bool = False) -> Increment | None:
@@ -119,7 +114,7 @@ def write_incremental(source: VolumeSource, sink: Sink, increment: Increment, *,
     read_plan = _read_plan(candidates & used_now, source.size, block_size, plan)
     codec = ZstdCodec(level, block_size)
     workers = worker_count(workers)
-    pool = BufferPool(workers * 2 + 2 + CONCURRENT_READS, read_size)
+    pool = BufferPool(workers * 2 + 2, read_size)
     compare = _RegionCompare(candidates, used_now, parent.trailer.digests, codec, pool, read_size // block_size,
                              block_size)
     writer = ImageWriter(sink, header, base_digests=parent.trailer.digests)
@@ -141,8 +136,8 @@ def write_incremental(source: VolumeSource, sink: Sink, increment: Increment, *,
             count_output(writer.bytes_written)
 
     try:
-        run_ordered(read_chunks(source, read_size, pool, count_read, read_plan, readers=CONCURRENT_READS),
-                    compare, consume, workers=workers, depth=workers * 2)
+        run_ordered(read_chunks(source, read_size, pool, count_read, read_plan), compare, consume,
+                    workers=workers, depth=workers * 2)
     finally:
         pool.close()
     seconds = time.monotonic() - started
