@@ -316,11 +316,11 @@ class VolumeDaemon:
         with self._replies:
             # Every other request answered first: its client must not see the connection drop.
             self._replies.wait_for(lambda: self._replying == 0, HAND_OVER_TIMEOUT)
-        if not self._control_lock.acquire(timeout=HAND_OVER_TIMEOUT) or (
-                self._fuse_server is not None and not self._fuse_server.hold(HAND_OVER_TIMEOUT)):
+        locked = self._control_lock.acquire(timeout=HAND_OVER_TIMEOUT)
+        if not locked or (self._fuse_server is not None and not self._fuse_server.hold(HAND_OVER_TIMEOUT)):
             log.error("worker %d could not hand over: a request has been running for %g s; it keeps serving",
                       os.getpid(), HAND_OVER_TIMEOUT)
-            if self._control_lock.locked():
+            if locked:                  # only ours: another thread's hold must stay
                 self._control_lock.release()
             self._handing_over = False
             return
