@@ -156,3 +156,14 @@ def send_ready(fd: int | None, reply: dict) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def process_start_time(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot), which tells it from a later process
+    that got the same pid; None when there is no such process, or only its zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return None if fields[0] in ("Z", "X") else int(fields[19])
+    except (OSError, ValueError, IndexError):
+        return None

@@ -66,6 +66,18 @@ def seed(mnt: str, rng: random.Random) -> None:
     os.sync()
 
 
+def seeded_with_full(bench, name: str, seed_value: int):
+    """A managed volume with seeded ext4 on its front and a full image of it in `out`:
+    (volume, mount point, the seed's generator for the writes that follow, out)."""
+    vol, _, mnt = bench.ext4_volume(name, VOLUME)
+    rng = random.Random(seed_value)
+    seed(mnt, rng)
+    out = bench.tmp / "out"
+    out.mkdir()
+    backup(name, out / "full.zst", incremental=False)
+    return vol, mnt, rng, out
+
+
 def mutate(mnt: str, rng: random.Random, round_: int) -> None:
     """A night's writes: in place, appended, created, deleted, and random 4K writes by fio."""
     docs = os.path.join(mnt, "docs")
@@ -179,12 +191,7 @@ def test_used_block_chains_restore_what_a_full_of_the_snapshot_holds(bench, tmp_
 
 
 def test_a_killed_daemon_makes_the_next_incremental_use_digests(bench):
-    vol, source, mnt = bench.ext4_volume("crash", VOLUME)
-    rng = random.Random(3)
-    seed(mnt, rng)
-    out = bench.tmp / "out"
-    out.mkdir()
-    backup("crash", out / "full.zst", incremental=False)
+    vol, mnt, rng, out = seeded_with_full(bench, "crash", 3)
     with open(os.path.join(mnt, "data.bin"), "r+b") as f:
         f.write(rng.randbytes(1 * MiB))
         os.fsync(f.fileno())
@@ -216,12 +223,7 @@ def test_a_killed_daemon_makes_the_next_incremental_use_digests(bench):
 
 
 def test_a_live_upgrade_keeps_the_tracker_and_a_killed_worker_does_not(bench):
-    vol, source, mnt = bench.ext4_volume("upgrade", VOLUME)
-    rng = random.Random(4)
-    seed(mnt, rng)
-    out = bench.tmp / "out"
-    out.mkdir()
-    backup("upgrade", out / "full.zst", incremental=False)
+    vol, mnt, rng, out = seeded_with_full(bench, "upgrade", 4)
     with open(os.path.join(mnt, "data.bin"), "r+b") as f:
         f.write(rng.randbytes(1 * MiB))
     restarted = imager("volumes", "restart", "upgrade", "--json")

@@ -26,7 +26,7 @@ from devices.errors import DeviceError
 from ..ends.atomic import write_atomically
 from ..errors import UsageError
 from ..private import make_private_dir
-from ..spawn import run_base
+from ..spawn import process_start_time, run_base
 
 log = logging.getLogger("imager.mount")
 
@@ -92,17 +92,6 @@ def find(directory: str) -> Record | None:
         if record["dir"] == directory:
             return record
     return None
-
-
-def process_start_time(pid: int) -> int | None:
-    """When process `pid` started (clock ticks since boot), which tells it from a later process
-    that got the same pid; None when there is no such process, or only its zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return None if fields[0] in ("Z", "X") else int(fields[19])
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def daemon_alive(record: Record) -> bool:

@@ -25,17 +25,17 @@ from devices.block import BlockDevice
 from devices.errors import DeviceError
 from devices.fs import mounts_of
 from devices.libc import check, libc
-from devices.topology import write_fingerprint
 
 from ... import failpoints
 from ...errors import ImagerError, SnapshotError, VolumeError
 from ...ends.atomic import write_atomically
+from ...spawn import process_start_time
 from ..cow import CowStore
 from ..cow.tracker import Roll
 from .control import ControlServer
 from .files import VolumeFiles
 from .protocol import FRONT_LINK, HOLDER_NAME, LOG_NAME, MOUNT_DIR_NAME, RECORD_NAME, SNAPSHOT_FILE, SOCKET_NAME, VOLUME_FILE
-from .supervisor import EXIT_HANDED_OVER, WORKER_FILE
+from .supervisor import EXIT_HANDED_OVER, WORKER_FILE, source_fingerprint
 
 log = logging.getLogger("imager.daemon")
 
@@ -272,7 +272,7 @@ class VolumeDaemon:
         """Process `pid` holds snapshot `generation` (a backup): kept for the workers after this one."""
         try:
             write_atomically(os.path.join(self.run_dir, HOLDER_NAME), json.dumps(
-                {"generation": generation, "pid": pid, "start": process_start(pid)}).encode())
+                {"generation": generation, "pid": pid, "start": process_start_time(pid)}).encode())
         except OSError as e:
             log.warning("cannot record who holds the snapshot (%s): if this worker dies, the snapshot stays "
                         "until deleted", e.strerror)
@@ -298,7 +298,7 @@ class VolumeDaemon:
                 pidfd = -1
             try:
                 # A pid in use by another process since: the holder is gone.
-                if pidfd >= 0 and process_start(pid) == start:
+                if pidfd >= 0 and process_start_time(pid) == start:
                     select.select([pidfd], [], [])     # readable once the process has ended
             finally:
                 if pidfd >= 0:
@@ -410,7 +410,7 @@ class VolumeDaemon:
             except DeviceError as e:
                 log.error("%s", e)
         if self.store is not None:
-            fingerprint = _write_fingerprint(self.device_path) if clean and flushed else None
+            fingerprint = source_fingerprint(self.device_path) if clean and flushed else None
             self.store.close(fingerprint)
         if self.device is not None:
             self.device.close()
@@ -443,32 +443,12 @@ def _unlink(path: str) -> None:
         pass
 
 
-def process_start(pid: int) -> int | None:
-    """When process `pid` started (clock ticks since boot), to tell it from a later one with the
-    same pid; None when there is no such process."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    return int(stat[stat.rindex(")") + 2:].split()[19])
-
-
 def supervisor_token(pid: int) -> str:
     """Names one supervisor process in one boot: a tracker handed over under it is trusted by
     its next worker only."""
     with open("/proc/sys/kernel/random/boot_id") as f:
         boot = f.read().strip()
-    return f"{boot}/{pid}/{process_start(pid)}"
-
-
-def _write_fingerprint(device: str) -> dict | None:
-    try:
-        return write_fingerprint(device)
-    except (OSError, DeviceError) as e:
-        log.info("cannot fingerprint the writes of %s (%s): tracked changes are not kept across restarts",
-                 device, e)
-        return None
+    return f"{boot}/{pid}/{process_start_time(pid)}"
 
 
 def _check_not_claimed(device: str) -> None:

@@ -70,7 +70,7 @@ class Supervisor:
         self.worker_answered = False   # the current worker answered a health check (or its start)
 
     def run(self, ready_fd: int | None) -> int:
-        fingerprint = _write_fingerprint(self.args.device)     # before anything of ours writes
+        fingerprint = source_fingerprint(self.args.device)     # before anything of ours writes
         try:
             self._claim_and_mount()
         except (VolumeError, OSError) as e:
@@ -316,7 +316,8 @@ def _how(code: int) -> str:
     return f"signal {-code}" if code < 0 else f"exit {code}"
 
 
-def _write_fingerprint(device: str) -> dict | None:
+def source_fingerprint(device: str) -> dict | None:
+    """The device's write fingerprint (see ChangeTracker), None when it cannot be taken."""
     try:
         return write_fingerprint(device)
     except (OSError, DeviceError) as e:
