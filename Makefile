@@ -58,7 +58,7 @@ lint: setup
 	$(PY) scripts/check-layering.py
 	$(PY) -m mypy imager/format imager/ends imager/plan imager/pipeline.py imager/api.py imager/jobs/backup.py \
 		imager/jobs/restore.py imager/jobs/verify.py imager/jobs/info.py imager/snapshot/provider.py \
-		imager/mount imager/jobs/mount.py imager/fusefile.py imager/spawn.py
+		imager/mount imager/jobs/mount.py imager/spawn.py
 
 clean:
 	rm -rf $(VENV) bench/work

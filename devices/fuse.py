@@ -24,7 +24,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from .libc import check, libc
 
@@ -118,6 +118,15 @@ class Files(Protocol):
     def fsync(self, fh: int) -> None: ...
 
 
+@runtime_checkable
+class QuickReads(Protocol):
+    """Files that can tell a READ they answer at once (from memory) from one that has to wait:
+    the server answers the first kind itself instead of handing it to a reader thread, which
+    saves a thread switch on every small read."""
+
+    def read_is_quick(self, fh: int, offset: int, size: int) -> bool: ...
+
+
 class ConnectionGone(Exception):
     """The filesystem was unmounted (or the connection aborted): nothing more will come."""
 
@@ -137,9 +146,10 @@ def mount(mount_point: str, fsname: str, subtype: str, *, read_only: bool = Fals
     return fd
 
 
-def negotiate(fd: int, max_write: int) -> Session:
+def negotiate(fd: int, max_write: int, *, need_resend: bool = True) -> Session:
     """Answer the connection's INIT (the first request after mount). Refuses a kernel that
-    cannot resend: a server could then not be replaced without failing requests."""
+    cannot resend when `need_resend`: a server could then not be replaced without failing
+    requests."""
     buf = bytearray(max(8192, max_write + 4096))
     while True:
         _read(fd, [buf])
@@ -149,7 +159,7 @@ def negotiate(fd: int, max_write: int) -> Session:
         _reply(fd, unique, -errno.EIO)      # nothing else can come first; be safe if it does
     major, minor, max_readahead, flags, flags2 = INIT_IN.unpack_from(buf, IN_HEADER.size)
     offered = flags | (flags2 << 32 if flags & INIT_EXT else 0)
-    if major != KERNEL_VERSION or minor < MIN_MINOR_VERSION or not offered & HAS_RESEND:
+    if major != KERNEL_VERSION or minor < MIN_MINOR_VERSION or (need_resend and not offered & HAS_RESEND):
         _reply(fd, unique, -errno.EPROTO)
         raise OSError(errno.EPROTO, f"the kernel's FUSE {major}.{minor} cannot resend requests "
                                     f"(FUSE_NOTIFY_RESEND needs 7.40, Linux 6.9)")
@@ -257,6 +267,7 @@ class Server:
                     FSYNC: self._fsync, FLUSH: self._flush, OPENDIR: self._opendir, READDIR: self._readdir,
                     RELEASEDIR: self._empty, FSYNCDIR: self._empty}
         hand_reads_over = bool(self._read_lanes)
+        quick = self.files.read_is_quick if isinstance(self.files, QuickReads) else None
         while True:
             try:
                 length = _read(fd, lane.iov)
@@ -274,8 +285,9 @@ class Server:
             self.requests += 1
             if opcode == READ and hand_reads_over and first is None:
                 fh, offset, size, _ = RW_IN.unpack_from(buf, IN_HEADER.size)
-                self._reads.put((unique, fh, offset, size))
-                continue
+                if quick is None or not quick(fh, offset, size):
+                    self._reads.put((unique, fh, offset, size))
+                    continue
             if not self._handle(lane, handlers.get(opcode), opcode, unique, nodeid, buf):
                 return
             if first is not None:

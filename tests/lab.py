@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import importlib.util
 import json
 import os
 import random
@@ -41,8 +40,6 @@ DAEMON_TESTS = [
         not (os.access("/dev/loop-control", os.W_OK) and os.access("/dev/fuse", os.W_OK)
              and shutil.which("mkfs.ext4") and shutil.which("fsfreeze")),
         reason="needs root, /dev/loop-control, /dev/fuse, e2fsprogs and util-linux"),
-    pytest.mark.skipif(importlib.util.find_spec("mfusepy") is None,
-                       reason="the volume daemon needs mfusepy (pip install mfusepy)"),
 ]
 
 class Lab:

@@ -23,8 +23,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 
-import mfusepy
-
 from ..errors import ImagerError
 from ..format import ImageReader
 from ..format.chain import Chain, check_link
@@ -33,7 +31,7 @@ log = logging.getLogger("imager.mount")
 
 DEFAULT_CACHE_BYTES = 64 << 20
 # Regions decoded ahead of a sequential reader, at most (and never more than the cache holds).
-DEFAULT_READAHEAD = 4
+DEFAULT_READAHEAD = 8
 
 
 @dataclass
@@ -95,9 +93,9 @@ class CachedVolume:
 
     def read_into(self, dst: memoryview, offset: int) -> int:
         """Fill `dst` with the volume's bytes from `offset` (fewer only at the volume's end);
-        mfusepy.FuseOSError(EIO) if any of them lies in a damaged region."""
+        OSError(EIO) if any of them lies in a damaged region."""
         if offset < 0:
-            raise mfusepy.FuseOSError(errno.EINVAL)
+            raise OSError(errno.EINVAL, "negative offset")
         end = min(offset + len(dst), self.size)
         pos = offset
         while pos < end:
@@ -113,6 +111,18 @@ class CachedVolume:
             pos += take
         return max(0, end - offset)
 
+    def is_cached(self, offset: int, length: int) -> bool:
+        """Whether a read of these bytes needs no decoding: every region is decoded (or all
+        zeros, or damaged) already."""
+        first = max(0, offset) // self.region_size
+        last = max(0, min(offset + length, self.size) - 1) // self.region_size
+        with self._lock:
+            for region in range(first, last + 1):
+                entry = self._cache.get(region)
+                if region not in self._damaged and (entry is None or not entry.future.done()):
+                    return False
+        return True
+
     def read(self, offset: int, length: int) -> bytes:
         buf = bytearray(max(0, min(length, self.size - offset)))
         n = self.read_into(memoryview(buf), offset)
@@ -121,7 +131,7 @@ class CachedVolume:
     def _region(self, region: int) -> bytes | None:
         with self._lock:
             if region in self._damaged:
-                raise mfusepy.FuseOSError(errno.EIO)
+                raise OSError(errno.EIO, f"{self._where(region)}: volume bytes {self._span(region)} are damaged")
             entry = self._cache.get(region)
             if entry is not None:
                 self._cache.move_to_end(region)
@@ -143,11 +153,11 @@ class CachedVolume:
         try:
             return entry.future.result()
         except ImagerError:
-            raise mfusepy.FuseOSError(errno.EIO) from None   # logged once, where it was found
+            raise OSError(errno.EIO, f"{self._where(region)}: volume bytes {self._span(region)} are damaged") from None   # logged once, where it was found
         except OSError as e:
             self._log_failure(region, f"{self._where(region)}: reading volume bytes {self._span(region)} "
                                       f"failed: {e}")
-            raise mfusepy.FuseOSError(errno.EIO) from None
+            raise OSError(errno.EIO, str(e)) from None
 
     # -- the cache ---------------------------------------------------------------------------
 
@@ -166,18 +176,23 @@ class CachedVolume:
         return entry
 
     def _make_room(self, size: int) -> None:
-        """Evict the least recently used decoded regions until `size` more bytes fit. Regions
-        still being decoded stay: at most read-ahead + 1 of them, the bound's only excess."""
-        if self._cached_bytes + size <= self.capacity:
-            return
-        for region in list(self._cache):
-            entry = self._cache[region]
-            if not entry.future.done():
-                continue
-            del self._cache[region]
-            self._cached_bytes -= entry.size
+        """Evict the least recently used decoded regions until `size` more bytes fit, sparing
+        at first the regions decoded ahead of the sequential reader and not read yet: they are
+        older than the regions it went through since they were started, and evicting them
+        would throw away what it is about to need. Regions still being decoded stay: at most
+        read-ahead + 1 of them, the bound's only excess."""
+        ahead_of_reader = range(self._last_region + 1, self._last_region + 1 + self.readahead)
+        for spare_ahead in (True, False):
             if self._cached_bytes + size <= self.capacity:
                 return
+            for region in list(self._cache):
+                entry = self._cache[region]
+                if not entry.future.done() or (spare_ahead and entry.ahead and region in ahead_of_reader):
+                    continue
+                del self._cache[region]
+                self._cached_bytes -= entry.size
+                if self._cached_bytes + size <= self.capacity:
+                    return
 
     def _settled(self, region: int, future: Future) -> None:
         with self._lock:
