@@ -9,9 +9,15 @@
 - reading the snapshot file;
 - backup from a snapshot view against backup of the raw device, same data.
 
-    python bench/daemon.py [--size-gib 2] [--runtime 8]
+    python bench/front.py [--size-gib 2] [--runtime 8]
 
 Writes the table to bench/results/daemon.json.
+
+    python bench/front.py --tracker-cost [--rounds 3]
+
+measures only what the change tracker costs: the same writes through the front of a volume
+attached with change tracking on and off (IMAGER_CHANGE_TRACKING=off), alternating, a fresh
+attach each round; writes bench/results/tracker_cost.json.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from devices import loop  # noqa: E402
 from imager import jobs  # noqa: E402
 from imager.errors import ImagerError  # noqa: E402
 from imager.snapshot import daemon  # noqa: E402
+from imager.snapshot.cow.tracker import TRACKING_ENV  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WORK = Path(__file__).resolve().parent / "work"
@@ -76,11 +83,61 @@ def detach_when_released(name: str, timeout: float = 60.0) -> None:
             time.sleep(0.2)
 
 
+def tracker_cost(size: int, runtime: int, rounds: int) -> int:
+    """Writes through the front with the change tracker on and off, alternating."""
+    tmp = Path(tempfile.mkdtemp(dir=WORK, prefix="front-tracker-"))
+    os.environ.setdefault(daemon.RUN_DIR_ENV, str(tmp / "run"))
+    os.environ.setdefault(daemon.STATE_DIR_ENV, str(tmp / "state"))
+    name = "benchtracker"
+    cases = [("seq write", "write", min(size, 1 << 30)), ("rand 4k write", "randwrite", size)]
+    results: dict[str, dict[str, list[float]]] = {c[0]: {"on": [], "off": []} for c in cases}
+    source = None
+    try:
+        backing = tmp / "managed.img"
+        block = os.urandom(4 << 20)
+        with open(backing, "wb") as fh:
+            for _ in range(size // len(block)):
+                fh.write(block)
+            os.fsync(fh.fileno())
+        source = loop.attach(str(backing), direct_io=True)
+        for _ in range(rounds):
+            for mode in ("on", "off"):
+                if mode == "off":
+                    os.environ[TRACKING_ENV] = "off"
+                else:
+                    os.environ.pop(TRACKING_ENV, None)
+                front = daemon.attach(source, name=name).front
+                try:
+                    fio(front, "write", min(size, 1 << 30), runtime)     # warm the source's page cache
+                    for label, pattern, span in cases:
+                        results[label][mode].append(fio(front, pattern, span, runtime))
+                finally:
+                    detach_when_released(name)
+    finally:
+        os.environ.pop(TRACKING_ENV, None)
+        if source is not None:
+            loop.detach(source)
+        subprocess.run(["rm", "-rf", str(tmp)])
+    lines = [f"{'case (MB/s, median of ' + str(rounds) + ')':36} {'tracker on':>12} {'off':>12} {'on/off':>8}"]
+    for label, by_mode in results.items():
+        on, off = statistics.median(by_mode["on"]), statistics.median(by_mode["off"])
+        lines.append(f"{label:36} {on:12.1f} {off:12.1f} {on / off:8.2f}")
+    print("\n".join(lines))
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "tracker_cost.json").write_text(json.dumps({"rounds": rounds, "runtime": runtime, "size": size,
+                                                           "mb_s": results, "table": lines}, indent=2) + "\n")
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size-gib", type=int, default=2)
     p.add_argument("--runtime", type=int, default=8, help="seconds of random writes per case")
+    p.add_argument("--tracker-cost", action="store_true", help="only the change tracker's cost, on against off")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of --tracker-cost")
     args = p.parse_args()
+    if args.tracker_cost:
+        return tracker_cost(args.size_gib << 30, args.runtime, args.rounds)
     size = args.size_gib << 30
     seq_size = min(size, 1 << 30)
     WORK.mkdir(exist_ok=True)

@@ -88,6 +88,8 @@ class LoopFactory:
             run("mkfs.ext4", "-q", "-F", "-L", label, dev)
         elif fs == "xfs":
             run("mkfs.xfs", "-q", "-f", "-L", label, dev)
+        elif fs == "btrfs":
+            run("mkfs.btrfs", "-q", "-f", "-L", label, dev)
         elif fs is not None:
             raise ValueError(fs)
         return dev

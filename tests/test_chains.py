@@ -25,6 +25,7 @@ from imager import jobs
 from imager.catalog import Catalog
 from imager.errors import CacheFullError
 from imager.snapshot import daemon
+from imager.snapshot.cow.tracker import TRACKING_ENV, TRACKING_OFF
 
 from conftest import REPO_ROOT, fsck_clean, writing_into
 from lab import DAEMON_TESTS, MiB, WAIT, imager, kill_and_wait, one_line_error, umount_point
@@ -220,6 +221,20 @@ def test_a_killed_daemon_makes_the_next_incremental_use_digests(bench):
     assert again.method == "tracker", again.reason
     restore(out / "inc2.zst", out / "restored2.raw")
     assert same(out / "restored2.raw", view2)
+
+
+def test_with_change_tracking_off_every_incremental_compares_digests(bench, monkeypatch):
+    monkeypatch.setenv(TRACKING_ENV, "off")             # the daemon started by attach inherits it
+    vol, mnt, rng, out = seeded_with_full(bench, "untracked", 5)
+    for n in range(2):                                  # not only the first one after attach
+        with open(os.path.join(mnt, "data.bin"), "r+b") as f:
+            f.seek(n * 4 * MiB)
+            f.write(rng.randbytes(1 * MiB))
+        view = out / f"view{n}.raw"
+        result = backup("untracked", out / f"inc{n}.zst", incremental=True, progress=ViewCopy("untracked", view))
+        assert result.method == "digest" and TRACKING_OFF in result.reason, result.reason
+        restore(out / f"inc{n}.zst", out / f"restored{n}.raw")
+        assert same(out / f"restored{n}.raw", view)
 
 
 def test_a_live_upgrade_keeps_the_tracker_and_a_killed_worker_does_not(bench):

@@ -131,7 +131,7 @@ def built(tmp_path_factory):
 
     def get(fs: str) -> Built:
         if fs not in cache:
-            cache[fs] = build(factory, directory, fs, 64 * MiB if fs == "ext4" else 300 * MiB, fs)
+            cache[fs] = build(factory, directory, fs, 64 * MiB if fs == "ext4" else 320 * MiB, fs)
         return cache[fs]
     try:
         yield get
@@ -201,9 +201,10 @@ def mount_json(image: str, directory, *extra: str, env: dict | None = None) -> d
     return json.loads(done.stdout)
 
 
-def umount(directory) -> None:
-    done = imager("umount", str(directory))
+def umount(directory) -> dict:
+    done = imager("umount", str(directory), "--json")
     assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
 
 
 def assert_cleared(directory, run_dir: str) -> None:
@@ -225,7 +226,7 @@ def mount_options(point) -> list[str]:
 
 # -- mounting ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("fs", ["ext4", "xfs"])
+@pytest.mark.parametrize("fs", ["ext4", "xfs", "btrfs"])
 def test_mount_gives_every_file_of_the_image_read_only(built, run_dir, tmp_path, fs):
     b = built(fs)
     point = tmp_path / "mnt"
@@ -245,7 +246,7 @@ def test_mount_gives_every_file_of_the_image_read_only(built, run_dir, tmp_path,
     assert refused.value.errno == errno.EROFS
     listed = json.loads(imager("mounts", "--json").stdout)["mounts"]
     assert [m["directory"] for m in listed] == [str(point)]
-    umount(point)
+    assert umount(point)["log_path"] == ""                      # nothing went wrong: no log kept
     assert_cleared(point, run_dir)
 
 
@@ -294,6 +295,46 @@ def test_whole_gpt_disk_mounts_each_partition_and_shows_the_esp_as_its_bytes(run
     assert_cleared(point, run_dir)
 
 
+def test_whole_mbr_disk_mounts_primary_and_logical_partitions_and_shows_a_raw_one(run_dir, tmp_path):
+    disk = tmp_path / "mbr.img"
+    with open(disk, "wb") as f:
+        f.truncate(500 * MiB)
+    # 1 primary ext4; 2 extended holding 5 (xfs) and 6 (no filesystem: random bytes)
+    table = "label: dos\nsize=64MiB, type=83\ntype=5\nsize=340MiB, type=83\nsize=16MiB, type=83\n"
+    run("sfdisk", "-q", str(disk), input=table)
+    parts = {int(p["node"].rsplit("mbr.img", 1)[1]): p
+             for p in json.loads(run("sfdisk", "--json", str(disk)).stdout)["partitiontable"]["partitions"]}
+    assert sorted(parts) == [1, 2, 5, 6]
+    raw = os.urandom(parts[6]["size"] * 512)
+    for number, fs in ((1, "ext4"), (5, "xfs"), (6, None)):
+        device = loop.attach(str(disk), offset=parts[number]["start"] * 512, size_limit=parts[number]["size"] * 512)
+        try:
+            if fs is None:
+                with open(device, "r+b") as f:
+                    f.write(raw)
+                continue
+            run(f"mkfs.{fs}", "-q", "-L", f"mbr-{fs}", device)
+            mnt = tmp_path / "fill"
+            mnt.mkdir(exist_ok=True)
+            run("mount", device, str(mnt))
+            (mnt / f"{fs}.txt").write_text(f"on {fs} in partition {number}\n")
+            run("umount", str(mnt))
+        finally:
+            loop.detach(device)
+    image = str(tmp_path / "mbr.zst")
+    assert imager("backup", str(disk), "-o", image, "-q").returncode == 0
+    point = tmp_path / "mnt"
+    point.mkdir()
+    by_name = {e["name"]: e for e in mount_json(image, point)["entries"]}
+    assert sorted(by_name) == ["1-mbr-ext4", "5-mbr-xfs", "6-unknown"]     # never the extended container
+    assert [by_name[n]["how"] for n in sorted(by_name)] == ["mounted", "mounted", "file"]
+    assert (point / "1-mbr-ext4" / "ext4.txt").read_text() == "on ext4 in partition 1\n"
+    assert (point / "5-mbr-xfs" / "xfs.txt").read_text() == "on xfs in partition 5\n"
+    assert (point / "6-unknown").read_bytes() == raw
+    umount(point)
+    assert_cleared(point, run_dir)
+
+
 def test_chain_point_shows_the_files_as_they_were_at_that_point(run_dir, loops, tmp_path):
     device = loops.create(64 * MiB, fs="ext4")
     source = loops.mount(device)
@@ -327,6 +368,43 @@ def test_chain_point_shows_the_files_as_they_were_at_that_point(run_dir, loops, 
     umount(at_mon)
     umount(at_sun)
     assert_cleared(at_mon, run_dir)
+
+
+def test_every_point_of_a_longer_chain_mounts_as_it_was(run_dir, loops, tmp_path):
+    device = loops.create(64 * MiB, fs="ext4")
+    source = loops.mount(device)
+    fill_tree(source)
+    trees = [tree_of(source)]
+    loops.umount(source)
+    images = [str(tmp_path / "0-full.zst")]
+    assert imager("backup", device, "-o", images[0], "-q").returncode == 0
+    for night in range(1, 4):
+        source = loops.mount(device)
+        (source / "small.txt").write_text(f"night {night}\n")
+        with open(source / "random.bin", "r+b") as f:          # rewritten in place
+            f.seek(night * MiB)
+            f.write(os.urandom(256 * 1024))
+        (source / f"night-{night}.bin").write_bytes(os.urandom(MiB))
+        if night == 2:
+            shutil.rmtree(source / "json")
+        os.sync()
+        trees.append(tree_of(source))
+        loops.umount(source)
+        images.append(str(tmp_path / f"{night}-inc.zst"))
+        done = imager("backup", device, "-o", images[-1], "--incremental", "--parent", images[-2], "-q")
+        assert done.returncode == 0, done.stderr
+    points = []
+    for night in (3, 2, 1, 0):                           # all four at once
+        point = tmp_path / f"at-{night}"
+        point.mkdir()
+        info = mount_json(images[night], point)
+        assert info["images"] == images[night::-1]
+        points.append((night, point))
+    for night, point in points:
+        assert tree_of(point) == trees[night], f"night {night}"
+    for _, point in points:
+        umount(point)
+    assert_cleared(points[-1][1], run_dir)
 
 
 def test_a_damaged_chunk_fails_its_reads_with_eio_and_one_log_line(built, run_dir, tmp_path):
@@ -363,7 +441,8 @@ def test_a_damaged_chunk_fails_its_reads_with_eio_and_one_log_line(built, run_di
     naming = [line for line in log if f"chunk {chunk} " in line]
     assert len(naming) == 1, log
     assert f"volume offset {span[0]}" in naming[0] and "EIO" in naming[0]
-    umount(point)
+    kept = umount(point)["log_path"]                            # the evidence outlives the mount
+    assert naming[0] in Path(kept).read_text().splitlines()
     assert_cleared(point, run_dir)
 
 

@@ -60,7 +60,10 @@ def _entry_lines(info) -> list[str]:
 
 def umount(args, out: Output) -> int:
     info = api.umount(args.directory)
-    out.result(info.to_dict(), [f"unmounted {info.image} from {info.directory}"])
+    lines = [f"unmounted {info.image} from {info.directory}"]
+    if info.log_path:
+        lines.append(f"its daemon logged problems; the log is kept at {info.log_path}")
+    out.result(info.to_dict(), lines)
     return 0
 
 

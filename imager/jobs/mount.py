@@ -12,6 +12,7 @@ in a private mount namespace (imager.mount.private).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import stat
 import subprocess
@@ -30,6 +31,8 @@ from ..mount.volume import DEFAULT_CACHE_BYTES
 from ..spawn import engine_env, fork_daemon, start_daemon
 from .chains import open_chain
 from .results import ExtractResult, FileEntry, MountedEntry, MountInfo
+
+log = logging.getLogger("imager.mount")
 
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
@@ -106,7 +109,9 @@ def _abandon(record: registry.Record) -> None:
     current = registry.load(record["run_dir"]) or record
     if not registry.stop_daemon(current, STOP_TIMEOUT):
         registry.kill_daemon(current)
-    registry.teardown(current)
+    kept = registry.teardown(current)
+    if kept:
+        log.warning("the mount daemon's log is kept at %s", kept)
 
 
 def umount(directory: str) -> MountInfo:
@@ -126,11 +131,14 @@ def umount(directory: str) -> MountInfo:
         registry.unmount_filesystems(record)
         if not registry.stop_daemon(record, STOP_TIMEOUT):
             registry.kill_daemon(record)
-    registry.teardown(record)
+    # The daemon tears down itself on SIGTERM, keeping its log if it told of a problem.
+    kept = registry.teardown(record) or registry.kept_log_path(record)
     left = registry.leftovers(record)
     if left:
         raise ImagerError(f"{directory}: could not clear {', '.join(left)}")
     info.state = "unmounted"
+    # The log goes with the mount unless it told of a problem (a damaged chunk, a failed read).
+    info.log_path = kept if os.path.exists(kept) else ""
     return info
 
 

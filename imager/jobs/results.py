@@ -138,7 +138,7 @@ class MountInfo:
     images: list[str]           # it and its parents back to the full
     state: str                  # mounted | starting | stopping | failed (its daemon is gone)
     pid: int | None
-    log_path: str
+    log_path: str               # its daemon's log; once unmounted, where it was kept ("": it told of no problem)
     volume_file: str            # the whole volume, served read-only
     entries: list[MountedEntry] = field(default_factory=list)
     problem: str = ""

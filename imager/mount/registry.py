@@ -34,6 +34,9 @@ MOUNTS_DIR = ".mounts"
 RECORD_NAME = "mount.json"
 LOG_NAME = "daemon.log"
 FUSE_DIR = "fs"
+# Logs that hold a warning or an error outlive their mount here, the newest KEPT_LOGS of them.
+KEPT_LOGS_DIR = "mount-logs"
+KEPT_LOGS = 20
 
 Record = dict[str, Any]
 
@@ -190,10 +193,12 @@ def detach_loop_devices(record: Record) -> None:
             log.info("%s", e)       # cleared itself meanwhile (autoclear)
 
 
-def teardown(record: Record) -> None:
+def teardown(record: Record) -> str | None:
     """Undo everything of this mount that exists, in reverse order of creation: filesystem
     mounts, loop devices, the FUSE mount, the entries made in the directory, the run
-    directory. Raises UsageError (leaving the rest) while a filesystem is in use."""
+    directory. Raises UsageError (leaving the rest) while a filesystem is in use. Returns
+    where the daemon's log was kept, if it told of a problem (a damaged chunk, a failed
+    read), else None: a log with nothing to look at goes with the mount."""
     unmount_filesystems(record)
     detach_loop_devices(record)
     if fuse_mounted(record):
@@ -203,6 +208,7 @@ def teardown(record: Record) -> None:
             fs.umount(record["fuse"], lazy=True)
     for path in reversed(record.get("created", [])):
         _remove_created(path, record)
+    kept = _keep_log(record)
     for name in (RECORD_NAME, LOG_NAME):
         try:
             os.unlink(os.path.join(record["run_dir"], name))
@@ -215,6 +221,36 @@ def teardown(record: Record) -> None:
             pass
         except OSError as e:
             log.warning("%s left in place: %s", directory, e.strerror)
+    return kept
+
+
+def kept_log_path(record: Record) -> str:
+    """Where the mount's log is kept if it told of a problem (see teardown)."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.localtime(record.get("started_at") or 0))
+    return os.path.join(run_base(), KEPT_LOGS_DIR, f"{stamp}-{record['id']}-{os.path.basename(record['image'])}.log")
+
+
+def _keep_log(record: Record) -> str | None:
+    """Move the mount's log to KEPT_LOGS_DIR if it has a WARNING or ERROR line; drop the oldest
+    kept logs beyond KEPT_LOGS."""
+    try:
+        with open(record["log"], "rb") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return None
+    if b"] WARNING " not in text and b"] ERROR " not in text:
+        return None
+    kept = kept_log_path(record)
+    directory = os.path.dirname(kept)
+    make_private_dir(directory)
+    os.replace(record["log"], kept)
+    logs = sorted(os.listdir(directory))
+    for old in logs[:-KEPT_LOGS]:
+        try:
+            os.unlink(os.path.join(directory, old))
+        except FileNotFoundError:
+            pass
+    return kept
 
 
 def _remove_created(path: str, record: Record) -> None:
