@@ -14,6 +14,7 @@ import fcntl
 import os
 import stat
 import struct
+import threading
 from typing import Callable
 
 from .errors import DeviceError
@@ -66,6 +67,8 @@ class BlockDevice:
             # O_EXCL on a block device fails with EBUSY while it is mounted or otherwise claimed.
             flags |= os.O_EXCL
         self._flags = flags
+        self._fall_back = threading.Lock()
+        self._claim = -1            # the first descriptor, after a fall back: it holds the O_EXCL claim
         self.direct = False
         self.fd = -1
         try:
@@ -104,13 +107,22 @@ class BlockDevice:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        if self._claim >= 0:
+            os.close(self._claim)
+            self._claim = -1
 
     def _fall_back_to_buffered(self, why: str) -> None:
-        self._notice(f"{self.path}: {why}; using buffered I/O")
-        fd = os.open(self.path, self._flags)
-        os.close(self.fd)
-        self.fd = fd
-        self.direct = False
+        # The descriptor keeps its number (dup2): other threads reading at the same time go on
+        # with it, and only one of them says so.
+        with self._fall_back:
+            if not self.direct:
+                return
+            self._notice(f"{self.path}: {why}; using buffered I/O")
+            fd = os.open(self.path, self._flags & ~os.O_EXCL)
+            self._claim = os.dup(self.fd)
+            os.dup2(fd, self.fd)
+            os.close(fd)
+            self.direct = False
 
     def read_into(self, buf: memoryview, offset: int) -> int:
         """Fill `buf` from `offset`; returns the bytes read (short only at the end of the device)."""

@@ -63,6 +63,10 @@ class BufferPool:
     def release(self, buf: AlignedBuffer) -> None:
         self._free.put(buf)
 
+    def available(self) -> int:
+        """Buffers not acquired now."""
+        return self._free.qsize()
+
     def close(self) -> None:
         for buf in self._all:
             buf.close()

@@ -4,6 +4,7 @@ these or it is not an end."""
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import random
@@ -14,6 +15,7 @@ import pytest
 
 from devices import loop
 from devices.block import BlockDevice
+from devices.buffers import BufferPool
 from devices.tape.virtual import VirtualTape
 from imager import jobs
 from imager.ends.feeds import SeekableFeed, StreamFeed
@@ -22,7 +24,8 @@ from imager.ends.sources import VolumePrefix
 from imager.errors import ChunkError, ImageFormatError, ImagerError, TapeMediaError
 from imager.format import ImageReader
 from imager.jobs.backup import ImagingOptions, write_image
-from imager.pipeline import decoder, run_ordered
+from imager.pipeline import decoder, read_chunks, run_ordered
+from imager.plan.usedmap import UsedMap
 from imager.snapshot.cow import CowStore
 from imager.tape import TapeSink, TapeSpec, write_label
 
@@ -326,3 +329,56 @@ def test_every_source_reads_what_the_volume_held(sources):
         tail = memoryview(bytearray(2 * CHUNK))
         assert source.read_into(tail, source.size - CHUNK) == CHUNK, name
         assert source.read_into(tail, source.size) == 0, name
+
+
+# -- reading a volume with several reads in flight ------------------------------------------------
+
+@pytest.mark.parametrize("readers", [1, 4])
+def test_scattered_reads_come_in_order_and_a_failed_one_gives_every_buffer_back(tmp_path, readers):
+    chunk = 1 << 20
+    path = tmp_path / "volume.raw"
+    content = os.urandom(24 * chunk)
+    path.write_bytes(content)
+    rng = random.Random(readers)
+    ranges = sorted({(s, s + rng.choice((4096, 65536))) for s in
+                     (rng.randrange(0, 24 * chunk - 65536) & ~4095 for _ in range(60))})
+    plan = UsedMap.from_ranges(len(content), ranges)
+    pool = BufferPool(readers + 3, chunk)
+    read: list[int] = []
+    with BlockDevice(str(path)) as source:
+        got = []
+        for index, buf, length in read_chunks(source, chunk, pool, read.append, plan, readers=readers):
+            got.append((index, bytes(buf.view[:length]) if buf is not None else None))
+            if buf is not None:
+                pool.release(buf)
+        assert [i for i, _ in got] == list(range(24))
+        for index, data in got:                  # what the plan names, zeros elsewhere
+            expected = bytearray(chunk)
+            for s, e in plan.ranges_in(index * chunk, chunk):
+                expected[s:e] = content[index * chunk + s:index * chunk + e]
+            assert data is None if not plan.ranges_in(index * chunk, chunk) else data == bytes(expected)
+        assert sum(read) == sum(e - s for s, e in plan.ranges_in(0, len(content)))
+        os.truncate(path, 12 * chunk)            # the volume shrinks under the reader
+        with pytest.raises(ImagerError, match="short read"):
+            for index, buf, length in read_chunks(source, chunk, pool, read.append, plan, readers=readers):
+                if buf is not None:
+                    pool.release(buf)
+    assert pool.available() == readers + 3       # nothing lost on the way out
+
+
+def test_an_unaligned_direct_read_falls_back_to_buffered_and_keeps_the_exclusive_claim(loops):
+    device = loops.create(8 << 20)
+    content = os.urandom(8 << 20)
+    with open(device, "r+b") as f:
+        f.write(content)
+    notices: list[str] = []
+    with BlockDevice(device, direct=True, exclusive=True, on_notice=notices.append) as dev:
+        assert dev.direct
+        buf = bytearray(10000)
+        assert dev.read_into(memoryview(buf), 1000) == 10000          # O_DIRECT refuses this one
+        assert bytes(buf) == content[1000:11000]
+        assert not dev.direct and len(notices) == 1 and "buffered" in notices[0]
+        with pytest.raises(OSError) as busy:                            # still claimed by this reader
+            os.close(os.open(device, os.O_RDONLY | os.O_EXCL))
+        assert busy.value.errno == errno.EBUSY
+    os.close(os.open(device, os.O_RDONLY | os.O_EXCL))                 # and released when closed

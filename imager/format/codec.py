@@ -69,7 +69,9 @@ class Codec(Protocol):
     @property
     def block_size(self) -> int: ...
 
-    def encode(self, index: int, data: memoryview) -> EncodedChunk: ...
+    def encode(self, index: int, data: memoryview, digests: bytes | None = None) -> EncodedChunk:
+        """`digests`: block_digests(data) when the caller has them already."""
+        ...
 
     def zero_chunk(self, index: int, length: int) -> EncodedChunk: ...
 
@@ -86,12 +88,12 @@ class ZstdCodec:
     block_size: int = MIN_BLOCK_SIZE
     name = "zstd"
 
-    def encode(self, index: int, data: memoryview) -> EncodedChunk:
+    def encode(self, index: int, data: memoryview, digests: bytes | None = None) -> EncodedChunk:
         length = len(data)
         if is_all_zero(data):
             return self.zero_chunk(index, length)
         return EncodedChunk(index, length, _compressor(self.level).compress(data),
-                            block_digests(data, self.block_size), False)
+                            block_digests(data, self.block_size) if digests is None else digests, False)
 
     def zero_chunk(self, index: int, length: int) -> EncodedChunk:
         return EncodedChunk(index, length, zero_frame(length, self.level),
