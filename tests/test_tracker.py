@@ -4,6 +4,8 @@ roll, failure or restart can make a written block disappear from the next increm
 from __future__ import annotations
 
 import json
+import random
+import threading
 
 import numpy as np
 import pytest
@@ -154,3 +156,31 @@ def test_a_stop_with_a_backup_pending_merges_its_bits_back(state):
     again, _ = state()
     roll = again.roll()
     assert roll.base == 1 and np.flatnonzero(bits_of(again, roll.sequence)).tolist() == [6]
+
+
+def test_writes_while_a_backup_gives_up_are_never_lost(state):
+    """The write path stores without a lock; a give-up merging bits back at the same moment must
+    not put a zero over a block marked meanwhile."""
+    tracker, _ = state()
+    rng = random.Random(7)
+    marked: set[int] = set()
+    for _ in range(30):
+        for block in rng.sample(range(tracker.block_count), 50):
+            tracker.mark(block * tracker.block_size, 1)
+        failed = tracker.roll()             # writes stopped for the roll, as the store does it
+        stop = threading.Event()
+
+        def writer():
+            while not stop.is_set():
+                block = rng.randrange(tracker.block_count)
+                tracker.mark(block * tracker.block_size, 1)
+                marked.add(block)
+
+        thread = threading.Thread(target=writer)
+        thread.start()
+        tracker.give_up(failed.sequence)
+        stop.set()
+        thread.join()
+        retry = tracker.roll()
+        assert marked <= set(np.flatnonzero(bits_of(tracker, retry.sequence)).tolist())
+        tracker.give_up(retry.sequence)

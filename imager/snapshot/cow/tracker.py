@@ -4,8 +4,10 @@ parent. Separate from the COW bitmap, which only records writes while a snapshot
 
     tracker.json     series (UUID), sequence, base, block size, state in-use | clean, and on a
                      clean stop the device's write fingerprint
-    tracker.current  bits of the blocks written since the last roll (mmap)
-    tracker.pending  bits of the rolled-out interval, until its backup commits or gives up (mmap)
+    tracker.current  a byte per block (1: written) since the last roll (mmap): the write path
+                     stores a 1, with no lock and no read-modify-write of a byte other
+                     writes share (a bit per block needs both)
+    tracker.pending  the same for the rolled-out interval, until its backup commits or gives up
 
 A roll (taking a backup's snapshot, in the freeze window) moves the current bits into pending,
 merged with any pending bits of a backup that never finished, and numbers the new snapshot:
@@ -43,7 +45,7 @@ from .state import StateDir
 TRACKER_FILE = "tracker.json"
 CURRENT_FILE = "tracker.current"
 PENDING_FILE = "tracker.pending"
-TRACKER_FORMAT = 1
+TRACKER_FORMAT = 2      # 1 kept a bit per block
 # IMAGER_CHANGE_TRACKING=off in the daemon's environment: no bit is set on the write path, and
 # every roll starts a new series, so an incremental always compares digests. For measuring what
 # tracking costs (bench/front.py), or for a volume that is never backed up incrementally.
@@ -102,9 +104,8 @@ class ChangeTracker:
         self.state = stored
         self.block_size = stored.block_size
         self.block_count = -(-volume_size // self.block_size)
-        nbytes = -(-self.block_count // 8)
-        self._current_map = state_dir.mapped(CURRENT_FILE, nbytes)
-        self._pending_map = state_dir.mapped(PENDING_FILE, nbytes)
+        self._current_map = state_dir.mapped(CURRENT_FILE, self.block_count)
+        self._pending_map = state_dir.mapped(PENDING_FILE, self.block_count)
         self._current = np.frombuffer(self._current_map, dtype=np.uint8)
         self._pending = np.frombuffer(self._pending_map, dtype=np.uint8)
         self._current_bytes = memoryview(self._current_map)
@@ -154,17 +155,12 @@ class ChangeTracker:
             return
         first = offset // self.block_size
         last = (offset + length - 1) // self.block_size
-        bits = self._current_bytes
-        with self._lock:
-            head, tail = first >> 3, last >> 3
-            low, high = (0xFF << (first & 7)) & 0xFF, 0xFF >> (7 - (last & 7))
-            if head == tail:
-                bits[head] |= low & high
-            else:
-                bits[head] |= low
-                if tail > head + 1:
-                    bits[head + 1:tail] = b"\xff" * (tail - head - 1)
-                bits[tail] |= high
+        # One store of ones (a single bytecode under the GIL): a roll, which zeroes the bytes,
+        # runs only while the store holds every block lock, so no write is in flight then.
+        if first == last:
+            self._current_bytes[first] = 1
+        else:
+            self._current_bytes[first:last + 1] = b"\x01" * (last - first + 1)
 
     # -- snapshots and backups ---------------------------------------------------------------------
 
@@ -187,7 +183,9 @@ class ChangeTracker:
         """The bits of roll `sequence` (every block written since its base's snapshot), while it
         is pending; None once committed or given up."""
         with self._lock:
-            return self._pending.tobytes() if self.state.pending == sequence else None
+            if self.state.pending != sequence:
+                return None
+            return np.packbits(self._pending.astype(bool), bitorder="little").tobytes()
 
     def commit(self, sequence: int) -> bool:
         """The backup of roll `sequence` is safely stored: it is the base of the next one."""
@@ -204,13 +202,18 @@ class ChangeTracker:
         with self._lock:
             if self.state.pending != sequence:
                 return
-            self._current |= self._pending
-            self._pending[:] = 0
+            self._merge_pending_back()
             self.state.pending = None
+
+    def _merge_pending_back(self) -> None:
+        # Writes may be in flight: only ones are stored into current (a read-modify-write of it
+        # could put back a zero over a mark made meanwhile).
+        np.putmask(self._current, self._pending != 0, 1)
+        self._pending[:] = 0
 
     def describe(self) -> dict:
         with self._lock:
-            current = int(np.unpackbits(self._current, count=self.block_count).sum())
+            current = int(np.count_nonzero(self._current))
             return {"series": self.state.series, "sequence": self.state.sequence, "base": self.state.base,
                     "block_size": self.block_size, "changed_blocks": current, "since": self.state.since}
 
@@ -230,8 +233,7 @@ class ChangeTracker:
         of an unfinished backup are merged back (no backup can commit them any more)."""
         with self._lock:
             if self.state.pending is not None:
-                self._current |= self._pending
-                self._pending[:] = 0
+                self._merge_pending_back()
                 self.state.pending = None
             self._current_map.flush()
             self._pending_map.flush()
