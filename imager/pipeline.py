@@ -136,16 +136,19 @@ def read_chunks(source: VolumeSource, chunk_size: int, pool: BufferPool, on_read
     ranges (an incremental's changed blocks) are then not read one disk round trip at a time."""
     count = -(-source.size // chunk_size)
 
-    def fill(buf: AlignedBuffer, offset: int, length: int, pieces: list[tuple[int, int]]) -> None:
+    def fill(buf: AlignedBuffer, offset: int, length: int, pieces: list[tuple[int, int]]) -> int:
+        """The bytes read (on_read is called by the generator's thread, in order)."""
         try:
             if pieces != [(0, length)]:
                 buf.array[:length] = 0
+            total = 0
             for start, end in pieces:
                 got = source.read_into(buf.view[start:end], offset + start)
                 if got != end - start:
                     raise ImagerError(f"{source.path}: short read at offset {offset + start + got} "
                                       f"(device shrank or ended early)")
-                on_read(got)
+                total += got
+            return total
         except BaseException:
             pool.release(buf)
             raise
@@ -162,7 +165,7 @@ def read_chunks(source: VolumeSource, chunk_size: int, pool: BufferPool, on_read
                 yield index, None, length
                 continue
             buf = pool.acquire()
-            fill(buf, offset, length, pieces)
+            on_read(fill(buf, offset, length, pieces))
             yield index, buf, length
         return
     ahead: deque[tuple[int, int, AlignedBuffer | None, Future | None]] = deque()
@@ -175,9 +178,9 @@ def read_chunks(source: VolumeSource, chunk_size: int, pool: BufferPool, on_read
                 else:
                     ahead.append((index, length, None, None))
                 while ahead and (len(ahead) > readers or ahead[0][3] is None or ahead[0][3].done()):
-                    yield _next_read(ahead)
+                    yield _next_read(ahead, on_read)
             while ahead:
-                yield _next_read(ahead)
+                yield _next_read(ahead, on_read)
         finally:
             # Abandoned (the consumer failed): wait for the reads, give their buffers back.
             for _, _, unread, future in ahead:
@@ -185,10 +188,10 @@ def read_chunks(source: VolumeSource, chunk_size: int, pool: BufferPool, on_read
                     pool.release(unread)
 
 
-def _next_read(ahead: deque) -> ReadChunk:
+def _next_read(ahead: deque, on_read: Callable[[int], None]) -> ReadChunk:
     index, length, buf, future = ahead.popleft()
     if future is not None:
-        future.result()     # a failed read has given its buffer back already
+        on_read(future.result())    # a failed read has given its buffer back already
     return index, buf, length
 
 
