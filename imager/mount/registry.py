@@ -242,8 +242,14 @@ def _keep_log(record: Record) -> str | None:
         return None
     kept = kept_log_path(record)
     directory = os.path.dirname(kept)
-    make_private_dir(directory)
-    os.replace(record["log"], kept)
+    try:
+        make_private_dir(directory)
+        os.replace(record["log"], kept)
+    except (OSError, UsageError) as e:
+        # Clearing the mount matters more than keeping its log.
+        log.warning("the mount's log %s could not be kept in %s: %s", record["log"], directory,
+                    e.strerror if isinstance(e, OSError) else e)
+        return None
     logs = sorted(os.listdir(directory))
     for old in logs[:-KEPT_LOGS]:
         try:
