@@ -250,6 +250,35 @@ def test_mount_gives_every_file_of_the_image_read_only(built, run_dir, tmp_path,
     assert_cleared(point, run_dir)
 
 
+def fill_partition(disk: Path, part: dict, tmp_path: Path, fs: str | bytes, label: str, text: str) -> None:
+    """Make filesystem `fs` labelled `label` on partition `part` (an entry of sfdisk --json) of
+    the disk image and leave `text` in it as <fs>.txt; "vfat": an empty one; bytes: written raw."""
+    device = loop.attach(str(disk), offset=part["start"] * 512, size_limit=part["size"] * 512)
+    try:
+        if isinstance(fs, bytes):
+            with open(device, "r+b") as f:
+                f.write(fs)
+            return
+        if fs == "vfat":
+            run("mkfs.vfat", device)
+            return
+        run(f"mkfs.{fs}", "-q", "-L", label, device)
+        mnt = tmp_path / "fill"
+        mnt.mkdir(exist_ok=True)
+        run("mount", device, str(mnt))
+        (mnt / f"{fs}.txt").write_text(text)
+        run("umount", str(mnt))
+    finally:
+        loop.detach(device)
+
+
+def image_and_mount(disk: Path, tmp_path: Path, point: Path) -> tuple[str, dict]:
+    """The disk imaged by the command line, and that image mounted at `point`: (image, --json)."""
+    image = str(tmp_path / f"{disk.stem}.zst")
+    assert imager("backup", str(disk), "-o", image, "-q").returncode == 0
+    return image, mount_json(image, point)
+
+
 def test_whole_gpt_disk_mounts_each_partition_and_shows_the_esp_as_its_bytes(run_dir, tmp_path):
     disk = tmp_path / "disk.img"
     with open(disk, "wb") as f:
@@ -257,25 +286,11 @@ def test_whole_gpt_disk_mounts_each_partition_and_shows_the_esp_as_its_bytes(run
     table = f"label: gpt\nsize=32MiB, type={ESP_TYPE}\nsize=100MiB, type={LINUX_TYPE}\ntype={LINUX_TYPE}\n"
     run("sfdisk", "-q", str(disk), input=table)
     parts = json.loads(run("sfdisk", "--json", str(disk)).stdout)["partitiontable"]["partitions"]
-    for number, (part, fs) in enumerate(zip(parts, ["vfat", "ext4", "xfs"]), start=1):
-        device = loop.attach(str(disk), offset=part["start"] * 512, size_limit=part["size"] * 512)
-        try:
-            if fs == "vfat":
-                run("mkfs.vfat", device)
-            else:
-                run(f"mkfs.{fs}", "-q", "-L", "root" if fs == "ext4" else "data", device)
-                mnt = tmp_path / "fill"
-                mnt.mkdir(exist_ok=True)
-                run("mount", device, str(mnt))
-                (mnt / f"{fs}.txt").write_text(f"on {fs}\n")
-                run("umount", str(mnt))
-        finally:
-            loop.detach(device)
-    image = str(tmp_path / "disk.zst")
-    assert imager("backup", str(disk), "-o", image, "-q").returncode == 0
+    for part, fs, label in zip(parts, ["vfat", "ext4", "xfs"], ["", "root", "data"]):
+        fill_partition(disk, part, tmp_path, fs, label, f"on {fs}\n")
     point = tmp_path / "mnt"
     point.mkdir()
-    info = mount_json(image, point)
+    image, info = image_and_mount(disk, tmp_path, point)
     by_name = {e["name"]: e for e in info["entries"]}
     assert sorted(by_name) == ["1-vfat", "2-root", "3-data"]
     assert [by_name[n]["how"] for n in ("1-vfat", "2-root", "3-data")] == ["file", "mounted", "mounted"]
@@ -306,26 +321,11 @@ def test_whole_mbr_disk_mounts_primary_and_logical_partitions_and_shows_a_raw_on
              for p in json.loads(run("sfdisk", "--json", str(disk)).stdout)["partitiontable"]["partitions"]}
     assert sorted(parts) == [1, 2, 5, 6]
     raw = os.urandom(parts[6]["size"] * 512)
-    for number, fs in ((1, "ext4"), (5, "xfs"), (6, None)):
-        device = loop.attach(str(disk), offset=parts[number]["start"] * 512, size_limit=parts[number]["size"] * 512)
-        try:
-            if fs is None:
-                with open(device, "r+b") as f:
-                    f.write(raw)
-                continue
-            run(f"mkfs.{fs}", "-q", "-L", f"mbr-{fs}", device)
-            mnt = tmp_path / "fill"
-            mnt.mkdir(exist_ok=True)
-            run("mount", device, str(mnt))
-            (mnt / f"{fs}.txt").write_text(f"on {fs} in partition {number}\n")
-            run("umount", str(mnt))
-        finally:
-            loop.detach(device)
-    image = str(tmp_path / "mbr.zst")
-    assert imager("backup", str(disk), "-o", image, "-q").returncode == 0
+    for number, fs in ((1, "ext4"), (5, "xfs"), (6, raw)):
+        fill_partition(disk, parts[number], tmp_path, fs, f"mbr-{fs}", f"on {fs} in partition {number}\n")
     point = tmp_path / "mnt"
     point.mkdir()
-    by_name = {e["name"]: e for e in mount_json(image, point)["entries"]}
+    by_name = {e["name"]: e for e in image_and_mount(disk, tmp_path, point)[1]["entries"]}
     assert sorted(by_name) == ["1-mbr-ext4", "5-mbr-xfs", "6-unknown"]     # never the extended container
     assert [by_name[n]["how"] for n in sorted(by_name)] == ["mounted", "mounted", "file"]
     assert (point / "1-mbr-ext4" / "ext4.txt").read_text() == "on ext4 in partition 1\n"

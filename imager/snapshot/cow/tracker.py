@@ -1,4 +1,4 @@
-"""Changed-block tracking between backups: one bit per block for every write through the front,
+"""Changed-block tracking between backups: a mark per block for every write through the front,
 whether a snapshot exists or not, so that an incremental reads only what changed since its
 parent. Separate from the COW bitmap, which only records writes while a snapshot is active.
 
