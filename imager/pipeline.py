@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, TypeVar
 
@@ -128,71 +127,31 @@ ReadChunk = tuple[int, AlignedBuffer | None, int]     # (index, buffer or None f
 
 
 def read_chunks(source: VolumeSource, chunk_size: int, pool: BufferPool, on_read: Callable[[int], None],
-                plan: UsedMap | None = None, *, readers: int = 1) -> Iterator[ReadChunk]:
+                plan: UsedMap | None = None) -> Iterator[ReadChunk]:
     """Each chunk of the source in a pooled buffer; with a plan, only the used ranges are read
-    (the rest of the buffer is zeros) and a chunk with nothing used comes without a buffer.
-    With `readers` > 1 that many chunks are read at once, ahead of the consumer (their buffers
-    come from `pool`, which must hold that many more than the consumer keeps): scattered small
-    ranges (an incremental's changed blocks) are then not read one disk round trip at a time."""
+    (the rest of the buffer is zeros) and a chunk with nothing used comes without a buffer."""
     count = -(-source.size // chunk_size)
-
-    def fill(buf: AlignedBuffer, offset: int, length: int, pieces: list[tuple[int, int]]) -> int:
-        """The bytes read (on_read is called by the generator's thread, in order)."""
+    for index in range(count):
+        offset = index * chunk_size
+        length = min(chunk_size, source.size - offset)
+        pieces = plan.ranges_in(offset, length) if plan is not None else [(0, length)]
+        if not pieces:
+            yield index, None, length
+            continue
+        buf = pool.acquire()
         try:
             if pieces != [(0, length)]:
                 buf.array[:length] = 0
-            total = 0
             for start, end in pieces:
                 got = source.read_into(buf.view[start:end], offset + start)
                 if got != end - start:
                     raise ImagerError(f"{source.path}: short read at offset {offset + start + got} "
                                       f"(device shrank or ended early)")
-                total += got
-            return total
+                on_read(got)
         except BaseException:
             pool.release(buf)
             raise
-
-    def chunks() -> Iterator[tuple[int, int, int, list[tuple[int, int]]]]:
-        for index in range(count):
-            offset = index * chunk_size
-            length = min(chunk_size, source.size - offset)
-            yield index, offset, length, plan.ranges_in(offset, length) if plan is not None else [(0, length)]
-
-    if readers <= 1:
-        for index, offset, length, pieces in chunks():
-            if not pieces:
-                yield index, None, length
-                continue
-            buf = pool.acquire()
-            on_read(fill(buf, offset, length, pieces))
-            yield index, buf, length
-        return
-    ahead: deque[tuple[int, int, AlignedBuffer | None, Future | None]] = deque()
-    with ThreadPoolExecutor(readers, thread_name_prefix="imager-read") as executor:
-        try:
-            for index, offset, length, pieces in chunks():
-                if pieces:
-                    target = pool.acquire()
-                    ahead.append((index, length, target, executor.submit(fill, target, offset, length, pieces)))
-                else:
-                    ahead.append((index, length, None, None))
-                while ahead and (len(ahead) > readers or ahead[0][3] is None or ahead[0][3].done()):
-                    yield _next_read(ahead, on_read)
-            while ahead:
-                yield _next_read(ahead, on_read)
-        finally:
-            # Abandoned (the consumer failed): wait for the reads, give their buffers back.
-            for _, _, unread, future in ahead:
-                if future is not None and future.exception() is None and unread is not None:
-                    pool.release(unread)
-
-
-def _next_read(ahead: deque, on_read: Callable[[int], None]) -> ReadChunk:
-    index, length, buf, future = ahead.popleft()
-    if future is not None:
-        on_read(future.result())    # a failed read has given its buffer back already
-    return index, buf, length
+        yield index, buf, length
 
 
 def encoder(pool: BufferPool, codec: Codec) -> Callable[[ReadChunk], EncodedChunk]:

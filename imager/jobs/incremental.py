@@ -39,10 +39,6 @@ Notice = Callable[[str], None]
 
 log = logging.getLogger("imager.backup")
 
-# Regions read at once: an incremental's blocks are scattered, and one read at a time waits a
-# disk round trip (through the snapshot's daemon) for each.
-READERS = 4
-
 
 @dataclass
 class Increment:
@@ -118,7 +114,7 @@ def write_incremental(source: VolumeSource, sink: Sink, increment: Increment, *,
     read_plan = _read_plan(candidates & used_now, source.size, block_size, plan)
     codec = ZstdCodec(level, block_size)
     workers = worker_count(workers)
-    pool = BufferPool(workers * 2 + 2 + READERS + 1, read_size)
+    pool = BufferPool(workers * 2 + 2, read_size)
     compare = _RegionCompare(candidates, used_now, parent.trailer.digests, codec, pool, read_size // block_size,
                              block_size)
     writer = ImageWriter(sink, header, base_digests=parent.trailer.digests)
@@ -140,7 +136,7 @@ def write_incremental(source: VolumeSource, sink: Sink, increment: Increment, *,
             count_output(writer.bytes_written)
 
     try:
-        run_ordered(read_chunks(source, read_size, pool, count_read, read_plan, readers=READERS), compare, consume,
+        run_ordered(read_chunks(source, read_size, pool, count_read, read_plan), compare, consume,
                     workers=workers, depth=workers * 2)
     finally:
         pool.close()

@@ -131,13 +131,14 @@ def umount(directory: str) -> MountInfo:
         registry.unmount_filesystems(record)
         if not registry.stop_daemon(record, STOP_TIMEOUT):
             registry.kill_daemon(record)
-    # The daemon tears down itself on SIGTERM, keeping its log if it told of a problem.
-    kept = registry.teardown(record) or registry.kept_log_path(record)
+    registry.teardown(record)
     left = registry.leftovers(record)
     if left:
         raise ImagerError(f"{directory}: could not clear {', '.join(left)}")
     info.state = "unmounted"
-    # The log goes with the mount unless it told of a problem (a damaged chunk, a failed read).
+    # The log goes with the mount unless it told of a problem (a damaged chunk, a failed read);
+    # kept by this teardown or by the daemon's own on SIGTERM.
+    kept = registry.kept_log_path(record)
     info.log_path = kept if os.path.exists(kept) else ""
     return info
 

@@ -131,7 +131,7 @@ class CachedVolume:
     def _region(self, region: int) -> bytes | None:
         with self._lock:
             if region in self._damaged:
-                raise OSError(errno.EIO, f"{self._where(region)}: volume bytes {self._span(region)} are damaged")
+                raise self._damaged_error(region)
             entry = self._cache.get(region)
             if entry is not None:
                 self._cache.move_to_end(region)
@@ -153,7 +153,7 @@ class CachedVolume:
         try:
             return entry.future.result()
         except ImagerError:
-            raise OSError(errno.EIO, f"{self._where(region)}: volume bytes {self._span(region)} are damaged") from None   # logged once, where it was found
+            raise self._damaged_error(region) from None     # logged once, where it was found
         except OSError as e:
             self._log_failure(region, f"{self._where(region)}: reading volume bytes {self._span(region)} "
                                       f"failed: {e}")
@@ -216,6 +216,9 @@ class CachedVolume:
             self._log_failure(region, f"{self._where(region)}: {e}; reads of volume bytes {self._span(region)} fail "
                                       f"with EIO, the rest of the volume reads normally")
             raise
+
+    def _damaged_error(self, region: int) -> OSError:
+        return OSError(errno.EIO, f"{self._where(region)}: volume bytes {self._span(region)} are damaged")
 
     def _span(self, region: int) -> str:
         first = region * self.region_size
