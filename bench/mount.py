@@ -244,7 +244,10 @@ def main() -> int:
         seq_cpu: list[float] = []
         same_cpu: list[float] = []
         chunks: list[int] = []
+        last = None
         for _ in range(args.rounds):
+            if last is not None:
+                mounts.umount(last[0])      # one mount at a time: the idle ones cost the next one
             point = mounts.point()
             evict(image4)
             info = mounts.mount(image4, point)

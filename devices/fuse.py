@@ -24,7 +24,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Callable, Protocol, runtime_checkable
 
 from .libc import check, libc
 
@@ -127,6 +127,15 @@ class QuickReads(Protocol):
     def read_is_quick(self, fh: int, offset: int, size: int) -> bool: ...
 
 
+@runtime_checkable
+class ViewReads(Protocol):
+    """Files that answer a READ with views of buffers they hold, sent as they are (no copy into
+    the server's reply buffer): `release()` is called once the reply is sent, and the buffers
+    must stay unchanged until then. Page-aligned views are what the kernel copies fastest."""
+
+    def read_views(self, fh: int, offset: int, size: int) -> tuple[list[memoryview], Callable[[], None]]: ...
+
+
 class ConnectionGone(Exception):
     """The filesystem was unmounted (or the connection aborted): nothing more will come."""
 
@@ -225,6 +234,7 @@ class Server:
         self._lane = _Lane(session)
         self._read_lanes = [_Lane(session, request=False) for _ in range(readers)]
         self._reads: queue.SimpleQueue = queue.SimpleQueue()    # (unique, fh, offset, size), None: stop
+        self._views = files.read_views if isinstance(files, ViewReads) else None
         self.requests = 0
 
     def hold(self, timeout: float) -> bool:
@@ -377,6 +387,15 @@ class Server:
 
     def _read_at(self, unique, where, buf, lane) -> None:
         fh, offset, size = where
+        if self._views is not None:
+            views, release = self._views(fh, offset, size)
+            try:
+                n = sum(len(v) for v in views)
+                _write_reply(self.fd, [OUT_HEADER.pack(OUT_HEADER.size + n, 0, unique), *views])
+            finally:
+                views.clear()
+                release()
+            return
         data = memoryview(lane.reply)[:size]
         n = self.files.read_into(fh, data, offset)
         _write_reply(self.fd, [OUT_HEADER.pack(OUT_HEADER.size + n, 0, unique), data[:n]])

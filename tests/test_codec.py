@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -25,8 +26,23 @@ def sample_chunks(length: int) -> dict[str, bytes]:
             "one byte set": bytes(length - 1) + b"\x01"}
 
 
+@pytest.fixture(params=["decode", "decode_into"], autouse=True)
+def way(request, monkeypatch):
+    """Every test runs through both ways of decoding: to new bytes, and into a given buffer."""
+    monkeypatch.setattr(sys.modules[__name__], "WAY", request.param)
+
+
+WAY = "decode"
+
+
 def _decode(codec: Codec, frame: bytes, length: int, digest: bytes | None, index: int = 7) -> bytes | None:
-    return codec.decode(frame, index, length, digest, 1000, index * length)
+    if WAY == "decode":
+        return codec.decode(frame, index, length, digest, 1000, index * length)
+    dst = bytearray(b"\xaa" * length)
+    if not codec.decode_into(memoryview(frame), memoryview(dst), index, digest, 1000, index * length):
+        assert dst == b"\xaa" * length, "a zero chunk's buffer was written"
+        return None
+    return bytes(dst)
 
 
 @pytest.mark.parametrize("codec", CODECS, ids=lambda c: f"{c.name}-{c.level}-{c.block_size >> 10}k")

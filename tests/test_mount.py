@@ -9,6 +9,7 @@ import errno
 import hashlib
 import json
 import os
+import random
 import select
 import shutil
 import signal
@@ -18,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import ExitStack
 from datetime import datetime
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from devices.fs import file_extents, mounts
 from imager import api
 from imager.format import ImageReader
 from imager.mount import registry
+from imager.mount.volume import CachedVolume, open_chain_files
 
 from conftest import REPO_ROOT, LoopFactory, imager, run
 from lab import DAEMON_TESTS, kill_and_wait, one_line_error
@@ -479,6 +482,52 @@ def test_sigterm_ends_the_daemon_and_clears_everything_but_not_while_in_use(buil
     os.kill(info["pid"], signal.SIGTERM)
     wait_for_exit(info["pid"])
     assert_cleared(point, run_dir)
+
+
+def test_reads_from_many_threads_through_a_small_cache_give_the_volume_and_stay_bounded(built):
+    """The served volume's bytes, whatever the readers do at once: regions are decoded into
+    buffers that are reused once evicted and no longer being sent, so a reply must never see a
+    buffer decoded into again under it; and the buffers made stay within the cache's bound."""
+    b = built("ext4")
+    source = Path(b.raw).read_bytes()
+    readers, rounds = 4, 150
+    with ExitStack() as stack:
+        volume = CachedVolume(open_chain_files([b.image], stack), cache_bytes=2 * 4 * MiB, readahead=2)
+        stack.callback(volume.close)
+        region = volume.region_size
+        wrong: list[str] = []
+
+        def reader(seed: int) -> None:
+            rng = random.Random(seed)
+            for n in range(rounds):
+                if n % 3 == 0:          # runs of sequential reads, which start read-ahead
+                    offset = rng.randrange(0, volume.size - 8 * MiB) // 4096 * 4096
+                    for step in range(6):
+                        got = volume.read(offset + step * MiB, MiB)
+                        if got != source[offset + step * MiB:offset + (step + 1) * MiB]:
+                            wrong.append(f"sequential read at {offset + step * MiB}")
+                    continue
+                offset = rng.randrange(0, volume.size - 1)
+                length = rng.choice([1, 4096, region // 2, region + 4096])
+                views, release = volume.read_views(offset, length)
+                try:
+                    time.sleep(0)       # let the others evict and decode meanwhile
+                    if b"".join(views) != source[offset:offset + length]:
+                        wrong.append(f"views of {length} bytes at {offset}")
+                finally:
+                    release()
+        threads = [threading.Thread(target=reader, args=(seed,)) for seed in range(readers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not wrong, wrong[:5]
+        stats = volume.stats()
+        assert stats.cached_bytes <= stats.capacity
+        # Cached, being decoded (read-ahead plus one miss per reader), or being sent (a read
+        # spans at most two regions), never more.
+        assert volume.slabs_made <= stats.capacity // region + volume.readahead + 3 * readers
+        assert stats.decoded > volume.region_count      # the cache did evict and decode again
 
 
 def test_a_threaded_program_mounts_through_the_python_api(built, run_dir, tmp_path):

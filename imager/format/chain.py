@@ -88,28 +88,29 @@ class Chain:
     def region(self, region: int) -> tuple[bytes | None, bytes]:
         """The region's bytes at the chain point (None: all zeros) and their digests. Every frame
         is checked against its own image's digests (which _check_tables tied to the point's)."""
-        owners = self.region_owners(region)
-        length = self.region_length(region)
         expected = self.expected(region)
+        if self.untouched(region):
+            return self.base.decode(region, self.base.frame(region)), expected
+        buf = bytearray(self.region_length(region))
+        return (bytes(buf) if self.region_into(region, memoryview(buf)) else None), expected
+
+    def region_into(self, region: int, dst: memoryview) -> bool:
+        """region() into `dst` (the region's length), allocating nothing: False if the region is
+        all zeros, `dst` then not necessarily written."""
+        owners = self.region_owners(region)
         from_base = owners == len(self.images) - 1
         if from_base.all():
-            return self.base.decode(region, self.base.frame(region)), expected
-        buf = bytearray(length)
-        if from_base.any():
-            data = self.base.decode(region, self.base.frame(region))
-            if data is not None:
-                buf[:] = data
+            return self.base.chunk_into(region, dst)
+        if not (from_base.any() and self.base.chunk_into(region, dst)):
+            dst[:] = bytes(len(dst))
         first = region * self.region_blocks
         for offset in np.flatnonzero(~from_base).tolist():
             block = first + offset
             image = self.images[int(owners[offset])]
-            piece = image.decode(block, image.frame(block))
-            start = offset * self.block_size
-            end = min(start + self.block_size, length)
-            buf[start:end] = piece if piece is not None else bytes(end - start)
-        if expected == zero_block_digests(length, self.block_size):
-            return None, expected
-        return bytes(buf), expected
+            piece = dst[offset * self.block_size:min((offset + 1) * self.block_size, len(dst))]
+            if not image.chunk_into(block, piece):
+                piece[:] = bytes(len(piece))
+        return self.expected(region) != zero_block_digests(len(dst), self.block_size)
 
     def frame_or_none(self, region: int) -> bytes | None:
         """The full's compressed frame of an untouched region, to copy as it is (None otherwise)."""

@@ -78,6 +78,12 @@ class Codec(Protocol):
     def decode(self, frame: bytes, index: int, expected_length: int, digest: bytes | None,
                image_offset: int, volume_offset: int) -> bytes | None: ...
 
+    def decode_into(self, frame: bytes | memoryview, dst: memoryview, index: int, digest: bytes | None,
+                    image_offset: int, volume_offset: int) -> bool:
+        """decode() into `dst`, exactly the chunk's length, allocating nothing: False for a zero
+        chunk (`dst` is then left as it was)."""
+        ...
+
 
 @dataclass(frozen=True)
 class ZstdCodec:
@@ -102,25 +108,52 @@ class ZstdCodec:
     def decode(self, frame: bytes, index: int, expected_length: int, digest: bytes | None,
                image_offset: int, volume_offset: int) -> bytes | None:
         """The chunk's bytes, checked against `digest` when given; None for a zero chunk."""
+        if self._zero(frame, index, expected_length, digest, image_offset, volume_offset):
+            return None
+        try:
+            data = _decompressor().decompress(frame, max_output_size=expected_length)
+        except zstandard.ZstdError as e:
+            raise ChunkError(index, image_offset, volume_offset, f"corrupted: {e}") from None
+        self._check(data, len(data), index, expected_length, digest, image_offset, volume_offset)
+        return data
+
+    def decode_into(self, frame: bytes | memoryview, dst: memoryview, index: int, digest: bytes | None,
+                    image_offset: int, volume_offset: int) -> bool:
+        expected_length = len(dst)
+        if self._zero(frame, index, expected_length, digest, image_offset, volume_offset):
+            return False
+        try:
+            with _decompressor().stream_reader(frame, read_size=len(frame), read_across_frames=False) as reader:
+                n = reader.readinto(dst)
+                # Reading on to the end of the frame is what checks its content checksum.
+                if n == expected_length and reader.read(1):
+                    n += 1
+        except zstandard.ZstdError as e:
+            raise ChunkError(index, image_offset, volume_offset, f"corrupted: {e}") from None
+        self._check(dst, n, index, expected_length, digest, image_offset, volume_offset)
+        return True
+
+    def _zero(self, frame: bytes | memoryview, index: int, expected_length: int, digest: bytes | None,
+              image_offset: int, volume_offset: int) -> bool:
+        """Whether `frame` is the zero chunk's (checked against `digest`); raises for a frame
+        this codec never writes."""
         if frame == zero_frame(expected_length, self.level):
             if digest is not None and digest != zero_block_digests(expected_length, self.block_size):
                 raise ChunkError(index, image_offset, volume_offset, "checksum mismatch")
-            return None
+            return True
         if len(frame) < 4 or struct.unpack_from("<I", frame)[0] != ZSTD_MAGIC:
             raise ChunkError(index, image_offset, volume_offset, "not a zstd frame (image corrupted)")
         problem = _frame_header_problem(frame, expected_length)
         if problem:
             raise ChunkError(index, image_offset, volume_offset, problem)
-        try:
-            data = _decompressor().decompress(frame, max_output_size=expected_length)
-        except zstandard.ZstdError as e:
-            raise ChunkError(index, image_offset, volume_offset, f"corrupted: {e}") from None
-        if len(data) != expected_length:
-            raise ChunkError(index, image_offset, volume_offset,
-                             f"holds {len(data)} bytes, expected {expected_length}")
+        return False
+
+    def _check(self, data: bytes | memoryview, n: int, index: int, expected_length: int, digest: bytes | None,
+               image_offset: int, volume_offset: int) -> None:
+        if n != expected_length:
+            raise ChunkError(index, image_offset, volume_offset, f"holds {n} bytes, expected {expected_length}")
         if digest is not None and block_digests(data, self.block_size) != digest:
             raise ChunkError(index, image_offset, volume_offset, "checksum mismatch")
-        return data
 
 
 def codec_of(header: ImageHeader) -> Codec:

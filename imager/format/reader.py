@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import os
 import struct
+import threading
 from typing import Iterator
 
 import numpy as np
@@ -18,6 +19,8 @@ from .meta import TRAILER_MAGIC, decode_trailer, read_header, trailer_frame_boun
 from .seektable import (SEEK_DESCRIPTOR, SEEK_ENTRY, SEEK_FOOTER_SIZE, SEEK_TABLE_MAGIC, SEEKABLE_FOOTER_MAGIC,
                         FrameNames, seek_table_size)
 from .walk import FrameError, TruncatedFrame, garbage_after, iter_frames
+
+_frames = threading.local()
 
 
 class ImageReader:
@@ -193,6 +196,22 @@ class ImageReader:
         """Check and decompress chunk `index` from its frame; None for a zero chunk."""
         return codec_of(self.header).decode(frame, index, self.header.chunk_length(index), self.trailer.digest(index),
                                             self._where(index)[0], index * self.header.chunk_size)
+
+    def chunk_into(self, index: int, dst: memoryview) -> bool:
+        """Chunk `index`, checked, decompressed into `dst` (its length), its frame read into a
+        buffer this thread reuses: False for a zero chunk, `dst` then untouched."""
+        offset, size = self._where(index)
+        if size > zstd_frame_bound(self.header.chunk_size):
+            frame: bytes | memoryview = self.frame(index)     # damaged: decode_into names it
+        else:
+            buffer = getattr(_frames, "buffer", None)
+            if buffer is None or len(buffer) < size:
+                buffer = _frames.buffer = bytearray(zstd_frame_bound(self.header.chunk_size))
+            frame = memoryview(buffer)[:size]
+            if os.preadv(self._f.fileno(), [frame], offset) != size:
+                raise ChunkError(index, offset, index * self.header.chunk_size, "image truncated")
+        return codec_of(self.header).decode_into(frame, dst, index, self.trailer.digest(index), offset,
+                                                 index * self.header.chunk_size)
 
     def chunk(self, index: int) -> bytes:
         data = self.decode(index, self.frame(index))

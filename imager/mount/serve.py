@@ -16,12 +16,13 @@ import os
 import re
 import stat
 import threading
+from typing import Callable
 
 from devices import fs, fuse
 from devices.errors import DeviceError
 
 from ..errors import ImagerError
-from .volume import CachedVolume
+from .volume import CachedVolume, copy_views
 
 log = logging.getLogger("imager.mount")
 
@@ -77,16 +78,21 @@ class VolumeFiles:
             self._open.pop(fh, None)
 
     def read_into(self, fh: int, dst: memoryview, offset: int) -> int:
+        views, release = self.read_views(fh, offset, len(dst))
+        try:
+            return copy_views(views, dst)
+        finally:
+            release()
+
+    def read_views(self, fh: int, offset: int, size: int) -> tuple[list[memoryview], Callable[[], None]]:
         window = self._open.get(fh)
         if window is None:
             raise OSError(errno.EBADF, "not open")
-        size = window.attr.size
-        if offset >= size:
-            return 0
+        size = max(0, min(size, window.attr.size - offset))
         try:
-            return self.volume.read_into(dst[:size - offset], window.offset + offset)
+            return self.volume.read_views(window.offset + offset, size)
         except (ImagerError, DeviceError) as e:
-            log.error("read of %d bytes at offset %d failed: %s", len(dst), offset, e)
+            log.error("read of %d bytes at offset %d failed: %s", size, offset, e)
             raise OSError(errno.EIO, str(e)) from None
 
     def read_is_quick(self, fh: int, offset: int, size: int) -> bool:
