@@ -59,15 +59,39 @@ class MemoryFiles:
         pass
 
 
-@pytest.fixture(params=[0, 2], ids=["inline-reads", "reader-threads"])
+class ViewFiles(MemoryFiles):
+    """devices.fuse.ViewReads: reads answered with views of the data, cut where a 64 KiB piece
+    ends (as a volume's regions would be), each to be released once sent."""
+
+    def __init__(self, sizes: dict[str, int]):
+        super().__init__(sizes)
+        self.unreleased = 0
+
+    def read_views(self, fh, offset, size):
+        data = memoryview(self.data[self.handles[fh]])
+        end = min(offset + size, len(data))
+        cuts = [offset, *range((offset // 65536 + 1) * 65536, end, 65536), end]
+        views = [data[a:b] for a, b in zip(cuts, cuts[1:]) if b > a]
+        with self.lock:
+            self.unreleased += 1
+
+        def release():
+            with self.lock:
+                self.unreleased -= 1
+        return views, release
+
+
+@pytest.fixture(params=[(0, MemoryFiles), (2, MemoryFiles), (2, ViewFiles)],
+                ids=["inline-reads", "reader-threads", "reads-from-views"])
 def served(tmp_path, request):
-    files = MemoryFiles({"small": 5000, "big": 8 * MAX_WRITE + 123, LONG_NAME: 70000})
+    readers, kind = request.param
+    files = kind({"small": 5000, "big": 8 * MAX_WRITE + 123, LONG_NAME: 70000})
     point = tmp_path / "mnt"
     point.mkdir()
     fd = fuse.mount(str(point), "imager-test", "imagertest")
     try:
         session = fuse.negotiate(fd, MAX_WRITE)
-        server = fuse.Server(fd, session, files, readers=request.param)
+        server = fuse.Server(fd, session, files, readers=readers)
         thread = threading.Thread(target=server.serve, daemon=True)
         thread.start()
         yield point, files
@@ -109,3 +133,4 @@ def test_reads_and_writes_of_any_size_at_any_offset_match_the_model(served):
             assert refused.value.errno == errno.ENOSPC
         finally:
             os.close(fd)
+    assert getattr(files, "unreleased", 0) == 0       # every reply sent from views gave them back
