@@ -162,7 +162,7 @@ def codec_of(header: ImageHeader) -> Codec:
     return ZstdCodec(header.level, header.block_size)
 
 
-def _frame_header_problem(frame: bytes, expected_length: int) -> str | None:
+def _frame_header_problem(frame: bytes | memoryview, expected_length: int) -> str | None:
     """What is wrong with a chunk frame's header, checked before decompressing it: zstandard
     allocates the content size a frame claims up front, so a damaged one could claim terabytes."""
     try:
