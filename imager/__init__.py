@@ -20,7 +20,13 @@ imager.jobs holds the whole jobs (several volumes, snapshots, tape), imager.jobs
 managed volumes.
 """
 
+import os as _os
+
 __version__ = "0.1.0"
+
+# numpy's OpenBLAS starts a thread per core that spins while it waits for work. imager does no
+# linear algebra: in a profile of an incremental backup those threads took 0.3 s of CPU.
+_os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 # Loaded on first use: `import imager` stays cheap for the helper processes that import only a
 # part of it (the freeze guard, the volume daemon).

@@ -127,9 +127,11 @@ ReadChunk = tuple[int, AlignedBuffer | None, int]     # (index, buffer or None f
 
 
 def read_chunks(source: VolumeSource, chunk_size: int, pool: BufferPool, on_read: Callable[[int], None],
-                plan: UsedMap | None = None) -> Iterator[ReadChunk]:
+                plan: UsedMap | None = None, block_size: int = 0) -> Iterator[ReadChunk]:
     """Each chunk of the source in a pooled buffer; with a plan, only the used ranges are read
-    (the rest of the buffer is zeros) and a chunk with nothing used comes without a buffer."""
+    (the rest of the buffer is zeros) and a chunk with nothing used comes without a buffer.
+    With `block_size`, the consumer looks only at the blocks of that size the plan's ranges
+    touch (an incremental's candidate blocks), and only those are sure to be zeros where unread."""
     count = -(-source.size // chunk_size)
     for index in range(count):
         offset = index * chunk_size
@@ -141,7 +143,8 @@ def read_chunks(source: VolumeSource, chunk_size: int, pool: BufferPool, on_read
         buf = pool.acquire()
         try:
             if pieces != [(0, length)]:
-                buf.array[:length] = 0
+                for start, end in unread_parts(pieces, length, block_size):
+                    buf.array[start:end] = 0
             for start, end in pieces:
                 got = source.read_into(buf.view[start:end], offset + start)
                 if got != end - start:
@@ -152,6 +155,32 @@ def read_chunks(source: VolumeSource, chunk_size: int, pool: BufferPool, on_read
             pool.release(buf)
             raise
         yield index, buf, length
+
+
+def unread_parts(pieces: list[tuple[int, int]], length: int, block_size: int = 0) -> list[tuple[int, int]]:
+    """The parts of [0, length) the sorted `pieces` leave out; with `block_size`, only those
+    inside the blocks the pieces touch. Zeroing just these, rather than the whole buffer before
+    reading into it, spares an incremental a 4 MiB memset for each region it reads a block of."""
+    spans: list[tuple[int, int]] = []
+    for start, end in pieces if block_size else [(0, length)]:
+        first = start // block_size * block_size if block_size else start
+        last = min(-(-end // block_size) * block_size, length) if block_size else end
+        if spans and first <= spans[-1][1]:
+            spans[-1] = (spans[-1][0], max(spans[-1][1], last))
+        else:
+            spans.append((first, last))
+    parts = []
+    k = 0
+    for first, last in spans:
+        pos = first
+        while k < len(pieces) and pieces[k][0] < last:
+            if pieces[k][0] > pos:
+                parts.append((pos, pieces[k][0]))
+            pos = max(pos, pieces[k][1])
+            k += 1
+        if pos < last:
+            parts.append((pos, last))
+    return parts
 
 
 def encoder(pool: BufferPool, codec: Codec) -> Callable[[ReadChunk], EncodedChunk]:

@@ -365,6 +365,39 @@ def test_scattered_reads_come_in_order_and_a_failed_one_gives_every_buffer_back(
     assert pool.available() == 3                 # nothing lost on the way out
 
 
+def test_an_incremental_s_candidate_blocks_hold_what_is_used_and_zeros_whatever_the_buffer_held(tmp_path):
+    """An incremental reads only the used parts of its candidate blocks, and hashes those
+    blocks whole: their unused parts must be zeros even in a reused buffer, or an unchanged
+    block would look changed (or a changed one carry stale bytes)."""
+    chunk, block = 1 << 20, 64 << 10
+    path = tmp_path / "volume.raw"
+    content = os.urandom(8 * chunk)
+    path.write_bytes(content)
+    rng = random.Random(9)
+    ranges = sorted({(s, s + rng.choice((4096, 8192, 3 * block))) for s in
+                     (rng.randrange(0, 8 * chunk - 3 * block) & ~4095 for _ in range(40))})
+    plan = UsedMap.from_ranges(len(content), ranges)
+    pool = BufferPool(2, chunk)
+    for _ in range(2):                            # buffers full of something else
+        buf = pool.acquire()
+        buf.array[:] = 0xEE
+        pool.release(buf)
+    with BlockDevice(str(path)) as source:
+        for index, buf, length in read_chunks(source, chunk, pool, lambda n: None, plan, block):
+            if buf is None:
+                continue
+            try:
+                used = plan.ranges_in(index * chunk, chunk)
+                touched = {b for s, e in used for b in range(s // block, (e - 1) // block + 1)}
+                for b in touched:
+                    expected = bytearray(block)
+                    for s, e in plan.ranges_in(index * chunk + b * block, block):
+                        expected[s:e] = content[index * chunk + b * block + s:index * chunk + b * block + e]
+                    assert bytes(buf.view[b * block:(b + 1) * block]) == bytes(expected), (index, b)
+            finally:
+                pool.release(buf)
+
+
 def test_an_unaligned_direct_read_falls_back_to_buffered_and_keeps_the_exclusive_claim(loops):
     device = loops.create(8 << 20)
     content = os.urandom(8 << 20)

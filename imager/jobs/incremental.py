@@ -136,7 +136,7 @@ def write_incremental(source: VolumeSource, sink: Sink, increment: Increment, *,
             count_output(writer.bytes_written)
 
     try:
-        run_ordered(read_chunks(source, read_size, pool, count_read, read_plan), compare, consume,
+        run_ordered(read_chunks(source, read_size, pool, count_read, read_plan, block_size), compare, consume,
                     workers=workers, depth=workers * 2)
     finally:
         pool.close()
