@@ -17,7 +17,8 @@ import subprocess
 import sys
 import time
 import traceback
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 from .errors import ImagerError
 from .private import open_private
@@ -156,6 +157,27 @@ def send_ready(fd: int | None, reply: dict) -> None:
         pass
     finally:
         os.close(fd)
+
+
+@contextmanager
+def exit_watch(pid: int) -> Iterator[int | None]:
+    """A descriptor that becomes readable when process `pid` ends (None: there is no such
+    process), closed on leaving. Taken before signalling or checking the process: a pid reused
+    after it is taken cannot be mistaken for the process."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        yield None
+        return
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def has_exited(watch: int | None, timeout: float | None) -> bool:
+    """Wait up to `timeout` seconds (None: for good) for the process of exit_watch() to end."""
+    return watch is None or bool(select.select([watch], [], [], timeout)[0])
 
 
 def process_start_time(pid: int) -> int | None:

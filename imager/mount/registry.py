@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import select
 import signal
 import time
 from typing import Any
@@ -26,7 +25,7 @@ from devices.errors import DeviceError
 from ..ends.atomic import write_atomically
 from ..errors import UsageError
 from ..private import make_private_dir
-from ..spawn import process_start_time, run_base
+from ..spawn import exit_watch, has_exited, process_start_time, run_base
 
 log = logging.getLogger("imager.mount")
 
@@ -107,17 +106,11 @@ def stop_daemon(record: Record, timeout: float) -> bool:
     if not daemon_alive(record):
         return True
     pid: int = record["pid"]
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        if not daemon_alive(record):       # the pid is ours, not a newer process's
+    with exit_watch(pid) as watch:
+        if watch is None or not daemon_alive(record):       # the pid is ours, not a newer process's
             return True
         os.kill(pid, signal.SIGTERM)
-        return bool(select.select([pidfd], [], [], timeout)[0])
-    finally:
-        os.close(pidfd)
+        return has_exited(watch, timeout)
 
 
 def kill_daemon(record: Record, timeout: float = 10.0) -> None:
@@ -125,16 +118,10 @@ def kill_daemon(record: Record, timeout: float = 10.0) -> None:
     if not daemon_alive(record):
         return
     pid: int = record["pid"]
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    try:
-        if daemon_alive(record):
+    with exit_watch(pid) as watch:
+        if watch is not None and daemon_alive(record):
             os.kill(pid, signal.SIGKILL)
-            select.select([pidfd], [], [], timeout)
-    finally:
-        os.close(pidfd)
+            has_exited(watch, timeout)
 
 
 # -- what exists ---------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import select
 import subprocess
 from typing import Callable
 
@@ -24,6 +23,7 @@ from devices.errors import DeviceError
 from devices.fs import mounts_of
 
 from ...errors import VolumeError
+from ...spawn import exit_watch, has_exited
 from .launch import attach
 from .supervisor import HANDLES_FILE, WORKER_FILE
 from .protocol import (FRONT_LINK, MOUNT_DIR_NAME, PID_NAME, RECORD_NAME, REQUEST_TIMEOUT, SOCKET_NAME, STATUS_TIMEOUT, VOLUME_FILE,
@@ -49,15 +49,9 @@ def detach(name: str) -> None:
 
 
 def _wait_for_exit(pid: int, timeout: float) -> None:
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    try:
-        if not select.select([pidfd], [], [], timeout)[0]:
+    with exit_watch(pid) as watch:
+        if not has_exited(watch, timeout):
             raise VolumeError(f"the volume daemon (pid {pid}) did not exit in {timeout:g} s")
-    finally:
-        os.close(pidfd)
 
 
 def status(name: str) -> VolumeInfo:
@@ -73,18 +67,11 @@ def restart_worker(name: str) -> VolumeInfo:
     live upgrade); the filesystem on the front sees a pause. Returns the volume as the new
     worker describes it."""
     old = request(name, {"op": "restart-worker"}, REQUEST_TIMEOUT)["worker"]["pid"]
-    try:
-        pidfd = os.pidfd_open(old)
-    except ProcessLookupError:
-        pidfd = -1
-    if pidfd >= 0:
-        try:
-            if not select.select([pidfd], [], [], WORKER_START_TIMEOUT)[0]:
-                record = read_record(name) or {}
-                raise VolumeError(f"the worker {old} of {name!r} did not hand over in {WORKER_START_TIMEOUT:.0f} s "
-                                  f"(see {record.get('log_path', 'its log')})")
-        finally:
-            os.close(pidfd)
+    with exit_watch(old) as watch:
+        if not has_exited(watch, WORKER_START_TIMEOUT):
+            record = read_record(name) or {}
+            raise VolumeError(f"the worker {old} of {name!r} did not hand over in {WORKER_START_TIMEOUT:.0f} s "
+                              f"(see {record.get('log_path', 'its log')})")
     # Waits in the supervisor's socket backlog until the next worker answers.
     info = volume_from(request(name, {"op": "status"}, WORKER_START_TIMEOUT)["volume"])
     if info.worker is None or info.worker.get("pid") == old:

@@ -16,7 +16,6 @@ import errno
 import json
 import logging
 import os
-import select
 import threading
 import time
 
@@ -29,7 +28,7 @@ from devices.libc import check, libc
 from ... import failpoints
 from ...errors import ImagerError, SnapshotError, VolumeError
 from ...ends.atomic import write_atomically
-from ...spawn import process_start_time
+from ...spawn import exit_watch, has_exited, process_start_time
 from ..cow import CowStore
 from ..cow.tracker import Roll
 from .control import ControlServer
@@ -292,17 +291,10 @@ class VolumeDaemon:
 
     def _drop_when_gone(self, generation: int, pid: int, start: int | None) -> None:
         try:
-            try:
-                pidfd = os.pidfd_open(pid)
-            except ProcessLookupError:
-                pidfd = -1
-            try:
+            with exit_watch(pid) as watch:
                 # A pid in use by another process since: the holder is gone.
-                if pidfd >= 0 and process_start_time(pid) == start:
-                    select.select([pidfd], [], [])     # readable once the process has ended
-            finally:
-                if pidfd >= 0:
-                    os.close(pidfd)
+                if process_start_time(pid) == start:
+                    has_exited(watch, None)
             self.drop_abandoned_snapshot(generation)
         except Exception:
             log.exception("watching the process that holds snapshot generation %d failed: the snapshot stays "

@@ -33,7 +33,7 @@ from devices.topology import write_fingerprint
 
 from ...ends.atomic import write_atomically
 from ...errors import VolumeError
-from ...spawn import send_ready
+from ...spawn import exit_watch, send_ready
 from .protocol import FRONT_LINK, HOLDER_NAME, MOUNT_DIR_NAME, PID_NAME, RECORD_NAME, SOCKET_NAME, error_reply
 
 log = logging.getLogger("imager.daemon")
@@ -207,7 +207,9 @@ class Supervisor:
         # once, it has longer.
         wait = limit if self.worker_answered else max(limit, WORKER_START_GRACE)
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock, _pidfd(self.worker.pid) as exited:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock, exit_watch(self.worker.pid) as exited:
+                if exited is None:
+                    return ""           # it has ended already
                 sock.settimeout(wait)
                 sock.connect(self.socket_path)
                 sock.sendall(b'{"op": "ping"}\n')
@@ -220,8 +222,6 @@ class Supervisor:
                 reply = json.loads(sock.makefile("rb").readline() or b"{}")
         except socket.timeout:
             return f"did not answer in {wait:g} s"
-        except ProcessLookupError:
-            return ""           # it has ended already
         except FileNotFoundError:
             return ""           # the socket is gone: the worker is detaching the volume
         except (OSError, ValueError) as e:
@@ -283,19 +283,6 @@ class Supervisor:
         if self.claim >= 0:
             os.close(self.claim)
             self.claim = -1
-
-
-class _pidfd:
-    """A descriptor that becomes readable when process `pid` ends, closed on exit."""
-
-    def __init__(self, pid: int):
-        self.fd = os.pidfd_open(pid)
-
-    def __enter__(self) -> int:
-        return self.fd
-
-    def __exit__(self, *exc) -> None:
-        os.close(self.fd)
 
 
 def _read_line(fd: int, timeout: float) -> dict | None:
