@@ -91,6 +91,19 @@ def test_damage_is_refused_and_names_the_chunk(codec):
 
 
 @pytest.mark.parametrize("codec", CODECS, ids=lambda c: f"{c.name}-{c.level}-{c.block_size >> 10}k")
+def test_a_frame_cut_at_its_end_is_refused_even_without_digests(codec):
+    """A frame missing its checksum (or more) is damage, not data, also where no digest is
+    there to catch it."""
+    for kind, data in sample_chunks(64 << 10).items():
+        frame = codec.encode(0, memoryview(data)).frame
+        for cut in (1, 4, 5):
+            with pytest.raises(ChunkError, match="chunk 7"):
+                _decode(codec, frame[:-cut], len(data), None)
+        with pytest.raises(ChunkError, match="chunk 7"):
+            _decode(codec, frame + b"\0" * 4, len(data), None)
+
+
+@pytest.mark.parametrize("codec", CODECS, ids=lambda c: f"{c.name}-{c.level}-{c.block_size >> 10}k")
 def test_a_wrong_digest_is_a_checksum_mismatch(codec):
     data = os.urandom(8192)
     encoded = codec.encode(0, memoryview(data))

@@ -492,7 +492,7 @@ def test_reads_from_many_threads_through_a_small_cache_give_the_volume_and_stay_
     source = Path(b.raw).read_bytes()
     readers, rounds = 4, 150
     with ExitStack() as stack:
-        volume = CachedVolume(open_chain_files([b.image], stack), cache_bytes=2 * 4 * MiB, readahead=2)
+        volume = CachedVolume(open_chain_files([b.image], stack), cache_bytes=4 * 4 * MiB, readahead=2)
         stack.callback(volume.close)
         region = volume.region_size
         wrong: list[str] = []
@@ -528,6 +528,50 @@ def test_reads_from_many_threads_through_a_small_cache_give_the_volume_and_stay_
         # spans at most two regions), never more.
         assert volume.slabs_made <= stats.capacity // region + volume.readahead + 3 * readers
         assert stats.decoded > volume.region_count      # the cache did evict and decode again
+
+
+def test_a_region_being_sent_keeps_its_bytes_when_read_ahead_evicts_it(built):
+    """A full cache, every other region still decoding, and a sequential read of a decoded
+    region: making room for its read-ahead evicts that very region while its bytes are being
+    sent. Its buffer must not be decoded into (the next region) until the reply is done."""
+    b = built("ext4")
+    source = Path(b.raw).read_bytes()
+    with ExitStack() as stack:
+        volume = CachedVolume(open_chain_files([b.image], stack), cache_bytes=4 * 4 * MiB, readahead=2, workers=8)
+        stack.callback(volume.close)
+        size = volume.region_size
+
+        def data(r: int) -> bytes:
+            return source[r * size:(r + 1) * size]
+        # A region to read, and the one after it, with bytes in them; three others to keep waiting.
+        here = next(r for r in range(2, volume.region_count - 3) if any(data(r)) and any(data(r + 1)))
+        others = [r for r in range(volume.region_count) if r < here - 2 or r > here + 3]
+        waiting = [others[0], next(r for r in others if r > others[0] + 1), here - 1]   # none read after the other
+        gate = threading.Event()
+        decode = volume.chain.region_into
+
+        def gated(region, dst):
+            if region in waiting:
+                gate.wait(WAIT)
+            return decode(region, dst)
+        volume.chain.region_into = gated
+        stack.callback(gate.set)
+        assert volume.read(here * size, 4096) == data(here)[:4096]
+        readers = []
+        for r in waiting:                       # the last one makes the next read sequential
+            readers.append(threading.Thread(target=volume.read, args=(r * size, 4096)))
+            readers[-1].start()
+            assert wait_for(lambda: r in volume._cache)
+        views, release = volume.read_views(here * size, size)
+        try:
+            assert wait_for(lambda: volume.is_cached((here + 1) * size, 1))    # read ahead, decoded
+            assert b"".join(views) == data(here)
+        finally:
+            release()
+            gate.set()
+            for t in readers:
+                t.join()
+        assert volume.read((here + 1) * size, size) == data(here + 1)
 
 
 def test_a_threaded_program_mounts_through_the_python_api(built, run_dir, tmp_path):

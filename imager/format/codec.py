@@ -146,6 +146,12 @@ class ZstdCodec:
         problem = _frame_header_problem(frame, expected_length)
         if problem:
             raise ChunkError(index, image_offset, volume_offset, problem)
+        # Decoding into a buffer stops at the end of the input without an error, and decoding
+        # to bytes ignores what follows the frame: a frame cut short after its last block (its
+        # checksum gone) or run on would pass unnoticed.
+        if _frame_length(frame) != len(frame):
+            raise ChunkError(index, image_offset, volume_offset,
+                             "corrupted: the zstd frame's blocks do not end where the frame does")
         return False
 
     def _check(self, data: bytes | memoryview, n: int, index: int, expected_length: int, digest: bytes | None,
@@ -160,6 +166,23 @@ def codec_of(header: ImageHeader) -> Codec:
     """The codec an image's chunks were written with (format version 3: zstd at the header's
     level, digests of the header's blocks)."""
     return ZstdCodec(header.level, header.block_size)
+
+
+def _frame_length(frame: bytes | memoryview) -> int:
+    """Where a zstd frame ends, from its block headers (its checksum included); -1 if its
+    blocks run past the bytes given."""
+    try:
+        pos = zstandard.frame_header_size(frame)
+        has_checksum = zstandard.get_frame_parameters(frame).has_checksum
+    except zstandard.ZstdError:
+        return -1
+    while pos + 3 <= len(frame):
+        header = frame[pos] | frame[pos + 1] << 8 | frame[pos + 2] << 16
+        last, kind, size = header & 1, (header >> 1) & 3, header >> 3
+        pos += 3 + (1 if kind == 1 else size)
+        if last:
+            return pos + 4 * has_checksum
+    return -1
 
 
 def _frame_header_problem(frame: bytes | memoryview, expected_length: int) -> str | None:

@@ -56,13 +56,14 @@ class CacheStats:
 class _Slab:
     """A page-aligned buffer a region is decoded into, reused once it is out of the cache and
     no reply is being sent from it (`pins`)."""
-    __slots__ = ("memory", "view", "pins", "evicted")
+    __slots__ = ("memory", "view", "pins", "evicted", "free")
 
     def __init__(self, size: int):
         self.memory = mmap.mmap(-1, size)
         self.view = memoryview(self.memory)
         self.pins = 0
         self.evicted = False
+        self.free = False
 
 
 class _Entry:
@@ -110,7 +111,10 @@ class CachedVolume:
             self._cached_bytes = 0
             self._free_slabs.clear()
         self._zero_view.release()
-        self._zeros.close()
+        try:
+            self._zeros.close()
+        except BufferError:
+            pass        # a reply being sent from it still has a view: it goes with the last one
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -156,7 +160,7 @@ class CachedVolume:
             for slab in slabs:
                 slab.pins -= 1
                 if slab.evicted and not slab.pins:
-                    self._free_slabs.append(slab)
+                    self._give_back(slab)
             slabs.clear()
 
     def is_cached(self, offset: int, length: int) -> bool:
@@ -182,11 +186,15 @@ class CachedVolume:
             with self._lock:
                 entry = self._entry(region)
                 future = entry.future
-                if future.done() and not future.cancelled() and future.exception() is None:
-                    slab = future.result()
-                    if slab is not None:
-                        slab.pins += 1
-                    return slab
+                ready = future.done() and not future.cancelled() and future.exception() is None
+                slab = future.result() if ready else None
+                if slab is not None:
+                    slab.pins += 1
+                # After the pin: making room for the regions read ahead may evict this one, and
+                # its slab must not be decoded into while it is being sent.
+                self._read_ahead(region)
+            if ready:
+                return slab
             try:
                 slab = future.result()
             except ImagerError:
@@ -204,8 +212,7 @@ class CachedVolume:
             # Evicted between its decode and now, its slab perhaps decoded into again: decode anew.
 
     def _entry(self, region: int) -> _Entry:
-        """The region's cache entry (lock held), its decode started if need be, and the next
-        regions' when the reader goes sequentially."""
+        """The region's cache entry (lock held), its decode started if need be."""
         if region in self._damaged:
             raise self._damaged_error(region)
         entry = self._cache.get(region)
@@ -219,6 +226,11 @@ class CachedVolume:
         else:
             self._misses += 1
             entry = self._submit(region, ahead=False)
+        return entry
+
+    def _read_ahead(self, region: int) -> None:
+        """Start decoding the regions after `region` when the reader goes sequentially (lock
+        held)."""
         if region != self._last_region:
             sequential = region == self._last_region + 1
             self._last_region = region
@@ -226,7 +238,6 @@ class CachedVolume:
                 for ahead in range(region + 1, min(region + 1 + self.readahead, self.region_count)):
                     if ahead not in self._cache and ahead not in self._damaged:
                         self._submit(ahead, ahead=True)
-        return entry
 
     # -- the cache ---------------------------------------------------------------------------
 
@@ -270,7 +281,7 @@ class CachedVolume:
             if slab is not None:
                 slab.evicted = True
                 if not slab.pins:
-                    self._free_slabs.append(slab)
+                    self._give_back(slab)
 
     def _settled(self, region: int, future: Future) -> None:
         with self._lock:
@@ -291,7 +302,7 @@ class CachedVolume:
         with self._lock:
             if self._free_slabs:
                 slab = self._free_slabs.pop()
-                slab.evicted = False
+                slab.evicted = slab.free = False
             else:
                 slab = _Slab(self.region_size)
                 self.slabs_made += 1
@@ -310,6 +321,10 @@ class CachedVolume:
 
     def _give_back(self, slab: _Slab) -> None:
         with self._lock:
+            if slab.free:
+                # Two decodes into one slab would serve one region's bytes as another's.
+                raise AssertionError("a decode buffer was freed twice")
+            slab.free = True
             self._free_slabs.append(slab)
 
     def _damaged_error(self, region: int) -> OSError:
