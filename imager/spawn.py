@@ -167,7 +167,9 @@ def exit_watch(pid: int) -> Iterator[int | None]:
     try:
         fd = os.pidfd_open(pid)
     except ProcessLookupError:
-        yield None
+        fd = None
+    if fd is None:
+        yield None      # outside the except clause: an error of the with-body is not chained to it
         return
     try:
         yield fd
