@@ -11,7 +11,6 @@ import json
 import os
 import random
 import re
-import select
 import shutil
 import signal
 import sqlite3
@@ -26,6 +25,7 @@ from devices import loop
 from devices.discover import ESP_GPT_TYPE
 from imager import jobs
 from imager.errors import ImagerError
+from imager.spawn import exit_watch, has_exited
 from imager.snapshot import daemon
 
 from conftest import REPO_ROOT, fsck_clean, imager
@@ -120,16 +120,11 @@ def stop_volume(info: daemon.VolumeInfo):
 
 
 def kill_and_wait(pid, sig=signal.SIGKILL, timeout=10):
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    try:
+    with exit_watch(pid) as watch:
+        if watch is None:
+            return
         os.kill(pid, sig)
-        ready, _, _ = select.select([pidfd], [], [], timeout)
-        assert ready, f"process {pid} did not exit"
-    finally:
-        os.close(pidfd)
+        assert has_exited(watch, timeout), f"process {pid} did not exit"
 
 
 def lab_setup(tmp_path, monkeypatch):

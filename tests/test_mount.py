@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import random
-import select
 import shutil
 import signal
 import stat
@@ -31,6 +30,7 @@ from imager import api
 from imager.format import ImageReader
 from imager.mount import registry
 from imager.mount.volume import CachedVolume, open_chain_files
+from imager.spawn import exit_watch, has_exited
 
 from conftest import REPO_ROOT, LoopFactory, imager, run
 from lab import DAEMON_TESTS, kill_and_wait, one_line_error
@@ -188,14 +188,8 @@ def wait_for(condition, timeout: float = WAIT) -> bool:
 
 
 def wait_for_exit(pid: int, timeout: float = WAIT) -> None:
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    try:
-        assert select.select([pidfd], [], [], timeout)[0], f"process {pid} did not exit"
-    finally:
-        os.close(pidfd)
+    with exit_watch(pid) as watch:
+        assert has_exited(watch, timeout), f"process {pid} did not exit"
 
 
 def mount_json(image: str, directory, *extra: str, env: dict | None = None) -> dict:

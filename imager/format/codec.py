@@ -146,12 +146,6 @@ class ZstdCodec:
         problem = _frame_header_problem(frame, expected_length)
         if problem:
             raise ChunkError(index, image_offset, volume_offset, problem)
-        # Decoding into a buffer stops at the end of the input without an error, and decoding
-        # to bytes ignores what follows the frame: a frame cut short after its last block (its
-        # checksum gone) or run on would pass unnoticed.
-        if _frame_length(frame) != len(frame):
-            raise ChunkError(index, image_offset, volume_offset,
-                             "corrupted: the zstd frame's blocks do not end where the frame does")
         return False
 
     def _check(self, data: bytes | memoryview, n: int, index: int, expected_length: int, digest: bytes | None,
@@ -168,12 +162,11 @@ def codec_of(header: ImageHeader) -> Codec:
     return ZstdCodec(header.level, header.block_size)
 
 
-def _frame_length(frame: bytes | memoryview) -> int:
+def _frame_length(frame: bytes | memoryview, has_checksum: bool) -> int:
     """Where a zstd frame ends, from its block headers (its checksum included); -1 if its
     blocks run past the bytes given."""
     try:
         pos = zstandard.frame_header_size(frame)
-        has_checksum = zstandard.get_frame_parameters(frame).has_checksum
     except zstandard.ZstdError:
         return -1
     while pos + 3 <= len(frame):
@@ -186,8 +179,9 @@ def _frame_length(frame: bytes | memoryview) -> int:
 
 
 def _frame_header_problem(frame: bytes | memoryview, expected_length: int) -> str | None:
-    """What is wrong with a chunk frame's header, checked before decompressing it: zstandard
-    allocates the content size a frame claims up front, so a damaged one could claim terabytes."""
+    """What is wrong with a chunk frame's header and framing, checked before decompressing it:
+    zstandard allocates the content size a frame claims up front, so a damaged one could claim
+    terabytes."""
     try:
         params = zstandard.get_frame_parameters(frame)
     except zstandard.ZstdError as e:
@@ -199,4 +193,9 @@ def _frame_header_problem(frame: bytes | memoryview, expected_length: int) -> st
     # sized to the chunk (at least 1 KiB).
     if not params.has_checksum or params.dict_id or params.window_size > max(1 << 10, 2 * expected_length):
         return "corrupted zstd frame header: flags this imager never writes"
+    # Decoding into a buffer stops at the end of the input without an error, and decoding to
+    # bytes ignores what follows the frame: a frame cut short after its last block (its
+    # checksum gone) or run on would pass unnoticed.
+    if _frame_length(frame, params.has_checksum) != len(frame):
+        return "corrupted: the zstd frame's blocks do not end where the frame does"
     return None

@@ -186,7 +186,7 @@ class CachedVolume:
             with self._lock:
                 entry = self._entry(region)
                 future = entry.future
-                ready = future.done() and not future.cancelled() and future.exception() is None
+                ready = _decoded(future)
                 slab = future.result() if ready else None
                 if slab is not None:
                     slab.pins += 1
@@ -276,7 +276,7 @@ class CachedVolume:
     def _evict(self, region: int) -> None:
         entry = self._cache.pop(region)
         self._cached_bytes -= entry.size
-        if entry.future.done() and not entry.future.cancelled() and entry.future.exception() is None:
+        if _decoded(entry.future):
             slab = entry.future.result()
             if slab is not None:
                 slab.evicted = True
@@ -353,6 +353,11 @@ class CachedVolume:
         with self._lock:
             return CacheStats(self.capacity, self._cached_bytes, len(self._cache), self._hits, self._misses,
                               self._decoded, self._ahead, sorted(self._damaged))
+
+
+def _decoded(future: Future) -> bool:
+    """Whether a region's decode has finished without failing."""
+    return future.done() and not future.cancelled() and future.exception() is None
 
 
 def copy_views(views: list[memoryview], dst: memoryview) -> int:
