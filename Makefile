@@ -26,11 +26,10 @@ $(MANPAGE): $(STAMP) $(wildcard imager/cli/*.py)
 demo: setup
 	$(VENV)/bin/imager demo
 
-# The suite on loop devices, then (where ../shared/vm-tape is, beside the checkout) the tests
-# that need the real st driver in one VM; both run, either failing fails the target.
+# The suite on loop devices and, at the same time (where ../shared/vm-tape is, beside the
+# checkout), the tests that need the real st driver in one VM; either failing fails the target.
 test: setup lint
-	@rc=0; $(PY) -m pytest -q -p no:cacheprovider --benchmark-disable --durations=20 tests || rc=$$?; \
-	PY=$(PY) scripts/test-st --if-present || rc=$$?; exit $$rc
+	PY=$(PY) scripts/test-all
 
 # The st driver, a SCSI medium changer and mt/dd/zstd on what imager wrote, in one VM of the
 # vm-tape rig (scripts/test-st); fails when the rig is not there.

@@ -119,6 +119,14 @@ def stop_volume(info: daemon.VolumeInfo):
     daemon.detach(info.name)  # what the dead daemon left in its run directory
 
 
+def wait_until(condition, what: str = "the condition") -> None:
+    """Until condition() holds; fails naming `what` after WAIT seconds."""
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {WAIT:.0f} s for {what}"
+        time.sleep(0.02)
+
+
 def kill_and_wait(pid, sig=signal.SIGKILL, timeout=10):
     with exit_watch(pid) as watch:
         if watch is None:

@@ -31,7 +31,7 @@ from imager.snapshot.daemon.protocol import request
 
 from conftest import sweep_size
 from conftest import fsck_clean
-from lab import (MiB, REPO_ROOT, WAIT, Writers, fill_with_data, imager, kill_and_wait, kill_process,
+from lab import (wait_until, MiB, REPO_ROOT, WAIT, Writers, fill_with_data, imager, kill_and_wait, kill_process,
                  one_line_error, snapshot_names, umount_point)
 
 
@@ -50,13 +50,6 @@ def frozen(point: str) -> bool:
         return False
     finally:
         os.close(fd)
-
-
-def wait_until(condition, what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.02)
 
 
 def start(*argv: str, env: dict | None = None) -> subprocess.Popen:

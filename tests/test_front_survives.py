@@ -20,7 +20,7 @@ from imager.snapshot import daemon
 from imager.snapshot.daemon.protocol import request
 
 from conftest import fsck_clean, sweep_size
-from lab import (DAEMON_TESTS, REPO_ROOT, SMALL_CHUNKS, WAIT, MiB, Writers, WritesWhileReading,
+from lab import (wait_until, DAEMON_TESTS, REPO_ROOT, SMALL_CHUNKS, WAIT, MiB, Writers, WritesWhileReading,
                  assert_no_snapshot_leftovers, assert_same_instant, capture, check_live_volume, imager, kill_and_wait,
                  kill_process)
 
@@ -90,13 +90,6 @@ def test_detach_after_worker_deaths_leaves_nothing_behind(bench):
     assert not any(line.split()[1].startswith(vol.run_dir) for line in open("/proc/mounts"))
     checked = fsck_clean(source)
     assert checked.returncode == 0, checked.stdout + checked.stderr
-
-
-def wait_until(condition, what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.02)
 
 
 def wait_released(device: str) -> None:

@@ -11,6 +11,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -23,6 +24,7 @@ from imager.tape import TapeImageStream, TapeSink, TapeSpec, read_label, scan_fi
 
 from conftest import device_size, imager, run, same_bytes, sweep_size, unmount_everything_on
 from test_tape_drive import REAL_TAPE, payload, read_simh
+from lab import WAIT, wait_until
 from test_tape_images import _backup, _record_offsets, _tape_list, _volume_with_files
 
 # A metadata block's JSON starts after the frame header, the tag and the BLAKE3 checksum.
@@ -174,6 +176,27 @@ def _image_on(spec: TapeSpec, image_id: str, data: bytes, *, finish: bool = True
     else:
         sink.abort()
     return sink
+
+
+def test_abort_ends_the_writer_whose_wakeup_an_interrupt_lost(any_tape):
+    """Ctrl-C or SIGTERM raises in the main thread wherever it is, also inside queue.Queue's
+    code, and an interrupted put can lose the wakeup of the thread writing the tape. A backup
+    once hung there for good (SIGTERM at a random moment of test_a_backup_killed_at_any_moment).
+    The writer here waits on the queue with its wakeups taken away, as a lost one leaves it:
+    abort must still end it, and the next image replaces the interrupted one."""
+    sink = TapeSink(any_tape, image_id="lost", block_size=64 << 10)
+    sink.write(payload(4, 0, 300_000))
+    waiting = sink._queue.not_empty
+    wait_until(lambda: sink._queue.empty() and len(waiting._waiters) == 1, "the writer to wait on its queue")
+    with sink._queue.mutex:
+        waiting._waiters.clear()
+    aborting = threading.Thread(target=sink.abort, daemon=True)
+    aborting.start()
+    aborting.join(WAIT)
+    assert not aborting.is_alive(), "abort() hangs when the tape writer's wakeup is lost"
+    _image_on(any_tape, "next", payload(5, 0, 200_000))
+    with any_tape.open() as drive:
+        assert [(f.tape_file, f.image_id, f.complete) for f in scan_files(drive)] == [(1, "next", True)]
 
 
 def test_an_interrupted_file_is_replaced_on_every_drive(any_tape):
@@ -391,7 +414,12 @@ def _killed(argv: list[str], delay: float, signum: int) -> int:
                              stderr=subprocess.DEVNULL)
     time.sleep(delay)
     child.send_signal(signum)
-    return child.wait()
+    try:
+        return child.wait(WAIT)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+        raise AssertionError(f"imager {' '.join(argv)} hung after {signal.Signals(signum).name} at {delay:.3f} s")
 
 
 def _timed(*argv: str) -> tuple[subprocess.CompletedProcess, float]:

@@ -14,7 +14,7 @@ import zstandard
 from devices.buffers import is_all_zero
 
 from ..errors import ChunkError
-from .frames import ZSTD_MAGIC
+from .frames import ZSTD_MAGIC, zstd_block_header
 from .blocks import MIN_BLOCK_SIZE, block_digests, zero_block_digests
 from .meta import DEFAULT_LEVEL, ImageHeader
 
@@ -170,9 +170,8 @@ def _frame_length(frame: bytes | memoryview, has_checksum: bool) -> int:
     except zstandard.ZstdError:
         return -1
     while pos + 3 <= len(frame):
-        header = frame[pos] | frame[pos + 1] << 8 | frame[pos + 2] << 16
-        last, kind, size = header & 1, (header >> 1) & 3, header >> 3
-        pos += 3 + (1 if kind == 1 else size)
+        last, _, _, body_length = zstd_block_header(frame, pos)
+        pos += 3 + body_length
         if last:
             return pos + 4 * has_checksum
     return -1

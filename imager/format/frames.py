@@ -20,6 +20,14 @@ RUN_FRAME_SIZE = 8 + len(RUN_TAG) + _RUN.size
 READ_PIECE = 1 << 20
 
 
+def zstd_block_header(raw: bytes | memoryview, at: int = 0) -> tuple[bool, int, int, int]:
+    """A zstd block's 3-byte header (RFC 8878 3.1.1.2): (last block, block type, block size, how
+    many bytes of body follow: 1 for an RLE block)."""
+    value = raw[at] | raw[at + 1] << 8 | raw[at + 2] << 16
+    kind, size = (value >> 1) & 3, value >> 3
+    return bool(value & 1), kind, size, 1 if kind == 1 else size
+
+
 def skippable_frame(magic: int, payload: bytes) -> bytes:
     return struct.pack("<II", magic, len(payload)) + payload
 

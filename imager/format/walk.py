@@ -10,7 +10,7 @@ from typing import Iterator
 
 from ..errors import ImageFormatError
 from .codec import zstd_frame_bound
-from .frames import READ_PIECE, SKIPPABLE_BASE, SKIPPABLE_MASK, ZSTD_MAGIC, Readable, read_exact
+from .frames import READ_PIECE, SKIPPABLE_BASE, SKIPPABLE_MASK, ZSTD_MAGIC, Readable, read_exact, zstd_block_header
 from .meta import MAX_HEADER_PAYLOAD, ImageHeader, trailer_frame_bound
 
 
@@ -112,11 +112,9 @@ def _read_zstd_frame_body(f: Readable, offset: int, limit: int) -> bytes:
         bh = read_exact(f, 3)
         if len(bh) < 3:
             raise TruncatedFrame(offset, "stream ends inside a chunk (zstd frame cut short)")
-        value = bh[0] | bh[1] << 8 | bh[2] << 16
-        last, block_type, size = value & 1, (value >> 1) & 3, value >> 3
+        last, block_type, size, body_len = zstd_block_header(bh)
         if block_type == 3:
             raise FrameError(offset, "corrupted zstd frame (reserved block type)")
-        body_len = 1 if block_type == 1 else size
         length += 3 + body_len
         if size > ZSTD_MAX_BLOCK or length > limit:
             raise FrameError(offset, "corrupted zstd frame (longer than any chunk frame)")

@@ -25,6 +25,9 @@ from .blocks import DEFAULT_BLOCK_SIZE, END_MAGIC, END_TAG, SEGMENT_MAGIC, SEGME
 from .labels import Label, _is_blank, _tape_write_problem, check_label, read_label, write_label
 from .spec import TapeSpec, _member_label
 
+# How often the writer and the producer look up from a queue that may not wake them (see _aborted).
+WAKE_INTERVAL = 0.2
+
 
 @dataclass
 class WrittenSegment:
@@ -135,6 +138,10 @@ class TapeSink:
         self.rate = StreamRate.for_drive(self._drive, min_rate, self._notice)
         self._pending = bytearray()
         self._queue: queue.Queue = queue.Queue(maxsize=max(2, buffer_bytes // block_size))
+        # Ctrl-C and SIGTERM raise in the main thread wherever it is, also inside queue.Queue's
+        # code, whose lock a plain Lock that any thread may release: one interrupted put can
+        # lose the wakeup of the writer, which must then find the abort without being woken.
+        self._aborted = threading.Event()
         self._error: BaseException | None = None
         self._ending = False
         # A spooled image touches the tape only when it is whole: the drive would stop (and
@@ -287,7 +294,7 @@ class TapeSink:
     def _put(self, item) -> None:
         while True:
             try:
-                self._queue.put(item, timeout=0.2)
+                self._queue.put(item, timeout=WAKE_INTERVAL)
                 return
             except queue.Full:
                 if self._error is not None:
@@ -296,8 +303,13 @@ class TapeSink:
     def _writer(self) -> None:
         try:
             while True:
-                item = self._queue.get()
-                if item is None:
+                try:
+                    item = self._queue.get(timeout=WAKE_INTERVAL)
+                except queue.Empty:
+                    if self._aborted.is_set():
+                        return
+                    continue
+                if item is None or self._aborted.is_set():
                     return
                 if isinstance(item, tuple):  # ("finish", record)
                     self.rate.finish()
@@ -363,11 +375,12 @@ class TapeSink:
             raise self._error
 
     def abort(self) -> None:
+        """Stop the writer where it is (the image's segment stays open: the next backup finds
+        an interrupted write) and close the drive."""
+        self._aborted.set()
         if self._spool is not None:
             self._spool.close()
-        if self._thread.is_alive():
-            self._put(None)
-            self._thread.join()
+        self._thread.join()
         try:
             self._drive.close()
         except DeviceError:
