@@ -7,7 +7,7 @@ volume with its filesystem mounted on the front:
   change (--compare-digests, same parent) and a full of the same state, in that order each
   round, so that all three see the same machine;
 - the output of the incrementals against the bytes the night wrote (random, so incompressible)
-  and against the 64 KiB blocks it touched;
+  and against the chain's blocks it touched (16 KiB on this volume: imager.format.chain_block_size);
 - restore of a chain of a full and 7 incrementals against restore of a full of the same point,
   alternating, to a sparse file;
 - consolidate of that chain point (a synthetic full) in volume GB/s.
@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import volumes  # noqa: E402
 
 from devices import loop  # noqa: E402
+from imager.format import chain_block_size  # noqa: E402
 from imager.snapshot import daemon  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -67,9 +68,9 @@ def imager(*args: str) -> tuple[float, dict]:
     return seconds, summary
 
 
-def night(mnt: Path, fraction: float, rng: random.Random) -> tuple[int, int]:
+def night(mnt: Path, fraction: float, rng: random.Random, block_size: int) -> tuple[int, int]:
     """Random 4-64 KiB writes into existing files until `fraction` of the used bytes changed.
-    Returns (bytes written, 64 KiB blocks of the files touched)."""
+    Returns (bytes written, blocks of `block_size` of the files touched)."""
     files = [p for p in mnt.rglob("*") if p.is_file() and not p.is_symlink() and p.stat().st_size >= 65536]
     sizes = [p.stat().st_size for p in files]
     used = int(sh("df", "--output=used", "-B1", str(mnt)).split()[1])
@@ -86,7 +87,7 @@ def night(mnt: Path, fraction: float, rng: random.Random) -> tuple[int, int]:
                 fd = handles[path] = os.open(path, os.O_WRONLY)
             os.pwrite(fd, os.urandom(length), offset)
             written += length
-            for block in range(offset >> 16, (offset + length - 1 >> 16) + 1):
+            for block in range(offset // block_size, (offset + length - 1) // block_size + 1):
                 touched.add((path, block))
     finally:
         for fd in handles.values():
@@ -103,6 +104,7 @@ def main() -> int:
     p.add_argument("--chain", type=int, default=7, help="incrementals in the restore chain")
     args = p.parse_args()
     image_file = volumes.build("ext4", args.size_gib << 30, aged=True)
+    block_size = chain_block_size(args.size_gib << 30)
     WORK.mkdir(exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=WORK, prefix="chain-"))
     os.environ[daemon.RUN_DIR_ENV] = str(tmp / "run")
@@ -131,7 +133,7 @@ def main() -> int:
         for fraction in (0.01, 0.10):
             for _ in range(args.rounds):
                 step += 1
-                written, blocks = night(mnt, fraction, rng)
+                written, blocks = night(mnt, fraction, rng, block_size)
                 t_tr, tracked = imager(*cow, "-o", str(out / f"t{step}.zst"), "-i", "--parent", parent)
                 t_dg, digest = imager(*cow, "-o", str(out / f"d{step}.zst"), "-i", "--parent", parent,
                                       "--compare-digests")
@@ -139,6 +141,7 @@ def main() -> int:
                 parent = str(out / f"f{step}.zst")
                 assert tracked["method"] == "tracker" and digest["method"] == "digest", (tracked, digest)
                 rows.append({"case": f"{fraction:.0%} changed", "written": written, "blocks_touched": blocks,
+                             "block_size": block_size,
                              "tracked_s": t_tr, "digest_s": t_dg, "full_s": t_full,
                              "tracked_bytes": tracked["image_bytes"], "digest_bytes": digest["image_bytes"],
                              "full_bytes": full["image_bytes"], "changed_blocks": tracked["changed_blocks"]})
@@ -147,7 +150,7 @@ def main() -> int:
         # A chain of a full and N incrementals of 1% nights; a full of the same last point.
         chain_parent = parent
         for i in range(args.chain):
-            night(mnt, 0.01, rng)
+            night(mnt, 0.01, rng, block_size)
             imager(*cow, "-o", str(out / f"c{i}.zst"), "-i", "--parent", chain_parent)
             chain_parent = str(out / f"c{i}.zst")
         last = chain_parent
@@ -190,7 +193,7 @@ def render(rows: list[dict]) -> str:
                 f"{r['tracked_bytes'] / 1e6:.0f} MB | {r['digest_s']:.1f} s, {r['digest_bytes'] / 1e6:.0f} MB | "
                 f"{r['full_s']:.1f} s, {r['full_bytes'] / 1e6:.0f} MB | {r['full_s'] / r['tracked_s']:.1f}x faster | "
                 f"{r['full_s'] / r['digest_s']:.1f}x faster | {r['tracked_bytes'] / r['written']:.2f} | "
-                f"{r['tracked_bytes'] / (r['blocks_touched'] << 16):.2f} |")
+                f"{r['tracked_bytes'] / (r['blocks_touched'] * r.get('block_size', 65536)):.2f} |")
     for r in rows:
         if r["case"] == "restore":
             full, chain = min(r["full_s"]), min(r["chain_s"])

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from imager.errors import ChunkError
-from imager.format import Codec, ImageHeader, ZstdCodec, block_digests, codec_of, zero_block_digests
+from imager.format import Codec, ImageHeader, ZstdCodec, block_digests, chain_block_size, codec_of, zero_block_digests
 
 CODECS = [ZstdCodec(1, 64 << 10), ZstdCodec(3, 64 << 10), ZstdCodec(19, 4096), ZstdCodec(3, 1 << 20)]
 LENGTHS = [512, 4096, 64 << 10, (1 << 20) + 4096]
@@ -123,8 +123,19 @@ def test_a_codec_is_safe_from_every_worker_at_once(codec):
 
 
 def test_an_image_names_its_codec():
-    assert codec_of(ImageHeader(volume_size=1 << 30, chunk_size=4 << 20, level=9)) == ZstdCodec(9, 64 << 10)
+    assert codec_of(ImageHeader(volume_size=1 << 30, chunk_size=4 << 20, level=9)) == ZstdCodec(9, 16 << 10)
     assert codec_of(ImageHeader(volume_size=1 << 40, chunk_size=4 << 20, level=3)) == ZstdCodec(3, 1 << 20)
+
+
+@pytest.mark.parametrize("gib, block_kib", [(1, 16), (4, 16), (5, 32), (16, 64), (64, 64), (100, 128), (1024, 1024),
+                                            (8192, 4096)])
+def test_small_volumes_get_small_blocks_and_no_table_outgrows_its_cap(gib, block_kib):
+    """Blocks of 16 KiB while the digest table stays within 8 MiB, 64 KiB while it stays within
+    32 MiB, then larger; never past 4 MiB."""
+    size = gib << 30
+    assert chain_block_size(size) == block_kib << 10
+    table = -(-size // chain_block_size(size)) * 32
+    assert table <= (8 << 20 if block_kib < 64 else 32 << 20) or block_kib == 4096
 
 
 def test_a_digest_per_block_names_where_the_chunk_differs():
