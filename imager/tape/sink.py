@@ -139,8 +139,8 @@ class TapeSink:
         self._pending = bytearray()
         self._queue: queue.Queue = queue.Queue(maxsize=max(2, buffer_bytes // block_size))
         # Ctrl-C and SIGTERM raise in the main thread wherever it is, also inside queue.Queue's
-        # code, whose lock a plain Lock that any thread may release: one interrupted put can
-        # lose the wakeup of the writer, which must then find the abort without being woken.
+        # code, whose lock is a plain Lock that any thread may release: one interrupted put can
+        # lose the writer's wakeup, and the writer must then find the abort without being woken.
         self._aborted = threading.Event()
         self._error: BaseException | None = None
         self._ending = False
