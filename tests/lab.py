@@ -119,12 +119,19 @@ def stop_volume(info: daemon.VolumeInfo):
     daemon.detach(info.name)  # what the dead daemon left in its run directory
 
 
+def wait_for(condition, timeout: float = WAIT) -> bool:
+    """Until condition() holds (True) or `timeout` seconds have passed (False)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def wait_until(condition, what: str = "the condition") -> None:
     """Until condition() holds; fails naming `what` after WAIT seconds."""
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        assert time.monotonic() < deadline, f"waited {WAIT:.0f} s for {what}"
-        time.sleep(0.02)
+    assert wait_for(condition), f"waited {WAIT:.0f} s for {what}"
 
 
 def kill_and_wait(pid, sig=signal.SIGKILL, timeout=10):

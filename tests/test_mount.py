@@ -33,7 +33,7 @@ from imager.mount.volume import CachedVolume, open_chain_files
 from imager.spawn import exit_watch, has_exited
 
 from conftest import REPO_ROOT, LoopFactory, imager, run
-from lab import DAEMON_TESTS, kill_and_wait, one_line_error
+from lab import DAEMON_TESTS, kill_and_wait, one_line_error, wait_for
 
 pytestmark = DAEMON_TESTS
 
@@ -162,7 +162,7 @@ def run_dir(monkeypatch):
                 for m in reversed(registry.filesystem_mounts(record)):
                     subprocess.run(["umount", "-l", m.mount_point])
                 registry.teardown(record)
-        assert wait_for(lambda: not ours_left(directory)), ours_left(directory)
+        assert wait_for(lambda: not ours_left(directory), WAIT), ours_left(directory)
         shutil.rmtree(directory, ignore_errors=True)
         assert not leftover, f"mounts the test did not undo: {leftover}"
 
@@ -176,15 +176,6 @@ def ours_left(run_dir: str) -> list[str]:
     found = [f"loop {i.device} on {i.backing_file}" for i in devices]
     found += [f"mount {m.mount_point}" for m in mounts() if m.source in names or m.mount_point.startswith(run_dir)]
     return found
-
-
-def wait_for(condition, timeout: float = WAIT) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def wait_for_exit(pid: int, timeout: float = WAIT) -> None:
@@ -468,7 +459,7 @@ def test_sigterm_ends_the_daemon_and_clears_everything_but_not_while_in_use(buil
         one_line_error(imager("umount", str(point)), "in use", code=2)
         assert (point / "small.txt").read_text().startswith("hello imager")     # still served
         os.kill(info["pid"], signal.SIGTERM)                                    # refused too: it goes on
-        assert wait_for(lambda: "not stopping" in Path(info["log_path"]).read_text())
+        assert wait_for(lambda: "not stopping" in Path(info["log_path"]).read_text(), WAIT)
         assert (point / "small.txt").read_text().startswith("hello imager")
     finally:
         user.kill()
@@ -555,10 +546,10 @@ def test_a_region_being_sent_keeps_its_bytes_when_read_ahead_evicts_it(built):
         for r in waiting:                       # the last one makes the next read sequential
             readers.append(threading.Thread(target=volume.read, args=(r * size, 4096)))
             readers[-1].start()
-            assert wait_for(lambda: r in volume._cache)
+            assert wait_for(lambda: r in volume._cache, WAIT)
         views, release = volume.read_views(here * size, size)
         try:
-            assert wait_for(lambda: volume.is_cached((here + 1) * size, 1))    # read ahead, decoded
+            assert wait_for(lambda: volume.is_cached((here + 1) * size, 1), WAIT)    # read ahead, decoded
             assert b"".join(views) == data(here)
         finally:
             release()

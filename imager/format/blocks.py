@@ -13,7 +13,6 @@ image (32 bytes a block) and read whole by mount, restore and the next increment
 
 from __future__ import annotations
 
-import math
 from functools import lru_cache
 
 import blake3
@@ -21,21 +20,21 @@ import numpy as np
 
 DIGEST_SIZE = 32
 MIN_BLOCK_SIZE = 16 << 10
-SMALL_BLOCK_LIMIT = 64 << 10        # blocks below this only while the table stays within...
-SMALL_TABLE_BLOCKS = 1 << 18
+SMALL_BLOCK_LIMIT = 64 << 10        # blocks smaller than this only while the table stays
+SMALL_TABLE_BLOCKS = 1 << 18        # within this many entries
 MAX_BLOCK_SIZE = 4 << 20
 MAX_TABLE_BLOCKS = 1 << 20
 
 
 def chain_block_size(volume_size: int) -> int:
     """The block size of a volume of this size (the same for every image of a chain)."""
-    small = min(SMALL_BLOCK_LIMIT, _power_of_two_at_least(volume_size / SMALL_TABLE_BLOCKS))
-    large = _power_of_two_at_least(volume_size / MAX_TABLE_BLOCKS)
+    small = min(SMALL_BLOCK_LIMIT, _power_of_two_at_least(-(-volume_size // SMALL_TABLE_BLOCKS)))
+    large = _power_of_two_at_least(-(-volume_size // MAX_TABLE_BLOCKS))
     return min(MAX_BLOCK_SIZE, max(MIN_BLOCK_SIZE, small, large))
 
 
-def _power_of_two_at_least(n: float) -> int:
-    return 1 << max(0, math.ceil(n) - 1).bit_length()
+def _power_of_two_at_least(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
 def block_digests(data: bytes | memoryview, block_size: int) -> bytes:

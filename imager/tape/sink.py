@@ -302,14 +302,12 @@ class TapeSink:
 
     def _writer(self) -> None:
         try:
-            while True:
+            while not self._aborted.is_set():
                 try:
                     item = self._queue.get(timeout=WAKE_INTERVAL)
                 except queue.Empty:
-                    if self._aborted.is_set():
-                        return
                     continue
-                if item is None or self._aborted.is_set():
+                if self._aborted.is_set():
                     return
                 if isinstance(item, tuple):  # ("finish", record)
                     self.rate.finish()
@@ -320,11 +318,10 @@ class TapeSink:
                 self.rate.wrote(len(item))
         except BaseException as e:
             self._error = e if isinstance(e, ImagerError) else TapeMediaError(f"tape write failed: {e}")
-            # Keep the producer from blocking on a full queue.
+            # The frames queued are not written: free them now.
             while True:
                 try:
-                    if self._queue.get_nowait() is None:
-                        break
+                    self._queue.get_nowait()
                 except queue.Empty:
                     break
 
