@@ -5,9 +5,11 @@ fails half-way."""
 
 from __future__ import annotations
 
+import ctypes
 import glob
 import hashlib
 import json
+import mmap
 import os
 import random
 import re
@@ -628,6 +630,40 @@ class WritesWhileReading:
         for name in self.names:
             snap = daemon.status(name).snapshot
             assert snap is not None and snap.changed_blocks > 0 and snap.cache_bytes_used > 0, snap
+
+def cached_bytes(device: str) -> int:
+    """How much of `device` is in the page cache now (mincore over a read-only map of it). Only
+    meaningful while something else holds the device open: the last close drops its cache."""
+    from devices.libc import check, libc
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    fd = os.open(device, os.O_RDONLY)
+    try:
+        size = os.lseek(fd, 0, os.SEEK_END)
+        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if address == ctypes.c_void_p(-1).value:
+            check(-1, f"mmap {device}")
+        try:
+            pages = (ctypes.c_ubyte * -(-size // mmap.PAGESIZE))()
+            check(libc.mincore(address, size, pages), f"mincore {device}")
+        finally:
+            libc.munmap(address, size)
+        return sum(p & 1 for p in pages) * mmap.PAGESIZE
+    finally:
+        os.close(fd)
+
+
+def drop_cached(device: str) -> None:
+    """Drop the clean cached pages of `device` (it is read from the disk again)."""
+    fd = os.open(device, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
 
 def fill_with_data(mnt: str, size: int, name: str = "data.bin") -> bytes:
     data = random.Random(size).randbytes(size)

@@ -32,7 +32,8 @@ from conftest import writing_into
 from conftest import fsck_clean
 from lab import (CHURN_KEEP, DAEMON_TESTS, MiB, REPO_ROOT, SMALL_CHUNKS, WAIT, Writers, WritesWhileReading,
                 assert_after_snapshot_differs, assert_doc_point_in_time, assert_no_snapshot_leftovers,
-                assert_same_instant, capture, check_live_volume, churn_content, db_summary, fill_with_data,
+                assert_same_instant, cached_bytes, capture, check_live_volume, churn_content, db_summary, drop_cached,
+                fill_with_data,
                 gpt_disk_with_esp, imager, kill_process, one_line_error, snapshot_names,
                 umount_point)
 
@@ -65,6 +66,25 @@ def test_cow_backup_is_point_in_time_under_concurrent_writers(bench):
     point = bench.mount(restored, "restored-mnt", "ro")
     assert_same_instant(capture(point, bench.tmp / "restored-copy"), window, "pit")
     check_live_volume(bench, vol, source, mnt, reports, "pit")
+
+
+def test_a_backup_reads_the_snapshot_past_the_source_s_page_cache(bench):
+    """Imaging a whole volume must not push the machine's cached data out: the daemon reads
+    the snapshot's blocks from the source with O_DIRECT, so a backup leaves no more of the
+    source in the page cache than the few blocks the freeze itself writes."""
+    vol, source, mnt = bench.ext4_volume("uncached")
+    data = fill_with_data(mnt, 48 * MiB)
+    drop_cached(source)
+    before = cached_bytes(source)
+    out = bench.tmp / "out"
+    out.mkdir()
+    (result,) = jobs.backup_volumes(["uncached"], jobs.Destination(output=str(out / "uncached.zst")), snapshot="cow",
+                                    options=SMALL_CHUNKS)
+    assert result.bytes_read >= len(data)
+    assert cached_bytes(source) - before < 8 * MiB
+    restored = bench.restore(result.image, "restored")
+    with open(os.path.join(bench.mount(restored, "restored-mnt", "ro"), "data.bin"), "rb") as f:
+        assert f.read() == data
 
 
 def test_cli_cow_backup_under_writers(bench):

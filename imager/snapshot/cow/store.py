@@ -57,10 +57,13 @@ class CowStore:
     """
 
     def __init__(self, device, state_dir: str, block_size: int = DEFAULT_BLOCK_SIZE,
-                 cache_capacity: int | None = None, *, fingerprint: dict | None = None, handover: str = ""):
+                 cache_capacity: int | None = None, *, fingerprint: dict | None = None, handover: str = "",
+                 snapshot_reader=None):
         """`fingerprint`: the device's write fingerprint before anything wrote to it (see
         ChangeTracker); None when it cannot be known (tracked changes then start anew);
-        `handover`: the supervisor token under which a replaced worker handed the tracker over."""
+        `handover`: the supervisor token under which a replaced worker handed the tracker over;
+        `snapshot_reader`: where the snapshot's blocks that are still on the source are read (the
+        device opened again with O_DIRECT, say), when not through `device`."""
         sector = int(device.logical_sector_size)
         problem = check_block_size(block_size, sector, "COW block size")
         if problem:
@@ -81,6 +84,7 @@ class CowStore:
         # Guards slot allocation and the invalid/active state; never held across device I/O.
         self._state_lock = threading.Lock()
         self._io = AlignedIO(device)
+        self._snapshot_io = AlignedIO(snapshot_reader) if snapshot_reader is not None else self._io
         self._closed = False
         self.device_identity = device_identity(device.path)
         try:

@@ -81,7 +81,7 @@ def read_snapshot(store: CowStore, dst: memoryview, offset: int, generation: int
                     run += 1
                 n = min(end, (block + run) * bs) - pos
                 failpoints.check("source.read", pos, n)
-                got = store._io.read(dst[pos - offset:pos - offset + n], pos)
+                got = store._snapshot_io.read(dst[pos - offset:pos - offset + n], pos)
                 if got < n:
                     raise SnapshotError(f"{store.device.path}: short read at offset {pos + got}")
             pos += n

@@ -76,6 +76,7 @@ class VolumeDaemon:
         self.fuse_file = os.path.join(self.mount_point, VOLUME_FILE)
         self.socket_path = os.path.join(run_dir, SOCKET_NAME)
         self.device: BlockDevice | None = None
+        self.snapshot_reader: BlockDevice | None = None
         self.store: CowStore | None = None
         self.fs: VolumeFiles | None = None
         self.front: str | None = front
@@ -105,8 +106,14 @@ class VolumeDaemon:
         # supervisor holds the claim for every worker.
         self.device = BlockDevice(self.device_path, writable=True, exclusive=False, direct=False,
                                   on_notice=lambda msg: log.info("%s", msg))
+        # The snapshot's blocks that are still on the source are read past the page cache: a
+        # backup reading the whole volume would otherwise push the applications' cached data
+        # out (and copy every block once more). O_DIRECT reads write back the dirty pages they
+        # cover first, so they see every buffered write.
+        self.snapshot_reader = BlockDevice(self.device_path, direct=True, on_notice=lambda msg: log.info("%s", msg))
         self.store = CowStore(self.device, self.state_dir, self.block_size, self.cache_size,
-                              fingerprint=self.fingerprint, handover=supervisor_token(self.supervisor_pid))
+                              fingerprint=self.fingerprint, handover=supervisor_token(self.supervisor_pid),
+                              snapshot_reader=self.snapshot_reader)
         tracker = self.store.tracker
         if tracker.restarted:
             log.info("tracking changes anew (series %s): %s", tracker.state.series, tracker.restarted)
@@ -406,6 +413,8 @@ class VolumeDaemon:
             self.store.close(fingerprint)
         if self.device is not None:
             self.device.close()
+        if self.snapshot_reader is not None:
+            self.snapshot_reader.close()
 
     def abandon(self) -> None:
         """Best-effort cleanup after a failed start: the front this worker attached goes; the
