@@ -5,13 +5,16 @@ A producer thread reads (so reads overlap compression), a thread pool does the w
 order they were produced. At most `depth` items are in flight, so memory stays bounded
 whatever the volume size.
 
-The stages: read_chunks (a volume into pooled buffers, only the planned ranges), encoder
+The stages: read_chunks (a volume into pooled buffers, only the planned ranges, several
+chunks at once), encoder
 (buffers into frames), decoder (frames into checked chunks) and digester (buffers into
 digests), each used by run_ordered.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import os
 import queue
 import threading
@@ -34,6 +37,10 @@ _DONE = object()
 
 # More threads than this only fight over the cores (and each holds buffers of a chunk).
 MAX_WORKERS = 256
+# Chunks a backup reads at once (read_chunks). The scattered small reads of an incremental wait
+# on the disk's latency one at a time otherwise, and a disk or a snapshot view's daemon answers
+# four requests in flight much faster than one: bench/chain.py.
+READS_IN_FLIGHT = 4
 
 
 def default_workers() -> int:
@@ -69,15 +76,10 @@ def run_ordered(items: Iterable[T], work: Callable[[T], R], consume: Callable[[R
     def produce(pool: ThreadPoolExecutor) -> None:
         try:
             for item in items:
-                if stop.is_set():
+                # Submitted even once stopped: the work gives back what the item holds (a pooled
+                # buffer), and the pool's shutdown waits for it.
+                if not _put_unless_stopped(in_flight, pool.submit(work, item), stop):
                     return
-                fut = pool.submit(work, item)
-                while not stop.is_set():
-                    try:
-                        in_flight.put(fut, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
         except BaseException as e:  # handed to the consuming thread, which raises it
             _put_unless_stopped(in_flight, _ProducerFailed(e), stop)
             return
@@ -99,15 +101,20 @@ def run_ordered(items: Iterable[T], work: Callable[[T], R], consume: Callable[[R
             _drain(in_flight)
             producer.join()
             _drain(in_flight)
+            # A generator of items (read_chunks) lets go of what it holds now, not when collected.
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
 
 
-def _put_unless_stopped(q: queue.Queue, value, stop: threading.Event) -> None:
+def _put_unless_stopped(q: queue.Queue, value, stop: threading.Event) -> bool:
     while not stop.is_set():
         try:
             q.put(value, timeout=0.1)
-            return
+            return True
         except queue.Full:
             continue
+    return False
 
 
 def _drain(q: queue.Queue) -> None:
@@ -127,34 +134,87 @@ ReadChunk = tuple[int, AlignedBuffer | None, int]     # (index, buffer or None f
 
 
 def read_chunks(source: VolumeSource, chunk_size: int, pool: BufferPool, on_read: Callable[[int], None],
-                plan: UsedMap | None = None, block_size: int = 0) -> Iterator[ReadChunk]:
+                plan: UsedMap | None = None, block_size: int = 0, readers: int = 1) -> Iterator[ReadChunk]:
     """Each chunk of the source in a pooled buffer; with a plan, only the used ranges are read
     (the rest of the buffer is zeros) and a chunk with nothing used comes without a buffer.
     With `block_size`, the consumer looks only at the blocks of that size the plan's ranges
-    touch (an incremental's candidate blocks), and only those are sure to be zeros where unread."""
+    touch (an incremental's candidate blocks), and only those are sure to be zeros where unread.
+    With `readers` > 1, that many chunks are read at once (in order of yield all the same): an
+    incremental's scattered small reads wait on the disk's latency one by one, and a disk, or a
+    snapshot view's daemon, answers several at once almost as fast as one (bench/chain.py)."""
     count = -(-source.size // chunk_size)
-    for index in range(count):
-        offset = index * chunk_size
-        length = min(chunk_size, source.size - offset)
-        pieces = plan.ranges_in(offset, length) if plan is not None else [(0, length)]
-        if not pieces:
-            yield index, None, length
-            continue
-        buf = pool.acquire()
+
+    def fill(buf: AlignedBuffer, offset: int, length: int, pieces: list[tuple[int, int]]) -> int:
+        if pieces != [(0, length)]:
+            for start, end in unread_parts(pieces, length, block_size):
+                buf.array[start:end] = 0
+        for start, end in pieces:
+            got = source.read_into(buf.view[start:end], offset + start)
+            if got != end - start:
+                raise ImagerError(f"{source.path}: short read at offset {offset + start + got} "
+                                  f"(device shrank or ended early)")
+        return sum(end - start for start, end in pieces)
+
+    def regions() -> Iterator[tuple[int, int, int, list[tuple[int, int]]]]:
+        for index in range(count):
+            offset = index * chunk_size
+            length = min(chunk_size, source.size - offset)
+            pieces = plan.ranges_in(offset, length) if plan is not None else [(0, length)]
+            yield index, offset, length, pieces
+
+    if readers <= 1:
+        for index, offset, length, pieces in regions():
+            if not pieces:
+                yield index, None, length
+                continue
+            buf = pool.acquire()
+            try:
+                on_read(fill(buf, offset, length, pieces))
+            except BaseException:
+                pool.release(buf)
+                raise
+            yield index, buf, length
+        return
+
+    pending: collections.deque[tuple[int, AlignedBuffer | None, int, Future | None]] = collections.deque()
+    with ThreadPoolExecutor(max_workers=readers, thread_name_prefix="imager-read") as reading:
         try:
-            if pieces != [(0, length)]:
-                for start, end in unread_parts(pieces, length, block_size):
-                    buf.array[start:end] = 0
-            for start, end in pieces:
-                got = source.read_into(buf.view[start:end], offset + start)
-                if got != end - start:
-                    raise ImagerError(f"{source.path}: short read at offset {offset + start + got} "
-                                      f"(device shrank or ended early)")
-                on_read(got)
+            for index, offset, length, pieces in regions():
+                # Waiting for the oldest read, rather than on the pool, when no buffer is free:
+                # the consumer may hold every other one until it has the next chunk.
+                while pending and (pending[0][3] is None or len(pending) >= readers
+                                   or (pieces and not pool.available())):
+                    yield _first_read(pending, pool, on_read)
+                if pieces:
+                    buf = pool.acquire()
+                    pending.append((index, buf, length, reading.submit(fill, buf, offset, length, pieces)))
+                else:
+                    pending.append((index, None, length, None))
+            while pending:
+                yield _first_read(pending, pool, on_read)
+        finally:
+            # Stopped early (an error, or the consumer gave up): no read may still fill a buffer
+            # that goes back to the pool.
+            for _, held, _, future in pending:
+                if future is not None and held is not None:
+                    future.cancel()
+                    with contextlib.suppress(BaseException):
+                        future.result()
+                    if future.done():       # else a second interrupt cut the wait short
+                        pool.release(held)
+
+
+def _first_read(pending: collections.deque, pool: BufferPool, on_read: Callable[[int], None]) -> ReadChunk:
+    """The oldest chunk read at once, once read (its byte count goes to `on_read` from this
+    thread: the callers' counters are not made for threads)."""
+    index, buf, length, future = pending.popleft()
+    if future is not None:
+        try:
+            on_read(future.result())
         except BaseException:
             pool.release(buf)
             raise
-        yield index, buf, length
+    return index, buf, length
 
 
 def unread_parts(pieces: list[tuple[int, int]], length: int, block_size: int = 0) -> list[tuple[int, int]]:

@@ -24,7 +24,7 @@ from imager.ends.sources import VolumePrefix
 from imager.errors import ChunkError, ImageFormatError, ImagerError, TapeMediaError
 from imager.format import ImageReader
 from imager.jobs.backup import ImagingOptions, write_image
-from imager.pipeline import decoder, read_chunks, run_ordered
+from imager.pipeline import READS_IN_FLIGHT, decoder, read_chunks, run_ordered
 from imager.plan.usedmap import UsedMap
 from imager.snapshot.cow import CowStore
 from imager.tape import TapeSink, TapeSpec, write_label
@@ -333,7 +333,10 @@ def test_every_source_reads_what_the_volume_held(sources):
 
 # -- reading a volume by its plan ------------------------------------------------------------------
 
-def test_scattered_reads_come_in_order_and_a_failed_one_gives_every_buffer_back(tmp_path):
+@pytest.mark.parametrize("readers", (1, READS_IN_FLIGHT))
+def test_scattered_reads_come_in_order_and_a_failed_one_gives_every_buffer_back(tmp_path, readers):
+    """In order whatever the reads in flight, with fewer buffers than reads (the reader waits for
+    the oldest read instead of on the pool), and every buffer back after a failed read."""
     chunk = 1 << 20
     path = tmp_path / "volume.raw"
     content = os.urandom(24 * chunk)
@@ -346,7 +349,7 @@ def test_scattered_reads_come_in_order_and_a_failed_one_gives_every_buffer_back(
     read: list[int] = []
     with BlockDevice(str(path)) as source:
         got = []
-        for index, buf, length in read_chunks(source, chunk, pool, read.append, plan):
+        for index, buf, length in read_chunks(source, chunk, pool, read.append, plan, readers=readers):
             got.append((index, bytes(buf.view[:length]) if buf is not None else None))
             if buf is not None:
                 pool.release(buf)
@@ -359,13 +362,43 @@ def test_scattered_reads_come_in_order_and_a_failed_one_gives_every_buffer_back(
         assert sum(read) == sum(e - s for s, e in plan.ranges_in(0, len(content)))
         os.truncate(path, 12 * chunk)            # the volume shrinks under the reader
         with pytest.raises(ImagerError, match="short read"):
-            for index, buf, length in read_chunks(source, chunk, pool, read.append, plan):
+            for index, buf, length in read_chunks(source, chunk, pool, read.append, plan, readers=readers):
                 if buf is not None:
                     pool.release(buf)
     assert pool.available() == 3                 # nothing lost on the way out
 
 
-def test_an_incremental_s_candidate_blocks_hold_what_is_used_and_zeros_whatever_the_buffer_held(tmp_path):
+def test_a_backup_that_stops_early_has_every_buffer_back_and_no_read_in_flight(tmp_path):
+    """A consumer that fails (a full sink, an interrupt) ends the pipeline: the chunks still
+    being read at once are waited for and their buffers returned before run_ordered raises,
+    so the pool can be closed under no read."""
+    chunk = 1 << 20
+    path = tmp_path / "volume.raw"
+    path.write_bytes(os.urandom(16 * chunk))
+    pool = BufferPool(2 * 2 + 2 + READS_IN_FLIGHT, chunk)
+    seen: list[int] = []
+
+    def release(item):
+        index, buf, length = item
+        pool.release(buf)
+        return index
+
+    def consume(index: int) -> None:
+        seen.append(index)
+        if index == 2:
+            raise OSError(28, "No space left on device")
+
+    with BlockDevice(str(path)) as source:
+        chunks = read_chunks(source, chunk, pool, lambda n: None, readers=READS_IN_FLIGHT)
+        with pytest.raises(OSError, match="No space"):
+            run_ordered(chunks, release, consume, workers=2)
+        assert seen == [0, 1, 2]
+        assert pool.available() == 2 * 2 + 2 + READS_IN_FLIGHT
+    pool.close()
+
+
+@pytest.mark.parametrize("readers", (1, READS_IN_FLIGHT))
+def test_an_incremental_s_candidate_blocks_hold_what_is_used_and_zeros_whatever_the_buffer_held(tmp_path, readers):
     """An incremental reads only the used parts of its candidate blocks, and hashes those
     blocks whole: their unused parts must be zeros even in a reused buffer, or an unchanged
     block would look changed (or a changed one carry stale bytes)."""
@@ -383,7 +416,7 @@ def test_an_incremental_s_candidate_blocks_hold_what_is_used_and_zeros_whatever_
         buf.array[:] = 0xEE
         pool.release(buf)
     with BlockDevice(str(path)) as source:
-        for index, buf, length in read_chunks(source, chunk, pool, lambda n: None, plan, block):
+        for index, buf, length in read_chunks(source, chunk, pool, lambda n: None, plan, block, readers):
             if buf is None:
                 continue
             try:

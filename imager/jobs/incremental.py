@@ -25,7 +25,7 @@ from ..ends.sinks import Sink
 from ..ends.sources import VolumeSource
 from ..format import (DIGEST_SIZE, INCREMENTAL, EncodedChunk, ImageHeader, ImageWriter, ZstdCodec, pack_bits,
                       unpack_bits, zero_block_digests)
-from ..pipeline import read_chunks, run_ordered, worker_count
+from ..pipeline import READS_IN_FLIGHT, read_chunks, run_ordered, worker_count
 from ..plan.changes import BlockStates, ChangePlan, change_plan, tracker_bits_as_blocks
 from ..plan.usedmap import ALL_BLOCKS, UsedMap
 from ..snapshot.provider import PlannedVolume
@@ -114,7 +114,7 @@ def write_incremental(source: VolumeSource, sink: Sink, increment: Increment, *,
     read_plan = _read_plan(candidates & used_now, source.size, block_size, plan)
     codec = ZstdCodec(level, block_size)
     workers = worker_count(workers)
-    pool = BufferPool(workers * 2 + 2, read_size)
+    pool = BufferPool(workers * 2 + 2 + READS_IN_FLIGHT, read_size)
     compare = _RegionCompare(candidates, used_now, parent.trailer.digests, codec, pool, read_size // block_size,
                              block_size)
     writer = ImageWriter(sink, header, base_digests=parent.trailer.digests)
@@ -136,7 +136,7 @@ def write_incremental(source: VolumeSource, sink: Sink, increment: Increment, *,
             count_output(writer.bytes_written)
 
     try:
-        run_ordered(read_chunks(source, read_size, pool, count_read, read_plan, block_size), compare, consume,
+        run_ordered(read_chunks(source, read_size, pool, count_read, read_plan, block_size, READS_IN_FLIGHT), compare, consume,
                     workers=workers, depth=workers * 2)
     finally:
         pool.close()
