@@ -5,6 +5,7 @@ fails half-way."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import glob
 import hashlib
@@ -16,6 +17,7 @@ import re
 import shutil
 import signal
 import sqlite3
+import struct
 import subprocess
 import sys
 import tempfile
@@ -631,28 +633,57 @@ class WritesWhileReading:
             snap = daemon.status(name).snapshot
             assert snap is not None and snap.changed_blocks > 0 and snap.cache_bytes_used > 0, snap
 
+@contextlib.contextmanager
+def _mapped(fd: int, length: int):
+    """The address of a read-only shared map of the first `length` bytes of `fd`."""
+    from devices.libc import check, libc
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    address = libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    if address == ctypes.c_void_p(-1).value:
+        check(-1, "mmap")
+    try:
+        yield address
+    finally:
+        libc.munmap(address, length)
+
+
 def cached_bytes(device: str) -> int:
     """How much of `device` is in the page cache now (mincore over a read-only map of it). Only
     meaningful while something else holds the device open: the last close drops its cache."""
     from devices.libc import check, libc
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
     libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
     fd = os.open(device, os.O_RDONLY)
     try:
         size = os.lseek(fd, 0, os.SEEK_END)
-        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-        if address == ctypes.c_void_p(-1).value:
-            check(-1, f"mmap {device}")
-        try:
+        with _mapped(fd, size) as address:
             pages = (ctypes.c_ubyte * -(-size // mmap.PAGESIZE))()
             check(libc.mincore(address, size, pages), f"mincore {device}")
-        finally:
-            libc.munmap(address, size)
         return sum(p & 1 for p in pages) * mmap.PAGESIZE
     finally:
         os.close(fd)
+
+
+def dirty_bytes(fd: int, length: int) -> int:
+    """How much of the first `length` bytes of the file `fd` is in the page cache modified and
+    not yet on its way to the disk (each page's dirty flag in /proc/kpageflags)."""
+    page = mmap.PAGESIZE
+    kpf_dirty, present, pfn_mask = 1 << 4, 1 << 63, (1 << 55) - 1
+    dirty = 0
+    with _mapped(fd, length) as address, open("/proc/self/pagemap", "rb") as pagemap, \
+            open("/proc/kpageflags", "rb") as kpageflags:
+        count = length // page
+        for n in range(count):
+            ctypes.string_at(address + n * page, 1)          # mapped in, from the page cache
+        pagemap.seek(address // page * 8)
+        entries = struct.unpack(f"<{count}Q", pagemap.read(count * 8))
+        for entry in entries:
+            if entry & present:
+                kpageflags.seek((entry & pfn_mask) * 8)
+                if struct.unpack("<Q", kpageflags.read(8))[0] & kpf_dirty:
+                    dirty += page
+    return dirty
 
 
 def drop_cached(device: str) -> None:

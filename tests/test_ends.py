@@ -28,6 +28,7 @@ from imager.pipeline import READS_IN_FLIGHT, decoder, read_chunks, run_ordered
 from imager.plan.usedmap import UsedMap
 from imager.snapshot.cow import CowStore
 from imager.tape import TapeSink, TapeSpec, write_label
+from lab import dirty_bytes
 
 CHUNK = 64 << 10
 VOLUME = 1 << 20          # 16 chunks: random, text, zeros
@@ -329,6 +330,22 @@ def test_every_source_reads_what_the_volume_held(sources):
         tail = memoryview(bytearray(2 * CHUNK))
         assert source.read_into(tail, source.size - CHUNK) == CHUNK, name
         assert source.read_into(tail, source.size) == 0, name
+
+
+def test_a_file_image_goes_to_its_disk_while_it_is_written(tmp_path):
+    """The fsync at the end of a backup waits for the last part of the image only: FileSink
+    starts the writeback of every WRITEBACK_STEP as it is written, so a long backup never holds
+    gigabytes of dirty pages for the commit to wait on."""
+    sink = FileSink(str(tmp_path / "image.zst"))
+    try:
+        piece = os.urandom(1 << 20)
+        length = 3 * FileSink.WRITEBACK_STEP + (4 << 20)
+        for _ in range(length // len(piece)):
+            sink.write(piece)
+        sink._f.flush()
+        assert dirty_bytes(sink._file.fd, length) <= FileSink.WRITEBACK_STEP
+    finally:
+        sink.abort()
 
 
 # -- reading a volume by its plan ------------------------------------------------------------------
