@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import volumes  # noqa: E402
 from devices import loop  # noqa: E402
-from devices.fs import file_extents  # noqa: E402
+from devices.fs import drop_cached, file_extents  # noqa: E402
 from imager.format import ImageReader  # noqa: E402
 from imager.mount.volume import DEFAULT_CACHE_BYTES, DEFAULT_READAHEAD  # noqa: E402
 
@@ -45,16 +45,6 @@ MiB = 1 << 20
 
 def sh(*cmd: str, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT, **kw)
-
-
-def evict(path) -> None:
-    """Drop one file's pages from the page cache (it is read from the disk again)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fdatasync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def image_of(volume: Path, name: str) -> Path:
@@ -117,7 +107,7 @@ class Mounts:
     def time_to_listing(self, image: Path) -> float:
         """Seconds from starting `imager mount` to a listed, non-empty root."""
         point = self.point()
-        evict(image)
+        drop_cached(image)
         start = time.monotonic()
         subprocess.run([*IMAGER, "mount", str(image), str(point), "-q"], check=True, cwd=ROOT, env=self.env)
         listed = os.listdir(point)
@@ -162,7 +152,7 @@ def chunks_of(path: Path, chunk_size: int) -> list[int]:
 def zstd_rate(frames: Path, decompressed: int) -> tuple[float, float]:
     """MB/s of decompressed output of zstd -d -T0 of `frames` (from the disk) to /dev/null, and
     the CPU seconds it took."""
-    evict(frames)
+    drop_cached(frames)
     cpu = children_cpu()
     start = time.monotonic()
     sh("sh", "-c", f"zstd -d -T0 -c -q '{frames}' > /dev/null")
@@ -249,7 +239,7 @@ def main() -> int:
             if last is not None:
                 mounts.umount(last[0])      # one mount at a time: the idle ones cost the next one
             point = mounts.point()
-            evict(image4)
+            drop_cached(image4)
             info = mounts.mount(image4, point)
             big = point / "random.bin"
             if not chunks:
@@ -257,7 +247,7 @@ def main() -> int:
                 with ImageReader(str(image4)) as reader, open(frames, "wb") as f:
                     for index in chunks:
                         f.write(reader.frame(index))
-                evict(image4)
+                drop_cached(image4)
             rate, cpu = read_sequentially(big, info["pid"])
             seq.append(rate)
             seq_cpu.append(cpu)

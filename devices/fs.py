@@ -97,6 +97,17 @@ class MountRefused(DeviceError):
         super().__init__(f"{device}: cannot mount: {'; '.join(refusals) or 'no attempt given'}")
 
 
+def drop_cached(path: str) -> None:
+    """Put a file's or a device's dirty pages on its disk and drop its cached pages, so that it
+    is read from the disk again."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def private_mount(device: str, attempts: list[tuple[str, str]]) -> PrivateMount:
     """Mount `device` read-only with the first of `attempts` ((fs type, options) pairs) that the
     kernel accepts, privately (see the module docstring). Raises MountRefused when none does."""

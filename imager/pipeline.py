@@ -6,9 +6,8 @@ order they were produced. At most `depth` items are in flight, so memory stays b
 whatever the volume size.
 
 The stages: read_chunks (a volume into pooled buffers, only the planned ranges, several
-chunks at once), encoder
-(buffers into frames), decoder (frames into checked chunks) and digester (buffers into
-digests), each used by run_ordered.
+chunks at once), encoder (buffers into frames), decoder (frames into checked chunks) and
+digester (buffers into digests), each used by run_ordered.
 """
 
 from __future__ import annotations

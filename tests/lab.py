@@ -686,16 +686,6 @@ def dirty_bytes(fd: int, length: int) -> int:
     return dirty
 
 
-def drop_cached(device: str) -> None:
-    """Drop the clean cached pages of `device` (it is read from the disk again)."""
-    fd = os.open(device, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def fill_with_data(mnt: str, size: int, name: str = "data.bin") -> bytes:
     data = random.Random(size).randbytes(size)
     with open(os.path.join(mnt, name), "wb") as f:

@@ -25,6 +25,7 @@ import time
 
 import pytest
 
+from devices.fs import drop_cached
 from imager import jobs
 from imager.errors import UsageError
 from imager.snapshot import daemon
@@ -32,7 +33,7 @@ from conftest import writing_into
 from conftest import fsck_clean
 from lab import (CHURN_KEEP, DAEMON_TESTS, MiB, REPO_ROOT, SMALL_CHUNKS, WAIT, Writers, WritesWhileReading,
                 assert_after_snapshot_differs, assert_doc_point_in_time, assert_no_snapshot_leftovers,
-                assert_same_instant, cached_bytes, capture, check_live_volume, churn_content, db_summary, drop_cached,
+                assert_same_instant, cached_bytes, capture, check_live_volume, churn_content, db_summary,
                 fill_with_data,
                 gpt_disk_with_esp, imager, kill_process, one_line_error, snapshot_names,
                 umount_point)

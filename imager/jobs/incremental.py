@@ -136,8 +136,8 @@ def write_incremental(source: VolumeSource, sink: Sink, increment: Increment, *,
             count_output(writer.bytes_written)
 
     try:
-        run_ordered(read_chunks(source, read_size, pool, count_read, read_plan, block_size, READS_IN_FLIGHT), compare, consume,
-                    workers=workers, depth=workers * 2)
+        run_ordered(read_chunks(source, read_size, pool, count_read, read_plan, block_size, READS_IN_FLIGHT),
+                    compare, consume, workers=workers, depth=workers * 2)
     finally:
         pool.close()
     seconds = time.monotonic() - started
