@@ -65,7 +65,8 @@ def run_ordered(items: Iterable[T], work: Callable[[T], R], consume: Callable[[R
     """Apply `work` to each item on a pool and pass results to `consume` in item order.
 
     `items` is iterated in its own thread; its iteration may block (on a buffer pool, on I/O).
-    The first error anywhere stops the producer and is raised here.
+    The first error anywhere stops the producer and is raised here. A generator of items is
+    closed before this returns or raises, so that it lets go of what it holds (read buffers).
     """
     workers = workers or default_workers()
     depth = depth or workers * 2
@@ -100,7 +101,6 @@ def run_ordered(items: Iterable[T], work: Callable[[T], R], consume: Callable[[R
             _drain(in_flight)
             producer.join()
             _drain(in_flight)
-            # A generator of items (read_chunks) lets go of what it holds now, not when collected.
             close = getattr(items, "close", None)
             if close is not None:
                 close()
@@ -176,31 +176,77 @@ def read_chunks(source: VolumeSource, chunk_size: int, pool: BufferPool, on_read
         return
 
     pending: collections.deque[tuple[int, AlignedBuffer | None, int, Future | None]] = collections.deque()
-    with ThreadPoolExecutor(max_workers=readers, thread_name_prefix="imager-read") as reading:
-        try:
-            for index, offset, length, pieces in regions():
-                # Waiting for the oldest read, rather than on the pool, when no buffer is free:
-                # the consumer may hold every other one until it has the next chunk.
-                while pending and (pending[0][3] is None or len(pending) >= readers
-                                   or (pieces and not pool.available())):
-                    yield _first_read(pending, pool, on_read)
-                if pieces:
-                    buf = pool.acquire()
-                    pending.append((index, buf, length, reading.submit(fill, buf, offset, length, pieces)))
-                else:
-                    pending.append((index, None, length, None))
-            while pending:
+    reading = _ReadThreads(readers)
+    in_flight = 0
+    try:
+        for index, offset, length, pieces in regions():
+            # Waiting for the oldest read, rather than on the pool, when no buffer is free: the
+            # consumer may hold every other one until it has the next chunk. Unused chunks wait
+            # in line without counting as reads (a sparse plan still gets `readers` reads), up
+            # to a bound on the line itself.
+            while pending and (pending[0][3] is None or len(pending) >= readers * _LINE_PER_READER
+                               or (pieces and (in_flight >= readers or not pool.available()))):
+                if pending[0][3] is not None:
+                    in_flight -= 1
                 yield _first_read(pending, pool, on_read)
-        finally:
-            # Stopped early (an error, or the consumer gave up): no read may still fill a buffer
-            # that goes back to the pool.
+            if pieces:
+                buf = pool.acquire()
+                pending.append((index, buf, length, reading.submit(fill, buf, offset, length, pieces)))
+                in_flight += 1
+            else:
+                pending.append((index, None, length, None))
+        while pending:
+            yield _first_read(pending, pool, on_read)
+    finally:
+        # Stopped early (an error, or the consumer gave up): no read may still fill a buffer
+        # that goes back to the pool. A second interrupt cuts the wait short; the buffers of
+        # the reads not waited for are left out of the pool.
+        try:
             for _, held, _, future in pending:
                 if future is not None and held is not None:
                     future.cancel()
-                    with contextlib.suppress(BaseException):
+                    with contextlib.suppress(Exception):
                         future.result()
-                    if future.done():       # else a second interrupt cut the wait short
-                        pool.release(held)
+                    pool.release(held)
+        finally:
+            reading.stop()
+
+
+# How many chunks may wait in read_chunks' line, per read in flight, unused ones included.
+_LINE_PER_READER = 64
+
+
+class _ReadThreads:
+    """Daemon threads that run read_chunks' reads: a read stuck on a wedged device must not
+    keep the process from exiting (a ThreadPoolExecutor's threads are joined at exit)."""
+
+    def __init__(self, count: int):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._count = count
+        for n in range(count):
+            threading.Thread(target=self._run, name=f"imager-read-{n}", daemon=True).start()
+
+    def submit(self, fn: Callable[..., R], *args) -> "Future[R]":
+        future: Future = Future()
+        self._jobs.put((future, fn, args))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            future, fn, args = job
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as e:
+                future.set_exception(e)
+
+    def stop(self) -> None:
+        for _ in range(self._count):
+            self._jobs.put(None)
 
 
 def _first_read(pending: collections.deque, pool: BufferPool, on_read: Callable[[int], None]) -> ReadChunk:

@@ -633,6 +633,7 @@ class WritesWhileReading:
             snap = daemon.status(name).snapshot
             assert snap is not None and snap.changed_blocks > 0 and snap.cache_bytes_used > 0, snap
 
+
 @contextlib.contextmanager
 def _mapped(fd: int, length: int):
     """The address of a read-only shared map of the first `length` bytes of `fd`."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import io
+import itertools
 import os
 import random
 import threading
@@ -22,7 +23,8 @@ from imager.ends.feeds import SeekableFeed, StreamFeed
 from imager.ends.sinks import FileSink, StreamSink
 from imager.ends.sources import VolumePrefix
 from imager.errors import ChunkError, ImageFormatError, ImagerError, TapeMediaError
-from imager.format import ImageReader
+from imager.format import (DIGEST_SIZE, INCREMENTAL, ImageHeader, ImageReader, ImageWriter, ZstdCodec,
+                           zstd_frame_bound)
 from imager.jobs.backup import ImagingOptions, write_image
 from imager.pipeline import READS_IN_FLIGHT, decoder, read_chunks, run_ordered
 from imager.plan.usedmap import UsedMap
@@ -335,17 +337,47 @@ def test_every_source_reads_what_the_volume_held(sources):
 def test_a_file_image_goes_to_its_disk_while_it_is_written(tmp_path):
     """The fsync at the end of a backup waits for the last part of the image only: FileSink
     starts the writeback of every WRITEBACK_STEP as it is written, so a long backup never holds
-    gigabytes of dirty pages for the commit to wait on."""
+    gigabytes of dirty pages for the commit to wait on. (A small step here: the kernel's own
+    writeback, which starts at a share of the memory, stays out of it.)"""
     sink = FileSink(str(tmp_path / "image.zst"))
+    sink.WRITEBACK_STEP = step = 1 << 20
     try:
-        piece = os.urandom(1 << 20)
-        length = 3 * FileSink.WRITEBACK_STEP + (4 << 20)
-        for _ in range(length // len(piece)):
-            sink.write(piece)
+        for _ in range(8):
+            sink.write(os.urandom(step))
+        sink.write(os.urandom(step // 4))           # not a step yet: stays dirty
         sink._f.flush()
-        assert dirty_bytes(sink._file.fd, length) <= FileSink.WRITEBACK_STEP
+        length = 8 * step + step // 4
+        assert step // 4 <= dirty_bytes(sink._file.fd, length) <= step
     finally:
         sink.abort()
+
+
+def test_an_incremental_s_frames_go_out_in_whole_pieces_no_larger_than_a_chunk():
+    """Joined for speed, an incremental's frames still reach the sink in pieces that end on a
+    frame and are no larger than `max_write` (a tape sink changes cartridges between writes,
+    and its early-warning zone holds one write); the bytes are those of a write per frame."""
+    block, chunk = 16384, 1 << 20
+    header = ImageHeader(volume_size=64 * chunk, chunk_size=block, block_size=block, kind=INCREMENTAL)
+    base = bytes(DIGEST_SIZE * header.block_count)
+    codec = ZstdCodec(3, block)
+    rng = random.Random(5)
+    blocks = [codec.encode(i, memoryview(rng.randbytes(block)))
+              for i in sorted(rng.sample(range(header.block_count), 300))]
+
+    class Pieces(list):
+        def write(self, data: bytes) -> None:
+            self.append(bytes(data))
+
+    joined, one_by_one = Pieces(), Pieces()
+    max_write = zstd_frame_bound(chunk)
+    for sink, limit in ((joined, max_write), (one_by_one, 0)):
+        writer = ImageWriter(sink, header, base_digests=base, max_write=limit)
+        for first in range(0, len(blocks), 100):
+            writer.write_blocks(blocks[first:first + 100])
+    assert b"".join(joined) == b"".join(one_by_one) and len(joined) < len(one_by_one) / 20
+    assert max(len(piece) for piece in joined) <= max_write
+    ends = set(itertools.accumulate(len(piece) for piece in one_by_one))
+    assert set(itertools.accumulate(len(piece) for piece in joined)) <= ends
 
 
 # -- reading a volume by its plan ------------------------------------------------------------------
@@ -383,6 +415,49 @@ def test_scattered_reads_come_in_order_and_a_failed_one_gives_every_buffer_back(
                 if buf is not None:
                     pool.release(buf)
     assert pool.available() == 3                 # nothing lost on the way out
+
+
+class _ConcurrencyProbe:
+    """A volume whose reads wait for each other until `target` are in flight at once (or a
+    while has passed, once): how many a reader keeps in flight, without timing anything."""
+
+    path = "probe"
+    logical_sector_size = 512
+
+    def __init__(self, size: int, target: int):
+        self.size = size
+        self.target = target
+        self.active = self.peak = 0
+        self.waited_out = False
+        self._changed = threading.Condition()
+
+    def read_into(self, buf: memoryview, offset: int) -> int:
+        with self._changed:
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+            self._changed.notify_all()
+            if not self.waited_out and not self._changed.wait_for(lambda: self.peak >= self.target, timeout=10):
+                self.waited_out = True
+            self.active -= 1
+        buf[:] = bytes(len(buf))
+        return len(buf)
+
+
+def test_a_sparse_plan_still_gets_every_read_in_flight():
+    """An incremental of a small change reads a few blocks in a chunk here and there: the
+    unused chunks between them must not hold back the reads."""
+    chunk = 1 << 20
+    probe = _ConcurrencyProbe(64 * chunk, READS_IN_FLIGHT)
+    plan = UsedMap.from_ranges(probe.size, [(i * chunk, i * chunk + 4096) for i in range(0, 64, 4)])
+    pool = BufferPool(2 * 2 + 2 + READS_IN_FLIGHT, chunk)
+    got = []
+    for index, buf, length in read_chunks(probe, chunk, pool, lambda n: None, plan, 16384, READS_IN_FLIGHT):
+        got.append(index)
+        if buf is not None:
+            pool.release(buf)
+    assert got == list(range(64))
+    assert probe.peak == READS_IN_FLIGHT and not probe.waited_out
+    pool.close()
 
 
 def test_a_backup_that_stops_early_has_every_buffer_back_and_no_read_in_flight(tmp_path):

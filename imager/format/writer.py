@@ -56,8 +56,13 @@ class ImageWriter:
     digests. A full image gets every chunk in order (write_chunk); an incremental, started from
     its parent's block digests, the blocks that changed in ascending order (write_blocks)."""
 
-    def __init__(self, sink: ByteSink, header: ImageHeader, base_digests: bytes | None = None):
+    def __init__(self, sink: ByteSink, header: ImageHeader, base_digests: bytes | None = None,
+                 max_write: int = 0):
+        """`max_write`: the most bytes of frames an incremental's blocks are joined into for one
+        write (whole frames: a tape sink spans cartridges between writes, and its early-warning
+        zone holds one write of at most that); 0 for a write per frame."""
         self.sink = sink
+        self.max_write = max_write
         self.header = header
         self.frames = FrameLog()
         self.bytes_written = 0
@@ -92,13 +97,26 @@ class ImageWriter:
 
     def write_blocks(self, blocks: list[EncodedChunk]) -> None:
         """Blocks of an incremental, ascending; each run of consecutive ones after a run frame.
-        The frames of one call are written and hashed as one piece: a write and a hash per
-        block frame each let go of the GIL and wait to take it back behind the busy pipeline
-        threads, which cost a 10% incremental more time than its reads (bench/chain.py)."""
+        The frames are written and hashed in pieces of up to `max_write` bytes: a write and a
+        hash per 16 KiB frame each let go of the GIL and wait behind the busy pipeline threads
+        to take it back, which cost a 10% incremental more time than its reads (bench/chain.py)."""
         if self.held is None:
             raise RuntimeError("a full image is written by write_chunk")
-        parts: list[bytes] = []
+        piece: list[bytes] = []
         entries: list[tuple[int, int]] = []
+        size = 0
+
+        def add(frame: bytes, decompressed: int) -> None:
+            nonlocal size
+            if piece and size + len(frame) > self.max_write:
+                self._emit_joined(piece, entries)
+                piece.clear()
+                entries.clear()
+                size = 0
+            piece.append(frame)
+            entries.append((len(frame), decompressed))
+            size += len(frame)
+
         start = 0
         while start < len(blocks):
             end = start + 1
@@ -107,22 +125,22 @@ class ImageWriter:
             first = blocks[start].index
             if first < self._next:
                 raise RuntimeError(f"block {first} written out of order (expected {self._next} or later)")
-            run = run_frame(first, end - start)
-            parts.append(run)
-            entries.append((len(run), 0))
+            add(run_frame(first, end - start), 0)
             for block in blocks[start:end]:
-                parts.append(block.frame)
-                entries.append((len(block.frame), block.length))
+                add(block.frame, block.length)
                 self.digests[block.index * DIGEST_SIZE:(block.index + 1) * DIGEST_SIZE] = block.digest
                 self.held[block.index] = True
             self._next = blocks[end - 1].index + 1
             self.chunks_written += end - start
             start = end
-        if parts:
-            data = b"".join(parts)
-            self.sink.write(data)
-            self.frames.add_joined(data, entries)
-            self.bytes_written = self.frames.size
+        if piece:
+            self._emit_joined(piece, entries)
+
+    def _emit_joined(self, frames: list[bytes], entries: list[tuple[int, int]]) -> None:
+        data = b"".join(frames)
+        self.sink.write(data)
+        self.frames.add_joined(data, entries)
+        self.bytes_written = self.frames.size
 
     def finish(self, totals: dict[str, Any], used_any: bytes, used_full: bytes) -> None:
         """The trailer (with the filesystem's use of each block, as bitmaps) and the seek table."""

@@ -24,7 +24,7 @@ from ..catalog import Catalog
 from ..ends.sinks import Sink
 from ..ends.sources import VolumeSource
 from ..format import (DIGEST_SIZE, INCREMENTAL, EncodedChunk, ImageHeader, ImageWriter, ZstdCodec, pack_bits,
-                      unpack_bits, zero_block_digests)
+                      unpack_bits, zero_block_digests, zstd_frame_bound)
 from ..pipeline import READS_IN_FLIGHT, read_chunks, run_ordered, worker_count
 from ..plan.changes import BlockStates, ChangePlan, change_plan, tracker_bits_as_blocks
 from ..plan.usedmap import ALL_BLOCKS, UsedMap
@@ -117,7 +117,8 @@ def write_incremental(source: VolumeSource, sink: Sink, increment: Increment, *,
     pool = BufferPool(workers * 2 + 2 + READS_IN_FLIGHT, read_size)
     compare = _RegionCompare(candidates, used_now, parent.trailer.digests, codec, pool, read_size // block_size,
                              block_size)
-    writer = ImageWriter(sink, header, base_digests=parent.trailer.digests)
+    # No write larger than a full's chunk: what a tape sink's early-warning zone is sized for.
+    writer = ImageWriter(sink, header, base_digests=parent.trailer.digests, max_write=zstd_frame_bound(read_size))
     totals = {"bytes_read": 0, "compared": 0, "changed": 0}
     started = time.monotonic()
 

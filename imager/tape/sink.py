@@ -283,7 +283,8 @@ class TapeSink:
 
     # -- the stream --
     def write(self, frame: bytes) -> None:
-        """Queue one whole zstd frame of the image stream (frame boundaries matter for spanning)."""
+        """Queue whole zstd frames of the image stream, at most `largest_frame` bytes: a cartridge
+        is changed between writes, and its early-warning zone holds the rest of one write."""
         if self._error is not None:
             raise self._error
         if self._spool is not None:

@@ -81,6 +81,8 @@ def read_snapshot(store: CowStore, dst: memoryview, offset: int, generation: int
                     run += 1
                 n = min(end, (block + run) * bs) - pos
                 failpoints.check("source.read", pos, n)
+                # The original, as long as the stripes are held: a first write to these blocks
+                # waits for them, and keeps the original before it writes.
                 got = store._snapshot_io.read(dst[pos - offset:pos - offset + n], pos)
                 if got < n:
                     raise SnapshotError(f"{store.device.path}: short read at offset {pos + got}")

@@ -109,7 +109,8 @@ class VolumeDaemon:
         # The snapshot's blocks that are still on the source are read past the page cache: a
         # backup reading the whole volume would otherwise push the applications' cached data
         # out (and copy every block once more). O_DIRECT reads write back the dirty pages they
-        # cover first, so they see every buffered write.
+        # cover first, so they see every buffered write, and no write to those blocks runs
+        # meanwhile (read_snapshot holds their stripes).
         self.snapshot_reader = BlockDevice(self.device_path, direct=True, on_notice=lambda msg: log.info("%s", msg))
         self.store = CowStore(self.device, self.state_dir, self.block_size, self.cache_size,
                               fingerprint=self.fingerprint, handover=supervisor_token(self.supervisor_pid),
