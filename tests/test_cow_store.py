@@ -15,6 +15,7 @@ from devices.block import BlockDevice
 from devices.buffers import AlignedBuffer
 from imager.errors import CacheFullError, SnapshotError
 from imager.snapshot.cow import CowStore
+from lab import dirty_bytes
 
 BS = 64 * 1024
 VOLUME_SIZE = 16 * 1024 * 1024
@@ -79,6 +80,29 @@ def test_view_equals_pre_snapshot_bytes_after_many_writes(store, volume):
     assert view.pread(100_000, 12345) == before[12345:112345]
     store.flush()
     assert read_all(volume) == bytes(expected)
+
+
+def test_a_direct_snapshot_reader_sees_writes_still_in_the_page_cache(loop_device, tmp_path):
+    """The daemon writes the source through its page cache and reads the snapshot's blocks
+    with O_DIRECT past it: the writes made before the snapshot, not yet on the disk, must be
+    in the snapshot all the same (an O_DIRECT read writes back the dirty pages it covers)."""
+    rng = np.random.default_rng(7)
+    with BlockDevice(loop_device, writable=True, direct=False) as device, \
+            BlockDevice(loop_device, direct=True) as reader, \
+            CowStore(device, str(tmp_path / "state"), snapshot_reader=reader) as store:
+        assert reader.direct
+        before = bytearray(read_all(store))
+        for offset in range(0, VOLUME_SIZE, 1 << 20):
+            data = rng.integers(0, 256, 200_000, dtype=np.uint8).tobytes()
+            store.write(offset + 12_345, data)
+            before[offset + 12_345:offset + 12_345 + len(data)] = data
+        assert dirty_bytes(device.fd, VOLUME_SIZE) > 0          # not on the disk yet
+        store.start_snapshot()
+        after = rng.integers(0, 256, VOLUME_SIZE // 2, dtype=np.uint8).tobytes()
+        store.write(0, after)                                  # half the blocks keep originals
+        with store.view() as view:
+            assert read_all(view) == bytes(before)
+        store.end_snapshot()
 
 
 def test_unaligned_writes_spanning_blocks(store, volume):
