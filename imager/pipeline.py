@@ -42,6 +42,13 @@ MAX_WORKERS = 256
 READS_IN_FLIGHT = 4
 
 
+def pool_size(workers: int, readers: int = 1) -> int:
+    """Buffers a read_chunks -> run_ordered pipeline needs so that no stage waits for one: the
+    workers' items in flight (two each, run_ordered's depth), one per read in flight, one with
+    the consumer and one coming back to the pool."""
+    return workers * 2 + readers + 2
+
+
 def default_workers() -> int:
     return len(os.sched_getaffinity(0)) or 1
 

@@ -26,7 +26,7 @@ from imager.errors import ChunkError, ImageFormatError, ImagerError, TapeMediaEr
 from imager.format import (DIGEST_SIZE, INCREMENTAL, ImageHeader, ImageReader, ImageWriter, ZstdCodec,
                            zstd_frame_bound)
 from imager.jobs.backup import ImagingOptions, write_image
-from imager.pipeline import READS_IN_FLIGHT, decoder, read_chunks, run_ordered
+from imager.pipeline import READS_IN_FLIGHT, decoder, pool_size, read_chunks, run_ordered
 from imager.plan.usedmap import UsedMap
 from imager.snapshot.cow import CowStore
 from imager.tape import TapeSink, TapeSpec, write_label
@@ -449,7 +449,7 @@ def test_a_sparse_plan_still_gets_every_read_in_flight():
     chunk = 1 << 20
     probe = _ConcurrencyProbe(64 * chunk, READS_IN_FLIGHT)
     plan = UsedMap.from_ranges(probe.size, [(i * chunk, i * chunk + 4096) for i in range(0, 64, 4)])
-    pool = BufferPool(2 * 2 + 2 + READS_IN_FLIGHT, chunk)
+    pool = BufferPool(pool_size(2, READS_IN_FLIGHT), chunk)
     got = []
     for index, buf, length in read_chunks(probe, chunk, pool, lambda n: None, plan, 16384, READS_IN_FLIGHT):
         got.append(index)
@@ -467,7 +467,7 @@ def test_a_backup_that_stops_early_has_every_buffer_back_and_no_read_in_flight(t
     chunk = 1 << 20
     path = tmp_path / "volume.raw"
     path.write_bytes(os.urandom(16 * chunk))
-    pool = BufferPool(2 * 2 + 2 + READS_IN_FLIGHT, chunk)
+    pool = BufferPool(pool_size(2, READS_IN_FLIGHT), chunk)
     seen: list[int] = []
 
     def release(item):

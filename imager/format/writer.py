@@ -35,10 +35,7 @@ class FrameLog:
         self._hash = None
 
     def add(self, frame: bytes, decompressed: int) -> None:
-        if self._hash is not None:
-            self._hash.update(frame)
-        self.entries.append((len(frame), decompressed))
-        self.size += len(frame)
+        self.add_joined(frame, [(len(frame), decompressed)])
 
     def add_joined(self, data: bytes, entries: list[tuple[int, int]]) -> None:
         """Frames written as one piece of bytes, `entries` their (length, decompressed) in order."""
@@ -81,9 +78,7 @@ class ImageWriter:
         self._emit(encode_header(header), 0)
 
     def _emit(self, frame: bytes, decompressed: int) -> None:
-        self.sink.write(frame)
-        self.frames.add(frame, decompressed)
-        self.bytes_written = self.frames.size
+        self._emit_joined(frame, [(len(frame), decompressed)])
 
     def write_chunk(self, chunk: EncodedChunk) -> None:
         if self.held is not None:
@@ -109,7 +104,7 @@ class ImageWriter:
         def add(frame: bytes, decompressed: int) -> None:
             nonlocal size
             if piece and size + len(frame) > self.max_write:
-                self._emit_joined(piece, entries)
+                self._emit_joined(b"".join(piece), entries)
                 piece.clear()
                 entries.clear()
                 size = 0
@@ -134,10 +129,10 @@ class ImageWriter:
             self.chunks_written += end - start
             start = end
         if piece:
-            self._emit_joined(piece, entries)
+            self._emit_joined(b"".join(piece), entries)
 
-    def _emit_joined(self, frames: list[bytes], entries: list[tuple[int, int]]) -> None:
-        data = b"".join(frames)
+    def _emit_joined(self, data: bytes, entries: list[tuple[int, int]]) -> None:
+        """Frames as one piece of bytes, `entries` their (length, decompressed) in order."""
         self.sink.write(data)
         self.frames.add_joined(data, entries)
         self.bytes_written = self.frames.size

@@ -28,7 +28,7 @@ from ..ends.sources import VolumeSource
 from ..errors import ImagerError, SnapshotError, UsageError
 from ..format import (DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL, MAX_CHUNK_SIZE, EncodedChunk, ImageHeader, ImageWriter,
                       ZstdCodec, chain_block_size, pack_bits, zstd_frame_bound)
-from ..pipeline import READS_IN_FLIGHT, encoder, read_chunks, run_ordered, worker_count
+from ..pipeline import READS_IN_FLIGHT, encoder, pool_size, read_chunks, run_ordered, worker_count
 from ..plan.planner import PlanRules, remove_stale_planning_mounts
 from ..plan.usedmap import ALL_BLOCKS, UsedMap
 from ..snapshot.freeze import Hook
@@ -335,7 +335,7 @@ def write_image(source: VolumeSource, sink: Sink, *, options: ImagingOptions | N
         plan = None
     started = time.monotonic()
     writer = ImageWriter(sink, header)
-    pool = BufferPool(workers * 2 + 2 + READS_IN_FLIGHT, options.chunk_size)
+    pool = BufferPool(pool_size(workers, READS_IN_FLIGHT), options.chunk_size)
     totals = {"bytes_read": 0, "zero_chunks": 0}
 
     def count_read(n: int) -> None:

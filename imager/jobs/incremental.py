@@ -25,7 +25,7 @@ from ..ends.sinks import Sink
 from ..ends.sources import VolumeSource
 from ..format import (DIGEST_SIZE, INCREMENTAL, EncodedChunk, ImageHeader, ImageWriter, ZstdCodec, pack_bits,
                       unpack_bits, zero_block_digests, zstd_frame_bound)
-from ..pipeline import READS_IN_FLIGHT, read_chunks, run_ordered, worker_count
+from ..pipeline import READS_IN_FLIGHT, pool_size, read_chunks, run_ordered, worker_count
 from ..plan.changes import BlockStates, ChangePlan, change_plan, tracker_bits_as_blocks
 from ..plan.usedmap import ALL_BLOCKS, UsedMap
 from ..snapshot.provider import PlannedVolume
@@ -114,7 +114,7 @@ def write_incremental(source: VolumeSource, sink: Sink, increment: Increment, *,
     read_plan = _read_plan(candidates & used_now, source.size, block_size, plan)
     codec = ZstdCodec(level, block_size)
     workers = worker_count(workers)
-    pool = BufferPool(workers * 2 + 2 + READS_IN_FLIGHT, read_size)
+    pool = BufferPool(pool_size(workers, READS_IN_FLIGHT), read_size)
     compare = _RegionCompare(candidates, used_now, parent.trailer.digests, codec, pool, read_size // block_size,
                              block_size)
     # No write larger than a full's chunk: what a tape sink's early-warning zone is sized for.

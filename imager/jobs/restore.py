@@ -19,7 +19,7 @@ from ..ends.target import RestoreTarget
 from ..errors import ImageFormatError, ImagerError, UsageError
 from ..format import DIGEST_SIZE, ImageReader
 from ..format.chain import Chain
-from ..pipeline import DecodedChunk, decoder, digester, read_chunks, run_ordered, worker_count
+from ..pipeline import DecodedChunk, decoder, digester, pool_size, read_chunks, run_ordered, worker_count
 from ..progress import Progress, start_phase
 from .chains import open_chain
 from .results import RestoreResult
@@ -153,7 +153,7 @@ def compare_with_digests(target: str, volume_size: int, read_size: int, block_si
     per_read = read_size // block_size * DIGEST_SIZE
     with BlockDevice(target, direct=True) as dev:
         dev.drop_cache()
-        pool = BufferPool(workers * 2 + 2, read_size)
+        pool = BufferPool(pool_size(workers), read_size)
 
         def check(result: tuple[int, bytes]) -> None:
             index, got = result
