@@ -10,7 +10,8 @@ can arm a point once the volume is up:
 range (a bad sector). `NAME=HANG` blocks there for good instead (a stuck device, for the
 watchdog). Points: source.read, source.write, source.flush (the source device),
 cow.read-original (reading an original before its first overwrite), cow.cache-write,
-cow.cache-read, cow.cache-sync (the cache region), state.persist (the snapshot state file).
+cow.cache-read, cow.cache-sync (the cache region), state.persist (the snapshot state file);
+in a mount, image.direct-open and image.direct-read (a filesystem refusing O_DIRECT).
 Unset, every check is one test of an empty dict.
 """
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from devices import loop
-from devices.fs import file_extents, mounts
+from devices.fs import drop_cached, file_extents, mounts
 from imager import api
 from imager.format import ImageReader
 from imager.mount import registry
@@ -33,7 +33,7 @@ from imager.mount.volume import CachedVolume, open_chain_files
 from imager.spawn import exit_watch, has_exited
 
 from conftest import REPO_ROOT, LoopFactory, imager, run
-from lab import DAEMON_TESTS, kill_and_wait, one_line_error, wait_for
+from lab import DAEMON_TESTS, cached_bytes, kill_and_wait, one_line_error, wait_for
 
 pytestmark = DAEMON_TESTS
 
@@ -432,6 +432,35 @@ def test_a_damaged_chunk_fails_its_reads_with_eio_and_one_log_line(built, run_di
     kept = umount(point)["log_path"]                            # the evidence outlives the mount
     assert naming[0] in Path(kept).read_text().splitlines()
     assert_cleared(point, run_dir)
+
+
+@pytest.mark.parametrize("refused", [None, "image.direct-open=EINVAL", "image.direct-read=EINVAL"],
+                         ids=["o-direct", "open-refused", "read-refused"])
+def test_reading_a_mount_keeps_the_image_out_of_the_page_cache_where_the_kernel_lets_it(built, run_dir, tmp_path,
+                                                                                         refused):
+    """The daemon keeps decoded chunks itself: a full image's frames are read past the page
+    cache, so reading a mounted image does not push the machine's cached data out with a second
+    copy of the image. Where the image's filesystem refuses O_DIRECT (at open or at a read), the
+    frames come through the page cache and every file still reads right."""
+    b = built("ext4")
+    image = tmp_path / "copy.zst"
+    shutil.copy(b.image, image)
+    drop_cached(image)
+    point = tmp_path / "mnt"
+    point.mkdir()
+    env = dict(os.environ, IMAGER_FAILPOINTS=refused) if refused else None
+    mount_json(str(image), point, env=env)
+    assert checksums(tree_of(point)) == checksums(b.tree)
+    size = image.stat().st_size
+    cached = cached_bytes(str(image))
+    umount(point)
+    assert_cleared(point, run_dir)
+    with ImageReader(str(image)) as reader:
+        frames = sum(reader.chunk_frame_sizes)
+    if refused:
+        assert cached >= frames // 2, (cached, frames)
+    else:
+        assert cached <= size - frames // 2, (cached, size, frames)
 
 
 # -- ending a mount ------------------------------------------------------------------------------

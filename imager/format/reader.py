@@ -3,7 +3,10 @@ chunk's frame or checked contents. The image is a byte-range source (a file by d
 
 from __future__ import annotations
 
+import errno
 import itertools
+import logging
+import mmap
 import os
 import struct
 import threading
@@ -11,6 +14,7 @@ from typing import Iterator
 
 import numpy as np
 
+from .. import failpoints
 from ..errors import ChunkError, ImageFormatError, UsageError
 from .blocks import unpack_bits
 from .codec import codec_of, zstd_frame_bound
@@ -20,7 +24,11 @@ from .seektable import (SEEK_DESCRIPTOR, SEEK_ENTRY, SEEK_FOOTER_SIZE, SEEK_TABL
                         FrameNames, seek_table_size)
 from .walk import FrameError, TruncatedFrame, garbage_after, iter_frames
 
+log = logging.getLogger("imager.format")
+
 _frames = threading.local()
+# O_DIRECT reads are aligned to this (the largest logical block size of common disks).
+DIRECT_ALIGN = 4096
 
 
 class ImageReader:
@@ -30,8 +38,14 @@ class ImageReader:
     one chunk's frame and checked contents.
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, *, direct_frames: bool = False):
+        """`direct_frames`: read a full image's chunk frames in chunk_into with O_DIRECT, past the
+        page cache (a mount: it keeps decoded chunks itself, and copying each frame out of the
+        page cache cost it as much CPU as hashing them; bench/mount.py). Where the image's
+        filesystem refuses O_DIRECT, they are read through the page cache, as otherwise."""
         self.path = path
+        self._direct_fd: int | None = None      # None once refused: the frames go through the page cache
+        self._direct_file: int | None = None    # closed only by close(): another thread may be reading it
         try:
             self._f = open(path, "rb", buffering=0)
         except FileNotFoundError:
@@ -42,9 +56,18 @@ class ImageReader:
             raise ImageFormatError(f"{path}: {e.strerror}") from None
         try:
             self._load()
+            if direct_frames and not self.header.incremental:
+                self._open_direct()
         except BaseException:
             self._f.close()
             raise
+
+    def _open_direct(self) -> None:
+        try:
+            failpoints.check("image.direct-open")
+            self._direct_fd = self._direct_file = os.open(self.path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+        except OSError as e:
+            log.info("%s: frames read through the page cache (O_DIRECT refused: %s)", self.path, e.strerror)
 
     def __enter__(self) -> "ImageReader":
         return self
@@ -53,6 +76,10 @@ class ImageReader:
         self.close()
 
     def close(self) -> None:
+        self._direct_fd = None
+        if self._direct_file is not None:
+            os.close(self._direct_file)
+            self._direct_file = None
         self._f.close()
 
     def _pread(self, n: int, offset: int) -> bytes:
@@ -201,17 +228,47 @@ class ImageReader:
         """Chunk `index`, checked, decompressed into `dst` (its length), its frame read into a
         buffer this thread reuses: False for a zero chunk, `dst` then untouched."""
         offset, size = self._where(index)
-        if size > zstd_frame_bound(self.header.chunk_size):
-            frame: bytes | memoryview = self.frame(index)     # damaged: decode_into names it
-        else:
+        bound = zstd_frame_bound(self.header.chunk_size)
+        frame: bytes | memoryview | None = None
+        if size > bound:
+            frame = self.frame(index)     # damaged: decode_into names it
+        elif self._direct_fd is not None:
+            frame = self._read_direct(index, offset, size, bound)
+        if frame is None:
             buffer = getattr(_frames, "buffer", None)
             if buffer is None or len(buffer) < size:
-                buffer = _frames.buffer = bytearray(zstd_frame_bound(self.header.chunk_size))
+                buffer = _frames.buffer = bytearray(bound)
             frame = memoryview(buffer)[:size]
             if os.preadv(self._f.fileno(), [frame], offset) != size:
                 raise ChunkError(index, offset, index * self.header.chunk_size, "image truncated")
         return codec_of(self.header).decode_into(frame, dst, index, self.trailer.digest(index), offset,
                                                  index * self.header.chunk_size)
+
+    def _read_direct(self, index: int, offset: int, size: int, bound: int) -> memoryview | None:
+        """The frame at [offset, offset + size), read with O_DIRECT into a page-aligned buffer
+        this thread reuses; None when the kernel refuses the read's alignment (then every frame
+        goes through the page cache from here on)."""
+        start = offset - offset % DIRECT_ALIGN
+        span = -(-(offset + size - start) // DIRECT_ALIGN) * DIRECT_ALIGN
+        buffer = getattr(_frames, "aligned", None)
+        if buffer is None or len(buffer) < span:
+            buffer = _frames.aligned = mmap.mmap(-1, -(-(bound + 2 * DIRECT_ALIGN) // mmap.PAGESIZE) * mmap.PAGESIZE)
+        view = memoryview(buffer)
+        fd = self._direct_fd
+        try:
+            if fd is None:
+                return None
+            failpoints.check("image.direct-read", offset, size)
+            got = os.preadv(fd, [view[:span]], start)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            log.info("%s: frames read through the page cache (an O_DIRECT read refused: %s)", self.path, e.strerror)
+            self._direct_fd = None
+            return None
+        if got < offset - start + size:
+            raise ChunkError(index, offset, index * self.header.chunk_size, "image truncated")
+        return view[offset - start:offset - start + size]
 
     def chunk(self, index: int) -> bytes:
         data = self.decode(index, self.frame(index))

@@ -3,6 +3,10 @@ decoded once, checked against the chain point's digests, and kept in a bounded L
 decoded regions; on sequential reads the next regions are decoded ahead, in parallel, on every
 core (zstandard and blake3 release the GIL).
 
+A full image's frames are read with O_DIRECT (ImageReader direct_frames): the decoded regions
+are the cache, and a second copy of the image in the page cache only pushed out the machine's
+other data and cost a copy per frame.
+
 Regions are decoded into page-aligned buffers (slabs) that are reused, and reads are answered
 with views of them (read_views), sent to the kernel without a copy: a slab is pinned while a
 reply is sent from it, and is decoded into again only once it is out of the cache and unpinned.
@@ -372,7 +376,7 @@ def copy_views(views: list[memoryview], dst: memoryview) -> int:
 def open_chain_files(paths: list[str], stack: ExitStack) -> Chain:
     """The chain point of the image files `paths` (the point first, back to its full), each link
     checked again; the readers close with `stack`."""
-    readers = [stack.enter_context(ImageReader(path)) for path in paths]
+    readers = [stack.enter_context(ImageReader(path, direct_frames=True)) for path in paths]
     for child, parent in zip(readers, readers[1:]):
         check_link(child.header, parent.header, parent.trailer, parent.path)
     return Chain(readers)
