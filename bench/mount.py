@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
 """imager mount, measured in one run: from `imager mount` to a listed root on a 4 GiB and a
-16 GiB image, a sequential read of a 300 MiB file from the mount against `zstd -d -T0` of the
-same chunks, random 4 KiB reads with a warm cache, and the daemon's memory.
+16 GiB image, sequential reads of two 300 MiB files from the mount (with dd, through the page
+cache, and with fio, O_DIRECT) against `zstd -d -T0` of the same chunks, alternating, random
+4 KiB reads with a warm cache, the daemon's memory, and two figures of the machine that the
+mount's reads depend on and zstd's do not (a wake-up round trip, fresh memory's first touch).
 
     python bench/mount.py [--rounds 3]
 
 The 4 GiB volume is bench/volumes.py's aged ext4 (system files, 300 MiB of random data in
 random.bin, free space once filled with random data); the 16 GiB one is a fresh ext4 with a
-little data, mostly never-written (zero) chunks. Images and volumes are built once into
+little data and system.tar (300 MiB of the system's libraries, ordinary compressible data),
+mostly never-written (zero) chunks. Images and volumes are built once into
 bench/work/. Only this benchmark's own files are dropped from the page cache
 (posix_fadvise DONTNEED on the image files), never the whole machine's. Prints a table and
 writes bench/results/mount.json.
@@ -55,9 +58,16 @@ def image_of(volume: Path, name: str) -> Path:
     return image
 
 
+# A file of ordinary, compressible data to read besides random.bin (where zstd -d only copies):
+# the first 300 MiB of a tar of the system's libraries.
+SYSTEM_TAR = "system.tar"
+SYSTEM_TAR_BYTES = 300 * MiB
+
+
 def sparse_volume(size: int = 16 << 30) -> Path:
-    """A fresh ext4 of `size` with a little data: most of its chunks were never written."""
-    path = volumes.WORK / f"ext4-{size >> 30}g-sparse.img"
+    """A fresh ext4 of `size` with a little data (system files, 64 MiB of random data, and
+    SYSTEM_TAR): most of its chunks were never written."""
+    path = volumes.WORK / f"ext4-{size >> 30}g-sparse-tar.img"
     if path.exists():
         return path
     tmp = path.with_suffix(".building")
@@ -72,6 +82,8 @@ def sparse_volume(size: int = 16 << 30) -> Path:
             sh("cp", "-a", "/usr/lib/python3.11", str(mnt / "python3.11"))
             with open(mnt / "random.bin", "wb") as f:
                 f.write(os.urandom(64 * MiB))
+            sh("sh", "-c", f"tar cf - -C / usr/lib/x86_64-linux-gnu usr/share 2>/dev/null | "
+                           f"head -c {SYSTEM_TAR_BYTES} > '{mnt / SYSTEM_TAR}'")
         finally:
             sh("umount", str(mnt))
     finally:
@@ -142,11 +154,69 @@ def read_sequentially(path: Path, daemon: int) -> tuple[float, float]:
     return path.stat().st_size / (time.monotonic() - start) / 1e6, cpu_seconds(daemon) - cpu
 
 
+def read_direct(path: Path, daemon: int) -> tuple[float, float]:
+    """MB/s of a sequential read of the file with O_DIRECT, 1 MiB reads, 8 in flight (fio), and
+    the CPU seconds the daemon spent: no page-cache pages are filled, so the figure leaves out
+    what making them costs the machine (see first_touch)."""
+    cpu = cpu_seconds(daemon)
+    out = sh("fio", "--name=seq", f"--filename={path}", "--rw=read", "--bs=1M", "--direct=1", "--iodepth=8",
+             "--ioengine=libaio", "--output-format=json").stdout
+    rate = json.loads(out)["jobs"][0]["read"]["bw_bytes"] / 1e6
+    return rate, cpu_seconds(daemon) - cpu
+
+
 def chunks_of(path: Path, chunk_size: int) -> list[int]:
     chunks: set[int] = set()
     for start, end in file_extents(str(path), exclusive_only=False):
         chunks.update(range(start // chunk_size, (end - 1) // chunk_size + 1))
     return sorted(chunks)
+
+
+class Sequential:
+    """Rounds of a sequential read of one file from a fresh mount of its image, each against
+    zstd -d of the frames of the chunks the file lies in."""
+
+    def __init__(self, image: Path, name: str, work: Path):
+        self.image = image
+        self.name = name
+        self.frames = work / f"{name}-chunks.zst"
+        with ImageReader(str(image)) as reader:
+            self.chunk_size = reader.header.chunk_size
+        self.chunks: list[int] = []
+        self.size = 0
+        self.rates: list[float] = []
+        self.cpu: list[float] = []
+        self.zstd_rates: list[float] = []
+        self.zstd_cpu: list[float] = []
+        self.direct_rates: list[float] = []
+        self.direct_cpu: list[float] = []
+
+    def round(self, mounts: Mounts) -> None:
+        """dd of the file from a fresh mount, zstd -d of its chunks, fio of the file from a
+        fresh mount."""
+        self._read(mounts, read_sequentially, self.rates, self.cpu)
+        rate, cpu = zstd_rate(self.frames, len(self.chunks) * self.chunk_size)
+        self.zstd_rates.append(rate)
+        self.zstd_cpu.append(cpu)
+        self._read(mounts, read_direct, self.direct_rates, self.direct_cpu)
+
+    def _read(self, mounts: Mounts, how, rates: list[float], cpus: list[float]) -> None:
+        """One mount at a time, unmounted after its read: idle mounts cost the next one."""
+        point = mounts.point()
+        drop_cached(self.image)
+        info = mounts.mount(self.image, point)
+        path = point / self.name
+        if not self.chunks:
+            self.size = path.stat().st_size
+            self.chunks = chunks_of(path, self.chunk_size)
+            with ImageReader(str(self.image)) as reader, open(self.frames, "wb") as f:
+                for index in self.chunks:
+                    f.write(reader.frame(index))
+            drop_cached(self.image)
+        rate, cpu = how(path, info["pid"])
+        rates.append(rate)
+        cpus.append(cpu)
+        mounts.umount(point)
 
 
 def zstd_rate(frames: Path, decompressed: int) -> tuple[float, float]:
@@ -184,6 +254,53 @@ def random_reads(path: Path, offset: int, window: int, seconds: float, *, direct
         os.close(fd)
 
 
+def wakeup_round_trip(count: int = 5000) -> float:
+    """Microseconds for a byte to go to another process and back through pipes: two wake-ups of
+    a sleeping process, what every FUSE request costs on top of its work."""
+    from_parent, to_child = os.pipe()
+    from_child, to_parent = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(to_child)
+            os.close(from_child)
+            while os.read(from_parent, 1):
+                os.write(to_parent, b"x")
+        finally:
+            os._exit(0)
+    os.close(from_parent)
+    os.close(to_parent)
+    start = time.monotonic()
+    for _ in range(count):
+        os.write(to_child, b"x")
+        os.read(from_child, 1)
+    seconds = time.monotonic() - start
+    os.close(to_child)
+    os.close(from_child)
+    os.waitpid(pid, 0)
+    return seconds / count * 1e6
+
+
+def first_touch(size: int = 512 * MiB) -> tuple[float, float]:
+    """MB/s of writing fresh memory the first time and the second time. In a VM that gives
+    freed memory back to its host (free page reporting), the first write of a page the host
+    took back faults in the host: every page a read puts in the page cache can cost that."""
+    memory = mmap.mmap(-1, size)
+    try:
+        rates = []
+        for _ in range(2):
+            start = time.monotonic()
+            for at in range(0, size, MiB):
+                memory[at:at + MiB] = ONES_MIB
+            rates.append(size / (time.monotonic() - start) / 1e6)
+        return rates[0], rates[1]
+    finally:
+        memory.close()
+
+
+ONES_MIB = b"\x01" * MiB
+
+
 def memory_of(pid: int) -> dict[str, float]:
     values = {}
     with open(f"/proc/{pid}/status") as f:
@@ -202,7 +319,7 @@ def main() -> int:
 
     aged = volumes.build("ext4", 4 << 30, aged=True)
     image4 = image_of(aged, "mount-ext4-4g-aged.zst")
-    image16 = image_of(sparse_volume(), "mount-ext4-16g-sparse.zst")
+    image16 = image_of(sparse_volume(), "mount-ext4-16g-sparse-tar.zst")
     mounts = Mounts(Path(tempfile.mkdtemp(prefix="imager-bench-mount-")))
     rows: list[tuple[str, str]] = []
     result: dict = {"rounds": args.rounds}
@@ -225,51 +342,42 @@ def main() -> int:
         result["cli_start_seconds"] = version
 
         # Sequential: a fresh mount each round (nothing cached), the image dropped from the page
-        # cache, against zstd -d of the frames of the same chunks, also from the disk.
-        with ImageReader(str(image4)) as reader:
-            chunk_size = reader.header.chunk_size
-        frames = mounts.base / "random-chunks.zst"
-        seq: list[float] = []
-        same: list[float] = []
-        seq_cpu: list[float] = []
-        same_cpu: list[float] = []
-        chunks: list[int] = []
-        last = None
+        # cache, against zstd -d of the frames of the same chunks, also from the disk; random.bin
+        # (incompressible: zstd -d only copies it) and SYSTEM_TAR (ordinary data) alternating.
+        cases = {"random.bin": Sequential(image4, "random.bin", mounts.base),
+                 SYSTEM_TAR: Sequential(image16, SYSTEM_TAR, mounts.base)}
         for _ in range(args.rounds):
-            if last is not None:
-                mounts.umount(last[0])      # one mount at a time: the idle ones cost the next one
-            point = mounts.point()
-            drop_cached(image4)
-            info = mounts.mount(image4, point)
-            big = point / "random.bin"
-            if not chunks:
-                chunks = chunks_of(big, chunk_size)
-                with ImageReader(str(image4)) as reader, open(frames, "wb") as f:
-                    for index in chunks:
-                        f.write(reader.frame(index))
-                drop_cached(image4)
-            rate, cpu = read_sequentially(big, info["pid"])
-            seq.append(rate)
-            seq_cpu.append(cpu)
-            rate, cpu = zstd_rate(frames, len(chunks) * chunk_size)
-            same.append(rate)
-            same_cpu.append(cpu)
-            last = (point, info, big)
-        point, info, big = last
-        size = big.stat().st_size
+            for case in cases.values():
+                case.round(mounts)
         zstd_whole = zstd_rate(image4, 4 << 30)[0]
-        ratio = statistics.median(seq) / statistics.median(same)
-        rows.append((f"sequential read of random.bin ({size / MiB:.0f} MiB) from the mount, cold (MB/s)",
-                     f"{statistics.median(seq):.0f}  ({min(seq):.0f}-{max(seq):.0f})"))
-        rows.append((f"zstd -d -T0 of the same {len(chunks)} chunks to /dev/null, cold (MB/s)",
-                     f"{statistics.median(same):.0f}  ({min(same):.0f}-{max(same):.0f})"))
-        rows.append(("  mount / zstd (medians)", f"{ratio:.2f}x"))
-        rows.append(("  CPU seconds: the mount daemon / zstd -d (medians)",
-                     f"{statistics.median(seq_cpu):.2f} / {statistics.median(same_cpu):.2f}"))
+        for name, case in cases.items():
+            seq, same = case.rates, case.zstd_rates
+            ratio = statistics.median(seq) / statistics.median(same)
+            rows.append((f"sequential read of {name} ({case.size / MiB:.0f} MiB) from the mount, cold (MB/s)",
+                         f"{statistics.median(seq):.0f}  ({min(seq):.0f}-{max(seq):.0f})"))
+            rows.append((f"zstd -d -T0 of the same {len(case.chunks)} chunks to /dev/null, cold (MB/s)",
+                         f"{statistics.median(same):.0f}  ({min(same):.0f}-{max(same):.0f})"))
+            rows.append(("  mount / zstd (medians; per round)",
+                         f"{ratio:.2f}x  ({' '.join(f'{a / b:.2f}' for a, b in zip(seq, same))})"))
+            rows.append(("  CPU seconds: the mount daemon / zstd -d (medians)",
+                         f"{statistics.median(case.cpu):.2f} / {statistics.median(case.zstd_cpu):.2f}"))
+            direct = case.direct_rates
+            direct_ratio = statistics.median(direct) / statistics.median(same)
+            rows.append(("  the same read with O_DIRECT, 8 x 1 MiB in flight (fio; MB/s)",
+                         f"{statistics.median(direct):.0f}  ({min(direct):.0f}-{max(direct):.0f})"))
+            rows.append(("  O_DIRECT mount / zstd (medians; per round)",
+                         f"{direct_ratio:.2f}x  ({' '.join(f'{a / b:.2f}' for a, b in zip(direct, same))})"))
+            rows.append(("  CPU seconds of the mount daemon, O_DIRECT (median)", f"{statistics.median(case.direct_cpu):.2f}"))
+            result[f"sequential {name}"] = dict(file_bytes=case.size, sequential_mb_s=seq, zstd_same_chunks_mb_s=same,
+                                                ratio=ratio, daemon_cpu_s=case.cpu, zstd_cpu_s=case.zstd_cpu,
+                                                direct_mb_s=direct, direct_ratio=direct_ratio,
+                                                direct_daemon_cpu_s=case.direct_cpu, chunks=len(case.chunks))
         rows.append(("zstd -d -T0 of the whole 4 GiB image to /dev/null (MB/s of volume)", f"{zstd_whole:.0f}"))
-        result.update(file_bytes=size, sequential_mb_s=seq, zstd_same_chunks_mb_s=same, ratio=ratio,
-                      daemon_cpu_s=seq_cpu, zstd_cpu_s=same_cpu,
-                      zstd_whole_image_mb_s=zstd_whole, chunks=len(chunks))
+        result.update(zstd_whole_image_mb_s=zstd_whole)
+        point = mounts.point()
+        info = mounts.mount(image4, point)
+        big = point / "random.bin"
+        chunks, chunk_size = cases["random.bin"].chunks, cases["random.bin"].chunk_size
 
         # Random 4 KiB reads with a warm cache (32 MiB, within the 64 MiB cache): the served volume
         # file, where every read reaches the daemon (FUSE direct I/O), in random.bin's chunks;
@@ -294,6 +402,12 @@ def main() -> int:
     finally:
         mounts.cleanup()
 
+    rows.append(("this machine: a wake-up round trip between two processes (us, median of 5)",
+                 f"{statistics.median(wakeup_round_trip() for _ in range(5)):.0f}"))
+    touches = [first_touch() for _ in range(3)]
+    rows.append(("this machine: writing 512 MiB of fresh memory, first / second time (MB/s, medians)",
+                 f"{statistics.median(t[0] for t in touches):.0f} / {statistics.median(t[1] for t in touches):.0f}"))
+    result.update(machine_wakeup_us=rows[-2][1], machine_first_touch=touches)
     load = os.getloadavg()
     rows.append(("load average of the machine at the end (1, 5, 15 min)", " ".join(f"{x:.1f}" for x in load)))
     result["loadavg_end"] = load
