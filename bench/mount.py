@@ -2,8 +2,9 @@
 """imager mount, measured in one run: from `imager mount` to a listed root on a 4 GiB and a
 16 GiB image, sequential reads of two 300 MiB files from the mount (with dd, through the page
 cache, and with fio, O_DIRECT) against `zstd -d -T0` of the same chunks, alternating, random
-4 KiB reads with a warm cache, the daemon's memory, and two figures of the machine that the
-mount's reads depend on and zstd's do not (a wake-up round trip, fresh memory's first touch).
+4 KiB reads with a warm cache (also with the reader and the daemon on one core), the daemon's
+memory, and two figures of the machine that the mount's reads depend on and zstd's do not (a
+wake-up round trip, fresh memory's first touch).
 
     python bench/mount.py [--rounds 3]
 
@@ -389,6 +390,20 @@ def main() -> int:
         rows.append(("random 4 KiB reads, warm cache, the served volume file (reads/s)", f"{rate_volume:.0f}"))
         rows.append(("random 4 KiB reads, warm cache, O_DIRECT in the mounted ext4 (reads/s)", f"{rate_file:.0f}"))
         result.update(random_volume_per_s=rate_volume, random_fs_direct_per_s=rate_file)
+        # The same reads with the reader and every daemon thread on one core: no wake-up crosses
+        # cores, so what is left is the daemon's and the kernel's own work per read.
+        cores = os.sched_getaffinity(0)
+        one = {min(cores)}
+        sh("taskset", "-a", "-p", "-c", str(min(cores)), str(info["pid"]))
+        os.sched_setaffinity(0, one)
+        try:
+            rate_one_core = random_reads(Path(info["volume_file"]), first, window, args.random_seconds, direct=False)
+        finally:
+            os.sched_setaffinity(0, cores)
+            sh("taskset", "-a", "-p", "-c", ",".join(map(str, sorted(cores))), str(info["pid"]))
+        rows.append(("  the same on the served volume file, reader and daemon on one core (reads/s)",
+                     f"{rate_one_core:.0f}"))
+        result.update(random_volume_one_core_per_s=rate_one_core)
 
         memory = memory_of(info["pid"])
         bound = DEFAULT_CACHE_BYTES + DEFAULT_READAHEAD * chunk_size
