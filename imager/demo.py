@@ -3,8 +3,9 @@
 A loop device becomes a managed volume with a sample ext4 filesystem on its copy-on-write
 front; while a writer keeps changing files it is imaged from a snapshot to a seekable zstd
 file, the image is verified, restored onto a second loop device, and the restored filesystem
-is checked against the files as they were at the snapshot instant; then the same is done
-through a virtual tape onto a third loop device.
+is checked against the files as they were at the snapshot instant; an incremental of what the
+writer changed since follows, and one file is taken back from each point of that chain; then
+the first job is done again through a virtual tape onto a third loop device.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import tempfile
 import threading
 import time
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 from devices import loop
@@ -157,7 +159,8 @@ def run(out) -> int:
             sample = file_checksums(point)
             say(f"1. sample volume {source} ({VOLUME_SIZE >> 20} MiB) attached as {name!r}: ext4 on its "
                 f"copy-on-write front {volume.front}, mounted, {len(sample)} files")
-            _image_file(scratch, workdir, name, point, sample, say, summary)
+            full = _image_file(scratch, workdir, name, point, sample, say, summary)
+            _chain(workdir, name, point, full, say, summary)
             _image_tape(scratch, workdir, name, point, sample, say, summary)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -170,7 +173,7 @@ def run(out) -> int:
 
 
 def _image_file(scratch: "_Scratch", workdir: Path, name: str, point: Path, sample: dict[str, str], say,
-                summary: dict) -> None:
+                summary: dict) -> "_Point":
     """Steps 2-5: back up from a snapshot while a writer runs, verify, restore, check every file."""
     image = workdir / "source.zst"
     with _Writer(point) as writer:
@@ -193,11 +196,53 @@ def _image_file(scratch: "_Scratch", workdir: Path, name: str, point: Path, samp
     _check_restored(scratch, target, expected, "restored")
     say(f"5. restored filesystem passes fsck -n; all {len(expected)} files are as they were at the "
         f"snapshot instant, the writer's files included")
+    return _Point(image, expected, b.bytes_written)
+
+
+# The writer's file that every step changes in place: taken back from each point of the chain.
+CHANGING_FILE = "app/counter.txt"
+
+
+@dataclass
+class _Point:
+    """An image of the demo's chain: its file, the checksum of every file at its snapshot
+    instant, its size."""
+    image: Path
+    files: dict[str, str]
+    bytes_written: int
+
+
+def _chain(workdir: Path, name: str, point: Path, full: _Point, say, summary: dict) -> None:
+    """Steps 6-7: an incremental of what the writer changed since the full (the volume's change
+    tracker says which blocks), and one file taken back from each point of the chain."""
+    incremental = workdir / "source-2.zst"
+    with _Writer(point) as writer:
+        at_instant: dict[str, str] = {}
+        (i,) = jobs.backup_volumes([name], jobs.Destination(output=str(incremental)), snapshot="cow",
+                                   options=jobs.ImagingOptions(incremental=True, parent=str(full.image)),
+                                   while_frozen=lambda: at_instant.update(writer.snapshot_instant()))
+    if i.kind != "incremental":
+        raise ImagerError(f"demo: the second backup was a {i.kind}, not an incremental: {i.reason}")
+    say(f"6. incremental from a new snapshot, parent {full.image.name}, writer still running: the volume's "
+        f"change tracker gave {i.changed_blocks} changed blocks; {i.bytes_written / 2**20:.1f} MiB written "
+        f"(the full: {full.bytes_written / 2**20:.1f} MiB) in {i.seconds:.2f} s")
+    summary["incremental"] = i.to_dict()
+    for image, instant in ((full.image, full.files), (incremental, at_instant)):
+        dest = workdir / f"back-from-{image.stem}"
+        dest.mkdir()
+        jobs.extract(str(image), [CHANGING_FILE], str(dest))
+        got = hashlib.sha256((dest / CHANGING_FILE).read_bytes()).hexdigest()
+        if got != instant[CHANGING_FILE]:
+            raise ImagerError(f"demo: {CHANGING_FILE} taken back from {image} is not as it was at that "
+                              f"snapshot instant")
+    say(f"7. {CHANGING_FILE}, rewritten by the writer all along, taken back from each point of the chain "
+        f"(imager extract, no restore of the volume): as it was at the full's instant and at the "
+        f"incremental's")
 
 
 def _image_tape(scratch: "_Scratch", workdir: Path, name: str, point: Path, sample: dict[str, str], say,
                 summary: dict) -> None:
-    """Steps 6-7: the same through a labelled virtual tape."""
+    """Steps 8-9: the first job again, through a labelled virtual tape."""
     tape = TapeSpec(str(workdir / "demo.tap"))
     with tape.open() as drive:
         write_label(drive, "DEMO01")
@@ -205,12 +250,12 @@ def _image_tape(scratch: "_Scratch", workdir: Path, name: str, point: Path, samp
         at_instant: dict[str, str] = {}
         (t,) = jobs.backup_volumes([name], jobs.Destination(tape=tape), snapshot="cow",
                                    while_frozen=lambda: at_instant.update(writer.snapshot_instant()))
-    say(f"6. backup from a new snapshot to virtual tape {tape.spec} ({t.image}), writer still "
+    say(f"8. backup from a new snapshot to virtual tape {tape.spec} ({t.image}), writer still "
         f"running: {t.seconds:.2f} s, {t.mb_per_second:.0f} MB/s")
     summary["tape_backup"] = t.to_dict()
     tape_target = scratch.loop_device("tape-target.img", VOLUME_SIZE)
     tr = jobs.restore_from_tape(tape, t.image_id, tape_target, verify=True)
     _check_restored(scratch, tape_target, dict(sample, **at_instant), "from-tape")
-    say(f"7. restore from tape onto {tape_target} with read-back verify: {tr.seconds:.2f} s; "
+    say(f"9. restore from tape onto {tape_target} with read-back verify: {tr.seconds:.2f} s; "
         f"fsck -n passes, every file as at that snapshot's instant")
     summary["tape_restore"] = tr.to_dict()

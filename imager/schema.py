@@ -166,8 +166,8 @@ COMMANDS: dict[str, dict] = {
     "snapshot list": record({"snapshots": list_of(ref("snapshot"))}),
     "snapshot delete": record({"deleted": NAMES}),
     "devices": record({"blockdevices": list_of(ref("block_device")), "tapedrives": list_of(TAPE_DRIVE)}),
-    "demo": record({"backup": ref("backup_result"), "restore": RESTORE, "tape_backup": ref("backup_result"),
-                    "tape_restore": RESTORE}, closed=False),
+    "demo": record({"backup": ref("backup_result"), "restore": RESTORE, "incremental": ref("backup_result"),
+                    "tape_backup": ref("backup_result"), "tape_restore": RESTORE}, closed=False),
 }
 
 # The tape verbs that only move the tape print where it ends up.

@@ -85,6 +85,9 @@ def test_demo_runs_end_to_end_and_cleans_up():
     assert not list(Draft202012Validator(dict(schema(), **{"$ref": "#/$defs/demo"})).iter_errors(summary))
     assert summary["backup"]["ratio"] > 1 and summary["restore"]["verified"]
     assert summary["tape_restore"]["verified"]
+    incremental = summary["incremental"]                      # only what the writer changed since the full
+    assert (incremental["kind"], incremental["method"]) == ("incremental", "tracker")
+    assert 0 < incremental["image_bytes"] < summary["backup"]["image_bytes"] / 10
     assert summary["backup"]["freeze_window_ms"] is not None and summary["tape_backup"]["image_bytes"] > 0
     assert not [i for i in loop.list_attached() if "imager-demo-" in i.backing_file]
     assert not [line for line in open("/proc/mounts") if "imager-demo-" in line]
