@@ -463,6 +463,30 @@ def test_reading_a_mount_keeps_the_image_out_of_the_page_cache_where_the_kernel_
         assert cached <= size - frames // 2, (cached, size, frames)
 
 
+def test_frames_already_in_the_page_cache_are_read_from_it_and_the_others_past_it(built, tmp_path):
+    """An image just written is in the page cache: reading it from there costs no disk read. A
+    cold one is read with O_DIRECT and left out of the cache. Either way the volume reads right."""
+    b = built("ext4")
+    source = Path(b.raw).read_bytes()
+    image = tmp_path / "copy.zst"
+    shutil.copy(b.image, image)                 # written just now: wholly in the page cache
+    direct_reads = {}
+    for state in ("written just now", "dropped from the page cache"):
+        if state != "written just now":
+            drop_cached(image)
+        with ExitStack() as stack:
+            chain = open_chain_files([str(image)], stack)
+            volume = CachedVolume(chain)
+            stack.callback(volume.close)
+            assert volume.read(0, volume.size) == source, state
+            direct_reads[state] = chain.base.direct_reads
+    with ImageReader(str(image)) as reader:
+        # Small frames share pages with their neighbours, which the reads of others bring in.
+        large = sum(1 for size in reader.chunk_frame_sizes if size >= MiB)
+    assert direct_reads["written just now"] == 0
+    assert large >= 2 and direct_reads["dropped from the page cache"] >= large, (direct_reads, large)
+
+
 # -- ending a mount ------------------------------------------------------------------------------
 
 def test_umount_after_the_daemon_was_killed_leaves_nothing(built, run_dir, tmp_path):

@@ -14,6 +14,8 @@ from typing import Iterator
 
 import numpy as np
 
+from devices.libc import cached_pages
+
 from .. import failpoints
 from ..errors import ChunkError, ImageFormatError, UsageError
 from .blocks import unpack_bits
@@ -40,10 +42,13 @@ class ImageReader:
 
     def __init__(self, path: str, *, direct_frames: bool = False):
         """`direct_frames`: read a full image's chunk frames in chunk_into with O_DIRECT, past the
-        page cache (a mount: it keeps decoded chunks itself, and copying each frame out of the
-        page cache cost it as much CPU as hashing them; bench/mount.py). Where the image's
-        filesystem refuses O_DIRECT, they are read through the page cache, as otherwise."""
+        page cache (a mount: it keeps decoded chunks itself, and a second copy of the image in
+        the page cache only pushes the machine's other data out, and cost it a copy per frame as
+        dear as hashing it; bench/mount.py). A frame wholly in the page cache already (an image
+        just written) is read from there, and where the image's filesystem refuses O_DIRECT every
+        frame is."""
         self.path = path
+        self.direct_reads = 0       # frames read with O_DIRECT (a rough count: threads share it)
         self._direct_fd: int | None = None      # None once refused: the frames go through the page cache
         self._direct_file: int | None = None    # closed only by close(): another thread may be reading it
         try:
@@ -246,8 +251,13 @@ class ImageReader:
 
     def _read_direct(self, index: int, offset: int, size: int, bound: int) -> memoryview | None:
         """The frame at [offset, offset + size), read with O_DIRECT into a page-aligned buffer
-        this thread reuses; None when the kernel refuses the read's alignment (then every frame
-        goes through the page cache from here on)."""
+        this thread reuses; None when the page cache holds the whole frame already, or when the
+        kernel refuses the read's alignment (then every frame goes through the page cache from
+        here on)."""
+        pages = (offset + size - 1) // mmap.PAGESIZE - offset // mmap.PAGESIZE + 1
+        cached = cached_pages(self._f.fileno(), offset, size)
+        if cached is not None and cached >= pages:
+            return None
         start = offset - offset % DIRECT_ALIGN
         span = -(-(offset + size - start) // DIRECT_ALIGN) * DIRECT_ALIGN
         buffer = getattr(_frames, "aligned", None)
@@ -268,6 +278,7 @@ class ImageReader:
             return None
         if got < offset - start + size:
             raise ChunkError(index, offset, index * self.header.chunk_size, "image truncated")
+        self.direct_reads += 1
         return view[offset - start:offset - start + size]
 
     def chunk(self, index: int) -> bytes:
