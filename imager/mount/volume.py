@@ -3,9 +3,9 @@ decoded once, checked against the chain point's digests, and kept in a bounded L
 decoded regions; on sequential reads the next regions are decoded ahead, in parallel, on every
 core (zstandard and blake3 release the GIL).
 
-A full image's frames are read with O_DIRECT (ImageReader direct_frames): the decoded regions
-are the cache, and a second copy of the image in the page cache only pushed out the machine's
-other data and cost a copy per frame.
+A full image's frames are read with O_DIRECT (ImageReader direct_frames) unless the page cache
+holds them already: the decoded regions are the cache, and a second copy of the image in the
+page cache only pushed out the machine's other data and cost a copy per frame.
 
 Regions are decoded into page-aligned buffers (slabs) that are reused, and reads are answered
 with views of them (read_views), sent to the kernel without a copy: a slab is pinned while a
