@@ -395,7 +395,8 @@ def test_every_point_of_a_longer_chain_mounts_as_it_was(run_dir, loops, tmp_path
     assert_cleared(points[-1][1], run_dir)
 
 
-def test_a_damaged_chunk_fails_its_reads_with_eio_and_one_log_line(built, run_dir, tmp_path):
+@pytest.mark.parametrize("cached", [True, False], ids=["image-in-page-cache", "image-read-with-o-direct"])
+def test_a_damaged_chunk_fails_its_reads_with_eio_and_one_log_line(built, run_dir, tmp_path, cached):
     b = built("ext4")
     damaged = str(tmp_path / "damaged.zst")
     shutil.copy(b.image, damaged)
@@ -412,6 +413,8 @@ def test_a_damaged_chunk_fails_its_reads_with_eio_and_one_log_line(built, run_di
         byte = f.read(1)[0]
         f.seek(where)
         f.write(bytes([byte ^ 0x40]))
+    if not cached:
+        drop_cached(damaged)
     span = (chunk * chunk_size, (chunk + 1) * chunk_size)
     outside = [rel for rel, ranges in b.extents.items()
                if not any(s < span[1] and e > span[0] for s, e in ranges)]
@@ -429,6 +432,8 @@ def test_a_damaged_chunk_fails_its_reads_with_eio_and_one_log_line(built, run_di
     naming = [line for line in log if f"chunk {chunk} " in line]
     assert len(naming) == 1, log
     assert f"volume offset {span[0]}" in naming[0] and "EIO" in naming[0]
+    if not cached:                                            # the frames came past the page cache
+        assert cached_bytes(damaged) < os.path.getsize(damaged) // 2
     kept = umount(point)["log_path"]                            # the evidence outlives the mount
     assert naming[0] in Path(kept).read_text().splitlines()
     assert_cleared(point, run_dir)
