@@ -282,6 +282,9 @@ def wakeup_round_trip(count: int = 5000) -> float:
     return seconds / count * 1e6
 
 
+ONES_MIB = b"\x01" * MiB
+
+
 def first_touch(size: int = 512 * MiB) -> tuple[float, float]:
     """MB/s of writing fresh memory the first time and the second time. In a VM that gives
     freed memory back to its host (free page reporting), the first write of a page the host
@@ -297,9 +300,6 @@ def first_touch(size: int = 512 * MiB) -> tuple[float, float]:
         return rates[0], rates[1]
     finally:
         memory.close()
-
-
-ONES_MIB = b"\x01" * MiB
 
 
 def memory_of(pid: int) -> dict[str, float]:
@@ -393,9 +393,9 @@ def main() -> int:
         # The same reads with the reader and every daemon thread on one core: no wake-up crosses
         # cores, so what is left is the daemon's and the kernel's own work per read.
         cores = os.sched_getaffinity(0)
-        one = {min(cores)}
-        sh("taskset", "-a", "-p", "-c", str(min(cores)), str(info["pid"]))
-        os.sched_setaffinity(0, one)
+        one = min(cores)
+        sh("taskset", "-a", "-p", "-c", str(one), str(info["pid"]))
+        os.sched_setaffinity(0, {one})
         try:
             rate_one_core = random_reads(Path(info["volume_file"]), first, window, args.random_seconds, direct=False)
         finally:
@@ -417,12 +417,12 @@ def main() -> int:
     finally:
         mounts.cleanup()
 
-    rows.append(("this machine: a wake-up round trip between two processes (us, median of 5)",
-                 f"{statistics.median(wakeup_round_trip() for _ in range(5)):.0f}"))
+    wakeup = statistics.median(wakeup_round_trip() for _ in range(5))
+    rows.append(("this machine: a wake-up round trip between two processes (us, median of 5)", f"{wakeup:.0f}"))
     touches = [first_touch() for _ in range(3)]
     rows.append(("this machine: writing 512 MiB of fresh memory, first / second time (MB/s, medians)",
                  f"{statistics.median(t[0] for t in touches):.0f} / {statistics.median(t[1] for t in touches):.0f}"))
-    result.update(machine_wakeup_us=rows[-2][1], machine_first_touch=touches)
+    result.update(machine_wakeup_us=wakeup, machine_first_touch=touches)
     load = os.getloadavg()
     rows.append(("load average of the machine at the end (1, 5, 15 min)", " ".join(f"{x:.1f}" for x in load)))
     result["loadavg_end"] = load
