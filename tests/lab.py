@@ -386,15 +386,16 @@ class Bench(Lab):
     def defer(self, undo) -> None:
         self._undo.append(undo)
 
-    def ext4_volume(self, name: str, size: int = VOLUME_SIZE, *, fs: str = "ext4", **attach_options):
+    def ext4_volume(self, name: str, size: int = VOLUME_SIZE, *, fs: str = "ext4", mkfs_options: tuple = (),
+                    **attach_options):
         """An attached volume with ext4 (or `fs`: xfs) on its front, mounted: (volume info,
         source, mount point)."""
         if fs == "xfs":
             size = max(size, XFS_MIN_SIZE)
         source = self.loop_device(size, name=f"{name}.img")
         vol = self.attach(source, name, **attach_options)
-        subprocess.run(["mkfs.xfs", "-q", "-f", vol.front] if fs == "xfs" else ["mkfs.ext4", "-q", "-F", vol.front],
-                       check=True)
+        subprocess.run(["mkfs.xfs", "-q", "-f", *mkfs_options, vol.front] if fs == "xfs"
+                       else ["mkfs.ext4", "-q", "-F", *mkfs_options, vol.front], check=True)
         return vol, source, self.mount(vol.front, f"mnt-{name}")
 
     def plain_ext4(self, name: str, size: int = VOLUME_SIZE) -> tuple[str, str]:
