@@ -1,4 +1,4 @@
-"""Filesystems as the kernel serves them: mounts, FIFREEZE/FITHAW, which blocks are free
+"""Filesystems as the kernel serves them: mounts, which blocks are free
 (GETFSMAP), where a file's blocks are (FIEMAP), whether an ext2/3/4 superblock can be
 trusted, and a private read-only mount that no one else sees and that nothing can leave behind.
 
@@ -150,10 +150,6 @@ def umount(path: str, *, lazy: bool = False) -> None:
         raise DeviceError(f"cannot unmount {path}: {e.strerror}") from None
 
 
-FIFREEZE = IOWR("X", 119, 4)
-FITHAW = IOWR("X", 120, 4)
-
-
 @dataclass(frozen=True)
 class Mount:
     device_number: int
@@ -195,28 +191,6 @@ def mounts_of(path: str) -> list[Mount]:
         real = os.path.realpath(path)
         return [m for m in mounts() if m.source == real]
     return [m for m in mounts() if m.device_number == st.st_rdev]
-
-
-def freeze(mount_point: str) -> None:
-    """FIFREEZE: flush the filesystem and block new writes until thaw()."""
-    _fs_ioctl(mount_point, FIFREEZE, "freeze")
-
-
-def thaw(mount_point: str) -> None:
-    _fs_ioctl(mount_point, FITHAW, "thaw")
-
-
-def _fs_ioctl(mount_point: str, request: int, what: str) -> None:
-    try:
-        fd = os.open(mount_point, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError as e:
-        raise DeviceError(f"cannot {what} the filesystem at {mount_point}: {e.strerror}") from None
-    try:
-        fcntl.ioctl(fd, request, 0)
-    except OSError as e:
-        raise DeviceError(f"cannot {what} the filesystem at {mount_point}: {e.strerror}") from None
-    finally:
-        os.close(fd)
 
 
 # struct fsmap: __u32 fmr_device, fmr_flags; __u64 fmr_physical, fmr_owner, fmr_offset,

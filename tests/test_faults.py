@@ -23,7 +23,7 @@ import time
 import pytest
 
 from devices import loop
-from devices.fs import FIFREEZE, FITHAW
+from devices.freeze import FIFREEZE, FITHAW
 from imager import jobs
 from imager.snapshot import daemon
 from imager.errors import SnapshotError

@@ -225,7 +225,7 @@ class _Guard:
 
     def thaw_all(self) -> dict:
         from devices.errors import DeviceError
-        from devices.fs import thaw
+        from devices.freeze import thaw
 
         failures = []
         for point in reversed(self.frozen):
@@ -240,7 +240,7 @@ class _Guard:
 
     def freeze(self, mount_points: list[str], max_seconds: float) -> None:
         from devices.errors import DeviceError
-        from devices.fs import freeze
+        from devices.freeze import freeze
 
         self.started = time.perf_counter()
         self.deadline = time.monotonic() + max_seconds
