@@ -295,3 +295,106 @@ def test_a_version_1_image_is_refused_by_version(pristine, tmp_path):
     v1 = skippable_frame(HEADER_MAGIC, HEADER_TAG + json.dumps(meta).encode())
     image = _with(pristine, tmp_path, data=v1 + pristine.data[header_end:])
     _reported(image, "image format version 1 is not supported")
+
+
+@dataclass
+class PristineChain:
+    """A full image and a digest incremental of the same small ext4 volume, the volume's bytes
+    at the incremental's point, and where the incremental's block frames lie."""
+
+    full: bytes
+    incremental: bytes
+    volume: bytes
+    block_frames: list[tuple[int, int]]
+
+
+@pytest.fixture(scope="module")
+def pristine_chain(tmp_path_factory) -> PristineChain:
+    work = tmp_path_factory.mktemp("pristine-chain")
+    loops = LoopFactory(work)
+    rng = random.Random(SEED)
+    try:
+        dev = loops.create(16 << 20, fs="ext4")
+        point = loops.mount(dev)
+        (point / "random.bin").write_bytes(rng.randbytes(2 << 20))
+        (point / "text.txt").write_text("a line of an ordinary text file\n" * 20000)
+        loops.umount(point)
+        options = jobs.ImagingOptions(chunk_size=CHUNK)
+        jobs.backup(dev, str(work / "full.zst"), options=options)
+        point = loops.mount(dev)
+        with open(point / "random.bin", "r+b") as f:
+            for _ in range(12):
+                f.seek(rng.randrange(2 << 20))
+                f.write(rng.randbytes(rng.randrange(4096, 65536)))
+        with open(point / "text.txt", "a") as f:
+            f.write("appended after the full\n" * 3000)
+        loops.umount(point)
+        result = jobs.backup(dev, str(work / "incremental.zst"),
+                             options=dataclasses.replace(options, incremental=True, parent=str(work / "full.zst")))
+        assert result.kind == "incremental" and result.method == "digest", result.reason
+        with open(dev, "rb") as f:
+            volume = f.read()
+    finally:
+        loops.cleanup()
+    with ImageReader(str(work / "incremental.zst")) as reader:
+        zero = zero_frame(reader.header.chunk_size, reader.header.level)
+        data = (work / "incremental.zst").read_bytes()
+        frames = [(o, o + s) for o, s in zip(reader.chunk_offsets, reader.chunk_frame_sizes) if data[o:o + s] != zero]
+    assert len(frames) >= 8, len(frames)
+    return PristineChain((work / "full.zst").read_bytes(), data, volume, frames)
+
+
+def test_a_damaged_incremental_fails_restore_verify_and_consolidate(pristine_chain, tmp_path):
+    """A byte flipped in one of an incremental's blocks: restore, verify and consolidate of that
+    chain point each fail in one line naming the chunk and leave nothing behind (or, were the
+    flip harmless, give exactly the volume); never a wrong volume, never a wrong synthetic full."""
+    p = pristine_chain
+    (tmp_path / "full.zst").write_bytes(p.full)
+    image, target, synthetic = tmp_path / "incremental.zst", tmp_path / "restored.raw", tmp_path / "synthetic.zst"
+    image.write_bytes(p.incremental)
+    assert jobs.verify(str(image), workers=2).ok
+    rng = random.Random(SEED)
+    # Two blocks of random bytes compress to frames of one size: swapped, each is a whole zstd
+    # frame with a right content checksum, in the other's place. Only the digests can tell.
+    sizes = collections.defaultdict(list)
+    for start, end in p.block_frames:
+        sizes[end - start].append(start)
+    alike = [starts for starts in sizes.values() if len(starts) > 1]
+    assert alike, "no two block frames of one size to swap"
+    for case in range(sweep_size(200, 24)):
+        damaged = bytearray(p.incremental)
+        if case % 3 == 0:
+            a, b = rng.sample(rng.choice(alike), 2)
+            size = next(end - start for start, end in p.block_frames if start == a)
+            damaged[a:a + size], damaged[b:b + size] = damaged[b:b + size], damaged[a:a + size]
+            where = f"case {case}, frames at {a} and {b} swapped"
+        else:
+            start, end = rng.choice(p.block_frames)
+            pos = rng.randrange(start, end)
+            damaged[pos] ^= rng.randrange(1, 256)
+            where = f"case {case}, byte at image offset {pos} changed"
+        image.write_bytes(damaged)
+        try:
+            result = jobs.verify(str(image), workers=2)
+            assert not result.ok, f"verify passed a damaged incremental ({where})"
+        except ImageFormatError as e:
+            assert "chunk" in _one_line(e), (where, str(e))
+        try:
+            jobs.restore(str(image), str(target), workers=2)
+        except ImagerError as e:
+            assert "chunk" in _one_line(e), (where, str(e))
+            assert not target.exists(), f"a failed restore left a file behind ({where})"
+        else:
+            assert target.read_bytes() == p.volume, f"restore wrote wrong bytes without an error ({where})"
+            target.unlink()
+        try:
+            jobs.consolidate(str(image), jobs.Destination(output=str(synthetic), force=True), workers=2)
+        except ImagerError as e:
+            assert "chunk" in _one_line(e), (where, str(e))
+            assert not synthetic.exists(), f"a failed consolidate left an image behind ({where})"
+        else:
+            restored = tmp_path / "synthetic.raw"
+            jobs.restore(str(synthetic), str(restored), workers=2)
+            assert restored.read_bytes() == p.volume, f"consolidate wrote a wrong full without an error ({where})"
+            restored.unlink()
+            synthetic.unlink()
