@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from devices import fs as block, loop
+from devices import freeze as fsfreeze, fs as block, loop
 from devices.fs import file_extents
 from imager.errors import ImagerError
 from imager.plan.planner import plan_device, plan_excludes, plan_mounted
@@ -257,12 +257,12 @@ def test_plan_inside_the_freeze_window(aged):
     os.sync()
     before = plan_mounted(aged.device, str(aged.point))
     excluded_before = plan_excludes(str(aged.point), ["random.bin"], aged.device)
-    block.freeze(str(aged.point))
+    fsfreeze.freeze(str(aged.point))
     try:
         frozen = plan_mounted(aged.device, str(aged.point))
         excluded_frozen = plan_excludes(str(aged.point), ["random.bin"], aged.device)
     finally:
-        block.thaw(str(aged.point))
+        fsfreeze.thaw(str(aged.point))
     assert frozen.ranges == before.ranges
     assert excluded_frozen == excluded_before
 
@@ -371,12 +371,12 @@ def test_copy_taken_inside_the_freeze_window(loops, tmp_path, fs):
     point = loops.mount(device)
     (point / "data.bin").write_bytes(os.urandom(4 * MiB))
     snapshot = tmp_path / "snapshot.img"
-    block.freeze(str(point))
+    fsfreeze.freeze(str(point))
     try:
         in_window = plan_mounted(device, str(point))
         shutil.copyfile(backing_file(device), snapshot)
     finally:
-        block.thaw(str(point))
+        fsfreeze.thaw(str(point))
     (point / "after.bin").write_bytes(os.urandom(4 * MiB))  # changes after the instant
     planned = plan_device(str(snapshot))
     assert leftovers(str(snapshot)) == []
