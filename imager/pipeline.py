@@ -340,3 +340,30 @@ def decoder(feed: Feed) -> Callable[[tuple[int, bytes, int]], DecodedChunk]:
             return index, data, zero_block_digests(length, header.block_size)
         return index, data, block_digests(data, header.block_size)
     return decode
+
+
+PooledChunk = tuple[int, "AlignedBuffer | None", bytes]   # (index, buffer or None for zeros, digest)
+
+
+def decoder_into(feed: Feed, pool: BufferPool) -> Callable[[tuple[int, bytes, int]], PooledChunk]:
+    """decoder(), each chunk decompressed into a buffer of `pool` that the consumer releases:
+    no fresh memory per chunk, and a page-aligned buffer a restore writes with O_DIRECT."""
+    header = feed.header
+    codec = codec_of(header)
+
+    def decode(item: tuple[int, bytes, int]) -> PooledChunk:
+        index, frame, image_offset = item
+        length = header.chunk_length(index)
+        expected = feed.expected_digest(index)
+        buf = pool.acquire()
+        try:
+            view = buf.view[:length]
+            held = codec.decode_into(frame, view, index, expected, image_offset, index * header.chunk_size)
+            if held:
+                return index, buf, expected if expected is not None else block_digests(view, header.block_size)
+        except BaseException:
+            pool.release(buf)
+            raise
+        pool.release(buf)
+        return index, None, expected if expected is not None else zero_block_digests(length, header.block_size)
+    return decode

@@ -14,7 +14,10 @@ from imager import jobs
 from imager.errors import UsageError
 from imager.format import SEEK_TABLE_MAGIC, ImageReader
 
+from devices import loop
+
 from conftest import device_size, file_checksums, fsck_clean, imager, run, same_bytes
+from lab import cached_bytes
 
 
 @pytest.fixture
@@ -82,6 +85,48 @@ def test_restore_to_file_leaves_holes_for_zero_chunks(imaged, tmp_path):
     allocated = out.stat().st_blocks * 512
     # the filesystem holding the file may add a few blocks of its own (extent tree)
     assert allocated <= device_size(dev) - summary["zero_chunks"] * summary["chunk_size"] + (1 << 20)
+
+
+def test_a_restore_leaves_the_target_out_of_the_page_cache(imaged, loops, tmp_path):
+    """A restore writes with O_DIRECT: restoring a volume must not push the machine's cached data
+    out (nor pay a copy into the page cache per byte), onto a device or into a new file."""
+    dev, _, image, summary = imaged
+    size = device_size(dev)
+    written = (summary["chunks"] - summary["zero_chunks"]) * summary["chunk_size"]
+    bound = 4 << 20
+    assert written >= 4 * bound, written
+    target = loops.create(size)
+    with open(target, "rb"):       # held open: the last close would drop the device's cache itself
+        result = imager("restore", str(image), target)
+        assert result.returncode == 0, result.stderr
+        assert cached_bytes(target) < bound
+    assert same_bytes(dev, target, size)
+    out = tmp_path / "restored.raw"
+    result = imager("restore", str(image), str(out))
+    assert result.returncode == 0, result.stderr
+    assert cached_bytes(str(out)) < bound
+    assert same_bytes(dev, str(out), size)
+
+
+def test_a_restore_the_target_refuses_o_direct_for_goes_through_the_page_cache(tmp_path):
+    """A last chunk shorter than the target's 4096-byte sectors is refused by O_DIRECT midway:
+    the restore goes on through the page cache and gives the same bytes."""
+    source = tmp_path / "odd.raw"
+    source.write_bytes(os.urandom((8 << 20) + 512))
+    image = tmp_path / "odd.zst"
+    result = imager("backup", str(source), "-o", str(image), "--chunk-size", "1M")
+    assert result.returncode == 0, result.stderr
+    backing = tmp_path / "sectors4k.img"
+    with open(backing, "wb") as f:
+        f.truncate(12 << 20)
+    target = loop.attach(str(backing), block_size=4096)
+    try:
+        result = imager("restore", str(image), target, "-v")
+        assert result.returncode == 0, result.stderr
+        assert "O_DIRECT write refused; using buffered I/O" in result.stderr
+        assert same_bytes(str(source), target, (8 << 20) + 512)
+    finally:
+        loop.detach(target)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

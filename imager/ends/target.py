@@ -4,6 +4,7 @@ forced; see guards.py for what a path may be."""
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 
@@ -15,11 +16,17 @@ from ..errors import ImageFormatError, UsageError
 from .atomic import AtomicFile
 from .guards import check_restore_target, refuse_overwriting_data
 
+log = logging.getLogger("imager.restore")
+
 
 class RestoreTarget:
     """A block device written in place, or a new file written under a temporary name."""
 
-    def __init__(self, path: str, volume_size: int, force: bool):
+    def __init__(self, path: str, volume_size: int, force: bool, *, direct: bool = False):
+        """`direct`: write with O_DIRECT (the caller's buffers page-aligned): a restore neither
+        fills the page cache with the whole volume nor pays a copy into it per byte, which on
+        this kind of machine is most of a restore's CPU (bench/chain.py, bench/compare.py). Where the kernel
+        refuses O_DIRECT, the writes go through the page cache."""
         self.path = path
         self.file: AtomicFile | None = None
         self.fresh_file = False
@@ -29,7 +36,7 @@ class RestoreTarget:
             if mounted:
                 raise UsageError(f"{path}: is mounted at {mounted[0].mount_point}; unmount it before restoring onto it")
             try:
-                self.dev = BlockDevice(path, writable=True, direct=False, exclusive=True)
+                self.dev = BlockDevice(path, writable=True, direct=direct, exclusive=True, on_notice=log.info)
             except DeviceError as e:
                 raise UsageError(str(e)) from None
             try:
@@ -56,13 +63,13 @@ class RestoreTarget:
             raise UsageError(f"cannot create {path}: {e.strerror}") from None
         try:
             os.ftruncate(self.file.fd, volume_size)
-            self.dev = BlockDevice(self.file.open_path, writable=True, direct=False)
+            self.dev = BlockDevice(self.file.open_path, writable=True, direct=direct, on_notice=log.info)
         except (OSError, DeviceError) as e:
             self.file.abort()
             raise UsageError(f"cannot create {path}: {getattr(e, 'strerror', None) or e}") from None
         self.fresh_file = True
 
-    def write_chunk(self, offset: int, data: bytes | None, length: int) -> None:
+    def write_chunk(self, offset: int, data: bytes | memoryview | None, length: int) -> None:
         if data is not None:
             self.dev.write_at(data, offset)
         elif not self.fresh_file:

@@ -9,7 +9,7 @@ import time
 from contextlib import ExitStack
 
 from devices.block import BlockDevice
-from devices.buffers import BufferPool
+from devices.buffers import AlignedBuffer, BufferPool
 from devices.topology import same_file
 
 from ..catalog import Catalog
@@ -19,7 +19,7 @@ from ..ends.target import RestoreTarget
 from ..errors import ImageFormatError, ImagerError, UsageError
 from ..format import DIGEST_SIZE, ImageReader
 from ..format.chain import Chain
-from ..pipeline import DecodedChunk, decoder, digester, pool_size, read_chunks, run_ordered, worker_count
+from ..pipeline import PooledChunk, decoder_into, digester, pool_size, read_chunks, run_ordered, worker_count
 from ..progress import Progress, start_phase
 from .chains import open_chain
 from .results import RestoreResult
@@ -51,19 +51,32 @@ def restore_chain(chain: Chain, target: str, *, force: bool = False, verify: boo
     header = chain.header
     if same_file(chain.point.path, target) or any(same_file(i.path, target) for i in chain.images):
         raise UsageError(f"{target}: is an image of the chain being restored; give another target")
-    tgt = RestoreTarget(target, header.volume_size, force)
+    tgt = RestoreTarget(target, header.volume_size, force, direct=True)
     start_phase(progress, "write", header.volume_size)
     log.info("restoring %s, a chain of %d images, to %s", chain.point.path, len(chain.images), target)
     totals = {"zero_chunks": 0, "bytes_written": 0}
+    pool = BufferPool(pool_size(workers), chain.region_size)
 
-    def assemble(region: int) -> tuple[int, bytes | None]:
-        return region, chain.region(region)[0]
+    def assemble(region: int) -> tuple[int, AlignedBuffer | None]:
+        buf = pool.acquire()
+        try:
+            if chain.region_into(region, buf.view[:chain.region_length(region)]):
+                return region, buf
+        except BaseException:
+            pool.release(buf)
+            raise
+        pool.release(buf)
+        return region, None
 
-    def consume(result: tuple[int, bytes | None]) -> None:
-        region, data = result
+    def consume(result: tuple[int, AlignedBuffer | None]) -> None:
+        region, buf = result
         length = chain.region_length(region)
-        tgt.write_chunk(region * chain.region_size, data, length)
-        if data is None:
+        try:
+            tgt.write_chunk(region * chain.region_size, None if buf is None else buf.view[:length], length)
+        finally:
+            if buf is not None:
+                pool.release(buf)
+        if buf is None:
             totals["zero_chunks"] += 1
         else:
             totals["bytes_written"] += length
@@ -78,6 +91,8 @@ def restore_chain(chain: Chain, target: str, *, force: bool = False, verify: boo
     except BaseException:
         tgt.abort()
         raise
+    finally:
+        pool.close()
     tgt.close()
     if verify:
         log.info("reading %s back from the medium to compare", target)
@@ -101,7 +116,7 @@ def restore_feed(feed: Feed, target: str, *, force: bool = False, verify: bool =
     image_path = getattr(feed, "path", None)
     if image_path and same_file(image_path, target):
         raise UsageError(f"{target}: is the image being restored; give another target")
-    tgt = RestoreTarget(target, header.volume_size, force)
+    tgt = RestoreTarget(target, header.volume_size, force, direct=True)
     start_phase(progress, "write", header.volume_size)
     log.info("restoring %s (%d bytes in %d chunks) to %s", feed.name, header.volume_size, header.chunk_count, target)
     # Every chunk's contents are checked against its digest: damage that the stream digest
@@ -110,13 +125,18 @@ def restore_feed(feed: Feed, target: str, *, force: bool = False, verify: bool =
     feed.skip_stream_digest()
     totals = {"zero_chunks": 0, "bytes_written": 0}
     digests: list[tuple[int, bytes]] = []
+    pool = BufferPool(pool_size(workers), header.chunk_size)
 
-    def consume(result: DecodedChunk) -> None:
-        index, data, digest = result
+    def consume(result: PooledChunk) -> None:
+        index, buf, digest = result
         length = header.chunk_length(index)
-        tgt.write_chunk(index * header.chunk_size, data, length)
+        try:
+            tgt.write_chunk(index * header.chunk_size, None if buf is None else buf.view[:length], length)
+        finally:
+            if buf is not None:
+                pool.release(buf)
         digests.append((index, digest))
-        if data is None:
+        if buf is None:
             totals["zero_chunks"] += 1
         else:
             totals["bytes_written"] += length
@@ -124,7 +144,7 @@ def restore_feed(feed: Feed, target: str, *, force: bool = False, verify: bool =
             progress(length)
 
     try:
-        run_ordered(feed.chunks(), decoder(feed), consume, workers=workers)
+        run_ordered(feed.chunks(), decoder_into(feed, pool), consume, workers=workers)
         trailer = feed.finish()
         trailer.check_chunk_digests(digests)
         tgt.finish()
@@ -133,6 +153,8 @@ def restore_feed(feed: Feed, target: str, *, force: bool = False, verify: bool =
     except BaseException:
         tgt.abort()
         raise
+    finally:
+        pool.close()
     tgt.close()
     if verify:
         log.info("reading %s back from the medium to compare", target)
