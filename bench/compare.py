@@ -120,7 +120,7 @@ def main() -> int:
             backups.append(Run("qemu-img convert -c (zstd)", "backup",
                                f"qemu-img convert -c -O qcow2 -o compression_type=zstd {source} {q_img}", q_img))
         restores = [] if args.no_restore else [
-            Run("imager restore", "restore", f"{shlex.join(IMAGER)} restore {imager_img} {target} -q", None),
+            Run("imager restore", "restore", f"{shlex.join(IMAGER)} restore {imager_img} {target} --force -q", None),
             Run("zstd -d -T0 | dd", "restore",
                 f"zstd -d -T0 -q -c {dd_img} | dd of={target} bs=4M conv=fsync status=none", None),
         ]
