@@ -6,7 +6,7 @@ order they were produced. At most `depth` items are in flight, so memory stays b
 whatever the volume size.
 
 The stages: read_chunks (a volume into pooled buffers, only the planned ranges, several
-chunks at once), encoder (buffers into frames), decoder (frames into checked chunks) and
+chunks at once), encoder (buffers into frames), decoder_into (frames into checked chunks in pooled buffers) and
 digester (buffers into digests), each used by run_ordered.
 """
 
@@ -321,33 +321,13 @@ def digester(pool: BufferPool, block_size: int) -> Callable[[ReadChunk], tuple[i
     return digest
 
 
-DecodedChunk = tuple[int, "bytes | None", bytes]        # (index, data or None for zeros, digest)
-
-
-def decoder(feed: Feed) -> Callable[[tuple[int, bytes, int]], DecodedChunk]:
-    """A frame of `feed` as its checked contents and digest (None for an all-zero chunk)."""
-    header = feed.header
-    codec = codec_of(header)
-
-    def decode(item: tuple[int, bytes, int]) -> DecodedChunk:
-        index, frame, image_offset = item
-        length = header.chunk_length(index)
-        expected = feed.expected_digest(index)
-        data = codec.decode(frame, index, length, expected, image_offset, index * header.chunk_size)
-        if expected is not None:
-            return index, data, expected
-        if data is None:
-            return index, data, zero_block_digests(length, header.block_size)
-        return index, data, block_digests(data, header.block_size)
-    return decode
-
-
 PooledChunk = tuple[int, "AlignedBuffer | None", bytes]   # (index, buffer or None for zeros, digest)
 
 
 def decoder_into(feed: Feed, pool: BufferPool) -> Callable[[tuple[int, bytes, int]], PooledChunk]:
-    """decoder(), each chunk decompressed into a buffer of `pool` that the consumer releases:
-    no fresh memory per chunk, and a page-aligned buffer a restore writes with O_DIRECT."""
+    """A frame of `feed` as its checked contents, decompressed into a buffer of `pool` that the
+    consumer releases (None for an all-zero chunk), and its digest: no fresh memory per chunk,
+    and a page-aligned buffer a restore writes with O_DIRECT."""
     header = feed.header
     codec = codec_of(header)
 

@@ -9,6 +9,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from devices.buffers import BufferPool
 from devices.tape.drive import TapeDrive
 
 from ..catalog import Catalog, ImageRecord, SegmentRecord, TapeRecord
@@ -17,7 +18,7 @@ from ..ends.sinks import FileSink
 from ..ends.target import RestoreTarget
 from ..errors import ImageFormatError, ImagerError, TapeMediaError, UsageError
 from ..format import DEFAULT_CHUNK_SIZE, DIGEST_SIZE, ImageHeader, ImageTrailer
-from ..pipeline import DecodedChunk, decoder, run_ordered, worker_count
+from ..pipeline import PooledChunk, decoder_into, pool_size, run_ordered, worker_count
 from ..progress import start_phase
 from ..tape import (Label, TapeFileInfo, TapeImageStream, TapeSpec, WrittenSegment, read_label, require_label,
                     scan_files, segment_header)
@@ -243,7 +244,7 @@ class _ChainRestore:
             raise ImageFormatError(f"{feed.name}: image {header.image_id[:12]} is not the parent "
                                    f"{str(self.parent_link.get('id'))[:12]} of the image before it in the chain")
         if self.target is None:
-            self.target = RestoreTarget(self.target_path, header.volume_size, self.force)
+            self.target = RestoreTarget(self.target_path, header.volume_size, self.force, direct=True)
             self.done = np.zeros(header.block_count, dtype=bool)
             self.geometry = (header.volume_size, header.block_size)
         if (header.volume_size, header.block_size) != self.geometry:
@@ -252,8 +253,21 @@ class _ChainRestore:
         start_phase(self.progress, f"read {header.kind} {header.image_id[:12]}",
                     int((~self.done).sum()) * header.block_size if not header.incremental else 0)
         digests: list[tuple[int, bytes]] = []
-        run_ordered(feed.chunks(), decoder(feed), lambda result: self.chunk(header, result, digests),
-                    workers=workers)
+        pool = BufferPool(pool_size(workers), header.chunk_size)
+
+        def consume(result: PooledChunk) -> None:
+            index, buf, digest = result
+            try:
+                self.chunk(header, index, None if buf is None else buf.view[:header.chunk_length(index)], digest,
+                           digests)
+            finally:
+                if buf is not None:
+                    pool.release(buf)
+
+        try:
+            run_ordered(feed.chunks(), decoder_into(feed, pool), consume, workers=workers)
+        finally:
+            pool.close()
         trailer = feed.finish()
         trailer.check_chunk_digests(digests)
         if not newest and trailer.totals.get("image_digest") != self.parent_link.get("digest"):
@@ -263,10 +277,10 @@ class _ChainRestore:
             self.point_trailer = trailer
         self.parent_link = header.chain.get("parent") or {}
 
-    def chunk(self, header: ImageHeader, result: DecodedChunk, digests: list[tuple[int, bytes]]) -> None:
+    def chunk(self, header: ImageHeader, index: int, data: memoryview | None, digest: bytes,
+              digests: list[tuple[int, bytes]]) -> None:
         """Write the blocks of one decoded chunk that no newer image held."""
         assert self.target is not None and self.done is not None
-        index, data, digest = result
         digests.append((index, digest))
         per = header.chunk_blocks
         first = index * per
