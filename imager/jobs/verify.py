@@ -6,11 +6,11 @@ from __future__ import annotations
 import time
 from contextlib import ExitStack
 
+from devices.buffers import BufferPool
+
 from ..catalog import Catalog
 from ..ends.feeds import Feed, SeekableFeed
 from ..format import ImageReader
-from devices.buffers import BufferPool
-
 from ..pipeline import PooledChunk, decoder_into, pool_size, run_ordered, worker_count
 from ..progress import Progress, start_phase
 from .chains import open_chain
