@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import struct
-from typing import Protocol
+from typing import Protocol, overload
 
 ZSTD_MAGIC = 0xFD2FB528
 SKIPPABLE_MASK = 0xFFFFFFF0
@@ -32,8 +32,15 @@ def skippable_frame(magic: int, payload: bytes) -> bytes:
     return struct.pack("<II", magic, len(payload)) + payload
 
 
-def skippable_payload(frame: bytes, magic: int) -> bytes | None:
-    """The payload of a skippable frame of this magic whose size field matches its length."""
+@overload
+def skippable_payload(frame: bytes, magic: int) -> bytes | None: ...
+@overload
+def skippable_payload(frame: memoryview, magic: int) -> memoryview | None: ...
+
+
+def skippable_payload(frame: bytes | memoryview, magic: int) -> bytes | memoryview | None:
+    """The payload of a skippable frame of this magic whose size field matches its length (a
+    view of it when `frame` is a view)."""
     if len(frame) < 8 or struct.unpack_from("<II", frame) != (magic, len(frame) - 8):
         return None
     return frame[8:]

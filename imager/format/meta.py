@@ -143,11 +143,12 @@ def _sealed(tag: bytes, body: bytes) -> bytes:
     return tag + blake3.blake3(body).digest() + body
 
 
-def _unsealed(payload: bytes, tag: bytes) -> bytes | None:
-    """The body of a `_sealed` payload, or None when its checksum does not match."""
+def _unsealed(payload: bytes | memoryview, tag: bytes) -> memoryview | None:
+    """The body of a `_sealed` payload, or None when its checksum does not match. A view, not a
+    copy: a trailer's body holds megabytes of block digests, and a chain opens one per image."""
     start = len(tag) + DIGEST_SIZE
-    body = payload[start:]
-    return body if blake3.blake3(body).digest() == payload[len(tag):start] else None
+    body = memoryview(payload)[start:]
+    return body if blake3.blake3(body).digest() == bytes(payload[len(tag):start]) else None
 
 
 def _unsupported(version: object) -> ImageFormatError:
@@ -173,7 +174,7 @@ def decode_header(frame_payload: bytes) -> ImageHeader:
         _refuse_version_1(frame_payload)
         raise ImageFormatError("image header is corrupted (its checksum does not match)")
     try:
-        d = json.loads(meta)
+        d = json.loads(bytes(meta))
     except ValueError:
         raise ImageFormatError("image header is corrupted (unreadable metadata)") from None
     if not isinstance(d, dict):
@@ -244,20 +245,20 @@ def encode_trailer(totals: dict[str, Any], digests: bytes, used_any: bytes, used
     return skippable_frame(TRAILER_MAGIC, _sealed(TRAILER_TAG, body))
 
 
-def decode_trailer(frame_payload: bytes, header: ImageHeader) -> ImageTrailer:
-    if not frame_payload.startswith(TRAILER_TAG):
+def decode_trailer(frame_payload: bytes | memoryview, header: ImageHeader) -> ImageTrailer:
+    if bytes(frame_payload[:len(TRAILER_TAG)]) != TRAILER_TAG:
         raise ImageFormatError("image trailer is missing or corrupted")
     body = _unsealed(frame_payload, TRAILER_TAG)
     if body is None:
         raise ImageFormatError("image trailer is corrupted (its checksum does not match)")
     try:
         (meta_len,) = struct.unpack_from("<I", body)
-        totals = json.loads(body[4:4 + meta_len])
+        totals = json.loads(bytes(body[4:4 + meta_len]))
     except (struct.error, ValueError):
         raise ImageFormatError("image trailer is corrupted (unreadable totals)") from None
     n = header.block_count
     table, bitmap = n * DIGEST_SIZE, bitmap_bytes(n)
-    rest = memoryview(body)[4 + meta_len:]
+    rest = body[4 + meta_len:]
     maps = 0 if header.format == 2 else 3 if header.incremental else 2
     expected = table + maps * bitmap
     if len(rest) != expected:

@@ -117,7 +117,7 @@ class ImageReader:
         last = count - 1
         if entries[last][1] != 0 or entries[last][0] > trailer_frame_bound(self.header):
             raise self._damage_report(f"the seek table's entry for the trailer is wrong ({entries[last][0]} bytes)")
-        trailer = skippable_payload(self._pread(entries[last][0], offsets[last]), TRAILER_MAGIC)
+        trailer = skippable_payload(memoryview(self._pread(entries[last][0], offsets[last])), TRAILER_MAGIC)
         if trailer is None:
             raise ImageFormatError(f"{self.path}: image trailer missing or corrupted at image offset {offsets[last]}")
         try:

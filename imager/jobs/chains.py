@@ -67,11 +67,11 @@ def locate_image(image_id: str, *, catalog: Catalog | None, near: str | None, na
     return None
 
 
-def open_chain(image: str, stack: ExitStack, *, catalog: Catalog | None = None) -> Chain:
-    """The chain point of the image file `image`: it and its parents back to a full, each link
-    checked; the readers are closed with `stack`."""
-    readers = [stack.enter_context(ImageReader(image))]
-    directory = os.path.dirname(os.path.abspath(image))
+def open_chain(image: str | ImageReader, stack: ExitStack, *, catalog: Catalog | None = None) -> Chain:
+    """The chain point of the image file `image` (or of the reader open on it): it and its
+    parents back to a full, each link checked; the readers opened here are closed with `stack`."""
+    readers = [image if isinstance(image, ImageReader) else stack.enter_context(ImageReader(image))]
+    directory = os.path.dirname(os.path.abspath(readers[0].path))
     while readers[-1].header.incremental:
         child = readers[-1]
         link = child.header.chain["parent"]
@@ -82,7 +82,7 @@ def open_chain(image: str, stack: ExitStack, *, catalog: Catalog | None = None) 
         parent = stack.enter_context(ImageReader(path))
         check_link(child.header, parent.header, parent.trailer, path)
         if len(readers) > 1000:
-            raise ImageFormatError(f"{image}: its chain has more than 1000 images (a loop?)")
+            raise ImageFormatError(f"{readers[0].path}: its chain has more than 1000 images (a loop?)")
         readers.append(parent)
     return Chain(readers)
 

@@ -33,12 +33,12 @@ def restore(image: str, target: str, *, force: bool = False, verify: bool = Fals
             catalog: Catalog | None = None) -> RestoreResult:
     """Write the volume held by the image file `image` onto the block device or file `target`;
     an incremental's volume at its point, its parents found through `catalog` or beside it."""
-    with ImageReader(image) as reader:
+    with ExitStack() as stack:
+        reader = stack.enter_context(ImageReader(image))
         if not reader.header.incremental:
             return restore_feed(SeekableFeed(reader), target, force=force, verify=verify, workers=workers,
                                 progress=progress)
-    with ExitStack() as stack:
-        chain = open_chain(image, stack, catalog=catalog)
+        chain = open_chain(reader, stack, catalog=catalog)
         return restore_chain(chain, target, force=force, verify=verify, workers=workers, progress=progress)
 
 

@@ -23,12 +23,12 @@ def verify(image: str, *, workers: int | None = None, progress: Progress | None 
     """Read every chunk of the image file `image`, decompress it and check it against its
     checksums; for an incremental, every image of its chain back to the full, and that they
     make one volume at its point."""
-    with ImageReader(image) as reader:
+    with ExitStack() as stack:
+        reader = stack.enter_context(ImageReader(image))
         result = verify_feed(SeekableFeed(reader), workers=workers, progress=progress)
         if not reader.header.incremental:
             return result
-    with ExitStack() as stack:
-        chain = open_chain(image, stack, catalog=catalog)       # checks every link and digest table
+        chain = open_chain(reader, stack, catalog=catalog)      # checks every link and digest table
         for parent in chain.images[1:]:
             verify_feed(SeekableFeed(parent), workers=workers)
         result.chain = [i.header.image_id for i in chain.images]
