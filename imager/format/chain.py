@@ -85,18 +85,10 @@ class Chain:
         """Whether every block of the region comes from the full (its frame can be copied)."""
         return bool((self.region_owners(region) == len(self.images) - 1).all())
 
-    def region(self, region: int) -> tuple[bytes | None, bytes]:
-        """The region's bytes at the chain point (None: all zeros) and their digests. Every frame
-        is checked against its own image's digests (which _check_tables tied to the point's)."""
-        expected = self.expected(region)
-        if self.untouched(region):
-            return self.base.decode(region, self.base.frame(region)), expected
-        buf = bytearray(self.region_length(region))
-        return (bytes(buf) if self.region_into(region, memoryview(buf)) else None), expected
-
     def region_into(self, region: int, dst: memoryview) -> bool:
-        """region() into `dst` (the region's length), allocating nothing: False if the region is
-        all zeros, `dst` then not necessarily written."""
+        """The region's bytes at the chain point into `dst` (the region's length), allocating
+        nothing: False if the region is all zeros, `dst` then not necessarily written. Every frame
+        is checked against its own image's digests (which _check_tables tied to the point's)."""
         owners = self.region_owners(region)
         from_base = owners == len(self.images) - 1
         if from_base.all():
@@ -124,17 +116,3 @@ class Chain:
     @property
     def codec(self) -> Codec:
         return codec_of(self.base.header)
-
-    def read(self, offset: int, length: int) -> bytes:
-        """Bytes [offset, offset+length) of the volume at the chain point."""
-        end = min(offset + length, self.header.volume_size)
-        parts = []
-        pos = offset
-        while pos < end:
-            region = pos // self.region_size
-            data, _ = self.region(region)
-            start = pos - region * self.region_size
-            take = min(end - pos, self.region_length(region) - start)
-            parts.append(bytes(take) if data is None else data[start:start + take])
-            pos += take
-        return b"".join(parts)
