@@ -6,8 +6,8 @@ order they were produced. At most `depth` items are in flight, so memory stays b
 whatever the volume size.
 
 The stages: read_chunks (a volume into pooled buffers, only the planned ranges, several
-chunks at once), encoder (buffers into frames), decoder_into (frames into checked chunks in pooled buffers) and
-digester (buffers into digests), each used by run_ordered.
+chunks at once), encoder (buffers into frames) and digester (buffers into digests), each
+used by run_ordered; decode_feed runs a feed's frames into checked chunks in pooled buffers.
 """
 
 from __future__ import annotations
@@ -321,29 +321,50 @@ def digester(pool: BufferPool, block_size: int) -> Callable[[ReadChunk], tuple[i
     return digest
 
 
-PooledChunk = tuple[int, "AlignedBuffer | None", bytes]   # (index, buffer or None for zeros, digest)
+def filled(pool: BufferPool, length: int, fill: Callable[[memoryview], bool]) -> AlignedBuffer | None:
+    """A buffer of `pool` whose first `length` bytes `fill` wrote, or None (the buffer given
+    back) when `fill` says they are all zeros; the buffer is given back if `fill` raises."""
+    buf = pool.acquire()
+    try:
+        if fill(buf.view[:length]):
+            return buf
+    except BaseException:
+        pool.release(buf)
+        raise
+    pool.release(buf)
+    return None
 
 
-def decoder_into(feed: Feed, pool: BufferPool) -> Callable[[tuple[int, bytes, int]], PooledChunk]:
-    """A frame of `feed` as its checked contents, decompressed into a buffer of `pool` that the
-    consumer releases (None for an all-zero chunk), and its digest: no fresh memory per chunk,
-    and a page-aligned buffer a restore writes with O_DIRECT."""
+def decode_feed(feed: Feed, consume: Callable[[int, "memoryview | None", bytes], None], *, workers: int) -> None:
+    """Every chunk of `feed`, checked and decompressed on `workers` threads, handed in order to
+    consume(index, contents or None for an all-zero chunk, digest). The contents are a view of a
+    page-aligned pooled buffer (no fresh memory per chunk; a restore writes it with O_DIRECT),
+    valid until `consume` returns."""
     header = feed.header
     codec = codec_of(header)
+    pool = BufferPool(pool_size(workers), header.chunk_size)
 
-    def decode(item: tuple[int, bytes, int]) -> PooledChunk:
+    def decode(item: tuple[int, bytes, int]) -> tuple[int, AlignedBuffer | None, bytes]:
         index, frame, image_offset = item
         length = header.chunk_length(index)
         expected = feed.expected_digest(index)
-        buf = pool.acquire()
+        buf = filled(pool, length, lambda view: codec.decode_into(frame, view, index, expected, image_offset,
+                                                                   index * header.chunk_size))
+        if expected is not None:
+            return index, buf, expected
+        if buf is None:
+            return index, None, zero_block_digests(length, header.block_size)
+        return index, buf, block_digests(buf.view[:length], header.block_size)
+
+    def hand_on(result: tuple[int, AlignedBuffer | None, bytes]) -> None:
+        index, buf, digest = result
         try:
-            view = buf.view[:length]
-            held = codec.decode_into(frame, view, index, expected, image_offset, index * header.chunk_size)
-            if held:
-                return index, buf, expected if expected is not None else block_digests(view, header.block_size)
-        except BaseException:
-            pool.release(buf)
-            raise
-        pool.release(buf)
-        return index, None, expected if expected is not None else zero_block_digests(length, header.block_size)
-    return decode
+            consume(index, None if buf is None else buf.view[:header.chunk_length(index)], digest)
+        finally:
+            if buf is not None:
+                pool.release(buf)
+
+    try:
+        run_ordered(feed.chunks(), decode, hand_on, workers=workers)
+    finally:
+        pool.close()

@@ -26,7 +26,7 @@ from imager.errors import ChunkError, ImageFormatError, ImagerError, TapeMediaEr
 from imager.format import (DIGEST_SIZE, INCREMENTAL, ImageHeader, ImageReader, ImageWriter, ZstdCodec,
                            zstd_frame_bound)
 from imager.jobs.backup import ImagingOptions, write_image
-from imager.pipeline import READS_IN_FLIGHT, decoder_into, pool_size, read_chunks, run_ordered
+from imager.pipeline import READS_IN_FLIGHT, decode_feed, pool_size, read_chunks, run_ordered
 from imager.plan.usedmap import UsedMap
 from imager.snapshot.cow import CowStore
 from imager.tape import TapeSink, TapeSpec, write_label
@@ -217,20 +217,12 @@ FEEDS = {"seekable file": _seekable, "stream": _stream, "tape": _tape}
 def _decoded(feed) -> bytes:
     parts: dict[int, bytes] = {}
     digests = []
-    pool = BufferPool(pool_size(2), feed.header.chunk_size)
 
-    def keep(result):
-        index, buf, digest = result
-        length = feed.header.chunk_length(index)
-        parts[index] = bytes(length) if buf is None else bytes(buf.view[:length])
-        if buf is not None:
-            pool.release(buf)
+    def keep(index, data, digest):
+        parts[index] = bytes(feed.header.chunk_length(index)) if data is None else bytes(data)
         digests.append((index, digest))
 
-    try:
-        run_ordered(feed.chunks(), decoder_into(feed, pool), keep, workers=2)
-    finally:
-        pool.close()
+    decode_feed(feed, keep, workers=2)
     trailer = feed.finish()          # an image cut short is refused here, whatever came before
     assert sorted(parts) == list(range(feed.header.chunk_count)), "every chunk once, in order"
     trailer.check_chunk_digests(digests)

@@ -25,8 +25,8 @@ class RestoreTarget:
     def __init__(self, path: str, volume_size: int, force: bool, *, direct: bool = False):
         """`direct`: write with O_DIRECT (the caller's buffers page-aligned): a restore neither
         fills the page cache with the whole volume nor pays a copy into it per byte, which on
-        this kind of machine is most of a restore's CPU (bench/chain.py, bench/compare.py). Where the kernel
-        refuses O_DIRECT, the writes go through the page cache."""
+        this kind of machine is most of a restore's CPU (bench/chain.py, bench/compare.py).
+        Where the kernel refuses O_DIRECT, the writes go through the page cache."""
         self.path = path
         self.file: AtomicFile | None = None
         self.fresh_file = False

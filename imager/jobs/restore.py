@@ -19,7 +19,7 @@ from ..ends.target import RestoreTarget
 from ..errors import ImageFormatError, ImagerError, UsageError
 from ..format import DIGEST_SIZE, ImageReader
 from ..format.chain import Chain
-from ..pipeline import PooledChunk, decoder_into, digester, pool_size, read_chunks, run_ordered, worker_count
+from ..pipeline import decode_feed, digester, filled, pool_size, read_chunks, run_ordered, worker_count
 from ..progress import Progress, start_phase
 from .chains import open_chain
 from .results import RestoreResult
@@ -58,15 +58,7 @@ def restore_chain(chain: Chain, target: str, *, force: bool = False, verify: boo
     pool = BufferPool(pool_size(workers), chain.region_size)
 
     def assemble(region: int) -> tuple[int, AlignedBuffer | None]:
-        buf = pool.acquire()
-        try:
-            if chain.region_into(region, buf.view[:chain.region_length(region)]):
-                return region, buf
-        except BaseException:
-            pool.release(buf)
-            raise
-        pool.release(buf)
-        return region, None
+        return region, filled(pool, chain.region_length(region), lambda view: chain.region_into(region, view))
 
     def consume(result: tuple[int, AlignedBuffer | None]) -> None:
         region, buf = result
@@ -125,18 +117,12 @@ def restore_feed(feed: Feed, target: str, *, force: bool = False, verify: bool =
     feed.skip_stream_digest()
     totals = {"zero_chunks": 0, "bytes_written": 0}
     digests: list[tuple[int, bytes]] = []
-    pool = BufferPool(pool_size(workers), header.chunk_size)
 
-    def consume(result: PooledChunk) -> None:
-        index, buf, digest = result
+    def consume(index: int, data: memoryview | None, digest: bytes) -> None:
         length = header.chunk_length(index)
-        try:
-            tgt.write_chunk(index * header.chunk_size, None if buf is None else buf.view[:length], length)
-        finally:
-            if buf is not None:
-                pool.release(buf)
+        tgt.write_chunk(index * header.chunk_size, data, length)
         digests.append((index, digest))
-        if buf is None:
+        if data is None:
             totals["zero_chunks"] += 1
         else:
             totals["bytes_written"] += length
@@ -144,7 +130,7 @@ def restore_feed(feed: Feed, target: str, *, force: bool = False, verify: bool =
             progress(length)
 
     try:
-        run_ordered(feed.chunks(), decoder_into(feed, pool), consume, workers=workers)
+        decode_feed(feed, consume, workers=workers)
         trailer = feed.finish()
         trailer.check_chunk_digests(digests)
         tgt.finish()
@@ -153,8 +139,6 @@ def restore_feed(feed: Feed, target: str, *, force: bool = False, verify: bool =
     except BaseException:
         tgt.abort()
         raise
-    finally:
-        pool.close()
     tgt.close()
     if verify:
         log.info("reading %s back from the medium to compare", target)

@@ -9,7 +9,6 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from devices.buffers import BufferPool
 from devices.tape.drive import TapeDrive
 
 from ..catalog import Catalog, ImageRecord, SegmentRecord, TapeRecord
@@ -18,7 +17,7 @@ from ..ends.sinks import FileSink
 from ..ends.target import RestoreTarget
 from ..errors import ImageFormatError, ImagerError, TapeMediaError, UsageError
 from ..format import DEFAULT_CHUNK_SIZE, DIGEST_SIZE, ImageHeader, ImageTrailer
-from ..pipeline import PooledChunk, decoder_into, pool_size, run_ordered, worker_count
+from ..pipeline import decode_feed, worker_count
 from ..progress import start_phase
 from ..tape import (Label, TapeFileInfo, TapeImageStream, TapeSpec, WrittenSegment, read_label, require_label,
                     scan_files, segment_header)
@@ -253,21 +252,8 @@ class _ChainRestore:
         start_phase(self.progress, f"read {header.kind} {header.image_id[:12]}",
                     int((~self.done).sum()) * header.block_size if not header.incremental else 0)
         digests: list[tuple[int, bytes]] = []
-        pool = BufferPool(pool_size(workers), header.chunk_size)
-
-        def consume(result: PooledChunk) -> None:
-            index, buf, digest = result
-            try:
-                self.chunk(header, index, None if buf is None else buf.view[:header.chunk_length(index)], digest,
-                           digests)
-            finally:
-                if buf is not None:
-                    pool.release(buf)
-
-        try:
-            run_ordered(feed.chunks(), decoder_into(feed, pool), consume, workers=workers)
-        finally:
-            pool.close()
+        decode_feed(feed, lambda index, data, digest: self.chunk(header, index, data, digest, digests),
+                    workers=workers)
         trailer = feed.finish()
         trailer.check_chunk_digests(digests)
         if not newest and trailer.totals.get("image_digest") != self.parent_link.get("digest"):

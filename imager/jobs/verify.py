@@ -6,12 +6,10 @@ from __future__ import annotations
 import time
 from contextlib import ExitStack
 
-from devices.buffers import BufferPool
-
 from ..catalog import Catalog
 from ..ends.feeds import Feed, SeekableFeed
 from ..format import ImageReader
-from ..pipeline import PooledChunk, decoder_into, pool_size, run_ordered, worker_count
+from ..pipeline import decode_feed, worker_count
 from ..progress import Progress, start_phase
 from .chains import open_chain
 from .results import VerifyResult
@@ -42,23 +40,15 @@ def verify_feed(feed: Feed, *, workers: int | None = None, progress: Progress | 
     zero = [0]
     count = [0]
     digests: list[tuple[int, bytes]] = []
-    workers = worker_count(workers)
-    pool = BufferPool(pool_size(workers), header.chunk_size)
 
-    def consume(result: PooledChunk) -> None:
-        index, buf, digest = result
-        if buf is not None:
-            pool.release(buf)
+    def consume(index: int, data: memoryview | None, digest: bytes) -> None:
         digests.append((index, digest))
-        zero[0] += buf is None
+        zero[0] += data is None
         count[0] += 1
         if progress:
             progress(header.chunk_length(index))
 
-    try:
-        run_ordered(feed.chunks(), decoder_into(feed, pool), consume, workers=workers)
-    finally:
-        pool.close()
+    decode_feed(feed, consume, workers=worker_count(workers))
     feed.finish().check_chunk_digests(digests)
     return VerifyResult(image=feed.name, volume_size=header.volume_size, chunks=count[0],
                         zero_chunks=zero[0], seconds=time.monotonic() - started, image_id=header.image_id,
