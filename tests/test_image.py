@@ -108,7 +108,7 @@ def test_a_restore_leaves_the_target_out_of_the_page_cache(imaged, loops, tmp_pa
     assert same_bytes(dev, str(out), size)
 
 
-def test_a_restore_the_target_refuses_o_direct_for_goes_through_the_page_cache(tmp_path):
+def test_a_restore_onto_a_target_that_refuses_o_direct_goes_through_the_page_cache(tmp_path):
     """A last chunk shorter than the target's 4096-byte sectors is refused by O_DIRECT midway:
     the restore goes on through the page cache and gives the same bytes."""
     source = tmp_path / "odd.raw"
