@@ -107,9 +107,9 @@ class Mounts:
         self.points.append(point)
         return point
 
-    def mount(self, image: Path, point: Path) -> dict:
+    def mount(self, image: Path, point: Path, **env: str) -> dict:
         done = subprocess.run([*IMAGER, "mount", str(image), str(point), "--json"], capture_output=True, text=True,
-                              cwd=ROOT, env=self.env)
+                              cwd=ROOT, env=dict(self.env, **env))
         if done.returncode:
             raise SystemExit(f"imager mount failed: {done.stderr}")
         return json.loads(done.stdout)
@@ -375,21 +375,44 @@ def main() -> int:
                                                 direct_daemon_cpu_s=case.direct_cpu, chunks=len(case.chunks))
         rows.append(("zstd -d -T0 of the whole 4 GiB image to /dev/null (MB/s of volume)", f"{zstd_whole:.0f}"))
         result.update(zstd_whole_image_mb_s=zstd_whole)
-        point = mounts.point()
-        info = mounts.mount(image4, point)
-        big = point / "random.bin"
         chunks, chunk_size = cases["random.bin"].chunks, cases["random.bin"].chunk_size
-
         # Random 4 KiB reads with a warm cache (32 MiB, within the 64 MiB cache): the served volume
         # file, where every read reaches the daemon (FUSE direct I/O), in random.bin's chunks;
         # and random.bin through the mounted ext4 with O_DIRECT (ext4, loop device, FUSE, daemon).
+        # A fresh mount each round, the daemon spinning for the next request (as shipped) and not
+        # (IMAGER_FUSE_SPIN=0), alternating.
         window = 32 * MiB
         first = chunks[len(chunks) // 2] * chunk_size
-        rate_volume = random_reads(Path(info["volume_file"]), first, window, args.random_seconds, direct=False)
-        rate_file = random_reads(big, 0, window, args.random_seconds, direct=True)
-        rows.append(("random 4 KiB reads, warm cache, the served volume file (reads/s)", f"{rate_volume:.0f}"))
-        rows.append(("random 4 KiB reads, warm cache, O_DIRECT in the mounted ext4 (reads/s)", f"{rate_file:.0f}"))
-        result.update(random_volume_per_s=rate_volume, random_fs_direct_per_s=rate_file)
+        spins = {"spin": {}, "no spin": {"IMAGER_FUSE_SPIN": "0"}}
+        random_rates: dict[str, dict[str, list[float]]] = {
+            how: {"volume": [], "fs": [], "daemon_cpu_s_per_s": []} for how in spins}
+        for _ in range(args.rounds):
+            for how, env in spins.items():
+                point = mounts.point()
+                info = mounts.mount(image4, point, **env)
+                cpu = cpu_seconds(info["pid"])
+                rates = random_rates[how]
+                rates["volume"].append(random_reads(Path(info["volume_file"]), first, window, args.random_seconds,
+                                                    direct=False))
+                rates["fs"].append(random_reads(point / "random.bin", 0, window, args.random_seconds, direct=True))
+                rates["daemon_cpu_s_per_s"].append((cpu_seconds(info["pid"]) - cpu) / (2 * args.random_seconds))
+                mounts.umount(point)
+        for how in spins:
+            rates = random_rates[how]
+            for key, label in (("volume", "the served volume file"), ("fs", "O_DIRECT in the mounted ext4")):
+                r = rates[key]
+                rows.append((f"random 4 KiB reads, warm cache, {label}, {how} (reads/s)",
+                             f"{statistics.median(r):.0f}  ({min(r):.0f}-{max(r):.0f})"))
+            rows.append((f"  CPU of the daemon per second of those reads, {how} (s)",
+                         f"{statistics.median(rates['daemon_cpu_s_per_s']):.2f}"))
+        for key, label in (("volume", "volume file"), ("fs", "ext4, O_DIRECT")):
+            per_round = [a / b for a, b in zip(random_rates["spin"][key], random_rates["no spin"][key])]
+            rows.append((f"  spin / no spin, {label} (per round)", " ".join(f"{x:.2f}" for x in per_round)))
+        result.update(random_reads=random_rates)
+
+        point = mounts.point()
+        info = mounts.mount(image4, point)
+        rate_warm = random_reads(Path(info["volume_file"]), first, window, args.random_seconds, direct=False)
         # The same reads with the reader and every daemon thread on one core: no wake-up crosses
         # cores, so what is left is the daemon's and the kernel's own work per read.
         cores = os.sched_getaffinity(0)
@@ -402,7 +425,7 @@ def main() -> int:
             os.sched_setaffinity(0, cores)
             sh("taskset", "-a", "-p", "-c", ",".join(map(str, sorted(cores))), str(info["pid"]))
         rows.append(("  the same on the served volume file, reader and daemon on one core (reads/s)",
-                     f"{rate_one_core:.0f}"))
+                     f"{rate_one_core:.0f}  (both cores: {rate_warm:.0f})"))
         result.update(random_volume_one_core_per_s=rate_one_core)
 
         memory = memory_of(info["pid"])

@@ -18,6 +18,7 @@ import ctypes
 import errno
 import mmap
 import os
+import select
 import stat
 import struct
 import queue
@@ -223,9 +224,18 @@ class Server:
     handed over as a view of its thread's buffer, valid during the call only. `files` must be
     thread-safe when `readers` > 0."""
 
-    def __init__(self, fd: int, session: Session, files: Files, on_error=None, readers: int = 0, on_fatal=None):
+    def __init__(self, fd: int, session: Session, files: Files, on_error=None, readers: int = 0, on_fatal=None,
+                 spin: float = 0.0, quiet: Callable[[], bool] | None = None):
         """`on_error(opcode, exception)`: a request failed unexpectedly (it is answered EIO).
-        `on_fatal(exception)`: a reader thread cannot go on (its READs would never be answered)."""
+        `on_fatal(exception)`: a reader thread cannot go on (its READs would never be answered).
+
+        `spin` > 0: after a request, look for the next one for up to `spin` seconds before
+        sleeping. A reader that issues one request at a time (random reads of a warm cache)
+        then finds the server awake: each request would otherwise wake a sleeping thread on
+        another core, which on a VM costs more than the request. Only while the reader threads
+        are idle and `quiet()` says nothing else of the process runs (the spinning thread would
+        hold the GIL against them); the descriptor is made non-blocking for it, so a server that
+        hands its descriptor over to another process must not spin."""
         self.fd = fd
         self.session = session
         self.files = files
@@ -236,6 +246,12 @@ class Server:
         self._reads: queue.SimpleQueue = queue.SimpleQueue()    # (unique, fh, offset, size), None: stop
         self._views = files.read_views if isinstance(files, ViewReads) else None
         self.requests = 0
+        self.spin = spin
+        self._quiet = quiet
+        self._spin_until = 0.0
+        self._poller = select.poll()
+        self._poller.register(fd, select.POLLIN)
+        self.sleeps = 0         # how often the serving thread slept waiting for a request (when spinning)
 
     def hold(self, timeout: float) -> bool:
         """Wait until no request is being handled and keep it so (for handing over to another
@@ -278,9 +294,15 @@ class Server:
                     RELEASEDIR: self._empty, FSYNCDIR: self._empty}
         hand_reads_over = bool(self._read_lanes)
         quick = self.files.read_is_quick if isinstance(self.files, QuickReads) else None
+        idle = None
+        if self.spin > 0:
+            os.set_blocking(fd, False)
+            idle = self._idle
         while True:
+            if idle is not None:
+                self._spin_until = time.monotonic() + self.spin if self._may_spin() else 0.0
             try:
-                length = _read(fd, lane.iov)
+                length = _read(fd, lane.iov, idle)
             except ConnectionGone:
                 return
             _, opcode, unique, nodeid, *_ = IN_HEADER.unpack_from(head)
@@ -303,6 +325,18 @@ class Server:
             if first is not None:
                 first()
                 first = None
+
+    def _may_spin(self) -> bool:
+        return (self._reads.empty() and all(lane.busy_since is None for lane in self._read_lanes)
+                and (self._quiet is None or self._quiet()))
+
+    def _idle(self) -> None:
+        """Nothing queued on the (non-blocking) descriptor: look again until the spin is over,
+        then sleep until a request comes or the connection goes."""
+        if time.monotonic() < self._spin_until:
+            return
+        self.sleeps += 1
+        self._poller.poll()
 
     def _serve_reads(self, lane: _Lane) -> None:
         try:
@@ -449,10 +483,16 @@ def _pack_attr(a: Attr) -> bytes:
                      0, 0, 0, a.block_size, 0)
 
 
-def _read(fd: int, buffers: list) -> int:
+def _read(fd: int, buffers: list, idle: Callable[[], None] | None = None) -> int:
+    """The next request; on a non-blocking descriptor, `idle()` is called whenever none is
+    queued, and the read is tried again after it."""
     while True:
         try:
             return os.readv(fd, buffers)
+        except BlockingIOError:
+            if idle is None:
+                raise
+            idle()
         except InterruptedError:
             continue
         except OSError as e:

@@ -4,6 +4,7 @@ offset, through the request layouts the server splits for alignment) comes back 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import random
@@ -82,25 +83,35 @@ class ViewFiles(MemoryFiles):
         return views, release
 
 
-@pytest.fixture(params=[(0, MemoryFiles), (2, MemoryFiles), (2, ViewFiles)],
-                ids=["inline-reads", "reader-threads", "reads-from-views"])
+@contextlib.contextmanager
+def serving(point, files, **options):
+    fd = fuse.mount(str(point), "imager-test", "imagertest")
+    thread = None
+    try:
+        session = fuse.negotiate(fd, MAX_WRITE)
+        server = fuse.Server(fd, session, files, **options)
+        thread = threading.Thread(target=server.serve, daemon=True)
+        thread.start()
+        yield server
+    finally:
+        fuse.umount(str(point), lazy=True)
+        if thread is not None:
+            thread.join(10)
+        os.close(fd)
+    assert not thread.is_alive()            # serve() returns once the connection is gone
+
+
+@pytest.fixture(params=[dict(readers=0), dict(readers=2), dict(readers=2, kind=ViewFiles),
+                        dict(readers=2, spin=0.001)],
+                ids=["inline-reads", "reader-threads", "reads-from-views", "spinning"])
 def served(tmp_path, request):
-    readers, kind = request.param
+    options = dict(request.param)
+    kind = options.pop("kind", MemoryFiles)
     files = kind({"small": 5000, "big": 8 * MAX_WRITE + 123, LONG_NAME: 70000})
     point = tmp_path / "mnt"
     point.mkdir()
-    fd = fuse.mount(str(point), "imager-test", "imagertest")
-    try:
-        session = fuse.negotiate(fd, MAX_WRITE)
-        server = fuse.Server(fd, session, files, readers=readers)
-        thread = threading.Thread(target=server.serve, daemon=True)
-        thread.start()
+    with serving(point, files, **options):
         yield point, files
-    finally:
-        fuse.umount(str(point), lazy=True)
-        os.close(fd)
-    thread.join(10)
-    assert not thread.is_alive()            # serve() returns once the connection is gone
 
 
 def test_the_directory_lists_every_name_and_stats_each_file(served):
@@ -137,3 +148,18 @@ def test_reads_and_writes_of_any_size_at_any_offset_match_the_model(served):
     # Every reply sent from views gives them back, once sent: the server releases them after
     # the kernel has the reply, which the reader may see first.
     wait_until(lambda: getattr(files, "unreleased", 0) == 0, "every reply's views to be released")
+
+
+def test_a_spinning_server_sleeps_once_idle_and_the_next_request_wakes_it(tmp_path):
+    files = MemoryFiles({"small": 5000})
+    point = tmp_path / "mnt"
+    point.mkdir()
+    with serving(point, files, readers=2, spin=0.001) as server:
+        for _ in range(3):
+            slept = server.sleeps
+            with open(point / "small", "rb") as f:
+                assert f.read() == files.data["small"]
+            # Idle after its spin, the server sleeps rather than burn a core ...
+            wait_until(lambda: server.sleeps > slept, "the server to sleep")
+        # ... and a request to a sleeping server is answered.
+        assert os.stat(point / "small").st_size == 5000

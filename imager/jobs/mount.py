@@ -27,6 +27,7 @@ from ..catalog import Catalog
 from ..ends.guards import under_dev
 from ..errors import ChunkError, ImageFormatError, ImagerError, UsageError
 from ..mount import daemon, registry
+from ..mount.serve import spin_seconds
 from ..mount.volume import DEFAULT_CACHE_BYTES
 from ..spawn import engine_env, fork_daemon, start_daemon
 from .chains import open_chain
@@ -45,6 +46,7 @@ def mount(image: str, directory: str, *, catalog: Catalog | None = None,
     `<n>-<label or fstype>`, what the kernel cannot mount as the file of its bytes. Returns once
     everything is mounted; a daemon (a fork of this process if it has no other thread, else a new
     interpreter) serves it until umount()."""
+    spin_seconds()      # a wrong setting is the caller's, said before any daemon starts
     images = chain_files(image, catalog)
     directory = _check_mount_point(directory)
     record = registry.create(directory, images, cache_bytes)
@@ -198,6 +200,7 @@ def extract(image: str, paths: list[str], dest: str, *, force: bool = False, cat
 
 
 def _private(request: dict) -> dict:
+    spin_seconds()
     command = ["unshare", "--mount", "--propagation", "private", sys.executable, "-m", "imager.mount.private"]
     try:
         done = subprocess.run(command, input=json.dumps(request), capture_output=True, text=True, errors="replace",

@@ -101,6 +101,7 @@ class CachedVolume:
         self._failures_logged: set[tuple[int, str]] = set()
         self._last_region = -2
         self._hits = self._misses = self._decoded = self._ahead = 0
+        self._decoding = 0
         # Zero regions are served from an anonymous mapping: the kernel's zero page, no memory.
         self._zeros = mmap.mmap(-1, self.region_size, prot=mmap.PROT_READ)
         self._zero_view = memoryview(self._zeros)
@@ -179,6 +180,10 @@ class CachedVolume:
                     return False
         return True
 
+    def decoding(self) -> bool:
+        """Whether a region is being decoded (or waits for a decoding thread)."""
+        return self._decoding > 0
+
     def read(self, offset: int, length: int) -> bytes:
         buf = bytearray(max(0, min(length, self.size - offset)))
         n = self.read_into(memoryview(buf), offset)
@@ -254,6 +259,7 @@ class CachedVolume:
         self._cached_bytes += size
         self._decoded += 1
         self._ahead += ahead
+        self._decoding += 1
         # Not a closure over the entry: the future would hold it, and it the future, in a cycle
         # that only the garbage collector breaks, long after eviction.
         entry.future.add_done_callback(functools.partial(self._settled, region))
@@ -289,6 +295,7 @@ class CachedVolume:
 
     def _settled(self, region: int, future: Future) -> None:
         with self._lock:
+            self._decoding -= 1
             entry = self._cache.get(region)
             if entry is None or entry.future is not future:
                 return
