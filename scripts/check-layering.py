@@ -2,7 +2,7 @@
 own package and anything in a lower layer, nothing above:
 
     devices                         kernel interfaces; imports nothing from imager
-    errors units progress failpoints private spawn views (the JSON names)
+    errors units progress failpoints private spawn views (the JSON names) defaults (what --help shows)
     format plan                     the image format; the used-block planner
     ends                            sources, sinks, feeds, restore targets, path guards
     snapshot tape catalog mount     point in time (providers, COW, daemon); tape layout; the record;
@@ -19,7 +19,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 LAYERS = [
     {"devices"},
     {"imager.errors", "imager.units", "imager.progress", "imager.failpoints", "imager.private", "imager.spawn",
-     "imager.views"},
+     "imager.views", "imager.defaults"},
     {"imager.format", "imager.plan"},
     {"imager.ends"},
     {"imager.snapshot", "imager.tape", "imager.catalog", "imager.mount"},

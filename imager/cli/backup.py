@@ -4,19 +4,13 @@ from __future__ import annotations
 
 import os
 
-from devices.block import size_of
 from devices.errors import DeviceError
 
-from .. import jobs
-from ..catalog import Catalog
+from ..defaults import (DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL, DEFAULT_MAX_FREEZE, DEFAULT_MAX_FREEZE_READ,
+                        DEFAULT_TAPE_BLOCK_SIZE, SNAPSHOT_PROVIDERS)
 from ..errors import ImagerError, UsageError
-from ..format import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL
-from ..snapshot.freeze import DEFAULT_MAX_FREEZE, DEFAULT_MAX_FREEZE_READ
-from ..snapshot.provider import PROVIDERS, resolve_volumes
-from ..tape import DEFAULT_BLOCK_SIZE
 from ..units import human_bytes, positive_float, positive_size, worker_count
 from .output import Output
-from .tape import tape_spec
 
 
 def register(sub, parents) -> None:
@@ -24,7 +18,7 @@ def register(sub, parents) -> None:
                        help="image a block device or file")
     b.add_argument("sources", nargs="+", metavar="SOURCE",
                    help="block device or file to image; with --snapshot cow, attached volumes")
-    b.add_argument("--snapshot", choices=tuple(PROVIDERS), default="none",
+    b.add_argument("--snapshot", choices=SNAPSHOT_PROVIDERS, default="none",
                    help="cow: snapshot attached volumes in one freeze window and image the snapshots; "
                         "freeze: keep the filesystems frozen while reading; none: read as is (default)")
     b.add_argument("--pre-freeze", action="append", default=[], metavar="CMD",
@@ -67,8 +61,12 @@ def register(sub, parents) -> None:
 
 
 def run(args, out: Output) -> int:
+    from .. import jobs
+    from ..catalog import Catalog
+    from .tape_actions import tape_spec
+
     dest = jobs.Destination(output=args.output, tape=tape_spec(args) if args.tape else None, force=args.force,
-                            block_size=args.block_size or DEFAULT_BLOCK_SIZE, expect_label=args.label,
+                            block_size=args.block_size or DEFAULT_TAPE_BLOCK_SIZE, expect_label=args.label,
                             drive_compression=args.drive_compression,
                             min_rate=args.min_rate * 1e6 if args.min_rate is not None else None,
                             spool=args.spool)
@@ -115,6 +113,10 @@ def _where(result) -> str:
 
 def _source_sizes(sources: list[str], provider: str) -> int:
     """The bytes the progress bar counts to (0 when unknown: the bar still shows throughput)."""
+    from devices.block import size_of
+
+    from ..snapshot.provider import resolve_volumes
+
     if provider == "cow":
         try:
             return sum(v.size for v in resolve_volumes(sources))

@@ -10,7 +10,6 @@ from datetime import datetime, timedelta, timezone
 from .. import views
 from ..catalog import Catalog
 from ..errors import UsageError
-from ..jobs.retention import KeepRules, check, prune
 from ..units import human_bytes
 from .output import Output, table
 
@@ -105,6 +104,8 @@ def listing(args, out: Output) -> int:
 
 
 def pruning(args, out: Output) -> int:
+    from ..jobs.retention import KeepRules, prune
+
     rules = KeepRules(args.keep_last, args.keep_daily, args.keep_weekly)
     with Catalog(args.catalog) as catalog:
         result = prune(catalog, rules, dry_run=args.dry_run, consolidate_chains=args.consolidate,
@@ -135,6 +136,8 @@ def forgetting(args, out: Output) -> int:
 
 
 def checking(args, out: Output) -> int:
+    from ..jobs.retention import check
+
     with Catalog(args.catalog) as catalog:
         count, problems = check(catalog)
     out.result({"images": count, "problems": [p.to_dict() for p in problems], "ok": not problems},

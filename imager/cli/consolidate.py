@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from .. import jobs
-from ..catalog import Catalog
+from ..defaults import DEFAULT_TAPE_BLOCK_SIZE
 from ..errors import UsageError
-from ..format import ImageReader
-from ..tape import DEFAULT_BLOCK_SIZE
 from ..units import human_bytes
 from .output import Output
-from .tape import tape_spec
 
 
 def register(sub, parents) -> None:
@@ -23,8 +19,13 @@ def register(sub, parents) -> None:
 
 
 def run(args, out: Output) -> int:
+    from .. import jobs
+    from ..catalog import Catalog
+    from ..format import ImageReader
+    from .tape_actions import tape_spec
+
     dest = jobs.Destination(output=args.output, tape=tape_spec(args) if args.tape else None, force=args.force,
-                            block_size=args.block_size or DEFAULT_BLOCK_SIZE, expect_label=args.label)
+                            block_size=args.block_size or DEFAULT_TAPE_BLOCK_SIZE, expect_label=args.label)
     if not args.output and not args.tape:
         raise UsageError("give the full image to write: -o FILE or --tape T")
     with ImageReader(args.image) as reader:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from devices import discover
 from devices.partitions import GPT_TYPE_NAMES, MBR_TYPE_NAMES
 
 from ..units import human_bytes
@@ -18,6 +17,8 @@ def register(sub, parents) -> None:
 
 
 def listing(args, out: Output) -> int:
+    from devices import discover
+
     disks = discover.list_block_devices(include_empty=args.all)
     tapes = discover.list_tape_drives()
     rows = [_row(d, prefix) for d, prefix in _as_tree(disks)]

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from .. import jobs
 from ..units import human_bytes
-from .feeds import stdin_feed
 from .output import Output
 
 
@@ -15,6 +13,9 @@ def register(sub, parents) -> None:
 
 
 def run(args, out: Output) -> int:
+    from .. import jobs
+    from .feeds import stdin_feed
+
     found = jobs.info_feed(stdin_feed()) if args.image == "-" else jobs.info(args.image)
     h, t = found.header, found.totals
     src, snap, plan = h.source, h.snapshot, h.plan

@@ -5,8 +5,7 @@ from __future__ import annotations
 import stat
 import time
 
-from .. import api
-from ..mount.volume import DEFAULT_CACHE_BYTES
+from ..defaults import DEFAULT_MOUNT_CACHE_BYTES
 from ..units import human_bytes, positive_size
 from .output import Output
 
@@ -16,8 +15,8 @@ def register(sub, parents) -> None:
                        help="mount an image (or chain point) read-only at an empty directory")
     m.add_argument("image", help="image file (an incremental is mounted at its point)")
     m.add_argument("directory", metavar="DIR", help="an empty directory to mount the volume's filesystem on")
-    m.add_argument("--cache-size", type=positive_size, default=DEFAULT_CACHE_BYTES, metavar="SIZE",
-                   help=f"decompressed chunks the daemon keeps (default {human_bytes(DEFAULT_CACHE_BYTES)})")
+    m.add_argument("--cache-size", type=positive_size, default=DEFAULT_MOUNT_CACHE_BYTES, metavar="SIZE",
+                   help=f"decompressed chunks the daemon keeps (default {human_bytes(DEFAULT_MOUNT_CACHE_BYTES)})")
     m.set_defaults(func=mount)
     u = sub.add_parser("umount", parents=[parents.common], help="unmount an image mounted with imager mount")
     u.add_argument("directory", metavar="DIR", help="where imager mount mounted the image")
@@ -40,6 +39,8 @@ def register(sub, parents) -> None:
 
 
 def mount(args, out: Output) -> int:
+    from .. import api
+
     info = api.mount(args.image, args.directory, cache_size=args.cache_size, catalog=args.catalog or True)
     out.result(info.to_dict(), [f"{args.image} mounted read-only at {info.directory} "
                                 f"(imager umount {info.directory} ends it)"] + _entry_lines(info))
@@ -59,6 +60,8 @@ def _entry_lines(info) -> list[str]:
 
 
 def umount(args, out: Output) -> int:
+    from .. import api
+
     info = api.umount(args.directory)
     lines = [f"unmounted {info.image} from {info.directory}"]
     if info.log_path:
@@ -68,6 +71,8 @@ def umount(args, out: Output) -> int:
 
 
 def mounts(args, out: Output) -> int:
+    from .. import api
+
     found = api.mounts()
     lines = []
     for info in found:
@@ -81,6 +86,8 @@ def mounts(args, out: Output) -> int:
 
 
 def ls(args, out: Output) -> int:
+    from .. import api
+
     entries = api.ls(args.image, args.path, catalog=args.catalog or True)
     width = max((len(str(e.size)) for e in entries), default=1)
     lines = []
@@ -97,6 +104,8 @@ def ls(args, out: Output) -> int:
 
 
 def extract(args, out: Output) -> int:
+    from .. import api
+
     result = api.extract(args.image, args.paths, args.dest, force=args.force, catalog=args.catalog or True)
     out.result(result.to_dict(), [f"{c['path']} -> {c['to']}: {c['entries']} entries, {human_bytes(c['bytes'])}"
                                   for c in result.copied]

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from .. import __version__
-from ..tape import DEFAULT_BLOCK_SIZE
+from ..defaults import DEFAULT_TAPE_BLOCK_SIZE
 from ..units import positive_size
 from .examples import epilog
 from .progress import MODES
@@ -46,7 +46,7 @@ def _parents() -> Parents:
         "--tape-capacity": dict(type=positive_size, metavar="SIZE",
                                 help="capacity of a virtual cartridge (default: unlimited)"),
         "--block-size": dict(type=positive_size, metavar="SIZE",
-                             help=f"tape block size (default {DEFAULT_BLOCK_SIZE >> 10}K to write; to read, the size "
+                             help=f"tape block size (default {DEFAULT_TAPE_BLOCK_SIZE >> 10}K to write; to read, the size "
                                   f"the image was written with)"),
         "--changer": dict(metavar="DEV|CMD", help="the library's SCSI medium changer (/dev/sgN): it loads the next "
                           "blank cartridge when an image spans, and the cartridge by label to read; or a command "

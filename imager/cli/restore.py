@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from .. import jobs
-from ..catalog import Catalog
+from typing import TYPE_CHECKING
+
 from ..errors import UsageError
-from ..format import ImageReader
 from ..units import human_bytes, worker_count
-from .feeds import stdin_feed
 from .output import Output
-from .tape import tape_spec
+
+if TYPE_CHECKING:
+    from .. import jobs
+    from ..catalog import Catalog
 
 
 def register(sub, parents) -> None:
@@ -28,6 +29,12 @@ def register(sub, parents) -> None:
 
 
 def run(args, out: Output) -> int:
+    from .. import jobs
+    from ..catalog import Catalog
+    from ..format import ImageReader
+    from .feeds import stdin_feed
+    from .tape_actions import tape_spec
+
     if args.tape:
         if len(args.paths) != 1:
             raise UsageError("with --tape, give only the TARGET (the image is chosen with --image)")
@@ -66,6 +73,8 @@ def _catalogued_size(catalog: Catalog, image_id: str | None) -> int:
 
 
 def _restore(feed, target: str, args, out: Output) -> jobs.RestoreResult:
+    from .. import jobs
+
     with out.progress(feed.header.volume_size, "restore") as progress:
         return jobs.restore_feed(feed, target, force=args.force, verify=args.verify, workers=args.workers,
                                  progress=progress)

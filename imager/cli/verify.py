@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from .. import jobs
-from ..catalog import Catalog
 from ..errors import UsageError
-from ..format import ImageReader
 from ..units import human_bytes, worker_count
-from .feeds import stdin_feed
 from .output import Output
-from .tape import tape_spec
 
 
 def register(sub, parents) -> None:
@@ -24,6 +19,12 @@ def register(sub, parents) -> None:
 
 
 def run(args, out: Output) -> int:
+    from .. import jobs
+    from ..catalog import Catalog
+    from ..format import ImageReader
+    from .feeds import stdin_feed
+    from .tape_actions import tape_spec
+
     if args.tape:
         with Catalog(args.catalog) as catalog:
             results = jobs.verify_tape(tape_spec(args), args.image, catalog=catalog, block_size=args.block_size,

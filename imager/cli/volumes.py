@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .. import views
-from ..jobs import volumes
-from ..snapshot.freeze import DEFAULT_MAX_FREEZE
+from ..defaults import DEFAULT_MAX_FREEZE
 from ..units import human_bytes, non_negative_float, positive_float, positive_size
 from .output import Output, natural_key, table
+
+if TYPE_CHECKING:
+    from ..jobs import volumes
 
 
 def register(sub, parents) -> None:
@@ -59,6 +63,8 @@ def _register_snapshot(sub, parents) -> None:
 
 
 def attach(args, out: Output) -> int:
+    from ..jobs import volumes
+
     v = volumes.attach(args.device, name=args.name, cache_path=args.cache, cache_size=args.cache_size,
                        watchdog=args.watchdog, wait_for_device=args.wait)
     out.result(views.with_iso_times(v), [v.front or ""])
@@ -68,6 +74,8 @@ def attach(args, out: Output) -> int:
 
 
 def recover(args, out: Output) -> int:
+    from ..jobs import volumes
+
     v = volumes.recover(args.name)
     out.result(views.with_iso_times(v), [f"recovered {v.name}: {v.device} -> front {v.front}", f"filesystem: {v.problem}"])
     out.notice(f"mount {v.front} again where it was (its device number may have changed)")
@@ -75,6 +83,8 @@ def recover(args, out: Output) -> int:
 
 
 def detach(args, out: Output) -> int:
+    from ..jobs import volumes
+
     for name in args.names:
         volumes.detach(name)
     out.result({"detached": args.names}, [f"detached {n}" for n in args.names])
@@ -82,6 +92,8 @@ def detach(args, out: Output) -> int:
 
 
 def restart(args, out: Output) -> int:
+    from ..jobs import volumes
+
     restarted = [volumes.restart_worker(name) for name in args.names]
     out.result({"volumes": [views.with_iso_times(v) for v in restarted]},
                [f"{v.name}: worker {v.worker['pid']} serves {v.front} (restart {v.worker['restarts']})"
@@ -90,6 +102,8 @@ def restart(args, out: Output) -> int:
 
 
 def listing(args, out: Output) -> int:
+    from ..jobs import volumes
+
     found = volumes.list_volumes()
     found = sorted(found, key=lambda v: natural_key(v.name))
     out.result({"volumes": [views.with_iso_times(v) for v in found]},
@@ -110,6 +124,8 @@ def _volume_row(v: volumes.VolumeInfo) -> list[str]:
 
 
 def snapshot_create(args, out: Output) -> int:
+    from ..jobs import volumes
+
     info = volumes.snapshot_create(args.names, args.pre_freeze, args.post_thaw, max_freeze=args.max_freeze)
     out.result(views.with_iso_times(info), [f"{s.name}: snapshot at {s.path}" for s in info.snapshots]
                + [f"freeze window {info.freeze_window_ms:.1f} ms"
@@ -118,6 +134,8 @@ def snapshot_create(args, out: Output) -> int:
 
 
 def snapshot_list(args, out: Output) -> int:
+    from ..jobs import volumes
+
     snaps = volumes.snapshot_list()
     out.result({"snapshots": [views.with_iso_times(s) for s in snaps]},
                table(["NAME", "CACHE", "STATE", "PATH"],
@@ -127,6 +145,8 @@ def snapshot_list(args, out: Output) -> int:
 
 
 def snapshot_delete(args, out: Output) -> int:
+    from ..jobs import volumes
+
     volumes.snapshot_delete(args.names, force=args.force)
     out.result({"deleted": args.names}, [f"deleted the snapshot of {n}" for n in args.names])
     return 0

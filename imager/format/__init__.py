@@ -29,8 +29,8 @@ from .blocks import (DIGEST_SIZE, block_digests, chain_block_size, digest_of, pa
                      zero_block_digests)
 from .codec import Codec, EncodedChunk, ZstdCodec, codec_of, zero_frame, zstd_frame_bound
 from .frames import RUN_MAGIC, ZSTD_MAGIC, decode_run, skippable_frame, skippable_payload
-from .meta import (DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL, FORMAT_VERSION, FULL, HEADER_MAGIC, HEADER_TAG, INCREMENTAL,
-                   MAX_CHUNK_SIZE, TRAILER_MAGIC, ImageHeader, ImageTrailer, decode_header, decode_trailer,
+from ..defaults import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL
+from .meta import (FORMAT_VERSION, FULL, HEADER_MAGIC, HEADER_TAG, INCREMENTAL, MAX_CHUNK_SIZE, TRAILER_MAGIC, ImageHeader, ImageTrailer, decode_header, decode_trailer,
                    encode_header, read_header)
 from .reader import ImageReader
 from .seektable import SEEK_TABLE_MAGIC, FrameNames, seek_table_mismatch

@@ -13,10 +13,11 @@ import zstandard
 
 from devices.buffers import is_all_zero
 
+from ..defaults import DEFAULT_LEVEL
 from ..errors import ChunkError
 from .frames import ZSTD_MAGIC, zstd_block_header
 from .blocks import MIN_BLOCK_SIZE, block_digests, zero_block_digests
-from .meta import DEFAULT_LEVEL, ImageHeader
+from .meta import ImageHeader
 
 
 def zstd_frame_bound(chunk_size: int) -> int:

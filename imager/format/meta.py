@@ -21,6 +21,7 @@ from typing import Any, Iterable
 import blake3
 import numpy as np
 
+from ..defaults import DEFAULT_LEVEL
 from ..errors import ChunkError, ImageFormatError, UsageError
 from .blocks import DIGEST_SIZE, MAX_BLOCK_SIZE, bitmap_bytes, blocks_in, chain_block_size, pack_bits
 from .frames import Readable, read_exact, skippable_frame
@@ -41,10 +42,8 @@ TRAILER_TAG = b"IMGRTRL1"
 # claiming more is refused before anything that large is read or allocated.
 MAX_METADATA = 1 << 20
 MAX_HEADER_PAYLOAD = len(HEADER_TAG) + DIGEST_SIZE + MAX_METADATA
-DEFAULT_CHUNK_SIZE = 4 << 20
 # The seek table holds sizes as 32-bit numbers.
 MAX_CHUNK_SIZE = 1 << 30
-DEFAULT_LEVEL = 3
 
 
 @dataclass

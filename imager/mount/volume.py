@@ -34,13 +34,14 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Callable
 
+from ..defaults import DEFAULT_MOUNT_CACHE_BYTES
 from ..errors import ImagerError
 from ..format import ImageReader
 from ..format.chain import Chain, check_link
 
 log = logging.getLogger("imager.mount")
 
-DEFAULT_CACHE_BYTES = 64 << 20
+DEFAULT_CACHE_BYTES = DEFAULT_MOUNT_CACHE_BYTES
 # Regions decoded ahead of a sequential reader, at most (and never more than the cache holds).
 DEFAULT_READAHEAD = 8
 

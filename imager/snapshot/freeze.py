@@ -30,15 +30,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence, Union
 
+from ..defaults import DEFAULT_MAX_FREEZE
 from ..errors import ImagerError, SnapshotError
 from ..spawn import engine_env
 
 Hook = Union[Callable[[], object], str, Sequence[str]]
 
-# How long the filesystems of a snapshot may stay frozen: taking a snapshot needs milliseconds.
-DEFAULT_MAX_FREEZE = 5.0
-# The freeze provider reads whole volumes while frozen (small ones): a longer, still finite bound.
-DEFAULT_MAX_FREEZE_READ = 300.0
 _GUARD_START_TIMEOUT = 30.0
 # The guard's own answers come within milliseconds, except a FIFREEZE that has to flush a lot.
 _GUARD_REPLY_TIMEOUT = 120.0

@@ -29,7 +29,8 @@ from ..plan.planner import PlanRules, partition_table_of, plan_for_backup
 from ..plan.usedmap import UsedMap
 from ..units import now_iso
 from . import daemon
-from .freeze import DEFAULT_MAX_FREEZE, DEFAULT_MAX_FREEZE_READ, Hook, freeze_window
+from ..defaults import DEFAULT_MAX_FREEZE, DEFAULT_MAX_FREEZE_READ
+from .freeze import Hook, freeze_window
 
 Notice = Callable[[str], None]
 

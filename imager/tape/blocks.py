@@ -8,6 +8,7 @@ import struct
 
 import blake3
 
+from ..defaults import DEFAULT_TAPE_BLOCK_SIZE
 from ..errors import TapeMediaError
 from ..format import skippable_frame
 
@@ -33,7 +34,7 @@ END_TAG = b"IMGREND2"
 _CHECKSUM_SIZE = 32
 
 
-DEFAULT_BLOCK_SIZE = 1 << 20
+DEFAULT_BLOCK_SIZE = DEFAULT_TAPE_BLOCK_SIZE
 
 
 # Room for the largest metadata block (a label, segment header or end block is a few KiB).
