@@ -332,13 +332,14 @@ def main() -> int:
         version = []
         for _ in range(args.rounds):
             start = time.monotonic()
-            sh(*IMAGER, "--version")
+            sh(*IMAGER, "mounts", env=mounts.env)
             version.append(time.monotonic() - start)
         for key, label in (("4g", "4 GiB aged ext4"), ("16g", "16 GiB sparse ext4")):
             t = times[key]
             rows.append((f"imager mount to a listed root, {label} (s)",
                          f"{statistics.median(t):.2f}  ({min(t):.2f}-{max(t):.2f})"))
-        rows.append(("  of which: python -m imager.cli --version (s)", f"{statistics.median(version):.2f}"))
+        # `imager mounts` loads the jobs as `imager mount` does, and does next to nothing else.
+        rows.append(("  of which: the command's start, python -m imager.cli mounts (s)", f"{statistics.median(version):.2f}"))
         result["mount_seconds"] = times
         result["cli_start_seconds"] = version
 
