@@ -213,6 +213,7 @@ class _Lane:
         self.iov = [memoryview(self.head)[:REQUEST_HEAD], memoryview(self.body)] if request else []
         self.gate = threading.Lock()
         self.busy_since: float | None = None    # monotonic start of the request being handled
+        self.answered = 0                       # READs handed to this lane's thread and done with
 
 
 class Server:
@@ -251,7 +252,8 @@ class Server:
         self._spin_until = 0.0
         self._poller = select.poll()
         self._poller.register(fd, select.POLLIN)
-        self.sleeps = 0         # how often the serving thread slept waiting for a request (when spinning)
+        self._handed_over = 0   # READs queued for the reader threads (each lane counts those it finished)
+        self.sleeping = False   # the serving thread waits for a request in poll() (when spinning)
 
     def hold(self, timeout: float) -> bool:
         """Wait until no request is being handled and keep it so (for handing over to another
@@ -318,6 +320,7 @@ class Server:
             if opcode == READ and hand_reads_over and first is None:
                 fh, offset, size, _ = RW_IN.unpack_from(buf, IN_HEADER.size)
                 if quick is None or not quick(fh, offset, size):
+                    self._handed_over += 1
                     self._reads.put((unique, fh, offset, size))
                     continue
             if not self._handle(lane, handlers.get(opcode), opcode, unique, nodeid, buf):
@@ -327,7 +330,8 @@ class Server:
                 first = None
 
     def _may_spin(self) -> bool:
-        return (self._reads.empty() and all(lane.busy_since is None for lane in self._read_lanes)
+        # Counts each written by one thread only: exact without a lock.
+        return (self._handed_over == sum(lane.answered for lane in self._read_lanes)
                 and (self._quiet is None or self._quiet()))
 
     def _idle(self) -> None:
@@ -335,14 +339,19 @@ class Server:
         then sleep until a request comes or the connection goes."""
         if time.monotonic() < self._spin_until:
             return
-        self.sleeps += 1
-        self._poller.poll()
+        self.sleeping = True
+        try:
+            self._poller.poll()
+        finally:
+            self.sleeping = False
 
     def _serve_reads(self, lane: _Lane) -> None:
         try:
             while (item := self._reads.get()) is not None:
                 unique, fh, offset, size = item
-                if not self._handle(lane, self._read_at, READ, unique, (fh, offset, size), None):
+                handled = self._handle(lane, self._read_at, READ, unique, (fh, offset, size), None)
+                lane.answered += 1
+                if not handled:
                     return
         except BaseException as e:
             if self._on_fatal is None:

@@ -203,17 +203,26 @@ def test_the_watchdog_replaces_a_worker_that_stops_answering(bench, monkeypatch,
     monkeypatch.setenv("IMAGER_FAILPOINTS", "on")      # every worker may be armed, none is yet
     vol, source, mnt = bench.ext4_volume("watched", 64 * MiB, watchdog=1.0)
     writers = Writers(bench, mnt, kinds=("doc", "sqlite"))
-    progress = writers.wait_progress()
+    writers.wait_progress()
     worker = daemon.status("watched").worker["pid"]
     if stuck == "stopped":
         os.kill(worker, signal.SIGSTOP)               # answers nothing, FUSE or control
     else:
         # The FUSE server blocks on one write for good (a stuck device); the control socket answers.
         request("watched", {"op": "failpoints", "set": "source.write=HANG"})
+
+    def replaced() -> bool:
+        try:
+            return daemon.status("watched").worker["pid"] != worker
+        except VolumeError:         # the stopped worker keeps the control socket until it is replaced
+            return False
+
+    # Waited for as such: progress alone could be writes that were done before the worker stuck.
+    wait_until(replaced, "the watchdog to replace the stuck worker")
     # Replaced: the writers go on without an error, their stuck request resent to the new worker.
-    progress = writers.wait_progress(beyond=progress)
+    writers.wait_progress(beyond=writers.progress())
     now = daemon.status("watched").worker
-    assert now["pid"] != worker and now["restarts"] >= 1    # more, if a loaded machine ever kept one a second
+    assert now["restarts"] >= 1     # more, if a loaded machine ever kept one a second
     with open(vol.log_path) as f:
         said = f.read()
     reason = "did not answer in 1 s" if stuck == "stopped" else "has been serving one FUSE request for"
