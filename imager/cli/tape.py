@@ -62,7 +62,8 @@ def register(sub, parents) -> None:
 
 
 def _tape_from_environment(func: str):
-    """The function `func` of tape_actions, which loads the engine only when a tape verb runs."""
+    """The tape verb `func` of tape_actions, loaded (and the engine with it) only when it runs.
+    Like mt, the tape verbs use $TAPE when no --tape is given."""
     def run(args, out: Output) -> int:
         if not args.tape and os.environ.get("TAPE"):
             args.tape = os.environ["TAPE"]
