@@ -250,8 +250,7 @@ class Server:
         self.spin = spin
         self._quiet = quiet
         self._spin_until = 0.0
-        self._poller = select.poll()
-        self._poller.register(fd, select.POLLIN)
+        self._poller: select.poll | None = None     # the sleep of a spinning server
         self._handed_over = 0   # READs queued for the reader threads (each lane counts those it finished)
         self.sleeping = False   # the serving thread waits for a request in poll() (when spinning)
 
@@ -299,6 +298,8 @@ class Server:
         idle = None
         if self.spin > 0:
             os.set_blocking(fd, False)
+            self._poller = select.poll()
+            self._poller.register(fd, select.POLLIN)
             idle = self._idle
         while True:
             if idle is not None:
@@ -339,6 +340,7 @@ class Server:
         then sleep until a request comes or the connection goes."""
         if time.monotonic() < self._spin_until:
             return
+        assert self._poller is not None
         self.sleeping = True
         try:
             self._poller.poll()
