@@ -27,7 +27,7 @@ import pytest
 
 from devices.fs import drop_cached
 from imager import jobs
-from imager.errors import UsageError
+from imager.errors import ImagerError, UsageError
 from imager.snapshot import daemon
 from conftest import writing_into
 from conftest import fsck_clean
@@ -224,6 +224,53 @@ def test_sigterm_during_cow_backup_cleans_up(bench):
     assert proc.returncode == 130, (proc.returncode, stderr)
     assert "interrupted" in stderr and "Traceback" not in stderr, stderr
     assert_no_snapshot_leftovers([vol], out)
+
+
+# -- 3b. the snapshot goes while it is read -------------------------------------------------------
+
+@pytest.mark.parametrize("reads", ["direct", "daemon"])
+def test_a_snapshot_deleted_while_it_is_read_fails_the_backup(bench, monkeypatch, caplog, reads):
+    """The snapshot is deleted by force once the backup has begun, and the file is rewritten: the
+    rest of the volume, read now, is no longer the snapshot. A backup reading the device
+    directly sees no error on its reads, so it must learn it from the daemon before it commits;
+    one reading through the daemon gets an error on its next read. Either way no image, and the
+    volume keeps what was written."""
+    monkeypatch.setenv("IMAGER_SNAPSHOT_READS", reads)
+    vol, source, mnt = bench.ext4_volume("gone")
+    fill_with_data(mnt, 16 * MiB)
+    out = bench.tmp / "out"
+    out.mkdir()
+    after = random.Random(9).randbytes(16 * MiB)
+    deleted = []
+
+    def delete_and_rewrite(n: int) -> None:
+        if deleted:
+            return
+        deleted.append(daemon.status("gone").snapshot)
+        daemon.snapshot_delete("gone", force=True)
+        with open(os.path.join(mnt, "data.bin"), "r+b") as f:
+            f.write(after)
+            os.fsync(f.fileno())
+
+    caplog.set_level("INFO", logger="imager")
+    with pytest.raises(ImagerError, match="snapshot of gone"):
+        jobs.backup_volumes(["gone"], jobs.Destination(output=str(out / "gone.zst")), snapshot="cow",
+                            options=SMALL_CHUNKS, progress=delete_and_rewrite)
+    assert deleted and deleted[0] is not None
+    through_daemon = "reading the snapshot through its daemon" in caplog.text
+    assert through_daemon == (reads == "daemon"), caplog.text
+    assert_no_snapshot_leftovers([vol], out)
+    with open(os.path.join(mnt, "data.bin"), "rb") as f:
+        assert f.read() == after
+
+
+def test_a_wrong_way_of_reading_snapshots_is_a_usage_error(bench):
+    vol, source, mnt = bench.ext4_volume("how")
+    backup = imager("backup", "--snapshot", "cow", "how", "-o", str(bench.tmp / "how.zst"),
+                    env=dict(os.environ, IMAGER_SNAPSHOT_READS="fuse"))
+    one_line_error(backup, "IMAGER_SNAPSHOT_READS", "direct or daemon", code=2)
+    assert_no_snapshot_leftovers([vol], None)
+    assert not (bench.tmp / "how.zst").exists()
 
 
 # -- 4. the cache fills up ----------------------------------------------------------------------

@@ -15,6 +15,7 @@ from devices.block import BlockDevice
 from devices.buffers import AlignedBuffer
 from imager.errors import CacheFullError, SnapshotError
 from imager.snapshot.cow import CowStore
+from imager.snapshot.cow.direct import DirectSnapshotReader
 from lab import dirty_bytes
 
 BS = 64 * 1024
@@ -63,6 +64,27 @@ def read_all(reader, size=VOLUME_SIZE, chunk=1 << 20) -> bytes:
     return bytes(out)
 
 
+def direct_reader(store) -> DirectSnapshotReader:
+    """The store's snapshot as a backup in another process reads it: the device and the
+    store's files, with no lock of the store; its view only for blocks the files cannot give."""
+    return DirectSnapshotReader(store.device.path, store.state_dir, generation=store.generation,
+                                started_at=store.snapshot_started_at, view=store.view())
+
+
+def snapshot_reader(store, kind: str):
+    return store.view() if kind == "view" else direct_reader(store)
+
+
+def read_at(reader, length: int, offset: int) -> bytes:
+    buf = AlignedBuffer(length + 4096)
+    try:
+        start = offset % 512 + 512        # an unaligned place in the buffer, for an unaligned read
+        got = reader.read_into(buf.view[start:start + length], offset)
+        return bytes(buf.view[start:start + got])
+    finally:
+        buf.close()
+
+
 def test_view_equals_pre_snapshot_bytes_after_many_writes(store, volume):
     before = read_all(volume)
     store.start_snapshot()
@@ -80,6 +102,44 @@ def test_view_equals_pre_snapshot_bytes_after_many_writes(store, volume):
     assert view.pread(100_000, 12345) == before[12345:112345]
     store.flush()
     assert read_all(volume) == bytes(expected)
+
+
+def test_a_direct_reader_gives_the_snapshot_after_many_writes(store, volume):
+    before = read_all(volume)
+    store.start_snapshot()
+    rng = random.Random(4)
+    for _ in range(400):
+        length = rng.choice([512, 4096, BS, 3 * BS + 17, rng.randrange(1, 300_000)])
+        store.write(rng.randrange(0, VOLUME_SIZE - length), rng.randbytes(length))
+    assert store.changed_blocks() > 100
+    with direct_reader(store) as reader:
+        assert read_all(reader) == before
+        assert read_all(reader, chunk=BS * 3 + 4096) == before
+        for offset, length in ((12345, 100_000), (BS - 1, 2), (VOLUME_SIZE - 1000, 4096), (5 * BS, BS)):
+            assert read_at(reader, length, offset) == before[offset:offset + length]
+        assert read_at(reader, 10, VOLUME_SIZE) == b""
+        assert reader.fallbacks == 0
+
+
+def test_a_direct_reader_opens_only_its_own_snapshot(store, volume, tmp_path):
+    store.start_snapshot()
+    generation, started = store.generation, store.snapshot_started_at
+    view = store.view()
+    with pytest.raises(SnapshotError, match="not the active one"):
+        DirectSnapshotReader(volume.path, store.state_dir, generation=generation - 1, started_at=started, view=view)
+    with pytest.raises(SnapshotError, match="not the active one"):
+        DirectSnapshotReader(volume.path, store.state_dir, generation=generation, started_at=started + 1, view=view)
+    other_file = tmp_path / "other.img"
+    other_file.write_bytes(bytes(VOLUME_SIZE))
+    other = loop.attach(str(other_file))
+    try:
+        with pytest.raises(SnapshotError, match="another device"):
+            DirectSnapshotReader(other, store.state_dir, generation=generation, started_at=started, view=view)
+    finally:
+        loop.detach(other)
+    store.end_snapshot()
+    with pytest.raises(SnapshotError, match="not the active one"):
+        DirectSnapshotReader(volume.path, store.state_dir, generation=generation, started_at=started, view=view)
 
 
 def test_a_direct_snapshot_reader_sees_writes_still_in_the_page_cache(loop_device, tmp_path):
@@ -102,6 +162,8 @@ def test_a_direct_snapshot_reader_sees_writes_still_in_the_page_cache(loop_devic
         store.write(0, after)                                  # half the blocks keep originals
         with store.view() as view:
             assert read_all(view) == bytes(before)
+        with direct_reader(store) as direct:
+            assert read_all(direct) == bytes(before)
         store.end_snapshot()
 
 
@@ -142,9 +204,11 @@ def test_writes_without_snapshot_do_not_use_the_cache(store, volume, tmp_path):
         store.view()
 
 
-def test_racing_writes_never_leak_into_the_view(store, volume):
-    """Writers hammer the same few blocks while readers read them through the view, all released
-    at once by a barrier; each round the view must equal the volume as it was at the snapshot."""
+@pytest.mark.parametrize("kind", ["view", "direct"])
+def test_racing_writes_never_leak_into_the_snapshot(store, volume, kind):
+    """Writers hammer the same few blocks while readers read them through the view (under the
+    store's locks) or directly (with none), all released at once by a barrier; each round what
+    they read must equal the volume as it was at the snapshot."""
     region = 6 * BS
     writers, readers, rounds = 4, 2, 300
     rng = np.random.default_rng(3)
@@ -152,7 +216,7 @@ def test_racing_writes_never_leak_into_the_view(store, volume):
     for round_number in range(rounds):
         before = volume.pread(region, 0)
         store.start_snapshot()
-        view = store.view()
+        view = snapshot_reader(store, kind)
         barrier = threading.Barrier(writers + readers)
         payloads = [rng.integers(0, 256, region, dtype=np.uint8).tobytes() for _ in range(writers)]
 
@@ -167,7 +231,7 @@ def test_racing_writes_never_leak_into_the_view(store, volume):
         def read():
             barrier.wait()
             for _ in range(3):
-                got = view.pread(region, 0)
+                got = read_at(view, region, 0)
                 if got != before:
                     first_bad = next(i for i in range(region) if got[i] != before[i])
                     errors.append(f"round {round_number}: view differs at byte {first_bad}")
@@ -179,7 +243,8 @@ def test_racing_writes_never_leak_into_the_view(store, volume):
         for t in threads:
             t.join()
         assert not errors, errors[:3]
-        assert view.pread(region, 0) == before
+        assert read_at(view, region, 0) == before
+        view.close()
         store.end_snapshot()
 
 
@@ -210,6 +275,23 @@ def test_cache_full_keeps_writes_going_and_fails_the_view(volume, tmp_path):
         store.start_snapshot()
         store.write(0, b"y" * 10)
         assert store.view().pread(4096, 0) != b"y" * 10
+
+
+def test_a_direct_reader_never_reads_a_block_whose_original_was_lost(volume, tmp_path):
+    """The cache fills while a direct reader is open: the blocks whose originals were kept still
+    read as the snapshot; a read of one whose original is lost fails, as the view says why."""
+    with CowStore(volume, str(tmp_path / "state"), cache_capacity=4 * BS) as store:
+        before = read_all(volume)
+        store.start_snapshot()
+        with direct_reader(store) as reader:
+            for block in range(0, 20, 2):
+                store.write(block * BS + 100, os.urandom(BS - 200))
+            assert store.snapshot_invalid
+            assert read_at(reader, 4 * BS, 0) == before[:4 * BS]            # blocks 0-3: kept
+            assert read_at(reader, BS, 11 * BS) == before[11 * BS:12 * BS]  # never written
+            with pytest.raises(CacheFullError):
+                read_at(reader, 2 * BS, 15 * BS)                           # block 16: lost
+            assert reader.fallbacks == 1
 
 
 def test_snapshot_survives_reopening_the_store(volume, tmp_path):

@@ -29,6 +29,7 @@ from imager.jobs.backup import ImagingOptions, write_image
 from imager.pipeline import READS_IN_FLIGHT, decode_feed, pool_size, read_chunks, run_ordered
 from imager.plan.usedmap import UsedMap
 from imager.snapshot.cow import CowStore
+from imager.snapshot.cow.direct import DirectSnapshotReader
 from imager.tape import TapeSink, TapeSpec, write_label
 from lab import dirty_bytes
 
@@ -305,8 +306,12 @@ def sources(volume_file, tmp_path):
             "file": (BlockDevice(str(copy), direct=False), now),
             "prefix of a larger device": (VolumePrefix(BlockDevice(device, direct=True), VOLUME - CHUNK), now),
             "snapshot view": (store.view(), before),
+            "snapshot read directly": (DirectSnapshotReader(device, store.state_dir, generation=store.generation,
+                                                            started_at=store.snapshot_started_at, view=store.view()),
+                                       before),
         }
-        opened += [made["block device (O_DIRECT)"][0], made["file"][0], made["prefix of a larger device"][0].device]
+        opened += [made["block device (O_DIRECT)"][0], made["file"][0], made["prefix of a larger device"][0].device,
+                   made["snapshot read directly"][0]]
         yield made
     finally:
         for thing in opened:

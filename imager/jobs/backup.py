@@ -244,6 +244,8 @@ def _write_one(volume: PlannedVolume, dest: Destination, options: ImagingOptions
     with aborted_on_failure(sink, catalog):
         result = _write_kind(volume, sink, options, image_id, increment, progress)
         record = image_record(result.header, result.bytes_written, result.image_digest)
+        if volume.check_reads is not None:
+            volume.check_reads()
         if before_commit is not None:
             before_commit()
         commit_image(sink, record)

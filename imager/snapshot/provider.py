@@ -2,8 +2,10 @@
 
 - none:   the devices as they are (crash-consistent at best when mounted read-write: said).
 - freeze: the mounted filesystems frozen, one window for all, for the whole read (small volumes).
-- cow:    managed volumes snapshotted in one freeze window; the snapshot views are read while
-          the volumes stay in use, and the snapshots go with the backup, however it ends.
+- cow:    managed volumes snapshotted in one freeze window; the snapshots are read while the
+          volumes stay in use (straight from each device and its COW store's files, cow/direct.py,
+          the daemon asked once at the end whether they held), and go with the backup, however
+          it ends.
 
 A provider's take() is a context manager giving a SnapshotSet: the planned volumes, and the
 checks the backup makes before it commits an image. Used-block plans of mounted filesystems
@@ -13,6 +15,7 @@ are made inside the freeze window, so that they describe the snapshot instant.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -20,6 +23,7 @@ from datetime import datetime, timezone
 from typing import Callable, Iterator, Protocol, Sequence
 
 from devices.block import BlockDevice
+from devices.errors import DeviceError
 from devices.fs import mounts_of
 from devices.topology import device_identity
 
@@ -30,7 +34,10 @@ from ..plan.usedmap import UsedMap
 from ..units import now_iso
 from . import daemon
 from ..defaults import DEFAULT_MAX_FREEZE, DEFAULT_MAX_FREEZE_READ
+from .cow.direct import DirectSnapshotReader
 from .freeze import Hook, freeze_window
+
+log = logging.getLogger(__name__)
 
 Notice = Callable[[str], None]
 
@@ -67,6 +74,9 @@ class PlannedVolume:
     tracker: dict | None = None
     tracked_changes: Callable[[], bytes | None] | None = None
     commit_tracker: Callable[[], None] | None = None
+    # Raises if what was read of this volume may not be its snapshot any more (checked once every
+    # read is done, before the image is committed).
+    check_reads: Callable[[], None] | None = None
 
 
 @dataclass
@@ -156,6 +166,7 @@ class CowProvider:
 
     @contextmanager
     def take(self, sources: Sequence[str], request: SnapshotRequest) -> Iterator[SnapshotSet]:
+        how = snapshot_reads()
         volumes = resolve_volumes(sources)
         for v in volumes:
             daemon.refuse_esp(v.device, "cow")
@@ -181,16 +192,67 @@ class CowProvider:
             planned = []
             for v, snap in zip(volumes, info.snapshots):
                 view = opened.enter_context(BlockDevice(snap.path, direct=True))
+                if how == "direct":
+                    source = opened.enter_context(_snapshot_reader(v, snap, view))
+                else:
+                    log.info("%s: reading the snapshot through its daemon (%s=daemon)", v.name, SNAPSHOT_READS_ENV)
+                    source = view
                 plan = plans.get(v.name) or plan_for_backup(snap.path, view.size, request.rules)
                 meta = {"provider": "cow", "time": instant.isoformat(timespec="milliseconds"),
                         "freeze_window_ms": round(info.freeze_window_ms, 2),
                         "volumes": [x.name for x in volumes], "volume": v.name}
                 planned.append(PlannedVolume(
-                    view, v.name, plan, dict(probe_filesystem(snap.path), path=v.device, volume=v.name, front=v.front,
+                    source, v.name, plan, dict(probe_filesystem(snap.path), path=v.device, volume=v.name, front=v.front,
                                              view=snap.path), meta, volume_key=f"managed:{v.name}",
                     tracker=snap.tracker, tracked_changes=functools.partial(held.tracked_changes, v.name),
-                    commit_tracker=functools.partial(held.commit, v.name)))
+                    commit_tracker=functools.partial(held.commit, v.name),
+                    check_reads=functools.partial(_check_still_the_snapshot, v.name, snap)))
             yield SnapshotSet(planned, info.freeze_window_ms, explain=_explain_cow_read_error(volumes))
+
+
+# How a cow backup reads its snapshots: "direct" (the volume's device and its store's files, see
+# cow/direct.py) or "daemon" (the snapshot file the daemon serves, one request per read).
+SNAPSHOT_READS_ENV = "IMAGER_SNAPSHOT_READS"
+
+
+def snapshot_reads() -> str:
+    how = os.environ.get(SNAPSHOT_READS_ENV, "") or "direct"
+    if how not in ("direct", "daemon"):
+        raise UsageError(f"{SNAPSHOT_READS_ENV}={how!r}: give direct or daemon")
+    return how
+
+
+@contextmanager
+def _snapshot_reader(volume: daemon.VolumeInfo, snap: daemon.SnapshotInfo, view: BlockDevice) -> Iterator:
+    """The snapshot read straight from the device and the store's files; the daemon's view,
+    said in the log, where they cannot be opened as this snapshot's."""
+    try:
+        reader = DirectSnapshotReader(volume.device, volume.state_dir, generation=snap.generation,
+                                      started_at=snap.created_at, view=view)
+    except (SnapshotError, DeviceError) as e:
+        log.info("%s: reading the snapshot through its daemon: %s", volume.name, e)
+        reader = None
+    if reader is None:
+        yield view
+        return
+    log.info("%s: reading the snapshot from %s and the COW store's files in %s", volume.name, volume.device,
+             volume.state_dir)
+    with reader:
+        yield reader
+
+
+def _check_still_the_snapshot(name: str, taken: daemon.SnapshotInfo) -> None:
+    """Everything read of volume `name` was its snapshot `taken`: the daemon still has it, valid.
+    Deleting a snapshot and invalidating one are both final, so one check after the reads covers
+    every read before it."""
+    # A worker being replaced meanwhile answers late, not wrongly: wait for it as long as for a request.
+    now = daemon.status(name, timeout=daemon.REQUEST_TIMEOUT).snapshot
+    if now is None or (now.generation, now.created_at) != (taken.generation, taken.created_at):
+        raise SnapshotError(f"the snapshot of {name} was deleted while it was being read")
+    if now.invalid:
+        if now.cache_full:
+            raise daemon.cache_full_error(name, now)
+        raise SnapshotError(f"the snapshot of {name} is no longer point-in-time: {now.invalid_reason}")
 
 
 PROVIDERS: dict[str, Provider] = {p.name: p for p in (NoneProvider(), FreezeProvider(), CowProvider())}
@@ -258,7 +320,7 @@ def _explain_cow_read_error(volumes: list[daemon.VolumeInfo]) -> Callable[[Plann
             if snap.cache_full:
                 return daemon.cache_full_error(volume.name, snap)
             return SnapshotError(f"the snapshot of {volume.name} is no longer point-in-time: {snap.invalid_reason}")
-        return ImagerError(f"{error} (reading the snapshot of {volume.name}; its daemon's log says why: "
+        return ImagerError(f"{error} (reading the snapshot of {volume.name}; its daemon's log may say more: "
                            f"{by_name[volume.name].log_path})")
     return explain
 

@@ -6,12 +6,12 @@ from .client import (clear_stale_run_dir, detach, known_volumes, list_volumes, r
                      restart_worker, status)
 from .launch import attach, refuse_esp
 from ...spawn import RUN_DIR_ENV
-from .protocol import (MOUNT_DIR_NAME, RECORD_NAME, SNAPSHOT_FILE, STATE_DIR_ENV, VOLUME_FILE,
+from .protocol import (MOUNT_DIR_NAME, RECORD_NAME, REQUEST_TIMEOUT, SNAPSHOT_FILE, STATE_DIR_ENV, VOLUME_FILE,
                        SnapshotInfo, SnapshotSetInfo, VolumeInfo, cache_full_error, read_record, records)
 from .snapshots import HeldSnapshots, snapshot_create, snapshot_delete, snapshot_list
 
 __all__ = [
-    "MOUNT_DIR_NAME", "RECORD_NAME", "RUN_DIR_ENV", "SNAPSHOT_FILE", "STATE_DIR_ENV", "VOLUME_FILE",
+    "MOUNT_DIR_NAME", "RECORD_NAME", "REQUEST_TIMEOUT", "RUN_DIR_ENV", "SNAPSHOT_FILE", "STATE_DIR_ENV", "VOLUME_FILE",
     "HeldSnapshots", "SnapshotInfo", "cache_full_error", "SnapshotSetInfo", "VolumeInfo", "attach", "clear_stale_run_dir", "detach",
     "known_volumes", "list_volumes", "read_record", "records", "recover", "refuse_esp", "require_running", "restart_worker",
     "snapshot_create", "snapshot_delete", "snapshot_list", "status",

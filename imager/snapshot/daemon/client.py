@@ -54,8 +54,8 @@ def _wait_for_exit(pid: int, timeout: float) -> None:
             raise VolumeError(f"the volume daemon (pid {pid}) did not exit in {timeout:g} s")
 
 
-def status(name: str) -> VolumeInfo:
-    return volume_from(request(name, {"op": "status"}, STATUS_TIMEOUT)["volume"])
+def status(name: str, timeout: float = STATUS_TIMEOUT) -> VolumeInfo:
+    return volume_from(request(name, {"op": "status"}, timeout)["volume"])
 
 
 # How long a new worker may take to answer after the old one handed over.
