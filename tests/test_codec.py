@@ -57,6 +57,25 @@ def test_every_chunk_comes_back_byte_for_byte(codec, length):
 
 
 @pytest.mark.parametrize("codec", CODECS, ids=lambda c: f"{c.name}-{c.level}-{c.block_size >> 10}k")
+@pytest.mark.parametrize("count", [0, 1, 7])
+def test_blocks_encoded_together_are_the_blocks_encoded_one_by_one(codec, count):
+    """An incremental encodes a region's changed blocks in one call: each comes back as its own
+    frame, with its own index and digests, decoding to its own bytes."""
+    rng = random.Random(count)
+    blocks = []
+    for n in range(count):
+        data = list(sample_chunks(rng.choice(LENGTHS)).values())[n % 4]
+        blocks.append((10 + 3 * n, memoryview(data), block_digests(data, codec.block_size)))
+    encoded = codec.encode_blocks(blocks)
+    assert len(encoded) == count
+    for chunk, (index, data, digests) in zip(encoded, blocks):
+        alone = codec.encode(index, data, digests)
+        assert (chunk.index, chunk.length, chunk.digest, chunk.zero) == (index, len(data), digests, False)
+        assert chunk.frame == alone.frame
+        assert _decode(codec, chunk.frame, len(data), chunk.digest, index) == bytes(data)
+
+
+@pytest.mark.parametrize("codec", CODECS, ids=lambda c: f"{c.name}-{c.level}-{c.block_size >> 10}k")
 def test_a_zero_chunk_is_one_frame_that_decodes_without_work(codec):
     for length in LENGTHS:
         read = codec.encode(0, memoryview(bytes(length)))

@@ -18,7 +18,7 @@ from typing import Callable
 import blake3
 import numpy as np
 
-from devices.buffers import BufferPool
+from devices.buffers import BufferPool, is_all_zero
 
 from ..catalog import Catalog
 from ..ends.sinks import Sink
@@ -170,6 +170,9 @@ class _RegionCompare:
     region_blocks: int
     block_size: int
 
+    def __post_init__(self) -> None:
+        self.zero_digest = zero_block_digests(self.block_size, self.block_size)
+
     def __call__(self, item) -> tuple[int, list[EncodedChunk], int]:
         """(bytes of the region, its changed blocks encoded, how many blocks were compared)."""
         index, buf, length = item
@@ -178,15 +181,25 @@ class _RegionCompare:
         first = index * self.region_blocks
         try:
             blocks = first + np.flatnonzero(self.candidates[first:first + self.region_blocks])
-            changed = []
+            changed: list[EncodedChunk | None] = []
+            to_encode: list[tuple[int, memoryview, bytes]] = []
+            at: list[int] = []
+            zero_digest = self.zero_digest
             for block in blocks.tolist():
                 start = (block - first) * block_size
                 size = min(block_size, length - start)
                 view = buf.view[start:start + size] if buf is not None and used_now[block] else None
                 digest = blake3.blake3(view).digest() if view is not None else zero_block_digests(size, block_size)
-                if digest != parent_digests[block * DIGEST_SIZE:(block + 1) * DIGEST_SIZE]:
-                    changed.append(codec.encode(block, view, digest) if view is not None
-                                   else codec.zero_chunk(block, size))
+                if digest == parent_digests[block * DIGEST_SIZE:(block + 1) * DIGEST_SIZE]:
+                    continue
+                if view is None or (digest == zero_digest if size == block_size else is_all_zero(view)):
+                    changed.append(codec.zero_chunk(block, size))
+                else:
+                    at.append(len(changed))
+                    changed.append(None)
+                    to_encode.append((block, view, digest))
+            for n, chunk in zip(at, codec.encode_blocks(to_encode)):
+                changed[n] = chunk
             return length, changed, len(blocks)
         finally:
             if buf is not None:
