@@ -10,7 +10,10 @@ volume with its filesystem mounted on the front:
   and against the chain's blocks it touched (16 KiB on this volume: imager.format.chain_block_size);
 - restore of a chain of a full and 7 incrementals against restore of a full of the same point,
   alternating, to a sparse file;
-- consolidate of that chain point (a synthetic full) in volume GB/s.
+- consolidate of that chain point (a synthetic full) in volume GB/s;
+- tracked incrementals of 10% nights reading the snapshot directly (the device and the COW
+  store's files, the default) against through the volume's daemon (IMAGER_SNAPSHOT_READS=daemon),
+  alternating, a night each.
 
     python bench/chain.py [--size-gib 4] [--rounds 2]
 
@@ -167,6 +170,19 @@ def main() -> int:
         rows.append({"case": "restore", "full_s": restores["full"], "chain_s": restores["chain"],
                      "chain_length": args.chain + 1})
         rows.append({"case": "consolidate", "seconds": t_cons, "volume_gb_per_s": volume_size / t_cons / 1e9})
+        reads: dict[str, list[float]] = {"direct": [], "daemon": []}
+        for r in range(args.rounds):
+            for how in ("direct", "daemon") if r % 2 == 0 else ("daemon", "direct"):
+                night(mnt, 0.10, rng, block_size)
+                os.environ["IMAGER_SNAPSHOT_READS"] = how
+                try:
+                    seconds, tracked = imager(*cow, "-o", str(out / f"r{r}{how}.zst"), "-i", "--parent", chain_parent)
+                finally:
+                    del os.environ["IMAGER_SNAPSHOT_READS"]
+                assert tracked["method"] == "tracker", tracked
+                chain_parent = str(out / f"r{r}{how}.zst")
+                reads[how].append(seconds)
+        rows.append({"case": "snapshot reads", "direct_s": reads["direct"], "daemon_s": reads["daemon"]})
     finally:
         if mnt is not None:
             subprocess.run(["umount", str(mnt)], capture_output=True)
@@ -201,6 +217,10 @@ def render(rows: list[dict]) -> str:
                          f"point: {full:.1f} s (chain at {full / chain:.2f}x the full's speed; best of each)")
         if r["case"] == "consolidate":
             lines.append(f"consolidate of that point: {r['seconds']:.1f} s, {r['volume_gb_per_s']:.2f} GB/s of volume")
+        if r["case"] == "snapshot reads":
+            pairs = ", ".join(f"{d:.1f}/{m:.1f}" for d, m in zip(r["direct_s"], r["daemon_s"]))
+            lines.append(f"tracked incrementals of 10% nights, the snapshot read directly / through its daemon: "
+                         f"{pairs} s")
     return "\n".join(lines)
 
 
