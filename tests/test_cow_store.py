@@ -244,6 +244,10 @@ def test_racing_writes_never_leak_into_the_snapshot(store, volume, kind):
             t.join()
         assert not errors, errors[:3]
         assert read_at(view, region, 0) == before
+        if kind == "direct":
+            # Every original came from the cache the reader found through the index, none
+            # through the view it falls back to when it cannot.
+            assert view.fallbacks == 0
         view.close()
         store.end_snapshot()
 
@@ -292,6 +296,54 @@ def test_a_direct_reader_never_reads_a_block_whose_original_was_lost(volume, tmp
             with pytest.raises(CacheFullError):
                 read_at(reader, 2 * BS, 15 * BS)                           # block 16: lost
             assert reader.fallbacks == 1
+
+
+def test_a_stale_index_entry_never_stands_for_a_lost_original(volume, tmp_path):
+    """A crash can leave an index entry whose bit is clear (between the copy and the bit, or
+    inside end_snapshot). When a later snapshot cannot keep that block's original, the entry
+    must not be read as its slot: it points at another block's original in the new cache."""
+    with CowStore(volume, str(tmp_path / "state"), cache_capacity=BS) as store:
+        before = read_all(volume)
+        store.start_snapshot()
+        store._index_array[5] = 1                  # what the crash left: slot 0, bit clear
+        with direct_reader(store) as reader:
+            store.write(2 * BS, os.urandom(BS))   # block 2's original takes slot 0
+            store.write(5 * BS, os.urandom(BS))   # no room left for block 5's
+            assert read_at(reader, BS, 2 * BS) == before[2 * BS:3 * BS]
+            with pytest.raises(CacheFullError):
+                read_at(reader, BS, 5 * BS)
+        with pytest.raises(CacheFullError):
+            store.view().pread(BS, 5 * BS)
+
+
+def test_a_snapshot_whose_end_cannot_be_recorded_never_comes_back_wrong(volume, tmp_path, monkeypatch):
+    """The end of a snapshot cannot be written to the state directory: the snapshot stays, and a
+    worker that loads it from there, still active, must read each block as it was or fail on it,
+    never read what was written after the failed end."""
+    state = str(tmp_path / "state")
+    with CowStore(volume, state) as store:
+        before = read_all(volume)
+        store.start_snapshot()
+        store.write(0, os.urandom(BS))                      # kept in the cache, which goes
+
+        def full(*args):
+            raise OSError(28, "No space left on device")
+        monkeypatch.setattr(store, "_persist", full)
+        with pytest.raises(SnapshotError, match="cannot record the end"):
+            store.end_snapshot()
+        assert store.snapshot_active and store.snapshot_invalid
+        store.write(BS, os.urandom(BS))                      # after the failed end
+    monkeypatch.undo()
+    with CowStore(volume, state) as store:                   # the next worker
+        assert store.snapshot_active
+        for reader in (store.view(), direct_reader(store)):
+            for block in (0, 1):
+                with pytest.raises(SnapshotError, match="not kept|no longer point-in-time"):
+                    read_at(reader, BS, block * BS)
+            assert read_at(reader, BS, 2 * BS) == before[2 * BS:3 * BS]
+            reader.close()
+        store.end_snapshot()
+        assert not store.snapshot_active
 
 
 def test_snapshot_survives_reopening_the_store(volume, tmp_path):

@@ -187,16 +187,19 @@ class CowStore:
 
     def end_snapshot(self) -> None:
         """Switch COW off and discard the cache. The bitmap is kept until the next snapshot starts:
-        it records which blocks changed while this one existed."""
+        it records which blocks changed while this one existed. Raises SnapshotError, the
+        snapshot staying but invalid, when its end cannot be recorded in the state directory."""
         self._check_open()
         with self._locks.everything():
             if not self._cow_active:
                 return
-            self._cow_active = False
+            # Invalid first: from now on a write keeps no original but marks its blocks lost, so
+            # that if the end below cannot be recorded, a worker that loads the snapshot still
+            # active from the state file reads either originals or errors, never later data.
+            self._invalidate("the snapshot is being deleted")
             with self._state_lock:
-                self._state.active = False
-                self._persist(self._state)
                 self._cache_slots_used = 0
+            # Also what frees the room to record the end on a full state filesystem.
             os.ftruncate(self._cache_fd, 0)
             self._cache_preallocated = 0
             # The cache's slots are gone: no index entry may point into it any more. Only blocks
@@ -204,6 +207,16 @@ class CowStore:
             changed = np.unpackbits(self._bitmap, bitorder="little")[:self.block_count].view(bool)
             self._index_array[changed] = 0
             self._index_map.flush()
+            with self._state_lock:
+                ended = dataclasses.replace(self._state, active=False)
+                try:
+                    self._persist(ended)
+                except OSError as e:
+                    raise SnapshotError(f"cannot record the end of the snapshot of {self.device.path} in "
+                                        f"{self.state_dir}: {e.strerror}; it stays, no longer point-in-time, "
+                                        f"until its deletion can be recorded") from None
+                self._state = ended
+                self._cow_active = False
 
     def view(self) -> "SnapshotView":
         self._check_open()
@@ -233,6 +246,7 @@ class CowStore:
                 except Exception as e:
                     # Whatever goes wrong keeping originals costs the snapshot, never the write.
                     self._invalidate(f"keeping the originals of blocks {first}-{last} failed: {e}")
+                    self._mark_lost(first, last - first + 1)
             failpoints.check("source.write", offset, length)
             self._io.write(src, offset)
 
@@ -283,14 +297,27 @@ class CowStore:
 
     def _preserve_run(self, block: int, count: int) -> None:
         # Order matters for a reader that finds a bit set: cache data, then index, then bit.
+        copied = False
         if not self._state.invalid:
             slot = self._reserve_slots(count)
             if slot is not None:
-                self._copy_to_cache(block, count, slot)
+                copied = self._copy_to_cache(block, count, slot)
+        if not copied:
+            self._mark_lost(block, count)
+            return
         for b in range(block, block + count):
             self._bits[b >> 3] |= 1 << (b & 7)
 
-    def _copy_to_cache(self, block: int, count: int, slot: int) -> None:
+    def _mark_lost(self, block: int, count: int) -> None:
+        """Blocks about to be written whose originals were not kept: set, with no slot. A
+        reader then fails on them, also when the invalid flag itself could not be recorded and a
+        new worker has forgotten it; and an index entry a crash left behind, pointing into
+        another snapshot's cache, is never taken for theirs."""
+        self._index_array[block:block + count] = 0
+        for b in range(block, block + count):
+            self._bits[b >> 3] |= 1 << (b & 7)
+
+    def _copy_to_cache(self, block: int, count: int, slot: int) -> bool:
         bounce = scratch(max(SCRATCH_SIZE, self.block_size))
         length = count * self.block_size
         try:
@@ -301,7 +328,7 @@ class CowStore:
             # The write may still succeed (drives remap a bad sector on write): let it, but the
             # snapshot has lost this block's original.
             self._invalidate(f"the original of block {block} could not be read: {e}")
-            return
+            return False
         try:
             failpoints.check("cow.cache-write")
             pwrite_all(self._cache_fd, bounce.view[:got], slot * self.block_size)
@@ -309,8 +336,9 @@ class CowStore:
             reason = "the cache region's filesystem is full" if e.errno == errno.ENOSPC else \
                 f"writing the cache region failed: {e.strerror}"
             self._invalidate(reason, cache_full=e.errno == errno.ENOSPC)
-            return
+            return False
         self._index_array[block:block + count] = np.arange(slot + 1, slot + 1 + count, dtype=np.int64)
+        return True
 
     def _reserve_slots(self, count: int) -> int | None:
         with self._state_lock:

@@ -64,6 +64,9 @@ def read_snapshot(store: CowStore, dst: memoryview, offset: int, generation: int
             block = pos // bs
             if store._bit(block):
                 slot = store._index[block] - 1
+                if slot < 0:
+                    raise SnapshotError(f"the snapshot of {store.device.path} is no longer point-in-time: the "
+                                        f"original of block {block} was not kept")
                 run = 1
                 while (block + run <= last and store._bit(block + run)
                        and store._index[block + run] - 1 == slot + run):

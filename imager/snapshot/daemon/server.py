@@ -360,7 +360,6 @@ class VolumeDaemon:
                     f"handles); detach its loop devices and close it first")
             log.warning("deleting the snapshot of %s while it is open", self.name)
         generation = self.store.generation
-        _unlink(os.path.join(self.run_dir, HOLDER_NAME))
         if self._roll is not None:
             if commit and self.store.tracker.commit(self._roll.sequence):
                 log.info("tracker sequence %d committed: the next incremental starts from it", self._roll.sequence)
@@ -368,6 +367,9 @@ class VolumeDaemon:
                 self.store.tracker.give_up(self._roll.sequence)
             self._roll = None
         self.store.end_snapshot()
+        # Only now: a snapshot whose end could not be recorded is still dropped by the next
+        # worker when its holder is gone.
+        _unlink(os.path.join(self.run_dir, HOLDER_NAME))
         log.info("snapshot generation %d deleted", generation)
 
     def detach(self) -> None:
