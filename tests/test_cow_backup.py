@@ -228,40 +228,53 @@ def test_sigterm_during_cow_backup_cleans_up(bench):
 
 # -- 3b. the snapshot goes while it is read -------------------------------------------------------
 
+@pytest.mark.parametrize("what", ["deleted", "replaced", "deleted, to a pipe"])
 @pytest.mark.parametrize("reads", ["direct", "daemon"])
-def test_a_snapshot_deleted_while_it_is_read_fails_the_backup(bench, monkeypatch, caplog, reads):
-    """The snapshot is deleted by force once the backup has begun, and the file is rewritten: the
-    rest of the volume, read now, is no longer the snapshot. A backup reading the device
-    directly sees no error on its reads, so it must learn it from the daemon before it commits;
-    one reading through the daemon gets an error on its next read. Either way no image, and the
-    volume keeps what was written."""
+def test_a_snapshot_gone_while_it_is_read_fails_the_backup(bench, monkeypatch, caplog, capsysbinary, reads, what):
+    """The snapshot is deleted by force once the backup has begun (and maybe a new one taken in
+    its place), and the file is rewritten: the rest of the volume, read now, is no longer the
+    snapshot. A backup reading the device directly sees no error on its reads, so it must learn
+    it from the daemon before the image is complete; one reading through the daemon gets an
+    error on its next read. Either way no image: no file, and on a pipe no trailer."""
     monkeypatch.setenv("IMAGER_SNAPSHOT_READS", reads)
     vol, source, mnt = bench.ext4_volume("gone")
     fill_with_data(mnt, 16 * MiB)
     out = bench.tmp / "out"
     out.mkdir()
     after = random.Random(9).randbytes(16 * MiB)
-    deleted = []
+    taken = []
 
     def delete_and_rewrite(n: int) -> None:
-        if deleted:
+        if taken:
             return
-        deleted.append(daemon.status("gone").snapshot)
+        taken.append(daemon.status("gone").snapshot)
         daemon.snapshot_delete("gone", force=True)
+        if what == "replaced":
+            bench.defer(lambda: daemon.snapshot_delete("gone", force=True, missing_ok=True))
+            daemon.snapshot_create("gone")
         with open(os.path.join(mnt, "data.bin"), "r+b") as f:
             f.write(after)
             os.fsync(f.fileno())
 
     caplog.set_level("INFO", logger="imager")
+    output = "-" if what.endswith("pipe") else str(out / "gone.zst")
     with pytest.raises(ImagerError, match="snapshot of gone"):
-        jobs.backup_volumes(["gone"], jobs.Destination(output=str(out / "gone.zst")), snapshot="cow",
+        jobs.backup_volumes(["gone"], jobs.Destination(output=output), snapshot="cow",
                             options=SMALL_CHUNKS, progress=delete_and_rewrite)
-    assert deleted and deleted[0] is not None
+    assert taken and taken[0] is not None
     through_daemon = "reading the snapshot through its daemon" in caplog.text
     assert through_daemon == (reads == "daemon"), caplog.text
+    if what == "replaced":
+        assert daemon.status("gone").snapshot.generation == taken[0].generation + 1
+        daemon.snapshot_delete("gone", force=True)
     assert_no_snapshot_leftovers([vol], out)
-    with open(os.path.join(mnt, "data.bin"), "rb") as f:
-        assert f.read() == after
+    if output == "-":
+        streamed = bench.tmp / "streamed.zst"
+        streamed.write_bytes(capsysbinary.readouterr().out)
+        assert streamed.stat().st_size > 0, "the stream never began"
+        checked = imager("verify", str(streamed))
+        assert checked.returncode != 0 and re.search("(?i)incomplete|trailer|truncated", checked.stderr), \
+            (checked.returncode, checked.stdout, checked.stderr)
 
 
 def test_a_wrong_way_of_reading_snapshots_is_a_usage_error(bench):

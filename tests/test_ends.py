@@ -336,6 +336,7 @@ def test_every_source_reads_what_the_volume_held(sources):
         tail = memoryview(bytearray(2 * CHUNK))
         assert source.read_into(tail, source.size - CHUNK) == CHUNK, name
         assert source.read_into(tail, source.size) == 0, name
+        assert getattr(source, "fallbacks", 0) == 0, f"{name} read through the view it falls back to"
 
 
 def test_a_file_image_goes_to_its_disk_while_it_is_written(tmp_path):

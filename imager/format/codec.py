@@ -108,11 +108,13 @@ class ZstdCodec:
 
     def encode_blocks(self, blocks: list[tuple[int, memoryview, bytes]]) -> list[EncodedChunk]:
         """encode() of each (index, data, digests), none of them all zeros, in one call to zstd:
-        a call per 16 KiB block lets go of the GIL and waits to take it back each time, which
-        cost an incremental more than the compression itself (bench/chain.py)."""
-        if len(blocks) < 2:
+        each call lets go of the GIL and takes it back among the pipeline's threads, which for
+        16 KiB blocks cost an incremental more than the compression itself (README, Chains)."""
+        compressor = _compressor(self.level)
+        # Only python-zstandard's C extension built with its own zstd has the batch call.
+        if len(blocks) < 2 or not hasattr(compressor, "multi_compress_to_buffer"):
             return [self.encode(index, data, digests) for index, data, digests in blocks]
-        frames = _compressor(self.level).multi_compress_to_buffer([data for _, data, _ in blocks], threads=0)
+        frames = compressor.multi_compress_to_buffer([data for _, data, _ in blocks], threads=0)
         return [EncodedChunk(index, len(data), frames[n].tobytes(), digests, False)
                 for n, (index, data, digests) in enumerate(blocks)]
 

@@ -228,7 +228,7 @@ def _write_one(volume: PlannedVolume, dest: Destination, options: ImagingOptions
                progress: Progress | None, catalog: Catalog | None, on_notice: Notice | None,
                before_commit: Callable[[], None] | None = None) -> BackupResult:
     """Image one volume into the destination. `before_commit` may still refuse the image (the
-    freeze it was read under expired) before it takes its final name."""
+    freeze it was read under expired) once everything is read, before its trailer is written."""
     image_id = uuid.uuid4().hex
     increment = None
     if options.incremental:
@@ -241,13 +241,16 @@ def _write_one(volume: PlannedVolume, dest: Destination, options: ImagingOptions
     sink = _open_sink(volume, dest, options, image_id, many, on_notice)
     log.info("%s: writing %s image %s to %s", volume.name, "an incremental" if increment else "a full", image_id,
              sink.path)
-    with aborted_on_failure(sink, catalog):
-        result = _write_kind(volume, sink, options, image_id, increment, progress)
-        record = image_record(result.header, result.bytes_written, result.image_digest)
+    def check_what_was_read() -> None:
+        # Before the trailer: a stream or a tape cannot take back an image that went out whole.
         if volume.check_reads is not None:
             volume.check_reads()
         if before_commit is not None:
             before_commit()
+
+    with aborted_on_failure(sink, catalog):
+        result = _write_kind(volume, sink, options, image_id, increment, progress, check_what_was_read)
+        record = image_record(result.header, result.bytes_written, result.image_digest)
         commit_image(sink, record)
     record_image(result, record, sink, catalog)
     if volume.commit_tracker is not None:
@@ -260,7 +263,8 @@ def _block_size(volume_size: int, options: ImagingOptions) -> int:
 
 
 def _write_kind(volume: PlannedVolume, sink: Sink, options: ImagingOptions, image_id: str,
-                increment: Increment | None, progress: Progress | None) -> BackupResult:
+                increment: Increment | None, progress: Progress | None,
+                before_trailer: Callable[[], None]) -> BackupResult:
     start_phase(progress, f"read {volume.name}", volume.source.size)
     chain: dict = {"volume": volume.volume_key}
     if volume.tracker:
@@ -270,13 +274,15 @@ def _write_kind(volume: PlannedVolume, sink: Sink, options: ImagingOptions, imag
             chain["reason"] = "no parent"
         return write_image(volume.source, sink, options=options, image_id=image_id, plan=volume.plan,
                            source_meta=volume.source_meta, snapshot_meta=volume.snapshot_meta,
-                           partitions=volume.partitions, progress=progress, chain=chain)
+                           partitions=volume.partitions, progress=progress, chain=chain,
+                           before_trailer=before_trailer)
     options.check(volume.source.logical_sector_size)
     plan = volume.plan.aligned(volume.source.logical_sector_size)
     header = incremental_header(volume, increment, _header(volume.source, options, image_id, plan, volume.source_meta,
                                                            volume.snapshot_meta, volume.partitions, chain))
     return write_incremental(volume.source, sink, increment, header=header, plan=plan, read_size=options.chunk_size,
-                             level=options.level, workers=options.workers, progress=progress)
+                             level=options.level, workers=options.workers, progress=progress,
+                             before_trailer=before_trailer)
 
 
 @contextmanager
@@ -322,9 +328,11 @@ def record_image(result: BackupResult, record: ImageRecord, sink: Sink, catalog:
 def write_image(source: VolumeSource, sink: Sink, *, options: ImagingOptions | None = None,
                 image_id: str | None = None, plan: UsedMap | None = None, source_meta: dict | None = None,
                 snapshot_meta: dict | None = None, partitions: dict | None = None,
-                progress: Progress | None = None, chain: dict | None = None) -> BackupResult:
+                progress: Progress | None = None, chain: dict | None = None,
+                before_trailer: Callable[[], None] | None = None) -> BackupResult:
     """Image `source` into `sink` (which the caller commits or aborts). With a used-block
-    `plan`, blocks the filesystem does not use go into the image as zeros, unread."""
+    `plan`, blocks the filesystem does not use go into the image as zeros, unread.
+    `before_trailer` runs once everything is read and may still refuse the image."""
     options = options or ImagingOptions()
     options.check(source.logical_sector_size)
     workers = worker_count(options.workers)
@@ -359,6 +367,8 @@ def write_image(source: VolumeSource, sink: Sink, *, options: ImagingOptions | N
     finally:
         pool.close()
     seconds = time.monotonic() - started
+    if before_trailer is not None:
+        before_trailer()
     writer.finish({"bytes_read": totals["bytes_read"], "zero_chunks": totals["zero_chunks"],
                    "seconds": round(seconds, 3), "finished": now_iso()}, *used_bitmaps(plan, header))
     count_output(writer.bytes_written)

@@ -101,10 +101,12 @@ def _tracked(volume: PlannedVolume, parent: ParentImage, block_size: int, block_
 
 def write_incremental(source: VolumeSource, sink: Sink, increment: Increment, *, header: ImageHeader,
                       plan: UsedMap | None, read_size: int, level: int, workers: int | None,
-                      progress: Progress | None = None) -> BackupResult:
+                      progress: Progress | None = None,
+                      before_trailer: Callable[[], None] | None = None) -> BackupResult:
     """Write the incremental image `header` describes (kind incremental, chunks = blocks) into
     `sink`: every candidate block read (only where the filesystem uses it) and hashed, those
-    whose digest differs from the parent's compressed and written in runs."""
+    whose digest differs from the parent's compressed and written in runs. `before_trailer`
+    runs once everything is read and may still refuse the image."""
     assert header.incremental and header.chunk_size == header.block_size
     parent = increment.parent
     block_size, n = header.block_size, header.block_count
@@ -142,6 +144,8 @@ def write_incremental(source: VolumeSource, sink: Sink, increment: Increment, *,
     finally:
         pool.close()
     seconds = time.monotonic() - started
+    if before_trailer is not None:
+        before_trailer()
     used_any, used_full = ((pack_bits(states_now.used_any), pack_bits(states_now.used_full)) if states_now is not None
                            else (pack_bits(np.ones(n, dtype=bool)),) * 2)
     writer.finish({"bytes_read": totals["bytes_read"], "compared_blocks": totals["compared"],
