@@ -194,7 +194,7 @@ def _image_volume(volume: PlannedVolume, snapshot_set: SnapshotSet, dest: Destin
                   on_notice: Notice | None) -> BackupResult:
     try:
         return _write_one(volume, dest, options, many=many, progress=progress, catalog=catalog,
-                          on_notice=on_notice, before_commit=snapshot_set.before_commit)
+                          on_notice=on_notice, check_reads=snapshot_set.check_reads)
     except (DeviceError, SnapshotError) as e:
         # A read error of the volume: the provider may know why (a snapshot no longer valid).
         if snapshot_set.explain is None:
@@ -226,8 +226,8 @@ def _refuse_replacing_the_parent(path: str, parent: str) -> None:
 
 def _write_one(volume: PlannedVolume, dest: Destination, options: ImagingOptions, *, many: bool,
                progress: Progress | None, catalog: Catalog | None, on_notice: Notice | None,
-               before_commit: Callable[[], None] | None = None) -> BackupResult:
-    """Image one volume into the destination. `before_commit` may still refuse the image (the
+               check_reads: Callable[[], None] | None = None) -> BackupResult:
+    """Image one volume into the destination. `check_reads` may still refuse the image (the
     freeze it was read under expired) once everything is read, before its trailer is written."""
     image_id = uuid.uuid4().hex
     increment = None
@@ -241,12 +241,13 @@ def _write_one(volume: PlannedVolume, dest: Destination, options: ImagingOptions
     sink = _open_sink(volume, dest, options, image_id, many, on_notice)
     log.info("%s: writing %s image %s to %s", volume.name, "an incremental" if increment else "a full", image_id,
              sink.path)
+
     def check_what_was_read() -> None:
         # Before the trailer: a stream or a tape cannot take back an image that went out whole.
         if volume.check_reads is not None:
             volume.check_reads()
-        if before_commit is not None:
-            before_commit()
+        if check_reads is not None:
+            check_reads()
 
     with aborted_on_failure(sink, catalog):
         result = _write_kind(volume, sink, options, image_id, increment, progress, check_what_was_read)

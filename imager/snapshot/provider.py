@@ -8,7 +8,7 @@
           it ends.
 
 A provider's take() is a context manager giving a SnapshotSet: the planned volumes, and the
-checks the backup makes before it commits an image. Used-block plans of mounted filesystems
+checks the backup makes before it completes an image. Used-block plans of mounted filesystems
 are made inside the freeze window, so that they describe the snapshot instant.
 """
 
@@ -76,7 +76,7 @@ class PlannedVolume:
     tracked_changes: Callable[[], bytes | None] | None = None
     commit_tracker: Callable[[], None] | None = None
     # Raises if what was read of this volume may not be its snapshot any more (checked once every
-    # read is done, before the image is committed).
+    # read is done, before the image's trailer is written).
     check_reads: Callable[[], None] | None = None
 
 
@@ -84,8 +84,9 @@ class PlannedVolume:
 class SnapshotSet:
     volumes: list[PlannedVolume]
     freeze_window_ms: float | None = None
-    # Raises if what was read is no longer of one instant (a freeze that outlived its maximum).
-    before_commit: Callable[[], None] | None = None
+    # Raises if what was read is no longer of one instant (a freeze that outlived its maximum);
+    # checked once every read of a volume is done, before its image's trailer is written.
+    check_reads: Callable[[], None] | None = None
     # Turns a read error of a volume into what happened (a snapshot that stopped being valid).
     explain: Callable[[PlannedVolume, Exception], Exception] | None = None
 
@@ -157,7 +158,7 @@ class FreezeProvider:
                                                  volume_key(dev.path, fs_meta)))
                 if request.while_frozen is not None:
                     request.while_frozen()
-                snapshot_set = SnapshotSet(volumes, before_commit=window.check)
+                snapshot_set = SnapshotSet(volumes, check_reads=window.check)
                 yield snapshot_set
             snapshot_set.freeze_window_ms = window.milliseconds
 

@@ -17,9 +17,11 @@ and has not flushed yet.
 What this reader cannot see is the store's state: a snapshot deleted, or no longer valid, while it
 is read. A bit set with no slot (the cache was full, or its original could not be kept) sends the
 read to the daemon's view instead, which answers with the error that says why; for the rest the
-caller asks the daemon once all reads are done (`SnapshotSet`'s per-volume check), because every
+caller asks the daemon once all reads are done (`PlannedVolume.check_reads`), because every
 such change is final: a deleted snapshot never comes back under its generation and start time,
-and an invalid one never becomes valid again.
+and an invalid one never becomes valid again. (A worker that took over without learning that
+the snapshot was invalid, its state file being full, still has every block whose original was
+not kept marked so: reads of those fail.)
 """
 
 from __future__ import annotations
@@ -175,10 +177,9 @@ class DirectSnapshotReader:
         return got
 
     def close(self) -> None:
-        for name in ("_bits",):
-            view = getattr(self, name, None)
-            if view is not None:
-                view.release()
+        bits = getattr(self, "_bits", None)
+        if bits is not None:
+            bits.release()
         self._bitmap = self._index = None      # type: ignore[assignment]
         for mapped in self._maps:
             try:

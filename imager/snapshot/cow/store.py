@@ -196,7 +196,7 @@ class CowStore:
             # Invalid first: from now on a write keeps no original but marks its blocks lost, so
             # that if the end below cannot be recorded, a worker that loads the snapshot still
             # active from the state file reads either originals or errors, never later data.
-            self._invalidate("the snapshot is being deleted")
+            self._invalidate("it is being deleted")
             with self._state_lock:
                 self._cache_slots_used = 0
             # Also what frees the room to record the end on a full state filesystem.
@@ -208,10 +208,12 @@ class CowStore:
             self._index_array[changed] = 0
             self._index_map.flush()
             with self._state_lock:
-                ended = dataclasses.replace(self._state, active=False)
+                ended = dataclasses.replace(self._state, active=False, invalid=False, invalid_reason="",
+                                            cache_full=False)
                 try:
                     self._persist(ended)
                 except OSError as e:
+                    self._state.invalid_reason = f"its deletion could not be recorded: {e.strerror}"
                     raise SnapshotError(f"cannot record the end of the snapshot of {self.device.path} in "
                                         f"{self.state_dir}: {e.strerror}; it stays, no longer point-in-time, "
                                         f"until its deletion can be recorded") from None
