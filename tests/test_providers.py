@@ -73,8 +73,8 @@ def test_every_provider_gives_a_planned_readable_volume_and_holds_nothing_after(
             read += buf
         assert bytes(read[:len(data)]) == data
         assert volume.source.read_into(memoryview(bytearray(4096)), volume.source.size) == 0
-        if snapshot_set.check_reads is not None:
-            snapshot_set.check_reads()
+        if volume.check_reads is not None:
+            volume.check_reads()
     assert _written_elsewhere(point, "after"), "the filesystem is still frozen"
     if name == "cow":
         assert daemon.status(source).snapshot is None, "the snapshot outlived the backup"

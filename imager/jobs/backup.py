@@ -194,7 +194,7 @@ def _image_volume(volume: PlannedVolume, snapshot_set: SnapshotSet, dest: Destin
                   on_notice: Notice | None) -> BackupResult:
     try:
         return _write_one(volume, dest, options, many=many, progress=progress, catalog=catalog,
-                          on_notice=on_notice, check_reads=snapshot_set.check_reads)
+                          on_notice=on_notice)
     except (DeviceError, SnapshotError) as e:
         # A read error of the volume: the provider may know why (a snapshot no longer valid).
         if snapshot_set.explain is None:
@@ -225,10 +225,10 @@ def _refuse_replacing_the_parent(path: str, parent: str) -> None:
 
 
 def _write_one(volume: PlannedVolume, dest: Destination, options: ImagingOptions, *, many: bool,
-               progress: Progress | None, catalog: Catalog | None, on_notice: Notice | None,
-               check_reads: Callable[[], None] | None = None) -> BackupResult:
-    """Image one volume into the destination. `check_reads` may still refuse the image (the
-    freeze it was read under expired) once everything is read, before its trailer is written."""
+               progress: Progress | None, catalog: Catalog | None, on_notice: Notice | None) -> BackupResult:
+    """Image one volume into the destination. The volume's `check_reads` may still refuse the
+    image once everything is read, before its trailer is written: a stream or a tape cannot take
+    back an image that went out whole."""
     image_id = uuid.uuid4().hex
     increment = None
     if options.incremental:
@@ -242,15 +242,8 @@ def _write_one(volume: PlannedVolume, dest: Destination, options: ImagingOptions
     log.info("%s: writing %s image %s to %s", volume.name, "an incremental" if increment else "a full", image_id,
              sink.path)
 
-    def check_what_was_read() -> None:
-        # Before the trailer: a stream or a tape cannot take back an image that went out whole.
-        if volume.check_reads is not None:
-            volume.check_reads()
-        if check_reads is not None:
-            check_reads()
-
     with aborted_on_failure(sink, catalog):
-        result = _write_kind(volume, sink, options, image_id, increment, progress, check_what_was_read)
+        result = _write_kind(volume, sink, options, image_id, increment, progress)
         record = image_record(result.header, result.bytes_written, result.image_digest)
         commit_image(sink, record)
     record_image(result, record, sink, catalog)
@@ -264,8 +257,7 @@ def _block_size(volume_size: int, options: ImagingOptions) -> int:
 
 
 def _write_kind(volume: PlannedVolume, sink: Sink, options: ImagingOptions, image_id: str,
-                increment: Increment | None, progress: Progress | None,
-                before_trailer: Callable[[], None]) -> BackupResult:
+                increment: Increment | None, progress: Progress | None) -> BackupResult:
     start_phase(progress, f"read {volume.name}", volume.source.size)
     chain: dict = {"volume": volume.volume_key}
     if volume.tracker:
@@ -276,14 +268,14 @@ def _write_kind(volume: PlannedVolume, sink: Sink, options: ImagingOptions, imag
         return write_image(volume.source, sink, options=options, image_id=image_id, plan=volume.plan,
                            source_meta=volume.source_meta, snapshot_meta=volume.snapshot_meta,
                            partitions=volume.partitions, progress=progress, chain=chain,
-                           before_trailer=before_trailer)
+                           before_trailer=volume.check_reads)
     options.check(volume.source.logical_sector_size)
     plan = volume.plan.aligned(volume.source.logical_sector_size)
     header = incremental_header(volume, increment, _header(volume.source, options, image_id, plan, volume.source_meta,
                                                            volume.snapshot_meta, volume.partitions, chain))
     return write_incremental(volume.source, sink, increment, header=header, plan=plan, read_size=options.chunk_size,
                              level=options.level, workers=options.workers, progress=progress,
-                             before_trailer=before_trailer)
+                             before_trailer=volume.check_reads)
 
 
 @contextmanager

@@ -185,9 +185,8 @@ class _RegionCompare:
         first = index * self.region_blocks
         try:
             blocks = first + np.flatnonzero(self.candidates[first:first + self.region_blocks])
-            changed: list[EncodedChunk | None] = []
+            changed: list[EncodedChunk] = []
             to_encode: list[tuple[int, memoryview, bytes]] = []
-            at: list[int] = []
             zero_digest = self.zero_digest
             for block in blocks.tolist():
                 start = (block - first) * block_size
@@ -199,11 +198,9 @@ class _RegionCompare:
                 if view is None or (digest == zero_digest if size == block_size else is_all_zero(view)):
                     changed.append(codec.zero_chunk(block, size))
                 else:
-                    at.append(len(changed))
-                    changed.append(None)
                     to_encode.append((block, view, digest))
-            for n, chunk in zip(at, codec.encode_blocks(to_encode)):
-                changed[n] = chunk
+            if to_encode:
+                changed = sorted(changed + codec.encode_blocks(to_encode), key=lambda chunk: chunk.index)
             return length, changed, len(blocks)
         finally:
             if buf is not None:

@@ -75,8 +75,9 @@ class PlannedVolume:
     tracker: dict | None = None
     tracked_changes: Callable[[], bytes | None] | None = None
     commit_tracker: Callable[[], None] | None = None
-    # Raises if what was read of this volume may not be its snapshot any more (checked once every
-    # read is done, before the image's trailer is written).
+    # Raises if what was read of this volume may not be of the snapshot instant any more (a freeze
+    # that outlived its maximum, a snapshot deleted or invalidated): checked once every read is
+    # done, before the image's trailer is written.
     check_reads: Callable[[], None] | None = None
 
 
@@ -84,9 +85,6 @@ class PlannedVolume:
 class SnapshotSet:
     volumes: list[PlannedVolume]
     freeze_window_ms: float | None = None
-    # Raises if what was read is no longer of one instant (a freeze that outlived its maximum);
-    # checked once every read of a volume is done, before its image's trailer is written.
-    check_reads: Callable[[], None] | None = None
     # Turns a read error of a volume into what happened (a snapshot that stopped being valid).
     explain: Callable[[PlannedVolume, Exception], Exception] | None = None
 
@@ -155,10 +153,10 @@ class FreezeProvider:
                                                  {"provider": "freeze", "time": created,
                                                   "frozen": list(mounted.values())},
                                                  None if point else partition_table_of(dev.path, fs_meta),
-                                                 volume_key(dev.path, fs_meta)))
+                                                 volume_key(dev.path, fs_meta), check_reads=window.check))
                 if request.while_frozen is not None:
                     request.while_frozen()
-                snapshot_set = SnapshotSet(volumes, check_reads=window.check)
+                snapshot_set = SnapshotSet(volumes)
                 yield snapshot_set
             snapshot_set.freeze_window_ms = window.milliseconds
 
@@ -259,9 +257,13 @@ def _check_still_the_snapshot(name: str, taken: daemon.SnapshotInfo) -> None:
     if now is None or (now.generation, now.created_at) != (taken.generation, taken.created_at):
         raise SnapshotError(f"the snapshot of {name} was deleted while it was being read")
     if now.invalid:
-        if now.cache_full:
-            raise daemon.cache_full_error(name, now)
-        raise SnapshotError(f"the snapshot of {name} is no longer point-in-time: {now.invalid_reason}")
+        raise _invalid_snapshot_error(name, now)
+
+
+def _invalid_snapshot_error(name: str, snap: daemon.SnapshotInfo) -> SnapshotError:
+    if snap.cache_full:
+        return daemon.cache_full_error(name, snap)
+    return SnapshotError(f"the snapshot of {name} is no longer point-in-time: {snap.invalid_reason}")
 
 
 PROVIDERS: dict[str, Provider] = {p.name: p for p in (NoneProvider(), FreezeProvider(), CowProvider())}
@@ -326,9 +328,7 @@ def _explain_cow_read_error(volumes: list[daemon.VolumeInfo]) -> Callable[[Plann
         except ImagerError:
             snap = None
         if snap is not None and snap.invalid:
-            if snap.cache_full:
-                return daemon.cache_full_error(volume.name, snap)
-            return SnapshotError(f"the snapshot of {volume.name} is no longer point-in-time: {snap.invalid_reason}")
+            return _invalid_snapshot_error(volume.name, snap)
         return ImagerError(f"{error} (reading the snapshot of {volume.name}; its daemon's log may say more: "
                            f"{by_name[volume.name].log_path})")
     return explain

@@ -26,7 +26,6 @@ not kept marked so: reads of those fail.)
 
 from __future__ import annotations
 
-import json
 import logging
 import mmap
 import os
@@ -40,7 +39,7 @@ from devices.errors import DeviceError
 from devices.topology import device_identity
 
 from ...errors import SnapshotError
-from .state import BITMAP_FILE, CACHE_FILE, INDEX_FILE, STATE_FILE
+from .state import BITMAP_FILE, CACHE_FILE, INDEX_FILE, STATE_FILE, pread_all, read_state
 
 log = logging.getLogger(__name__)
 
@@ -71,17 +70,20 @@ class DirectSnapshotReader:
             raise
 
     def _open(self, state_dir: str, generation: int, started_at: float) -> None:
-        state = _read_state(os.path.join(state_dir, STATE_FILE))
         where = f"{state_dir} ({self.device_path})"
-        if state.get("device_identity") != device_identity(self.device_path):
+        try:
+            state = read_state(os.path.join(state_dir, STATE_FILE))
+        except OSError as e:
+            raise SnapshotError(f"{where}: {e.strerror}") from None
+        if state is None or state.device_identity != device_identity(self.device_path):
             raise SnapshotError(f"{where}: the snapshot state belongs to another device")
-        if not state.get("active") or state.get("generation") != generation or state.get("started_at") != started_at:
+        if not state.active or state.generation != generation or state.started_at != started_at:
             raise SnapshotError(f"{where}: snapshot generation {generation} is not the active one")
-        if state.get("invalid"):
-            raise SnapshotError(f"{where}: the snapshot is no longer point-in-time: {state.get('invalid_reason')}")
-        if self._device.size != self.size or state.get("device_size") != self.size:
+        if state.invalid:
+            raise SnapshotError(f"{where}: the snapshot is no longer point-in-time: {state.invalid_reason}")
+        if self._device.size != self.size or state.device_size != self.size:
             raise SnapshotError(f"{where}: the device is {self._device.size} bytes, its snapshot {self.size}")
-        self.block_size = int(state["block_size"])
+        self.block_size = state.block_size
         blocks = max(1, -(-self.size // self.block_size))
         bitmap = self._map(os.path.join(state_dir, BITMAP_FILE), -(-blocks // 8))
         index = self._map(os.path.join(state_dir, INDEX_FILE), blocks * 8)
@@ -151,15 +153,10 @@ class DirectSnapshotReader:
         return length
 
     def _read_cache(self, dst: memoryview, position: int) -> bool:
-        done = 0
-        while done < len(dst):
-            try:
-                n = os.preadv(self._cache_fd, [dst[done:]], position + done)
-            except OSError:
-                return False
-            if n == 0:
-                return False        # truncated: the snapshot ended
-            done += n
+        try:
+            pread_all(self._cache_fd, dst, position)
+        except (OSError, SnapshotError):     # the latter: truncated, the snapshot ended
+            return False
         return True
 
     def _from_view(self, dst: memoryview, offset: int, block: int) -> int:
@@ -197,16 +194,3 @@ class DirectSnapshotReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _read_state(path: str) -> dict:
-    try:
-        with open(path) as f:
-            state = json.load(f)
-    except OSError as e:
-        raise SnapshotError(f"{path}: {e.strerror}") from None
-    except ValueError as e:
-        raise SnapshotError(f"{path}: unreadable snapshot state: {e}") from None
-    if not isinstance(state, dict) or not isinstance(state.get("block_size"), int):
-        raise SnapshotError(f"{path}: unreadable snapshot state")
-    return state

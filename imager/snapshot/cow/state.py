@@ -79,13 +79,7 @@ class StateDir:
         """The stored state when it belongs to this device and geometry; a new one otherwise,
         with the old bitmap, index and cache discarded. Refuses to drop an active snapshot
         of another device or geometry."""
-        try:
-            with open(self.file(STATE_FILE)) as f:
-                stored: PersistedState | None = PersistedState(**json.load(f))
-        except FileNotFoundError:
-            stored = None
-        except (ValueError, TypeError) as e:
-            raise SnapshotError(f"{self.file(STATE_FILE)}: unreadable snapshot state: {e}") from None
+        stored = read_state(self.file(STATE_FILE))
         same_geometry = (stored is not None and stored.device_size == size and stored.block_size == block_size
                          and stored.device_identity in ("", identity))
         if stored is not None and stored.active:
@@ -138,6 +132,17 @@ class StateDir:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
+
+
+def read_state(path: str) -> PersistedState | None:
+    """The state file at `path`; None when there is none."""
+    try:
+        with open(path) as f:
+            return PersistedState(**json.load(f))
+    except FileNotFoundError:
+        return None
+    except (ValueError, TypeError) as e:
+        raise SnapshotError(f"{path}: unreadable snapshot state: {e}") from None
 
 
 def refuse_state_dir_on_volume(device_path: str, state_dir: str) -> None:
