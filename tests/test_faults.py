@@ -237,6 +237,45 @@ def test_a_full_state_filesystem_invalidates_the_snapshot_and_fails_no_writer(be
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
+def test_a_stored_backup_whose_snapshot_cannot_be_deleted_succeeds_and_says_so(bench, monkeypatch):
+    monkeypatch.setenv("IMAGER_FAILPOINTS", "on")
+    vol, _, mnt = bench.ext4_volume("undeletable")
+    monkeypatch.delenv("IMAGER_FAILPOINTS")
+    bench.defer(lambda: request("undeletable", {"op": "failpoints", "set": ""}))
+    fill_with_data(mnt, 8 * MiB)
+    out = bench.tmp / "out"
+    out.mkdir()
+    catalog = str(bench.tmp / "catalog.sqlite")
+    # After the thaw the snapshot exists: from then on its state file cannot be written, as on
+    # a full state filesystem, so its end cannot be recorded.
+    arm = (f"{sys.executable} -c \"from imager.snapshot.daemon.protocol import request; "
+           f"request('undeletable', {{'op': 'failpoints', 'set': 'state.persist=ENOSPC'}})\"")
+    backup = imager("backup", "--snapshot", "cow", "undeletable", "-o", str(out / "full.zst"), "--catalog", catalog,
+                    "--post-thaw", arm)
+    assert backup.returncode == 0, backup.stderr
+    warning = [line for line in backup.stderr.splitlines() if "could not be deleted" in line]
+    assert len(warning) == 1 and "imager snapshot delete undeletable" in warning[0], backup.stderr
+    assert "Traceback" not in backup.stderr
+    assert imager("verify", str(out / "full.zst")).returncode == 0
+    (entry,) = json.loads(imager("catalog", "list", "--json", "--catalog", catalog).stdout)["images"]
+    assert [segment["path"] for segment in entry["segments"]] == [str(out / "full.zst")]
+    left = daemon.status("undeletable").snapshot
+    assert left is not None and left.invalid
+    log_text = open(daemon.status("undeletable").log_path).read()
+    assert "could not delete" in log_text and "went away" not in log_text
+    # What is left says how it ends; once the state can be written, it does.
+    one_line_error(imager("backup", "--snapshot", "cow", "undeletable", "-o", str(out / "next.zst")),
+                   "imager snapshot delete undeletable")
+    request("undeletable", {"op": "failpoints", "set": ""})
+    deleted = imager("snapshot", "delete", "undeletable")
+    assert deleted.returncode == 0, deleted.stderr
+    assert daemon.status("undeletable").snapshot is None
+    after = imager("backup", "--snapshot", "cow", "undeletable", "-o", str(out / "next.zst"), "--catalog", catalog,
+                   "--incremental", "--json")
+    assert after.returncode == 0, after.stderr
+    assert imager("verify", str(out / "next.zst")).returncode == 0
+
+
 # -- 3. a dead daemon is reported, and recovered ---------------------------------------------------
 
 def test_a_killed_daemon_is_reported_and_recovered(bench):

@@ -93,6 +93,9 @@ class VolumeDaemon:
         self.fs_created_ns = created_ns or time.time_ns()
         self._reported_unreadable_generation = -1
         self._roll: Roll | None = None        # what the tracker said when the backup's snapshot was taken
+        # The snapshot whose end its backup asked for and could not be recorded (a full state
+        # filesystem): when that backup's connection drops, it has not gone away unannounced.
+        self._undeleted_generation: int | None = None
         self._handing_over = False            # restart-worker was asked: this worker is on its way out
         self._replies = threading.Condition()
         self._replying = 0                    # control requests taken and not yet answered
@@ -267,11 +270,15 @@ class VolumeDaemon:
         with self._control_lock:
             if not self.store.snapshot_active or self.store.generation != generation:
                 return
-            log.warning("the backup holding snapshot generation %d went away: deleting the snapshot", generation)
+            if generation == self._undeleted_generation:
+                log.info("trying again to delete snapshot generation %d, which its backup could not delete",
+                         generation)
+            else:
+                log.warning("the backup holding snapshot generation %d went away: deleting the snapshot", generation)
             try:
                 self._delete_snapshot(force=True)
             except (ImagerError, DeviceError) as e:
-                log.error("could not delete the abandoned snapshot: %s", e)
+                log.error("could not delete snapshot generation %d: %s", generation, e)
 
     # -- a backup's hold on its snapshot, across workers ----------------------------------------
 
@@ -366,7 +373,11 @@ class VolumeDaemon:
             else:
                 self.store.tracker.give_up(self._roll.sequence)
             self._roll = None
-        self.store.end_snapshot()
+        try:
+            self.store.end_snapshot()
+        except SnapshotError:
+            self._undeleted_generation = generation
+            raise
         # Only now: a snapshot whose end could not be recorded is still dropped by the next
         # worker when its holder is gone.
         _unlink(os.path.join(self.run_dir, HOLDER_NAME))

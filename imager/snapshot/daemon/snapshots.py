@@ -65,7 +65,7 @@ class HeldSnapshots:
         for v in volumes:
             if v.snapshot is not None:
                 raise SnapshotError(f"{v.name} already has a snapshot (generation {v.snapshot.generation}); "
-                                    f"delete it first")
+                                    f"delete it first (imager snapshot delete {v.name})")
         # Every mount of one block device shares its superblock: freeze it through one of them
         # (a second FIFREEZE of the same filesystem fails with EBUSY).
         mount_points = []
@@ -120,9 +120,10 @@ class HeldSnapshots:
         failures = []
         generations = {s.name: s.generation for s in self.info.snapshots}
         for conn in self._connections:
+            stored = conn.name in self._committed
             try:
                 conn.timeout = REQUEST_TIMEOUT
-                tracker = "commit" if conn.name in self._committed else "give-up"
+                tracker = "commit" if stored else "give-up"
                 delete = {"op": "snapshot-delete", "force": True, "tracker": tracker,
                           "generation": generations[conn.name]}
                 try:
@@ -134,7 +135,13 @@ class HeldSnapshots:
                              conn.name)
                     request(conn.name, delete, REQUEST_TIMEOUT)
             except ImagerError as e:
-                failures.append(str(e))
+                if not stored:
+                    failures.append(str(e))
+                else:
+                    # The image is stored and catalogued: failing the backup now would have a
+                    # good image counted as a failed night. The snapshot left is the user's to end.
+                    log.warning("%s: the backup is stored, but its snapshot could not be deleted (%s); "
+                                "delete it with: imager snapshot delete %s", conn.name, e, conn.name)
             finally:
                 conn.close()
         self._connections = []
