@@ -10,12 +10,18 @@ volume with its filesystem mounted on the front:
   and against the chain's blocks it touched (16 KiB on this volume: imager.format.chain_block_size);
 - restore of a chain of a full and 7 incrementals against restore of a full of the same point,
   alternating, to a sparse file;
-- consolidate of that chain point (a synthetic full) in volume GB/s;
+- consolidate of that chain point (a synthetic full) in volume GB/s: its nights' scattered writes
+  touched nearly every 4 MiB region, each compressed again; then consolidate of a night that
+  wrote one new 64 MiB file on that synthetic full, where the untouched regions' frames are
+  copied;
 - tracked incrementals of 10% nights reading the snapshot directly (the device and the COW
   store's files, the default) against through the volume's daemon (IMAGER_SNAPSHOT_READS=daemon),
   alternating, a night each.
 
-    python bench/chain.py [--size-gib 4] [--rounds 2]
+    python bench/chain.py [--size-gib 4] [--rounds 2] [--buffered-loop]
+
+The volume's loop device reads its file with direct I/O, as a disk reads by DMA; with
+--buffered-loop (the setup of runs before 2026-12-01), through the file's page cache.
 
 Writes the table to bench/results/chain.json and prints it.
 """
@@ -26,6 +32,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -105,6 +112,9 @@ def main() -> int:
     p.add_argument("--size-gib", type=int, default=4)
     p.add_argument("--rounds", type=int, default=2, help="rounds of each change size")
     p.add_argument("--chain", type=int, default=7, help="incrementals in the restore chain")
+    p.add_argument("--buffered-loop", action="store_true",
+                   help="attach the volume's loop device without direct I/O: every read then goes through a "
+                        "second page cache, of the image file, and a copy out of it that a disk does not have")
     args = p.parse_args()
     image_file = volumes.build("ext4", args.size_gib << 30, aged=True)
     block_size = chain_block_size(args.size_gib << 30)
@@ -122,7 +132,7 @@ def main() -> int:
     try:
         volume_file = tmp / "volume.img"
         sh("cp", "--sparse=always", str(image_file), str(volume_file))
-        source = loop.attach(str(volume_file))
+        source = loop.attach(str(volume_file), direct_io=not args.buffered_loop)
         front = daemon.attach(source, name=NAME).front
         attached = True
         mnt = tmp / "mnt"
@@ -157,7 +167,7 @@ def main() -> int:
             imager(*cow, "-o", str(out / f"c{i}.zst"), "-i", "--parent", chain_parent)
             chain_parent = str(out / f"c{i}.zst")
         last = chain_parent
-        t_cons, _ = imager("consolidate", last, "-o", str(out / "synthetic.zst"), "--catalog", catalog)
+        t_cons, consolidated = imager("consolidate", last, "-o", str(out / "synthetic.zst"), "--catalog", catalog)
         volume_size = args.size_gib << 30
         restores: dict[str, list[float]] = {"full": [], "chain": []}
         for _ in range(args.rounds):
@@ -169,7 +179,19 @@ def main() -> int:
                 restores[kind].append(seconds)
         rows.append({"case": "restore", "full_s": restores["full"], "chain_s": restores["chain"],
                      "chain_length": args.chain + 1})
-        rows.append({"case": "consolidate", "seconds": t_cons, "volume_gb_per_s": volume_size / t_cons / 1e9})
+        rows.append({"case": "consolidate", "seconds": t_cons, "volume_gb_per_s": volume_size / t_cons / 1e9,
+                     **copied_and_compressed(consolidated)})
+        # A night whose writes stay together (one new 64 MiB file), on the synthetic full: the
+        # regions it did not touch are frames copied as they are.
+        with open(mnt / "bench-one-file.bin", "wb") as f:
+            f.write(os.urandom(64 << 20))
+            os.fsync(f.fileno())
+        imager(*cow, "-o", str(out / "one-file.zst"), "-i", "--parent", str(out / "synthetic.zst"))
+        chain_parent = str(out / "one-file.zst")
+        t_copy, copied = imager("consolidate", str(out / "one-file.zst"), "-o", str(out / "synthetic2.zst"),
+                                "--catalog", catalog)
+        rows.append({"case": "consolidate, one file written", "seconds": t_copy,
+                     "volume_gb_per_s": volume_size / t_copy / 1e9, **copied_and_compressed(copied)})
         reads: dict[str, list[float]] = {"direct": [], "daemon": []}
         for r in range(args.rounds):
             for how in ("direct", "daemon") if r % 2 == 0 else ("daemon", "direct"):
@@ -191,11 +213,19 @@ def main() -> int:
         if source is not None:
             loop.detach(source)
         shutil.rmtree(tmp, ignore_errors=True)
+    rows.insert(0, {"case": "setup", "loop": "buffered" if args.buffered_loop else "direct I/O"})
     table = render(rows)
     print(table)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "chain.json").write_text(json.dumps({"rows": rows, "table": table}, indent=2))
     return 0
+
+
+def copied_and_compressed(summary: dict) -> dict:
+    """How many of a synthetic full's regions were frames copied and how many compressed again."""
+    match = re.fullmatch(r"(\d+) chunks copied, (\d+) compressed again", summary["reason"])
+    assert match, summary["reason"]
+    return {"copied": int(match[1]), "compressed": int(match[2])}
 
 
 def render(rows: list[dict]) -> str:
@@ -211,12 +241,19 @@ def render(rows: list[dict]) -> str:
                 f"{r['full_s'] / r['digest_s']:.1f}x faster | {r['tracked_bytes'] / r['written']:.2f} | "
                 f"{r['tracked_bytes'] / (r['blocks_touched'] * r.get('block_size', 65536)):.2f} |")
     for r in rows:
+        if r["case"] == "setup":
+            lines.append(f"\nthe volume's loop device: {r['loop']}")
         if r["case"] == "restore":
             full, chain = min(r["full_s"]), min(r["chain_s"])
             lines.append(f"\nrestore of a chain of {r['chain_length']} images: {chain:.1f} s, of a full of the same "
                          f"point: {full:.1f} s (chain at {full / chain:.2f}x the full's speed; best of each)")
         if r["case"] == "consolidate":
-            lines.append(f"consolidate of that point: {r['seconds']:.1f} s, {r['volume_gb_per_s']:.2f} GB/s of volume")
+            lines.append(f"consolidate of that point: {r['seconds']:.1f} s, {r['volume_gb_per_s']:.2f} GB/s of volume "
+                         f"({r['copied']} regions' frames copied, {r['compressed']} compressed again)")
+        if r["case"] == "consolidate, one file written":
+            lines.append(f"consolidate of a night that wrote one 64 MiB file, on that synthetic full: "
+                         f"{r['seconds']:.1f} s, {r['volume_gb_per_s']:.2f} GB/s of volume ({r['copied']} regions' "
+                         f"frames copied, {r['compressed']} compressed again)")
         if r["case"] == "snapshot reads":
             pairs = ", ".join(f"{d:.1f}/{m:.1f}" for d, m in zip(r["direct_s"], r["daemon_s"]))
             lines.append(f"tracked incrementals of 10% nights, the snapshot read directly / through its daemon: "
