@@ -1,5 +1,6 @@
 """CowStore and SnapshotView on a real loop device: point-in-time reads under writes and races."""
 
+import mmap
 import os
 import random
 import subprocess
@@ -344,6 +345,34 @@ def test_a_snapshot_whose_end_cannot_be_recorded_never_comes_back_wrong(volume, 
             reader.close()
         store.end_snapshot()
         assert not store.snapshot_active
+
+
+def test_a_flush_puts_an_invalid_snapshots_lost_marks_on_the_disk(volume, tmp_path, monkeypatch):
+    """The state filesystem is full: the snapshot goes invalid without the flag reaching the
+    disk, and a later write's block is marked lost in memory. Once a writer's flush returns,
+    that mark is on the disk too, so that after a power loss the snapshot, loaded as valid,
+    fails on that block rather than reading its new data."""
+    state = tmp_path / "state"
+    with CowStore(volume, str(state), cache_capacity=BS) as store:
+        store.start_snapshot()
+
+        def full(*args):
+            raise OSError(28, "No space left on device")
+        monkeypatch.setattr(store, "_persist", full)
+        store.write(0, os.urandom(BS))                      # takes the cache's one slot
+        store.write(9 * BS, os.urandom(BS))                 # no room: invalid, block 9 lost
+        assert store.snapshot_invalid
+        store.write(12 * BS, os.urandom(BS))                # invalid already: block 12 lost
+        store.flush()
+        for name in ("bitmap", "index"):
+            fd = os.open(state / name, os.O_RDONLY)
+            try:
+                pages = -(-os.fstat(fd).st_size // mmap.PAGESIZE) * mmap.PAGESIZE
+                assert dirty_bytes(fd, pages) == 0, f"the {name} is not on the disk"
+            finally:
+                os.close(fd)
+        with pytest.raises(SnapshotError, match="not kept|no longer point-in-time|larger cache"):
+            store.view().pread(BS, 12 * BS)
 
 
 def test_snapshot_survives_reopening_the_store(volume, tmp_path):

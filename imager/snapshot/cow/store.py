@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import logging
 import os
 import threading
 import time
@@ -41,6 +42,8 @@ from .locks import StripedLocks
 from .tracker import ChangeTracker, Roll
 from .view import SnapshotView
 from .state import BITMAP_FILE, CACHE_FILE, INDEX_FILE, PersistedState, StateDir, pwrite_all
+
+log = logging.getLogger("imager.cow")
 
 DEFAULT_BLOCK_SIZE = 64 * 1024
 CACHE_PREALLOCATION_STEP = 64 << 20
@@ -281,6 +284,17 @@ class CowStore:
                 self._bitmap_map.flush()
             except OSError as e:
                 self._invalidate(f"the cache region could not be made durable: {e.strerror}")
+        elif self._cow_active:
+            # An invalid snapshot keeps no originals but marks the blocks it lost. Those marks go
+            # to the disk before the writes that made them: if the invalid flag itself could not
+            # be recorded (a full state filesystem), a worker that loads the snapshot after a
+            # power loss fails on those blocks instead of reading their later data. Their pages
+            # are allocated already, so this needs no room.
+            try:
+                self._index_map.flush()
+                self._bitmap_map.flush()
+            except OSError as e:
+                log.warning("%s: the lost blocks' marks could not be made durable: %s", self.device.path, e.strerror)
         failpoints.check("source.flush")
         self.device.flush()
 
