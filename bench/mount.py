@@ -180,6 +180,16 @@ def read_direct(path: Path, daemon: int) -> tuple[float, float]:
     return rate, cpu_seconds(daemon) - cpu
 
 
+def read_rows(rates: list[float], zstd: list[float], cpu: list[float], rate_label: str, ratio_label: str,
+              cpu_label: str) -> tuple[list[tuple[str, str]], float]:
+    """The table's rows of one way of reading a file against zstd -d of its chunks, and the ratio
+    of the medians."""
+    ratio = statistics.median(rates) / statistics.median(zstd)
+    return [(f"  {rate_label}", f"{statistics.median(rates):.0f}  ({min(rates):.0f}-{max(rates):.0f})"),
+            (f"  {ratio_label}", f"{ratio:.2f}x  ({' '.join(f'{a / b:.2f}' for a, b in zip(rates, zstd))})"),
+            (f"  {cpu_label}", f"{statistics.median(cpu):.2f}")], ratio
+
+
 def chunks_of(path: Path, chunk_size: int) -> list[int]:
     chunks: set[int] = set()
     for start, end in file_extents(str(path), exclusive_only=False):
@@ -381,20 +391,14 @@ def main() -> int:
             rows.append(("  CPU seconds: the mount daemon / zstd -d (medians)",
                          f"{statistics.median(case.cpu):.2f} / {statistics.median(case.zstd_cpu):.2f}"))
             direct = case.direct_rates
-            direct_ratio = statistics.median(direct) / statistics.median(same)
-            rows.append(("  the same read with O_DIRECT, 8 x 1 MiB in flight (fio; MB/s)",
-                         f"{statistics.median(direct):.0f}  ({min(direct):.0f}-{max(direct):.0f})"))
-            rows.append(("  O_DIRECT mount / zstd (medians; per round)",
-                         f"{direct_ratio:.2f}x  ({' '.join(f'{a / b:.2f}' for a, b in zip(direct, same))})"))
-            rows.append(("  CPU seconds of the mount daemon, O_DIRECT (median)", f"{statistics.median(case.direct_cpu):.2f}"))
+            direct_rows, direct_ratio = read_rows(
+                direct, same, case.direct_cpu, "the same read with O_DIRECT, 8 x 1 MiB in flight (fio; MB/s)",
+                "O_DIRECT mount / zstd (medians; per round)", "CPU seconds of the mount daemon, O_DIRECT (median)")
             touched = case.touched_rates
-            touched_ratio = statistics.median(touched) / statistics.median(same)
-            rows.append(("  the dd read right after 1 GiB of memory was written and freed (MB/s)",
-                         f"{statistics.median(touched):.0f}  ({min(touched):.0f}-{max(touched):.0f})"))
-            rows.append(("  that read / zstd (medians; per round)",
-                         f"{touched_ratio:.2f}x  ({' '.join(f'{a / b:.2f}' for a, b in zip(touched, same))})"))
-            rows.append(("  CPU seconds of the mount daemon in that read (median)",
-                         f"{statistics.median(case.touched_cpu):.2f}"))
+            touched_rows, touched_ratio = read_rows(
+                touched, same, case.touched_cpu, "the dd read right after 1 GiB of memory was written and freed (MB/s)",
+                "that read / zstd (medians; per round)", "CPU seconds of the mount daemon in that read (median)")
+            rows += direct_rows + touched_rows
             result[f"sequential {name}"] = dict(file_bytes=case.size, sequential_mb_s=seq, zstd_same_chunks_mb_s=same,
                                                 ratio=ratio, daemon_cpu_s=case.cpu, zstd_cpu_s=case.zstd_cpu,
                                                 direct_mb_s=direct, direct_ratio=direct_ratio,
