@@ -276,25 +276,24 @@ class CowStore:
         Only the device's flush can fail the caller: if the originals cannot be made durable
         (a full or failing state filesystem), the snapshot is invalid instead."""
         self._check_open()
-        if self._cow_active and not self._state.invalid:
-            try:
-                failpoints.check("cow.cache-sync")
-                os.fsync(self._cache_fd)
-                self._index_map.flush()
-                self._bitmap_map.flush()
-            except OSError as e:
-                self._invalidate(f"the cache region could not be made durable: {e.strerror}")
-        elif self._cow_active:
+        if self._cow_active:
             # An invalid snapshot keeps no originals but marks the blocks it lost. Those marks go
-            # to the disk before the writes that made them: if the invalid flag itself could not
-            # be recorded (a full state filesystem), a worker that loads the snapshot after a
-            # power loss fails on those blocks instead of reading their later data. Their pages
-            # are allocated already, so this needs no room.
+            # to the disk before the writes that made them too: if the invalid flag itself could
+            # not be recorded (a full state filesystem), a worker that loads the snapshot after a
+            # power loss fails on those blocks instead of reading their later data.
+            valid = not self._state.invalid
             try:
+                if valid:
+                    failpoints.check("cow.cache-sync")
+                    os.fsync(self._cache_fd)
                 self._index_map.flush()
                 self._bitmap_map.flush()
             except OSError as e:
-                log.warning("%s: the lost blocks' marks could not be made durable: %s", self.device.path, e.strerror)
+                if valid:
+                    self._invalidate(f"the cache region could not be made durable: {e.strerror}")
+                else:
+                    log.warning("%s: the lost blocks' marks could not be made durable: %s", self.device.path,
+                                e.strerror)
         failpoints.check("source.flush")
         self.device.flush()
 
