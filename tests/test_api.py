@@ -66,7 +66,7 @@ def test_the_freeze_guard_loads_no_numpy():
     of its start (0.15-0.2 s of each incremental from a cold cache)."""
     # A freeze of a path that is not there runs the guard's freeze and thaw to their ends,
     # imports and all, and changes nothing.
-    code = ("import sys, imager.snapshot.freeze as guard; g = guard._Guard(); g.out = open('/dev/null', 'wb');"
+    code = ("import sys, imager.snapshot.freeze_guard as guard; g = guard._Guard(); g.out = open('/dev/null', 'wb');"
             "g.freeze(['/nonexistent/imager-test'], 5.0); g.thaw_all();"
             "print(' '.join(sorted(sys.modules)))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,

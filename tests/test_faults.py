@@ -26,7 +26,7 @@ from devices import loop
 from devices.freeze import FIFREEZE, FITHAW
 from imager import jobs
 from imager.snapshot import daemon
-from imager.errors import SnapshotError
+from imager.errors import ImagerError, SnapshotError
 from imager.snapshot.daemon.protocol import request
 
 from conftest import device_size, sweep_size
@@ -116,6 +116,38 @@ def test_sigkill_inside_a_snapshot_window_thaws_and_drops_the_snapshot(bench):
     wait_until(lambda: not frozen(mnt), "the filesystem stayed frozen after SIGKILL in the window")
     wait_until(lambda: daemon.status("win").snapshot is None,
                "the daemon kept the snapshot of a backup that died")
+
+
+def _freeze_guards_of_this_process() -> list[int]:
+    guards = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                command = f.read()
+        except (OSError, IndexError):
+            continue
+        if parent == os.getpid() and b"imager.snapshot.freeze_guard" in command:
+            guards.append(int(pid))
+    return guards
+
+
+def test_a_snapshot_set_refused_before_its_freeze_leaves_no_freeze_guard(bench):
+    """The guard is started before the daemons are asked, so that its interpreter starts
+    meanwhile: a set refused then (a snapshot already there, a volume not attached) must end it,
+    not leave it to the end of a long-lived process."""
+    vol, source, mnt = bench.ext4_volume("early")
+    in_window: list[list[int]] = []
+    daemon.HeldSnapshots(["early"], while_frozen=lambda: in_window.append(_freeze_guards_of_this_process())).close()
+    assert len(in_window) == 1 and len(in_window[0]) == 1       # what is looked for is there in a window
+    daemon.snapshot_create("early")
+    bench.defer(lambda: daemon.snapshot_delete("early"))
+    for names, refusal in ((["early"], "already has a snapshot"), (["early", "nosuch"], "nosuch")):
+        with pytest.raises(ImagerError, match=refusal):
+            daemon.HeldSnapshots(names)
+        assert _freeze_guards_of_this_process() == []
+    assert not frozen(mnt)
 
 
 def test_a_freeze_longer_than_its_maximum_is_thawed_and_fails(bench):

@@ -12,20 +12,19 @@ process in its own session that issues FIFREEZE and FITHAW for the job and thaws
 
 A window that expired is reported to the job, which fails: what it made inside the window is
 not of one instant. The guard measures the window itself, from the first FIFREEZE to the last
-FITHAW.
+FITHAW. The guard's side is imager.snapshot.freeze_guard.
 
-    python -m imager.snapshot.freeze        (the guard; JSON lines on stdin and stdout)
+A job can start the guard early (FreezeGuard(), handed to freeze_window()): its interpreter then
+starts while the job does its own work before the freeze, such as asking its daemons for their
+volumes.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import select
-import signal
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence, Union
@@ -56,23 +55,30 @@ class FreezeWindow:
 
 @contextmanager
 def freeze_window(mount_points: Sequence[str], pre_freeze_hooks: Sequence[Hook] = (),
-                  post_thaw_hooks: Sequence[Hook] = (), *,
-                  max_seconds: float = DEFAULT_MAX_FREEZE) -> Iterator[FreezeWindow]:
+                  post_thaw_hooks: Sequence[Hook] = (), *, max_seconds: float = DEFAULT_MAX_FREEZE,
+                  guard: "FreezeGuard | None" = None) -> Iterator[FreezeWindow]:
     """Run the pre-freeze hooks, freeze every mount point, run the body, thaw every one (always),
     run the post-thaw hooks (always, once the pre-freeze hooks started). The first failure is
-    the one raised. The freeze is held by a guard process (see the module docstring)."""
+    the one raised. The freeze is held by a guard process (see the module docstring): `guard`,
+    started earlier, or a new one. The window closes the guard either way."""
     if max_seconds <= 0:
+        if guard is not None:
+            guard.close()
         raise SnapshotError(f"the longest freeze must be a positive number of seconds, not {max_seconds}")
     window = FreezeWindow()
     failure: BaseException | None = None
-    guard = FreezeGuard(max_seconds) if mount_points else None
+    if not mount_points and guard is not None:
+        guard.close()
+        guard = None
+    elif mount_points and guard is None:
+        guard = FreezeGuard()
     window.guard = guard
     try:
         run_hooks(pre_freeze_hooks, "pre-freeze")
         thaw_failure: SnapshotError | None = None
         try:
             if guard is not None:
-                window.frozen = guard.freeze(mount_points)
+                window.frozen = guard.freeze(mount_points, max_seconds)
             yield window
         finally:
             if guard is not None:
@@ -113,21 +119,29 @@ def run_hooks(hooks: Sequence[Hook], stage: str) -> None:
 
 
 class FreezeGuard:
-    """The job's side of the guard process: freeze(), check(), thaw(), close()."""
+    """The job's side of the guard process: freeze(), check(), thaw(), close(). Starting one does
+    not wait for the process: freeze() does."""
 
-    def __init__(self, max_seconds: float):
-        self.max_seconds = max_seconds
-        env = engine_env()
+    def __init__(self) -> None:
+        self.max_seconds = 0.0
         # Its own session: a Ctrl-C or a signal to the job's process group must not kill the
-        # guard before it thaws (it thaws when the job is gone anyway).
-        self._proc = subprocess.Popen([sys.executable, "-m", "imager.snapshot.freeze"], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, start_new_session=True, env=env, cwd="/")
+        # guard before it thaws (it thaws when the job is gone anyway). Without site (-S): the
+        # guard needs only the standard library and the engine's root, which engine_env()
+        # puts on PYTHONPATH.
+        self._proc = subprocess.Popen([sys.executable, "-S", "-m", "imager.snapshot.freeze_guard"],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True,
+                                      env=engine_env(), cwd="/")
+        self._ready = False
         self._frozen = False
         self._expired: str | None = None
         self._window_ms = 0.0
-        reply = self._receive(_GUARD_START_TIMEOUT)
-        if not reply.get("ready"):
-            raise SnapshotError(f"the freeze guard did not start: {reply}")
+
+    def _wait_ready(self) -> None:
+        if not self._ready:
+            reply = self._receive(_GUARD_START_TIMEOUT)
+            if not reply.get("ready"):
+                raise SnapshotError(f"the freeze guard did not start: {reply}")
+            self._ready = True
 
     def _send(self, message: dict) -> None:
         try:
@@ -147,8 +161,10 @@ class FreezeGuard:
                                 "when it ends")
         return json.loads(line)
 
-    def freeze(self, mount_points: Sequence[str]) -> list[str]:
-        self._send({"op": "freeze", "mount_points": list(mount_points), "max_seconds": self.max_seconds})
+    def freeze(self, mount_points: Sequence[str], max_seconds: float) -> list[str]:
+        self._wait_ready()
+        self.max_seconds = max_seconds
+        self._send({"op": "freeze", "mount_points": list(mount_points), "max_seconds": max_seconds})
         reply = self._receive(_GUARD_REPLY_TIMEOUT)
         if not reply.get("ok"):
             raise SnapshotError(reply.get("error") or "freeze failed")
@@ -199,91 +215,3 @@ class FreezeGuard:
             self._proc.kill()
             self._proc.wait()
         self._proc.stdout.close()
-
-
-# --- the guard process --------------------------------------------------------------------------
-
-class _Guard:
-    """The guard's side: holds the freezes, thaws on any way out (see the module docstring)."""
-
-    def __init__(self) -> None:
-        self.out = sys.stdout.buffer
-        self.frozen: list[str] = []
-        self.started = 0.0
-        self.deadline: float | None = None
-        self.expired: dict | None = None
-
-    def reply(self, message: dict) -> None:
-        try:
-            self.out.write(json.dumps(message).encode() + b"\n")
-            self.out.flush()
-        except OSError:
-            pass  # the job is gone: thawing is all that is left to do
-
-    def thaw_all(self) -> dict:
-        from devices.errors import DeviceError
-        from devices.freeze import thaw
-
-        failures = []
-        for point in reversed(self.frozen):
-            try:
-                thaw(point)
-            except DeviceError as e:
-                failures.append(str(e))
-        milliseconds = (time.perf_counter() - self.started) * 1000.0 if self.frozen else 0.0
-        self.frozen.clear()
-        self.deadline = None
-        return {"milliseconds": milliseconds, "failures": failures}
-
-    def freeze(self, mount_points: list[str], max_seconds: float) -> None:
-        from devices.errors import DeviceError
-        from devices.freeze import freeze
-
-        self.started = time.perf_counter()
-        self.deadline = time.monotonic() + max_seconds
-        try:
-            for point in mount_points:
-                freeze(point)
-                self.frozen.append(point)
-        except DeviceError as e:
-            self.thaw_all()
-            self.reply({"ok": False, "error": str(e)})
-            return
-        self.reply({"ok": True, "frozen": list(self.frozen)})
-
-    def serve(self) -> int:
-        stdin = sys.stdin.buffer
-        self.reply({"ready": True})
-        while True:
-            timeout = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
-            if not select.select([stdin], [], [], timeout)[0]:
-                # The window outlived its maximum: thaw whatever the job is doing, and tell it.
-                self.expired = dict(self.thaw_all(), expired=True)
-                self.reply(self.expired)
-                continue
-            line = stdin.readline()
-            if not line:
-                self.thaw_all()   # the job ended, normally or not
-                return 0
-            request = json.loads(line)
-            if request["op"] == "freeze":
-                self.freeze(request["mount_points"], float(request["max_seconds"]))
-            elif request["op"] == "thaw":
-                self.reply(self.expired if self.expired is not None else dict(self.thaw_all(), ok=True))
-                return 0
-
-
-def _guard_main() -> int:
-    guard = _Guard()
-
-    def on_signal(signum, frame):
-        guard.thaw_all()
-        os._exit(128 + signum)
-
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
-        signal.signal(signum, on_signal)
-    return guard.serve()
-
-
-if __name__ == "__main__":
-    sys.exit(_guard_main())

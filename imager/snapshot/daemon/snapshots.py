@@ -11,7 +11,7 @@ from typing import Callable, Iterable, Sequence
 from devices.fs import mounts_of
 
 from ...errors import ImagerError, SnapshotError
-from ..freeze import DEFAULT_MAX_FREEZE, Hook, freeze_window
+from ..freeze import DEFAULT_MAX_FREEZE, FreezeGuard, Hook, freeze_window
 from .client import list_volumes, require_running, status
 from .protocol import (REQUEST_TIMEOUT, STATUS_TIMEOUT, Connection, ConnectionLost, SnapshotInfo, SnapshotSetInfo,
                        checked, connect, name_list, request, volume_from)
@@ -58,6 +58,28 @@ class HeldSnapshots:
             raise
 
     def _take(self, pre_freeze_hooks, post_thaw_hooks, while_frozen, max_freeze) -> SnapshotSetInfo:
+        # Its interpreter starts while the daemons are asked; a set with nothing mounted closes it.
+        guard = FreezeGuard()
+        try:
+            mount_points = self._connect()
+        except BaseException:
+            guard.close()
+            raise
+        created: list[SnapshotInfo] = []
+        created_at = time.time()
+        with freeze_window(mount_points, pre_freeze_hooks, post_thaw_hooks, max_seconds=max_freeze,
+                           guard=guard) as window:
+            for conn in self._connections:
+                self._asked.append(conn.name)
+                reply = checked(conn.request({"op": "snapshot-create", "hold": self.hold}))
+                created.append(volume_from(reply["volume"]).snapshot)
+            if while_frozen is not None:
+                while_frozen()
+            window.check()
+        return SnapshotSetInfo(created, window.milliseconds, window.frozen, created_at)
+
+    def _connect(self) -> list[str]:
+        """Connect to each volume's daemon; returns the mount points to freeze."""
         for name in self.names:
             require_running(name)
             self._connections.append(connect(name, STATUS_TIMEOUT))
@@ -73,17 +95,7 @@ class HeldSnapshots:
             mounted = mounts_of(v.front) if v.front else []
             if mounted:
                 mount_points.append(mounted[0].mount_point)
-        created: list[SnapshotInfo] = []
-        created_at = time.time()
-        with freeze_window(mount_points, pre_freeze_hooks, post_thaw_hooks, max_seconds=max_freeze) as window:
-            for conn in self._connections:
-                self._asked.append(conn.name)
-                reply = checked(conn.request({"op": "snapshot-create", "hold": self.hold}))
-                created.append(volume_from(reply["volume"]).snapshot)
-            if while_frozen is not None:
-                while_frozen()
-            window.check()
-        return SnapshotSetInfo(created, window.milliseconds, window.frozen, created_at)
+        return mount_points
 
     def _drop_all(self) -> None:
         """Delete every snapshot this set asked for, not only those that answered: a daemon whose
