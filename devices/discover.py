@@ -136,6 +136,19 @@ def describe(path: str) -> BlockDeviceInfo:
         raise DeviceError(f"{path}: cannot read its sysfs attributes: {e.strerror}") from None
 
 
+def is_partition(path: str) -> bool:
+    """Whether the block device at `path` is a partition of a disk (False for anything else),
+    from sysfs alone: cheaper than describe(), whose first udev lookup loads libudev."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    if not stat.S_ISBLK(st.st_mode):
+        return False
+    return os.path.exists(os.path.join(SYSFS_ROOT, "dev", "block", f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}",
+                                       "partition"))
+
+
 def _describe_record(record: DeviceRecord, all_mounts: list[Mount]) -> BlockDeviceInfo:
     sys_path = record.sys_path
     props = record.properties

@@ -470,3 +470,13 @@ def test_tape_drives_from_a_sysfs_tree(tmp_path):
 
 def test_tape_sysfs_tree_without_the_class_has_no_drives(tmp_path):
     assert discover.tape_drives_from_sysfs(str(tmp_path)) == []
+
+
+def test_only_a_partition_is_a_partition(gpt_disk, tmp_path):
+    """Each cow backup asks whether its volume could be an ESP by this test first: a device it
+    calls no partition is never checked for the ESP's partition type."""
+    assert discover.is_partition(gpt_disk.partition(1)) and discover.is_partition(gpt_disk.partition(2))
+    assert not discover.is_partition(gpt_disk.device)
+    assert not discover.is_partition(gpt_disk.esp_range_device)
+    assert not discover.is_partition(str(sparse_file(tmp_path / "file.img", MiB)))
+    assert not discover.is_partition(str(tmp_path / "missing"))
