@@ -29,6 +29,23 @@ def test_every_command_has_examples_and_every_option_a_help_text():
     assert undocumented == [] and without_examples == []
 
 
+def test_a_command_line_builds_the_same_parser_of_its_command_as_the_whole_one():
+    """A command line that names a command builds only its module's parsers: each must be the
+    whole parser's to the letter, its options, defaults and help, and every command must be
+    found (a command missing from the table would fall back to the whole parser)."""
+    whole = dict(commands(build_parser()))
+    top = [path for path in whole if path and " " not in path]
+    for command in top:
+        alone = dict(commands(build_parser([command, "--help"])))
+        assert command in alone and len(alone) < len(whole), command
+        for path, parser in alone.items():
+            if path:
+                assert parser.format_help() == whole[path].format_help(), path
+                assert ({a.dest: a.default for a in parser._actions}
+                        == {a.dest: a.default for a in whole[path]._actions}), path
+    assert build_parser(["no-such-command"]).format_help() == build_parser().format_help()
+
+
 def test_help_shows_the_examples_and_tape_verbs_only_their_options():
     shown = imager("tape", "rewind", "--help", check=True).stdout
     assert "examples:\n  imager tape rewind --tape /dev/nst0" in shown

@@ -21,13 +21,15 @@ def _raise_interrupt(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    if argv is None:
+        argv = sys.argv[1:]
+    args = build_parser(argv).parse_args(argv)
     try:
         out = Output(args)
     except ImagerError as e:
         print(f"imager: error: {e}", file=sys.stderr)
         return e.exit_code
-    command = " ".join(sys.argv[1:] if argv is None else argv)
+    command = " ".join(argv)
     out.log.info("started: imager %s", command, extra=AUDIT)
     # SIGTERM unwinds like Ctrl-C, so every job's cleanup (temporary files, snapshots) runs.
     signal.signal(signal.SIGTERM, _raise_interrupt)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from .. import __version__
 from ..defaults import DEFAULT_TAPE_BLOCK_SIZE
@@ -62,15 +63,29 @@ def _parents() -> Parents:
     return Parents(common, catalog, tape, alone["--tape"], alone, progress)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import backup, catalog, consolidate, demo, devices, docs, info, loop, mount, restore, tape, verify, volumes
+# The modules of imager.cli that register commands, in the order `imager --help` lists them, and
+# the commands each registers.
+VERB_MODULES = {
+    "backup": ("backup",), "restore": ("restore",), "verify": ("verify",), "info": ("info",),
+    "consolidate": ("consolidate",), "mount": ("mount", "umount", "mounts", "ls", "extract"), "loop": ("loop",),
+    "catalog": ("catalog",), "tape": ("tape",), "volumes": ("attach", "detach", "volumes", "recover", "snapshot"),
+    "devices": ("devices",), "demo": ("demo",), "docs": ("completion", "manpage", "schema", "systemd-unit"),
+}
+_MODULE_OF = {command: module for module, commands in VERB_MODULES.items() for command in commands}
 
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser of every command; for a command line `argv` that starts with a command, the
+    parser of only the commands of its module: building every one took 50-60 ms of each run,
+    a twentieth of a small incremental backup."""
+    module = _MODULE_OF.get(argv[0]) if argv else None
+    names = [module] if module else list(VERB_MODULES)
     p = argparse.ArgumentParser(prog="imager", description="Point-in-time images of block devices in use.")
     p.add_argument("--version", action="version", version=f"imager {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parents = _parents()
-    for verb in (backup, restore, verify, info, consolidate, mount, loop, catalog, tape, volumes, devices, demo, docs):
-        verb.register(sub, parents)
+    for name in names:
+        importlib.import_module(f".{name}", __package__).register(sub, parents)
     for path, parser in commands(p):
         parser.formatter_class = argparse.RawDescriptionHelpFormatter
         parser.epilog = epilog(path)
