@@ -72,12 +72,16 @@ class _Slab:
 
 
 class _Entry:
-    __slots__ = ("future", "size", "ahead")
+    __slots__ = ("future", "size", "ahead", "ready", "slab")
 
     def __init__(self, future: Future, size: int, ahead: bool):
         self.future = future        # its result: the region's _Slab, or None for all zeros
         self.size = size
         self.ahead = ahead
+        # The decode's success as the cache lock saw it (set once its callback ran): what a read
+        # of a warm cache asks, without the future's own lock, three times a read.
+        self.ready = False
+        self.slab: _Slab | None = None
 
 
 class CachedVolume:
@@ -177,7 +181,7 @@ class CachedVolume:
         with self._lock:
             for region in range(first, last + 1):
                 entry = self._cache.get(region)
-                if region not in self._damaged and (entry is None or not entry.future.done()):
+                if region not in self._damaged and (entry is None or not entry.ready):
                     return False
         return True
 
@@ -196,8 +200,8 @@ class CachedVolume:
             with self._lock:
                 entry = self._entry(region)
                 future = entry.future
-                ready = _decoded(future)
-                slab = future.result() if ready else None
+                ready = entry.ready
+                slab = entry.slab
                 if slab is not None:
                     slab.pins += 1
                 # After the pin: making room for the regions read ahead may evict this one, and
@@ -228,7 +232,7 @@ class CachedVolume:
         entry = self._cache.get(region)
         if entry is not None:
             self._cache.move_to_end(region)
-            if entry.future.done():
+            if entry.ready:
                 self._hits += 1
             else:
                 self._misses += 1
@@ -309,6 +313,9 @@ class CachedVolume:
                 del self._cache[region]
                 if not future.cancelled() and isinstance(future.exception(), ImagerError):
                     self._damaged[region] = str(future.exception())
+            else:
+                entry.slab = future.result()
+                entry.ready = True
 
     def _decode(self, region: int) -> _Slab | None:
         with self._lock:
