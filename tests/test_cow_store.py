@@ -1,5 +1,6 @@
 """CowStore and SnapshotView on a real loop device: point-in-time reads under writes and races."""
 
+import logging
 import mmap
 import os
 import random
@@ -373,6 +374,50 @@ def test_a_flush_puts_an_invalid_snapshots_lost_marks_on_the_disk(volume, tmp_pa
                 os.close(fd)
         with pytest.raises(SnapshotError, match="not kept|no longer point-in-time|larger cache"):
             store.view().pread(BS, 12 * BS)
+
+
+class _FailingSync:
+    """A store's mapped file whose sync fails, like msync on a failing state filesystem."""
+
+    def __init__(self, mapped):
+        self.mapped = mapped
+        self.failing = True
+
+    def flush(self):
+        if self.failing:
+            raise OSError(5, "Input/output error")
+        self.mapped.flush()
+
+
+def test_marks_that_cannot_be_synced_are_said_once_and_when_they_are_again(volume, tmp_path, monkeypatch, caplog):
+    """A writer flushes again and again: a state filesystem that fails the marks' sync is one
+    warning in the daemon's log, not one per flush, and the log says when the marks are on the
+    disk again."""
+    caplog.set_level(logging.WARNING, logger="imager.cow")
+    with CowStore(volume, str(tmp_path / "state"), cache_capacity=BS) as store:
+        store.start_snapshot()
+        store.write(0, os.urandom(BS))
+        store.write(9 * BS, os.urandom(BS))                 # no room: invalid
+        assert store.snapshot_invalid
+        index = store._index_map
+        failing = _FailingSync(index)
+        monkeypatch.setattr(store, "_index_map", failing)
+        try:
+            for n in range(5):
+                store.write((12 + n) * BS, os.urandom(BS))
+                store.flush()
+            said = [r.getMessage() for r in caplog.records]
+            assert len(said) == 1 and "could not be made durable" in said[0] and "Input/output error" in said[0]
+            failing.failing = False
+            store.flush()
+            store.flush()
+            said = [r.getMessage() for r in caplog.records]
+            assert len(said) == 2 and "durable again" in said[1]
+            failing.failing = True
+            store.flush()
+            assert len(caplog.records) == 3 and "could not be made durable" in caplog.records[2].getMessage()
+        finally:
+            monkeypatch.setattr(store, "_index_map", index)
 
 
 def test_snapshot_survives_reopening_the_store(volume, tmp_path):

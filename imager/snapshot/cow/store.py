@@ -112,6 +112,7 @@ class CowStore:
         self._cache_slots_used = -(-os.fstat(self._cache_fd).st_size // block_size)
         self._cache_preallocated = 0
         self._cow_active = self._state.active
+        self._marks_unsynced = False     # the lost blocks' marks failed to sync, and it was said
 
     def _persist(self, state: PersistedState) -> None:
         self._dir.persist(state)
@@ -291,9 +292,15 @@ class CowStore:
             except OSError as e:
                 if valid:
                     self._invalidate(f"the cache region could not be made durable: {e.strerror}")
-                else:
-                    log.warning("%s: the lost blocks' marks could not be made durable: %s", self.device.path,
-                                e.strerror)
+                elif not self._marks_unsynced:
+                    # Said once, not at every flush of every writer, and again when it is over.
+                    self._marks_unsynced = True
+                    log.warning("%s: the lost blocks' marks could not be made durable: %s (not said again "
+                                "until they are)", self.device.path, e.strerror)
+            else:
+                if self._marks_unsynced:
+                    self._marks_unsynced = False
+                    log.warning("%s: the lost blocks' marks are durable again", self.device.path)
         failpoints.check("source.flush")
         self.device.flush()
 
