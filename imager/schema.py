@@ -109,7 +109,7 @@ TAPE_POSITION = record({"tape": STR, "file_number": nullable(INT), "block_number
 SNAPSHOT = record({"name": STR, "path": STR, "created": nullable(TIME), "generation": INT, "block_size": INT,
                    "changed_blocks": INT, "cache_bytes_used": INT, "cache_bytes_needed": INT,
                    "cache_capacity": nullable(INT), "invalid": BOOL, "invalid_reason": STR, "cache_full": BOOL,
-                   "tracker": nullable(OBJ)})
+                   "tracker": nullable(OBJ)}, {"delete_failed": BOOL})
 
 VOLUME = record({"name": STR, "device": STR, "size": INT, "front": nullable(STR), "fuse_file": STR, "state_dir": STR,
                  "run_dir": STR, "pid": INT, "log_path": STR, "snapshot": nullable(ref("snapshot")), "state": STR,

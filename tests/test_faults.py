@@ -148,6 +148,7 @@ def test_a_snapshot_set_refused_before_its_freeze_leaves_no_freeze_guard(bench):
             daemon.HeldSnapshots(names)
         assert _freeze_guards_of_this_process() == []
     assert not frozen(mnt)
+    assert daemon.status("early").snapshot is not None     # a kept snapshot is the user's to delete
 
 
 def test_a_freeze_longer_than_its_maximum_is_thawed_and_fails(bench):
@@ -292,19 +293,26 @@ def test_a_stored_backup_whose_snapshot_cannot_be_deleted_succeeds_and_says_so(b
     (entry,) = json.loads(imager("catalog", "list", "--json", "--catalog", catalog).stdout)["images"]
     assert [segment["path"] for segment in entry["segments"]] == [str(out / "full.zst")]
     left = daemon.status("undeletable").snapshot
-    assert left is not None and left.invalid
+    assert left is not None and left.invalid and left.delete_failed
+    (listed,) = json.loads(imager("volumes", "--json").stdout)["volumes"]
+    assert listed["snapshot"]["delete_failed"] is True
     log_text = open(daemon.status("undeletable").log_path).read()
     assert "could not delete" in log_text and "went away" not in log_text
-    # What is left says how it ends; once the state can be written, it does.
-    one_line_error(imager("backup", "--snapshot", "cow", "undeletable", "-o", str(out / "next.zst")),
-                   "imager snapshot delete undeletable")
+    # The next backup deletes it first; while its end still cannot be recorded, it says so and
+    # how it ends.
+    line = one_line_error(imager("backup", "--snapshot", "cow", "undeletable", "-o", str(out / "next.zst")),
+                          "fails again", "imager snapshot delete undeletable")
+    assert "No space left" in line
+    assert daemon.status("undeletable").snapshot.generation == left.generation
+    # Once it can be recorded, the next night needs no one to delete it by hand.
     request("undeletable", {"op": "failpoints", "set": ""})
-    deleted = imager("snapshot", "delete", "undeletable")
-    assert deleted.returncode == 0, deleted.stderr
-    assert daemon.status("undeletable").snapshot is None
     after = imager("backup", "--snapshot", "cow", "undeletable", "-o", str(out / "next.zst"), "--catalog", catalog,
-                   "--incremental", "--json")
+                   "--incremental", "--json", "-v")
     assert after.returncode == 0, after.stderr
+    assert f"deleting snapshot generation {left.generation} first" in after.stderr
+    (result,) = json.loads(after.stdout)["images"]
+    assert result["kind"] == "incremental" and result["method"] == "tracker", result
+    assert daemon.status("undeletable").snapshot is None
     assert imager("verify", str(out / "next.zst")).returncode == 0
 
 

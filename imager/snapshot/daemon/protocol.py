@@ -115,6 +115,7 @@ class SnapshotInfo:
     invalid_reason: str
     cache_full: bool = False    # invalid because the cache region ran out of room
     tracker: dict | None = None  # a backup's snapshot: the change tracker's roll (series, sequence, base)
+    delete_failed: bool = False  # its delete was asked and could not be recorded: the next backup tries again
 
 
 @dataclass(frozen=True)

@@ -209,6 +209,7 @@ class VolumeDaemon:
                 "invalid_reason": stats["invalid_reason"],
                 "cache_full": stats["cache_full"],
                 "tracker": self._roll.to_dict() if self._roll else None,
+                "delete_failed": self._undeleted_generation == stats["generation"],
             }
         return {"name": self.name, "device": self.device_path, "size": store.size, "front": self.front,
                 "fuse_file": self.fuse_file, "state_dir": self.state_dir, "run_dir": self.run_dir,

@@ -84,8 +84,10 @@ class HeldSnapshots:
             require_running(name)
             self._connections.append(connect(name, STATUS_TIMEOUT))
         volumes = [volume_from(checked(conn.request({"op": "status"}))["volume"]) for conn in self._connections]
-        for v in volumes:
-            if v.snapshot is not None:
+        for conn, v in zip(self._connections, volumes):
+            if v.snapshot is not None and v.snapshot.delete_failed:
+                self._delete_left_over(conn, v.snapshot)
+            elif v.snapshot is not None:
                 raise SnapshotError(f"{v.name} already has a snapshot (generation {v.snapshot.generation}); "
                                     f"delete it first (imager snapshot delete {v.name})")
         # Every mount of one block device shares its superblock: freeze it through one of them
@@ -96,6 +98,19 @@ class HeldSnapshots:
             if mounted:
                 mount_points.append(mounted[0].mount_point)
         return mount_points
+
+    @staticmethod
+    def _delete_left_over(conn: Connection, left: SnapshotInfo) -> None:
+        """Delete the snapshot a delete was asked of and failed (a backup's, stored, whose end
+        could not be recorded): nobody keeps it, and the nights after must not wait for a user
+        to delete it once there is room to."""
+        log.info("%s: deleting snapshot generation %d first: its delete failed before", left.name, left.generation)
+        try:
+            checked(conn.request({"op": "snapshot-delete", "force": True, "generation": left.generation}))
+        except ImagerError as e:
+            raise SnapshotError(f"{left.name} still has the snapshot (generation {left.generation}) whose delete "
+                                f"failed, and it fails again: {e}; once that is mended, the next backup deletes "
+                                f"it, or: imager snapshot delete {left.name}") from None
 
     def _drop_all(self) -> None:
         """Delete every snapshot this set asked for, not only those that answered: a daemon whose
@@ -151,9 +166,11 @@ class HeldSnapshots:
                     failures.append(str(e))
                 else:
                     # The image is stored and catalogued: failing the backup now would have a
-                    # good image counted as a failed night. The snapshot left is the user's to end.
-                    log.warning("%s: the backup is stored, but its snapshot could not be deleted (%s); "
-                                "delete it with: imager snapshot delete %s", conn.name, e, conn.name)
+                    # good image counted as a failed night. The daemon marks the snapshot left
+                    # (delete_failed): the next backup ends it, or the user does.
+                    log.warning("%s: the backup is stored, but its snapshot could not be deleted (%s); the "
+                                "next backup of it deletes it first, or: imager snapshot delete %s", conn.name, e,
+                                conn.name)
             finally:
                 conn.close()
         self._connections = []
