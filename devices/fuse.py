@@ -121,11 +121,12 @@ class Files(Protocol):
 
 @runtime_checkable
 class QuickReads(Protocol):
-    """Files that can tell a READ they answer at once (from memory) from one that has to wait:
-    the server answers the first kind itself instead of handing it to a reader thread, which
-    saves a thread switch on every small read."""
+    """Files that hand over a READ's data at once when they have it in memory (as
+    ViewReads.read_views does), None when the READ would have to wait: the server sends the
+    first kind itself instead of handing it to a reader thread, which saves a thread switch on
+    every small read. Never raises: a READ it cannot answer goes to a reader thread."""
 
-    def read_is_quick(self, fh: int, offset: int, size: int) -> bool: ...
+    def quick_views(self, fh: int, offset: int, size: int) -> tuple[list[memoryview], Callable[[], None]] | None: ...
 
 
 @runtime_checkable
@@ -294,7 +295,7 @@ class Server:
                     FSYNC: self._fsync, FLUSH: self._flush, OPENDIR: self._opendir, READDIR: self._readdir,
                     RELEASEDIR: self._empty, FSYNCDIR: self._empty}
         hand_reads_over = bool(self._read_lanes)
-        quick = self.files.read_is_quick if isinstance(self.files, QuickReads) else None
+        quick = self.files.quick_views if isinstance(self.files, QuickReads) else None
         idle = None
         if self.spin > 0:
             os.set_blocking(fd, False)
@@ -320,10 +321,14 @@ class Server:
             self.requests += 1
             if opcode == READ and hand_reads_over and first is None:
                 fh, offset, size, _ = RW_IN.unpack_from(buf, IN_HEADER.size)
-                if quick is None or not quick(fh, offset, size):
+                at_hand = quick(fh, offset, size) if quick is not None else None
+                if at_hand is None:
                     self._handed_over += 1
                     self._reads.put((unique, fh, offset, size))
                     continue
+                if not self._handle(lane, self._send_views, opcode, unique, at_hand, None):
+                    return
+                continue
             if not self._handle(lane, handlers.get(opcode), opcode, unique, nodeid, buf):
                 return
             if first is not None:
@@ -433,17 +438,20 @@ class Server:
     def _read_at(self, unique, where, buf, lane) -> None:
         fh, offset, size = where
         if self._views is not None:
-            views, release = self._views(fh, offset, size)
-            try:
-                n = sum(len(v) for v in views)
-                _write_reply(self.fd, [OUT_HEADER.pack(OUT_HEADER.size + n, 0, unique), *views])
-            finally:
-                views.clear()
-                release()
+            self._send_views(unique, self._views(fh, offset, size))
             return
         data = memoryview(lane.reply)[:size]
         n = self.files.read_into(fh, data, offset)
         _write_reply(self.fd, [OUT_HEADER.pack(OUT_HEADER.size + n, 0, unique), data[:n]])
+
+    def _send_views(self, unique, at_hand, buf=None, lane=None) -> None:
+        views, release = at_hand
+        try:
+            n = sum(len(v) for v in views)
+            _write_reply(self.fd, [OUT_HEADER.pack(OUT_HEADER.size + n, 0, unique), *views])
+        finally:
+            views.clear()
+            release()
 
     def _write(self, unique, nodeid, buf, lane) -> None:
         fh, offset, size, _ = RW_IN.unpack_from(buf, IN_HEADER.size)

@@ -113,9 +113,12 @@ class VolumeFiles:
             log.error("read of %d bytes at offset %d failed: %s", size, offset, e)
             raise OSError(errno.EIO, str(e)) from None
 
-    def read_is_quick(self, fh: int, offset: int, size: int) -> bool:
+    def quick_views(self, fh: int, offset: int, size: int) -> tuple[list[memoryview], Callable[[], None]] | None:
         window = self._open.get(fh)
-        return window is not None and self.volume.is_cached(window.offset + offset, size)
+        if window is None:
+            return None
+        size = min(size, window.attr.size - offset)
+        return self.volume.cached_views(window.offset + offset, size) if size > 0 else None
 
     def write_from(self, fh: int, src: memoryview, offset: int) -> int:
         raise OSError(errno.EROFS, "read-only")

@@ -84,6 +84,10 @@ class _Entry:
         self.slab: _Slab | None = None
 
 
+def _nothing() -> None:
+    pass
+
+
 class CachedVolume:
     """Random access to the volume of `chain` (a Chain: a full image alone, or an incremental and
     its parents) through a cache of at most `cache_bytes` of decoded regions, plus the regions
@@ -172,6 +176,30 @@ class CachedVolume:
                 if slab.evicted and not slab.pins:
                     self._give_back(slab)
             slabs.clear()
+
+    def cached_views(self, offset: int, length: int) -> tuple[list[memoryview], Callable[[], None]] | None:
+        """read_views() of a read that lies in one region decoded already (the common small
+        random read of a warm cache), under one hold of the lock; None for any other read,
+        which read_views() answers (it may have to wait)."""
+        region = offset // self.region_size
+        start = offset - region * self.region_size
+        take = min(offset + length, self.size) - offset
+        if take <= 0 or start + take > self.chain.region_length(region):
+            return None
+        with self._lock:
+            entry = self._cache.get(region)
+            if entry is None or not entry.ready:
+                return None
+            self._cache.move_to_end(region)
+            self._hits += 1
+            entry.ahead = False
+            slab = entry.slab
+            if slab is not None:
+                slab.pins += 1
+            self._read_ahead(region)    # after the pin, as in _region()
+        if slab is None:
+            return [self._zero_view[start:start + take]], _nothing
+        return [slab.view[start:start + take]], functools.partial(self._unpin, [slab])
 
     def is_cached(self, offset: int, length: int) -> bool:
         """Whether a read of these bytes needs no decoding: every region is decoded (or all
