@@ -134,8 +134,8 @@ COMMANDS: dict[str, dict] = {
     "loop list": record({"loopdevices": list_of(ref("loop_device"))}),
     "catalog list": record({"catalog": STR, "images": list_of(record(
         dict(IMAGE_RECORD_FIELDS, segments=list_of(ref("segment")))))}),
-    "catalog prune": record({"kept": list_of(ID), "removed": list_of(ID), "files_deleted": NAMES,
-                             "consolidated": list_of(ID), "reasons": {"type": "object",
+    "catalog prune": record({"dry_run": BOOL, "kept": list_of(ID), "removed": list_of(ID), "files_deleted": NAMES,
+                             "consolidated": list_of(ID), "replaced": list_of(ID), "reasons": {"type": "object",
                                                                       "additionalProperties": STR}}),
     "catalog forget": record({"forgotten": list_of(ID)}),
     "catalog check": record({"images": INT, "ok": BOOL,

@@ -430,3 +430,78 @@ def test_retention_keeps_every_chain_restorable(bench):
     assert checked.returncode == 1 and "b3.full.zst is missing" in checked.stdout, checked.stdout
     one_line_error(imager("restore", str(out / "b4.zst"), str(out / "r4.raw")), "parent image", "is missing")
     assert not os.path.exists(out / "r4.raw")
+
+
+def test_prune_keeps_a_parent_taken_from_another_source_and_dry_run_says_what_consolidate_does(bench):
+    """An incremental may name any image as its parent (--parent): the rules choose per volume
+    or source, but what a kept image needs is kept whichever volume it came from. The dry run
+    of --consolidate lists what the real run removes."""
+    vol, source, mnt = bench.ext4_volume("cross", VOLUME)
+    rng = random.Random(17)
+    seed(mnt, rng)
+    out = bench.tmp / "out"
+    out.mkdir()
+    view = out / "view.raw"
+
+    def night() -> None:
+        with open(os.path.join(mnt, "data.bin"), "r+b") as f:
+            f.seek(rng.randrange(12 * MiB))
+            f.write(rng.randbytes(64 << 10))
+    backup("cross", out / "b0.zst", incremental=False)
+    night()
+    backup("cross", out / "b1.zst", incremental=True, progress=ViewCopy("cross", view))
+    # the point of b1, taken again from a copy of its snapshot (another source) on b1
+    other = imager("backup", str(view), "-o", str(out / "other.zst"), "-i", "--parent", str(out / "b1.zst"),
+                   "--all-blocks", "--chunk-size", "1M")
+    assert other.returncode == 0, other.stderr
+    night()
+    backup("cross", out / "b2.zst", incremental=False)        # the volume's chain starts again
+    night()
+    backup("cross", out / "b3.zst", incremental=True)
+
+    dry = imager("catalog", "prune", "--keep-last", "1", "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    planned = json.loads(dry.stdout)
+    pruned = imager("catalog", "prune", "--keep-last", "1", "--json")
+    assert pruned.returncode == 0, pruned.stderr
+    report = json.loads(pruned.stdout)
+    assert report["removed"] == planned["removed"] == [] and report["files_deleted"] == []
+    assert len(report["kept"]) == 5, report        # other.zst keeps b1 and b0; b3 keeps b2
+    restore(out / "other.zst", out / "r.raw")
+    assert same(out / "r.raw", view)
+
+    # --consolidate: a synthetic full of each chain's oldest kept incremental takes its place
+    planned = json.loads(imager("catalog", "prune", "--keep-last", "1", "--consolidate", "--dry-run",
+                                "--json").stdout)
+    assert planned["dry_run"] and len(planned["replaced"]) == 2 and not planned["consolidated"]
+    before = sorted(os.listdir(out))
+    pruned = imager("catalog", "prune", "--keep-last", "1", "--consolidate", "--json")
+    assert pruned.returncode == 0, pruned.stderr
+    report = json.loads(pruned.stdout)
+    assert sorted(report["removed"]) == sorted(planned["removed"]) and len(report["removed"]) == 5
+    assert sorted(report["files_deleted"]) == sorted(planned["files_deleted"])
+    assert sorted(report["replaced"]) == sorted(planned["replaced"]) and len(report["consolidated"]) == 2
+    assert sorted(os.listdir(out)) == sorted(set(before) - {os.path.basename(p) for p in report["files_deleted"]}
+                                             | {"other.full.zst", "b3.full.zst"})
+    restore(out / "other.full.zst", out / "r2.raw")
+    assert same(out / "r2.raw", view)
+
+
+def test_force_does_not_write_over_an_image_others_were_taken_on(bench):
+    """-f over a full (or an incremental) that later incrementals build on would leave them
+    unrestorable: refused, naming them, whether the catalog knows them or only the directory."""
+    vol, source, mnt = bench.ext4_volume("force", VOLUME)
+    seed(mnt, random.Random(19))
+    out = bench.tmp / "out"
+    out.mkdir()
+    backup("force", out / "b0.zst", incremental=False)
+    backup("force", out / "b1.zst", incremental=True)
+    kept = (out / "b0.zst").read_bytes()
+    for catalog in ([], ["--catalog", str(bench.tmp / "empty.sqlite")]):
+        refused = imager("backup", "--snapshot", "cow", "force", "-o", str(out / "b0.zst"), "-f", *catalog)
+        one_line_error(refused, "b0.zst: image [0-9a-f]{12} is the parent of [0-9a-f]{12} \\(.*b1.zst\\)",
+                       "unrestorable", code=2)
+        assert (out / "b0.zst").read_bytes() == kept
+    # the newest image of a chain has no children: -f replaces it
+    replaced = imager("backup", "--snapshot", "cow", "force", "-o", str(out / "b1.zst"), "-f")
+    assert replaced.returncode == 0, replaced.stderr

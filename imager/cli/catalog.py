@@ -31,7 +31,8 @@ def register(sub, parents) -> None:
                     help="forget an image that other images of the catalog name as their parent")
     fg.set_defaults(func=forgetting)
     p = csub.add_parser("prune", parents=[parents.common, parents.catalog],
-                        help="remove images no retention rule keeps; never one a kept image needs")
+                        help="remove images no retention rule keeps and delete their files; never one a kept "
+                             "image needs")
     p.add_argument("--keep-last", type=_count, default=0, metavar="N", help="the newest N images of each volume")
     p.add_argument("--keep-daily", type=_count, default=0, metavar="N",
                    help="the newest image of each of the last N days that have one")
@@ -113,8 +114,12 @@ def pruning(args, out: Output) -> int:
     verb = "would remove" if args.dry_run else "removed"
     lines = [f"keep   {i[:12]}  ({result.reasons[i]})" for i in result.kept]
     lines += [f"{verb} {i[:12]}" for i in result.removed]
+    if args.dry_run:
+        lines += [f"would rebuild {i[:12]} as a synthetic full that takes its place" for i in result.replaced]
     lines += [f"wrote the synthetic full {i[:12]}" for i in result.consolidated]
-    lines.append(f"{len(result.kept)} kept, {len(result.removed)} {verb}, {len(result.files_deleted)} files deleted")
+    files = f"{len(result.files_deleted)} file{'' if len(result.files_deleted) == 1 else 's'}"
+    lines.append(f"{len(result.kept)} kept, {len(result.removed)} {verb}, " +
+                 (f"{files} would be deleted" if args.dry_run else f"{files} deleted"))
     out.result(result.to_dict(), lines)
     return 0
 

@@ -27,7 +27,7 @@ from ..ends.sinks import STDOUT, FileSink, Sink, StreamSink
 from ..ends.sources import VolumeSource
 from ..errors import ImagerError, SnapshotError, UsageError
 from ..format import (DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL, MAX_CHUNK_SIZE, EncodedChunk, ImageHeader, ImageWriter,
-                      ZstdCodec, chain_block_size, pack_bits, zstd_frame_bound)
+                      ZstdCodec, chain_block_size, pack_bits, read_header, zstd_frame_bound)
 from ..pipeline import READS_IN_FLIGHT, encoder, pool_size, read_chunks, run_ordered, worker_count
 from ..plan.planner import PlanRules, remove_stale_planning_mounts
 from ..plan.usedmap import ALL_BLOCKS, UsedMap
@@ -224,6 +224,42 @@ def _refuse_replacing_the_parent(path: str, parent: str) -> None:
                          f"that cannot be restored (give another -o, or a template with {{date}})")
 
 
+def _refuse_orphaning(path: str, catalog: Catalog | None) -> None:
+    """--force over an image that incrementals were taken on would leave them unrestorable:
+    they hold only what changed since it. Its children are asked of the catalog and of the
+    images beside it (where a restore looks for parents)."""
+    try:
+        with open(path, "rb") as f:
+            image_id = read_header(f)[0].image_id
+    except (OSError, ImagerError):
+        return          # not an image: nothing was taken on it
+    children: dict[str, str] = {}       # image id: where it is
+    if catalog is not None and not catalog.standing_in_for(image_id):
+        children.update((r.id, _record_file(catalog, r.id) or "on tape") for r in catalog.children(image_id))
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        beside = [e.path for e in os.scandir(directory) if e.is_file() and not os.path.samefile(e.path, path)]
+    except OSError:
+        beside = []
+    for other in beside:
+        try:
+            with open(other, "rb") as f:
+                header = read_header(f)[0]
+        except (OSError, ImagerError):
+            continue
+        if (header.chain.get("parent") or {}).get("id") == image_id:
+            children.setdefault(header.image_id, other)
+    if children:
+        named = ", ".join(f"{i[:12]} ({where})" for i, where in sorted(children.items(), key=lambda c: c[1]))
+        raise UsageError(f"{path}: image {image_id[:12]} is the parent of {named}; writing over it would leave "
+                         f"{'it' if len(children) == 1 else 'them'} unrestorable (give another -o; imager catalog "
+                         f"prune removes the images no kept one needs)")
+
+
+def _record_file(catalog: Catalog, image_id: str) -> str | None:
+    return next((s.path for s in catalog.segments(image_id) if s.kind == "file" and s.path), None)
+
+
 def _write_one(volume: PlannedVolume, dest: Destination, options: ImagingOptions, *, many: bool,
                progress: Progress | None, catalog: Catalog | None, on_notice: Notice | None) -> BackupResult:
     """Image one volume into the destination. The volume's `check_reads` may still refuse the
@@ -238,6 +274,8 @@ def _write_one(volume: PlannedVolume, dest: Destination, options: ImagingOptions
                                         compare_digests=options.compare_digests)
         if increment is not None and dest.output and not dest.to_stdout:
             _refuse_replacing_the_parent(dest.image_path(volume.name, many), increment.parent.where)
+    if dest.output and not dest.to_stdout and dest.force and os.path.isfile(dest.image_path(volume.name, many)):
+        _refuse_orphaning(dest.image_path(volume.name, many), catalog)
     sink = _open_sink(volume, dest, options, image_id, many, on_notice)
     log.info("%s: writing %s image %s to %s", volume.name, "an incremental" if increment else "a full", image_id,
              sink.path)

@@ -17,7 +17,7 @@ from datetime import datetime
 from typing import Callable
 
 from ..catalog import Catalog, ImageRecord
-from ..errors import ImagerError
+from ..errors import ImagerError, UsageError
 from ..format import ImageReader
 from .backup import Destination
 from .consolidate import consolidate
@@ -37,15 +37,17 @@ class KeepRules:
 
 @dataclass
 class PruneResult:
+    dry_run: bool = False       # then removed, files_deleted and replaced say what would be
     kept: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     files_deleted: list[str] = field(default_factory=list)
     consolidated: list[str] = field(default_factory=list)     # synthetic fulls written
+    replaced: list[str] = field(default_factory=list)         # incrementals they stand in for
     reasons: dict[str, str] = field(default_factory=dict)      # why each kept image is kept
 
     def to_dict(self) -> dict:
-        return {"kept": self.kept, "removed": self.removed, "files_deleted": self.files_deleted,
-                "consolidated": self.consolidated, "reasons": self.reasons}
+        return {"dry_run": self.dry_run, "kept": self.kept, "removed": self.removed, "files_deleted": self.files_deleted,
+                "consolidated": self.consolidated, "replaced": self.replaced, "reasons": self.reasons}
 
 
 def _when(record: ImageRecord) -> datetime:
@@ -76,11 +78,14 @@ def chosen_by_rules(images: list[ImageRecord], rules: KeepRules) -> dict[str, st
     return reasons
 
 
-def _with_parents(keep: dict[str, str], by_id: dict[str, ImageRecord]) -> None:
-    """Every kept incremental keeps its parents, back to its full."""
+def _with_parents(keep: dict[str, str], by_id: dict[str, ImageRecord], stand_ins: set[str]) -> None:
+    """Every kept incremental keeps its parents, back to its full, whatever volume or source
+    they were taken from (an incremental may name any image as its parent: --parent). A stand-in
+    is an incremental a synthetic full will take the place of: its parents are not needed."""
     for image_id in list(keep):
         record = by_id.get(image_id)
-        while record is not None and record.kind == "incremental" and record.parent_id:
+        while (record is not None and record.kind == "incremental" and record.parent_id
+               and record.id not in stand_ins):
             # A synthetic full of the parent takes its place (what --consolidate made it for).
             parent = next((r for r in by_id.values() if r.replaces == record.parent_id), None) or \
                 by_id.get(record.parent_id)
@@ -92,36 +97,45 @@ def _with_parents(keep: dict[str, str], by_id: dict[str, ImageRecord]) -> None:
 
 def prune(catalog: Catalog, rules: KeepRules, *, dry_run: bool = False, consolidate_chains: bool = False,
           on_notice: Callable[[str], None] | None = None) -> PruneResult:
+    """The rules choose per volume (or per source, for images of no managed volume); what the
+    chosen images need is kept across all of them. With `dry_run` nothing is written or removed,
+    and what --consolidate would rebuild is said (result.replaced)."""
     if not rules.any():
-        raise ImagerError("prune needs at least one of --keep-last, --keep-daily, --keep-weekly "
-                          "(it would remove every image)")
-    result = PruneResult()
+        raise UsageError("prune needs at least one of --keep-last, --keep-daily, --keep-weekly "
+                         "(it would remove every image)")
+    result = PruneResult(dry_run=dry_run)
     volumes: dict[str, list[ImageRecord]] = defaultdict(list)
     for record in catalog.images():
         volumes[record.volume or f"source:{record.source}"].append(record)
+    by_id = {r.id: r for images in volumes.values() for r in images}
+    keep: dict[str, str] = {}
     for images in volumes.values():
-        by_id = {r.id: r for r in images}
-        keep = chosen_by_rules(images, rules)
-        if consolidate_chains and not dry_run:
-            _consolidate_oldest(catalog, keep, by_id, result, on_notice)
-            images = [r for r in catalog.images() if r.id in by_id or r.replaces in by_id]
-            by_id = {r.id: r for r in images}
-        _with_parents(keep, by_id)
-        for record in sorted(images, key=_when):
-            if record.id in keep:
-                result.kept.append(record.id)
-                result.reasons[record.id] = keep[record.id]
+        chosen = chosen_by_rules(images, rules)
+        if consolidate_chains:
+            _consolidate_oldest(catalog, chosen, by_id, result, on_notice, dry_run=dry_run)
+        keep.update(chosen)
+    images = catalog.images()       # with the synthetic fulls just written
+    by_id = {r.id: r for r in images}
+    stand_ins = set(result.replaced) if dry_run else set()
+    _with_parents(keep, by_id, stand_ins)
+    for record in sorted(images, key=_when):
+        if record.id in keep and record.id not in stand_ins:
+            result.kept.append(record.id)
+            result.reasons[record.id] = keep[record.id]
+        else:
+            result.removed.append(record.id)
+            if not dry_run:
+                result.files_deleted += _remove(catalog, record)
             else:
-                result.removed.append(record.id)
-                if not dry_run:
-                    result.files_deleted += _remove(catalog, record)
+                result.files_deleted += _files(catalog, record.id)
     return result
 
 
 def _consolidate_oldest(catalog: Catalog, keep: dict[str, str], by_id: dict[str, ImageRecord],
-                        result: PruneResult, on_notice: Callable[[str], None] | None) -> None:
+                        result: PruneResult, on_notice: Callable[[str], None] | None, *, dry_run: bool) -> None:
     """For each chain, a synthetic full of its oldest kept incremental, which then stands in for
-    it as the parent of the newer ones: the images before it are no longer needed."""
+    it as the parent of the newer ones: the images before it are no longer needed. A chain that
+    cannot be consolidated (a parent missing or damaged) is said and kept as it is."""
     kept = sorted((by_id[i] for i in keep if i in by_id), key=_when)
     done: set[str] = set()
     for record in kept:
@@ -133,11 +147,21 @@ def _consolidate_oldest(catalog: Catalog, keep: dict[str, str], by_id: dict[str,
         path = _file(catalog, record.id)
         if path is None:
             continue
+        done.update(chain)
+        if dry_run:
+            result.replaced.append(record.id)
+            continue
         output = os.path.splitext(path)[0] + ".full.zst"
-        made = consolidate(path, Destination(output=output), catalog=catalog, on_notice=on_notice)
+        try:
+            made = consolidate(path, Destination(output=output), catalog=catalog, on_notice=on_notice)
+        except ImagerError as e:
+            if on_notice is not None:
+                on_notice(f"{record.id[:12]} ({path}) is kept with its chain as it is: it cannot be rebuilt as a "
+                          f"synthetic full: {e}")
+            continue
         keep[made.image_id] = f"{keep.pop(record.id)}, as a synthetic full of {record.id[:12]}"
         result.consolidated.append(made.image_id)
-        done.update(chain)
+        result.replaced.append(record.id)
 
 
 def _chain_ids(record: ImageRecord, by_id: dict[str, ImageRecord]) -> list[str]:
@@ -148,11 +172,13 @@ def _chain_ids(record: ImageRecord, by_id: dict[str, ImageRecord]) -> list[str]:
     return ids
 
 
+def _files(catalog: Catalog, image_id: str) -> list[str]:
+    return [segment.path for segment in catalog.segments(image_id)
+            if segment.kind == "file" and segment.path and os.path.exists(segment.path)]
+
+
 def _file(catalog: Catalog, image_id: str) -> str | None:
-    for segment in catalog.segments(image_id):
-        if segment.kind == "file" and segment.path and os.path.exists(segment.path):
-            return segment.path
-    return None
+    return next(iter(_files(catalog, image_id)), None)
 
 
 def _remove(catalog: Catalog, record: ImageRecord) -> list[str]:
