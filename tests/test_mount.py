@@ -438,6 +438,15 @@ def test_a_damaged_chunk_fails_its_reads_with_eio_and_one_log_line(built, run_di
     assert naming[0] in Path(kept).read_text().splitlines()
     assert_cleared(point, run_dir)
 
+    # extract goes on past a path it cannot copy, as cp does, and leaves no directory private
+    deep = next(rel for rel in sorted(outside) if rel.count("/") == 1 and stat.S_ISREG(b.tree[rel][0]))
+    into = tmp_path / "into"
+    into.mkdir()
+    one_line_error(imager("extract", damaged, "random.bin", deep, "-C", str(into)),
+                   "random.bin: copying failed: .*Input/output error", "1 other path copied")
+    got = tree_of(into)
+    assert got[deep] == b.tree[deep] and got[deep.split("/")[0]] == b.tree[deep.split("/")[0]]
+
 
 @pytest.mark.parametrize("refused", [None, "image.direct-open=EINVAL", "image.direct-read=EINVAL"],
                          ids=["o-direct", "open-refused", "read-refused"])
@@ -738,6 +747,22 @@ def test_ls_and_extract_give_the_same_bytes_modes_owners_and_times(built, run_di
     done = imager("extract", b.image, ".", "-C", str(whole), "--json")
     assert done.returncode == 0, done.stderr
     assert tree_of(whole) == b.tree                   # bytes, modes, owners, times, links, xattrs
+
+    # A whole tree into a directory that holds some of its names: nothing overwritten without
+    # --force, and with it nothing written through a symlink found there.
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    into = tmp_path / "into"
+    into.mkdir()
+    os.symlink(victim, into / "small.txt")
+    (into / "json").mkdir()
+    (into / "json" / "decoder.py").write_bytes(b"mine")
+    one_line_error(imager("extract", b.image, "/", "-C", str(into)), "decoder.py: already exists", "1 more", code=2)
+    assert victim.read_bytes() == b"precious" and (into / "json" / "decoder.py").read_bytes() == b"mine"
+    done = imager("extract", b.image, "/", "-C", str(into), "--force")
+    assert done.returncode == 0, done.stderr
+    assert victim.read_bytes() == b"precious"
+    assert tree_of(into) == b.tree
 
     some = tmp_path / "some"
     some.mkdir()

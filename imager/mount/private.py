@@ -19,6 +19,7 @@ import stat
 import subprocess
 import sys
 from contextlib import ExitStack
+from typing import Iterator
 
 from devices import fs, loop
 from devices.errors import DeviceError
@@ -183,27 +184,68 @@ class View:
                 source = entry.file
             else:
                 source = resolve_in(root, rest, follow_last=False)
-            plans.append((path, parts, entry, root, rest, source, target))
-        for path, parts, entry, root, rest, source, target in plans:
-            for depth in range(1, len(parts)):
-                directory = os.path.join(dest, *parts[:depth])
-                if not os.path.lexists(directory):
-                    os.mkdir(directory, 0o700)
-                    inner = depth - (0 if self.single else 1)
-                    src = resolve_in(root, rest[:inner], follow_last=True) if root is not None and inner > 0 \
-                        else (root or entry.file)
-                    made.append((directory, src))
-            # An existing file (a symlink too) is replaced, never written through.
-            replace = ["--remove-destination"] if force else []
-            if root is None:
-                _run_cp(["cp", "--sparse=always", "-T", *replace, "--", source, target], self.top)
-            else:
-                _run_cp(["cp", "-a", "-T", *replace, "--", source, target], self.top)
-            entries, size = _count(source)
-            copied.append({"path": path, "to": target, "entries": entries, "bytes": size})
-        for directory, src in reversed(made):
-            _copy_attributes(src, directory)
+            clashes = list(_clashes(source, target)) if _real_directory(target) else []
+            if clashes and not force:
+                raise UsageError(f"{clashes[0][1]}: already exists (use --force to overwrite)"
+                                 + (f"; and {len(clashes) - 1} more" if len(clashes) > 1 else ""))
+            plans.append((path, parts, entry, root, rest, source, target, clashes))
+        failed: list[str] = []
+        try:
+            for path, parts, entry, root, rest, source, target, clashes in plans:
+                for src, existing in clashes:
+                    # Forced: a directory goes where a file or a symlink is. cp would write
+                    # through a symlink to a directory, and cannot put a directory over a file.
+                    if _real_directory(src) and not _real_directory(existing):
+                        os.unlink(existing)
+                for depth in range(1, len(parts)):
+                    directory = os.path.join(dest, *parts[:depth])
+                    if not os.path.lexists(directory):
+                        os.mkdir(directory, 0o700)
+                        inner = depth - (0 if self.single else 1)
+                        src = resolve_in(root, rest[:inner], follow_last=True) if root is not None and inner > 0 \
+                            else (root or entry.file)
+                        made.append((directory, src))
+                # An existing file (a symlink too) is replaced, never written through.
+                replace = ["--remove-destination"] if force else []
+                try:
+                    if root is None:
+                        _run_cp(["cp", "--sparse=always", "-T", *replace, "--", source, target], self.top)
+                    else:
+                        _run_cp(["cp", "-a", "-T", *replace, "--", source, target], self.top)
+                except ImagerError as e:
+                    failed.append(f"{path}: {e}")
+                    continue        # as cp does: the other paths are copied all the same
+                entries, size = _count(source)
+                copied.append({"path": path, "to": target, "entries": entries, "bytes": size})
+        finally:
+            # Also after a failure: the directories made on the way are not left private.
+            for directory, src in reversed(made):
+                _copy_attributes(src, directory)
+        if failed:
+            done = f"; {len(copied)} other path{'' if len(copied) == 1 else 's'} copied" if copied else ""
+            more = f" (and {len(failed) - 1} more paths failed)" if len(failed) > 1 else ""
+            raise ImagerError(f"{failed[0]}{more}{done}; what was copied stays in {dest}")
         return copied
+
+
+def _real_directory(path: str) -> bool:
+    return os.path.isdir(path) and not os.path.islink(path)
+
+
+def _clashes(source: str, target: str) -> Iterator[tuple[str, str]]:
+    """What copying the directory `source` into the existing directory `target` would overwrite
+    or write through: (source entry, existing entry) pairs, found from what `target` holds (a
+    directory on both sides is merged, not a clash)."""
+    if not _real_directory(source):
+        return
+    for name in sorted(os.listdir(target)):
+        src, existing = os.path.join(source, name), os.path.join(target, name)
+        if not os.path.lexists(src):
+            continue
+        if _real_directory(src) and _real_directory(existing):
+            yield from _clashes(src, existing)
+        else:
+            yield src, existing
 
 
 def _release(where: str, device: str | None) -> None:
