@@ -157,6 +157,7 @@ class Mount:
     fs_type: str
     source: str
     read_only: bool
+    mount_id: int = 0
 
 
 def mounts() -> list[Mount]:
@@ -170,8 +171,46 @@ def mounts() -> list[Mount]:
             opts = fields[5].split(",")
             fs_type, source = (right.split() + ["", ""])[:2]
             point = _unescape_mountinfo(fields[4])
-            result.append(Mount(os.makedev(major, minor), point, fs_type, source, "ro" in opts))
+            result.append(Mount(os.makedev(major, minor), point, fs_type, source, "ro" in opts, int(fields[0])))
     return result
+
+
+def _under(path: str, points: list[str]) -> bool:
+    return any(path == p or path.startswith(p.rstrip("/") + "/") for p in points)
+
+
+def mounts_inside(points: list[str]) -> list[str]:
+    """Mount points below those in `points` that are not themselves in it (a mount inside one
+    of them keeps it busy)."""
+    return [m.mount_point for m in mounts() if m.mount_point not in points and _under(m.mount_point, points)]
+
+
+def users(points: list[str], *, ignore: set[int] = frozenset()) -> list[str]:  # type: ignore[assignment]
+    """The processes that have a file open in one of the filesystems mounted at `points`, or
+    their working or root directory there, as "name (pid N)": what makes unmounting them fail
+    with EBUSY. Read from /proc (an open file's mount by fdinfo's mnt_id) without looking the
+    files up, so that a FUSE server that no longer answers cannot hang it."""
+    ids = {m.mount_id for m in mounts() if m.mount_point in points}
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) in ignore or int(name) == os.getpid():
+            continue
+        base = f"/proc/{name}"
+        try:
+            using = any(_under(os.readlink(f"{base}/{link}"), points) for link in ("cwd", "root"))
+            if not using:
+                for fd in os.listdir(f"{base}/fdinfo"):
+                    with open(f"{base}/fdinfo/{fd}") as f:
+                        mount_id = next((int(line.split()[1]) for line in f if line.startswith("mnt_id:")), None)
+                    if mount_id in ids:
+                        using = True
+                        break
+            if using:
+                with open(f"{base}/comm") as f:
+                    found.append(f"{f.read().strip()} (pid {name})")
+        except (OSError, ValueError):
+            continue        # gone meanwhile, or a kernel thread
+    return found
 
 
 def _unescape_mountinfo(field: str) -> str:

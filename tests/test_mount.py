@@ -294,6 +294,25 @@ def test_whole_gpt_disk_mounts_each_partition_and_shows_the_esp_as_its_bytes(run
     assert sorted(top) == ["1-vfat", "2-root", "3-data"] and top["1-vfat"]["size"] == len(expected)
     listed = json.loads(imager("ls", image, "3-data", "--json").stdout)["entries"]
     assert [e["name"] for e in listed] == ["xfs.txt"]
+
+    # In use (a file of one partition's filesystem, the ESP's bytes, a mount inside): umount
+    # refuses and changes nothing
+    def everything_there() -> bool:
+        return (os.path.ismount(point / "2-root") and os.path.ismount(point / "3-data")
+                and (point / "1-vfat").read_bytes()[:512] == expected[:512]
+                and len(registry.loop_devices(registry.records()[0])) == 2)
+    for held in (point / "2-root" / "ext4.txt", point / "1-vfat"):
+        with open(held, "rb"):
+            refused = imager("umount", str(point))
+            one_line_error(refused, "is in use by python", str(os.getpid()), code=2)
+            assert everything_there()
+    inner = point / "2-root" / "lost+found"
+    run("mount", "-t", "tmpfs", "tmpfs", str(inner))
+    try:
+        one_line_error(imager("umount", str(point)), "lost\\+found is mounted inside", code=2)
+        assert everything_there()
+    finally:
+        run("umount", str(inner))
     umount(point)
     assert_cleared(point, run_dir)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import signal
 import time
 from typing import Any
@@ -158,18 +159,39 @@ def leftovers(record: Record) -> list[str]:
 # -- undoing it ----------------------------------------------------------------------------------
 
 def unmount_filesystems(record: Record) -> list[str]:
-    """Unmount every filesystem mounted from this image; raises UsageError naming the first one
-    that is in use (those before it are unmounted, the rest stay)."""
+    """Unmount every filesystem mounted from this image; raises UsageError, unmounting none,
+    while the mount is in use (refuse_while_in_use), and if one turns out busy all the same (a
+    file opened meanwhile) names it (those before it are unmounted, the rest stay)."""
+    refuse_while_in_use(record)
     done = []
     for m in reversed(filesystem_mounts(record)):
         try:
             fs.umount(m.mount_point)
         except fs.Busy as e:
-            raise UsageError(f"{e}; close it and run imager umount {record['dir']} again") from None
+            raise UsageError(f"{e}; close it and run imager umount {shlex.quote(record['dir'])} again") from None
         except DeviceError as e:
             raise UsageError(str(e)) from None
         done.append(m.mount_point)
     return done
+
+
+def refuse_while_in_use(record: Record) -> None:
+    """UsageError, before anything is undone, while a process uses a file of the mount (also a
+    served file: a partition shown as its bytes) or something is mounted inside it: unmounting
+    the rest and then stopping at the busy one would leave a mount half there."""
+    ours = [m.mount_point for m in filesystem_mounts(record)]
+    if fuse_mounted(record):
+        ours.append(record["fuse"])
+    inside = [p for p in fs.mounts_inside(ours) if p not in ours]
+    if inside:
+        raise UsageError(f"{inside[0]} is mounted inside {record['dir']}: unmount it first"
+                         f"{' (and ' + str(len(inside) - 1) + ' more)' if len(inside) > 1 else ''}, then run "
+                         f"imager umount {shlex.quote(record['dir'])} again")
+    busy = fs.users(ours, ignore={record["pid"]} if record.get("pid") else set())
+    if busy:
+        more = f" and {len(busy) - 3} more" if len(busy) > 3 else ""
+        raise UsageError(f"{record['dir']} is in use by {', '.join(busy[:3])}{more} (a file open there, or its "
+                         f"working directory); close it and run imager umount {shlex.quote(record['dir'])} again")
 
 
 def detach_loop_devices(record: Record) -> None:
