@@ -214,17 +214,19 @@ def _probe_if_udev_lacks_data(record: DeviceRecord) -> dict[str, str]:
     return probe_with_blkid(_device_node(record))
 
 
-def probe_with_blkid(device_path: str) -> dict[str, str]:
+def probe_with_blkid(device_path: str, *, types: list[str] | None = None) -> dict[str, str]:
     """`blkid -p -o export DEV`: TYPE, LABEL, UUID, PTTYPE, PART_ENTRY_TYPE, ... ({} if nothing).
 
     -p reads the device itself rather than blkid's cache, so the answer is current. blkid exits
     2 when it finds nothing and 8 when signatures contradict each other; both give {} here.
+    `types` runs only the probes of those types (blkid -n ext4,xfs,...).
     """
     blkid = shutil.which("blkid")
     if blkid is None:
         return {}
     try:
-        result = subprocess.run([blkid, "-p", "-o", "export", device_path], capture_output=True,
+        result = subprocess.run([blkid, "-p", *(["-n", ",".join(types)] if types else []), "-o", "export", device_path],
+                                capture_output=True,
                                 text=True, errors="surrogateescape",
                                 timeout=_BLKID_TIMEOUT_SECONDS)
     except (OSError, subprocess.TimeoutExpired):

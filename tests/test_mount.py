@@ -317,6 +317,41 @@ def test_whole_gpt_disk_mounts_each_partition_and_shows_the_esp_as_its_bytes(run
     assert_cleared(point, run_dir)
 
 
+def test_a_damaged_chunk_at_the_end_of_a_partition_does_not_hide_its_filesystem(run_dir, tmp_path):
+    """blkid's probes for RAID members read the end of a partition: a damaged chunk there must
+    not turn an intact ext4 into an unknown partition."""
+    disk = tmp_path / "disk.img"
+    with open(disk, "wb") as f:
+        f.truncate(160 * MiB)
+    run("sfdisk", "-q", str(disk), input=f"label: gpt\nsize=64MiB, type={LINUX_TYPE}\ntype={LINUX_TYPE}\n")
+    parts = json.loads(run("sfdisk", "--json", str(disk)).stdout)["partitiontable"]["partitions"]
+    fill_partition(disk, parts[0], tmp_path, "ext4", "root", "on ext4\n")
+    end = (parts[0]["start"] + parts[0]["size"]) * 512
+    with open(disk, "r+b") as f:                  # bytes in the last MiB (free in the ext4)
+        f.seek(end - MiB)
+        f.write(os.urandom(MiB))
+    image = str(tmp_path / "disk.zst")
+    assert imager("backup", str(disk), "-o", image, "-q", "--all-blocks", "--chunk-size", "1M").returncode == 0
+    chunk = (end - 1) // MiB
+    with ImageReader(image) as reader:
+        where = reader.chunk_offsets[chunk] + reader.chunk_frame_sizes[chunk] // 2
+    with open(image, "r+b") as f:
+        f.seek(where)
+        byte = f.read(1)[0]
+        f.seek(where)
+        f.write(bytes([byte ^ 0x40]))
+    point = tmp_path / "mnt"
+    point.mkdir()
+    info = mount_json(image, point)
+    by_name = {e["name"]: e for e in info["entries"]}
+    assert "1-root" in by_name and by_name["1-root"]["how"] == "mounted", info["entries"]
+    assert (point / "1-root" / "ext4.txt").read_text() == "on ext4\n"
+    log = Path(info["log_path"]).read_text()
+    assert "ext4 found in part1 past 1 damaged chunk" in log, log
+    umount(point)
+    assert_cleared(point, run_dir)
+
+
 def test_whole_mbr_disk_mounts_primary_and_logical_partitions_and_shows_a_raw_one(run_dir, tmp_path):
     disk = tmp_path / "mbr.img"
     with open(disk, "wb") as f:

@@ -82,7 +82,7 @@ def describe(server: VolumeServer) -> list[Entry]:
     MBR table, each then served as a file of its own, else one unknown volume."""
     volume_file = server.path(VOLUME_FILE)
     size = server.volume.size
-    probe = discover.probe_with_blkid(volume_file)
+    probe = _probe(server, volume_file, 0, size)
     if probe.get("TYPE"):
         return [_entry("", None, 0, size, volume_file, probe)]
     try:
@@ -99,12 +99,29 @@ def describe(server: VolumeServer) -> list[Entry]:
             continue
         length = min(p.size_bytes, size - p.start_byte)
         path = server.add_window(partition_file(p.number), p.start_byte, length)
-        found = discover.probe_with_blkid(path)
+        found = _probe(server, path, p.start_byte, length)
         name = f"{p.number}-{_name_part(found.get('LABEL') or found.get('TYPE') or 'unknown')}"
         entries.append(_entry(name, p.number, p.start_byte, length, path, found))
     for warning in table.warnings:
         log.warning("partition table: %s", warning)
     return entries
+
+
+def _probe(server: VolumeServer, path: str, offset: int, length: int) -> dict[str, str]:
+    """blkid's answer for the file of volume bytes [offset, offset + length). A probe that
+    found nothing where a damaged chunk lies is asked again for the filesystems imager mounts
+    only: other probes (RAID members, UDF) read the end of the device, and one read failing
+    there hides a filesystem whose superblock is intact."""
+    found = discover.probe_with_blkid(path)
+    damaged = server.volume.damaged_within(offset, length)
+    if found.get("TYPE") or not damaged:
+        return found
+    found = discover.probe_with_blkid(path, types=sorted(MOUNT_AS))
+    if found.get("TYPE"):
+        log.warning("%s found in %s past %s damaged chunk%s of the volume (bytes %s)", found["TYPE"],
+                    os.path.basename(path), len(damaged), "" if len(damaged) == 1 else "s",
+                    ", ".join(f"{a}-{b}" for a, b in damaged))
+    return found
 
 
 def _entry(name: str, number: int | None, offset: int, size: int, path: str, probe: dict[str, str],

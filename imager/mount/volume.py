@@ -201,6 +201,13 @@ class CachedVolume:
             return [self._zero_view[start:start + take]], _nothing
         return [slab.view[start:start + take]], functools.partial(self._unpin, [slab])
 
+    def damaged_within(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """The volume bytes [start, end) of the regions found damaged so far that overlap these."""
+        first, last = offset // self.region_size, (offset + max(length, 1) - 1) // self.region_size
+        with self._lock:
+            regions = sorted(r for r in self._damaged if first <= r <= last)
+        return [(r * self.region_size, r * self.region_size + self.chain.region_length(r)) for r in regions]
+
     def is_cached(self, offset: int, length: int) -> bool:
         """Whether a read of these bytes needs no decoding: every region is decoded (or all
         zeros, or damaged) already."""
