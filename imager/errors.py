@@ -25,11 +25,19 @@ class ImageFormatError(ImagerError):
 class ChunkError(ImageFormatError):
     """One chunk of an image is damaged; names the chunk and where it lives."""
 
-    def __init__(self, index: int, image_offset: int, volume_offset: int, problem: str):
+    def __init__(self, index: int, image_offset: int, volume_offset: int, problem: str, image: str = ""):
         self.index = index
         self.image_offset = image_offset
         self.volume_offset = volume_offset
-        super().__init__(f"chunk {index} (image offset {image_offset}, volume offset {volume_offset}): {problem}")
+        self.problem = problem
+        self.image = image
+        where = f"{image}: " if image else ""
+        super().__init__(f"{where}chunk {index} (image offset {image_offset}, volume offset {volume_offset}): "
+                         f"{problem}")
+
+    def of_image(self, image: str) -> "ChunkError":
+        """The same error naming the image file it is in (one image of a chain)."""
+        return ChunkError(self.index, self.image_offset, self.volume_offset, self.problem, image)
 
 
 class SnapshotError(ImagerError):

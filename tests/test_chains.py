@@ -23,6 +23,7 @@ import pytest
 
 from imager import jobs
 from imager.catalog import Catalog
+from imager.format import ImageReader
 from imager.errors import CacheFullError
 from imager.snapshot import daemon
 from imager.snapshot.cow.tracker import TRACKING_ENV, TRACKING_OFF
@@ -505,3 +506,32 @@ def test_force_does_not_write_over_an_image_others_were_taken_on(bench):
     # the newest image of a chain has no children: -f replaces it
     replaced = imager("backup", "--snapshot", "cow", "force", "-o", str(out / "b1.zst"), "-f")
     assert replaced.returncode == 0, replaced.stderr
+
+
+def test_damage_in_a_parent_is_named_by_its_file(bench):
+    """A chain point is read from several files: an error names the one that holds the damage,
+    and verify --json says ok: false."""
+    vol, source, mnt = bench.ext4_volume("named", VOLUME)
+    seed(mnt, random.Random(23))
+    out = bench.tmp / "out"
+    out.mkdir()
+    backup("named", out / "b0.zst", incremental=False)
+    with open(os.path.join(mnt, "data.bin"), "r+b") as f:
+        f.write(os.urandom(64 << 10))
+    backup("named", out / "b1.zst", incremental=True)
+    with ImageReader(str(out / "b0.zst")) as reader:
+        chunk = max(range(reader.header.chunk_count), key=lambda c: reader.chunk_frame_sizes[c])
+        where = reader.chunk_offsets[chunk] + reader.chunk_frame_sizes[chunk] // 2
+    with open(out / "b0.zst", "r+b") as f:
+        f.seek(where)
+        byte = f.read(1)[0]
+        f.seek(where)
+        f.write(bytes([byte ^ 0x40]))
+    named = f"b0.zst: chunk {chunk} "
+    one_line_error(imager("verify", str(out / "b1.zst")), named)
+    verified = imager("verify", str(out / "b1.zst"), "--json")
+    assert verified.returncode == 1
+    report = json.loads(verified.stdout)
+    assert report["ok"] is False and named in report["images"][0]["errors"][0]
+    one_line_error(imager("restore", str(out / "b1.zst"), str(out / "r.raw")), named)
+    assert not os.path.exists(out / "r.raw")

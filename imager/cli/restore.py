@@ -58,7 +58,7 @@ def run(args, out: Output) -> int:
                              progress=progress, catalog=catalog)
     out.result(r.to_dict(), [
         f"restored {r.image} to {target} ({human_bytes(r.volume_size)})" + (", verified" if r.verified else ""),
-    ] + ([f"  the volume at this incremental's point, from a chain of {len(r.chain)} images"] if r.chain else []) + [
+    ] + ([f"  the volume at this incremental's point, from a chain of {len(r.chain)} images"] if len(r.chain) > 1 else []) + [
         f"  {r.zero_chunks} of {r.chunks} chunks zero, {r.seconds:.2f} s, {r.mb_per_second:.0f} MB/s",
     ])
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from ..errors import UsageError
+from ..errors import ImageFormatError, UsageError
 from ..units import human_bytes, worker_count
 from .output import Output
 
@@ -37,14 +37,21 @@ def run(args, out: Output) -> int:
         with ImageReader(args.image_file) as reader:
             size = reader.header.volume_size
         with Catalog(args.catalog) as catalog, out.progress(size, "verify") as progress:
-            results = [jobs.verify(args.image_file, workers=args.workers, progress=progress, catalog=catalog)]
+            try:
+                results = [jobs.verify(args.image_file, workers=args.workers, progress=progress, catalog=catalog)]
+            except ImageFormatError as e:
+                # Damage found: --json says so too (ok: false), as for the images of a tape.
+                failed = jobs.VerifyResult(args.image_file, size, 0, 0, 0.0, ok=False, errors=[str(e)])
+                out.result({"images": [failed.to_dict()], "ok": False}, [])
+                raise
     else:
         raise UsageError("give an IMAGE file or --tape T")
     ok = all(r.ok for r in results)
     out.result({"images": [r.to_dict() for r in results], "ok": ok},
                [f"{r.image}: ok, {r.chunks} chunks ({r.zero_chunks} zero), "
                 f"{human_bytes(r.volume_size)} volume, {r.seconds:.2f} s"
-                + (f"; its chain of {len(r.chain)} images makes the volume at its point" if r.chain else "") if r.ok
+                + (f"; its chain of {len(r.chain)} images makes the volume at its point" if len(r.chain) > 1 else "")
+                if r.ok
                 else f"{r.image}: FAILED: {'; '.join(r.errors)}" for r in results])
     if not ok:
         print(f"imager: error: {sum(not r.ok for r in results)} of {len(results)} images failed verification",

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import ImageFormatError
+from ..errors import ChunkError, ImageFormatError
 from .blocks import DIGEST_SIZE, unpack_bits, zero_block_digests
 from .codec import Codec, codec_of, zero_frame
 from .meta import ImageHeader, ImageTrailer
@@ -91,17 +91,24 @@ class Chain:
         is checked against its own image's digests (which _check_tables tied to the point's)."""
         owners = self.region_owners(region)
         from_base = owners == len(self.images) - 1
-        if from_base.all():
-            return self.base.chunk_into(region, dst)
-        if not (from_base.any() and self.base.chunk_into(region, dst)):
-            dst[:] = bytes(len(dst))
-        first = region * self.region_blocks
-        for offset in np.flatnonzero(~from_base).tolist():
-            block = first + offset
-            image = self.images[int(owners[offset])]
-            piece = dst[offset * self.block_size:min((offset + 1) * self.block_size, len(dst))]
-            if not image.chunk_into(block, piece):
-                piece[:] = bytes(len(piece))
+        image = self.base
+        try:
+            if from_base.all():
+                return self.base.chunk_into(region, dst)
+            if not (from_base.any() and self.base.chunk_into(region, dst)):
+                dst[:] = bytes(len(dst))
+            first = region * self.region_blocks
+            for offset in np.flatnonzero(~from_base).tolist():
+                block = first + offset
+                image = self.images[int(owners[offset])]
+                piece = dst[offset * self.block_size:min((offset + 1) * self.block_size, len(dst))]
+                if not image.chunk_into(block, piece):
+                    piece[:] = bytes(len(piece))
+        except ChunkError as e:
+            # Which of the chain's files holds the damage (a chunk number alone does not say).
+            if len(self.images) > 1 and not e.image:
+                raise e.of_image(image.path) from None
+            raise
         return self.expected(region) != zero_block_digests(len(dst), self.block_size)
 
     def frame_or_none(self, region: int) -> bytes | None:

@@ -8,6 +8,7 @@ from contextlib import ExitStack
 
 from ..catalog import Catalog
 from ..ends.feeds import Feed, SeekableFeed
+from ..errors import ChunkError
 from ..format import ImageReader
 from ..pipeline import decode_feed, worker_count
 from ..progress import Progress, start_phase
@@ -28,7 +29,10 @@ def verify(image: str, *, workers: int | None = None, progress: Progress | None 
             return result
         chain = open_chain(reader, stack, catalog=catalog)      # checks every link and digest table
         for parent in chain.images[1:]:
-            verify_feed(SeekableFeed(parent), workers=workers)
+            try:
+                verify_feed(SeekableFeed(parent), workers=workers)
+            except ChunkError as e:
+                raise e.of_image(parent.path) from None
         result.chain = [i.header.image_id for i in chain.images]
     return result
 
