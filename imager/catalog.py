@@ -153,9 +153,12 @@ def _sqlite_errors_reported(method):
 
 
 class Catalog:
-    def __init__(self, path: str | os.PathLike | None = None):
+    def __init__(self, path: str | os.PathLike | None = None, *, must_exist: bool = False):
+        """`must_exist`: a catalog to read (a path typed by hand), never created by opening it."""
         self.path = Path(os.path.abspath(path)) if path else default_path()
         check_private_path(str(self.path), "catalog")
+        if must_exist and not self.path.exists():
+            raise UsageError(f"{self.path}: no catalog there (a backup creates one; check --catalog)")
         try:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             # Created 0600 before SQLite opens it: the catalog says where every volume's data is.

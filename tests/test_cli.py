@@ -12,6 +12,7 @@ import time
 from devices import loop
 
 from conftest import imager, writing_into
+from lab import one_line_error
 
 
 def test_devices_lists_a_loop_volume_with_its_filesystem(ext4_volume):
@@ -240,3 +241,11 @@ def test_an_incremental_is_never_written_over_its_own_parent(tmp_path):
     again = imager("backup", str(volume), "-o", str(image), "-i", "--force", "--catalog", catalog)
     assert again.returncode == 2 and "is the parent of this incremental" in again.stderr, again.stderr
     assert image.read_bytes() == before
+
+
+def test_reading_a_catalog_that_is_not_there_creates_nothing(tmp_path):
+    """A --catalog typed wrong is said, and no directory or database appears at that path."""
+    missing = tmp_path / "typo" / "catalog.sqlite"
+    for command in (["catalog", "list"], ["catalog", "check"], ["catalog", "prune", "--keep-last", "1"]):
+        one_line_error(imager(*command, "--catalog", str(missing)), "no catalog there", code=2)
+    assert not (tmp_path / "typo").exists()

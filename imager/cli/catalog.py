@@ -82,7 +82,7 @@ def _matches(img, args) -> bool:
 
 
 def listing(args, out: Output) -> int:
-    with Catalog(args.catalog) as catalog:
+    with Catalog(args.catalog, must_exist=bool(args.catalog)) as catalog:
         rows = []
         lines = []
         for img in catalog.images():
@@ -108,7 +108,7 @@ def pruning(args, out: Output) -> int:
     from ..jobs.retention import KeepRules, prune
 
     rules = KeepRules(args.keep_last, args.keep_daily, args.keep_weekly)
-    with Catalog(args.catalog) as catalog:
+    with Catalog(args.catalog, must_exist=bool(args.catalog)) as catalog:
         result = prune(catalog, rules, dry_run=args.dry_run, consolidate_chains=args.consolidate,
                        on_notice=out.notice)
     verb = "would remove" if args.dry_run else "removed"
@@ -125,7 +125,7 @@ def pruning(args, out: Output) -> int:
 
 
 def forgetting(args, out: Output) -> int:
-    with Catalog(args.catalog) as catalog:
+    with Catalog(args.catalog, must_exist=bool(args.catalog)) as catalog:
         records = [catalog.image(i) for i in args.ids]
         leaving = {r.id for r in records}
         for record in records:
@@ -143,7 +143,7 @@ def forgetting(args, out: Output) -> int:
 def checking(args, out: Output) -> int:
     from ..jobs.retention import check
 
-    with Catalog(args.catalog) as catalog:
+    with Catalog(args.catalog, must_exist=bool(args.catalog)) as catalog:
         count, problems = check(catalog)
     out.result({"images": count, "problems": [p.to_dict() for p in problems], "ok": not problems},
                [f"{p.image_id[:12]}: {p.problem}" for p in problems] or [f"all {count} images are where the catalog says"])

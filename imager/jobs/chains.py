@@ -42,6 +42,16 @@ def _file_of(record_id: str, catalog: Catalog | None) -> str | None:
     return None
 
 
+def _recorded_files(image_id: str, catalog: Catalog | None) -> list[str]:
+    """Where the catalog says the image's files are (whether they are there or not)."""
+    if catalog is None:
+        return []
+    try:
+        return [s.path for s in catalog.segments(image_id) if s.kind == "file" and s.path]
+    except ImagerError:
+        return []
+
+
 def _header_ids(path: str) -> tuple[str, ...]:
     """The image id of a file, and the chain point it stands for if it is a synthetic full."""
     try:
@@ -77,8 +87,11 @@ def open_chain(image: str | ImageReader, stack: ExitStack, *, catalog: Catalog |
         link = child.header.chain["parent"]
         path = locate_image(link["id"], catalog=catalog, near=directory, name=link.get("name", ""))
         if path is None:
+            recorded = _recorded_files(link["id"], catalog)
+            where = (f"the catalog has it at {', '.join(recorded)}, which is missing, and it is not in {directory}"
+                     if recorded else f"not in the catalog and not in {directory}")
             raise ImagerError(f"{child.path}: its parent image {link['id'][:12]} ({link.get('name') or 'no name'}) "
-                              f"is missing: not in the catalog and not in {directory}")
+                              f"is missing: {where}")
         parent = stack.enter_context(ImageReader(path))
         check_link(child.header, parent.header, parent.trailer, path)
         if len(readers) > 1000:
