@@ -249,3 +249,11 @@ def test_reading_a_catalog_that_is_not_there_creates_nothing(tmp_path):
     for command in (["catalog", "list"], ["catalog", "check"], ["catalog", "prune", "--keep-last", "1"]):
         one_line_error(imager(*command, "--catalog", str(missing)), "no catalog there", code=2)
     assert not (tmp_path / "typo").exists()
+
+
+def test_a_command_line_argparse_refuses_is_one_line_naming_the_help():
+    one_line_error(imager("backup"), "backup: the following arguments are required: SOURCE",
+                   r"\(see imager backup --help\)", code=2)
+    one_line_error(imager("catalog", "prune", "--keep-last", "x"), "catalog prune: argument --keep-last",
+                   r"\(see imager catalog prune --help\)", code=2)
+    one_line_error(imager("no-such-command"), "invalid choice", r"\(see imager --help\)", code=2)

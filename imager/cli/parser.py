@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, NoReturn, Sequence
 
 from .. import __version__
 from ..defaults import DEFAULT_TAPE_BLOCK_SIZE
@@ -80,7 +80,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     a twentieth of a small incremental backup."""
     module = _MODULE_OF.get(argv[0]) if argv else None
     names = [module] if module else list(VERB_MODULES)
-    p = argparse.ArgumentParser(prog="imager", description="Point-in-time images of block devices in use.")
+    p = OneLineErrors(prog="imager", description="Point-in-time images of block devices in use.")
     p.add_argument("--version", action="version", version=f"imager {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parents = _parents()
@@ -93,6 +93,16 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
             if action.option_strings and set(action.option_strings) & PATH_OPTIONS or action.metavar in PATH_ARGUMENTS:
                 action.complete = FILE_COMPLETION  # type: ignore[attr-defined]
     return p
+
+
+class OneLineErrors(argparse.ArgumentParser):
+    """A command line argparse refuses is said in one line, as every other error (the usage
+    block it prints by default buries the reason): what is wrong and where the help is. Its
+    subcommands' parsers are of this class too (add_subparsers takes the parser's class)."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix("imager").strip()
+        self.exit(2, f"imager: error: {command + ': ' if command else ''}{message} (see {self.prog} --help)\n")
 
 
 # Shell completion completes these with file names (shtab's FILE, without importing shtab on
