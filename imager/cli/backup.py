@@ -87,14 +87,20 @@ def run(args, out: Output) -> int:
                                           progress=progress, on_notice=out.notice, catalog=catalog)
     lines = []
     for r in results:
-        lines.append(f"imaged {r.source} ({human_bytes(r.volume_size)}) to {_where(r)}, image id {r.image_id}")
+        volume = r.header.chain.get("volume")
+        what = f"volume {volume} (its snapshot {r.source})" if volume else r.source
+        lines.append(f"imaged {what} ({human_bytes(r.volume_size)}) to {_where(r)}, image id {r.image_id}")
         if r.kind == "incremental":
+            # The tracker names the changed blocks; digests are compared for every block read.
+            found = (f"{r.changed_blocks} blocks changed (the tracker named {r.compared_blocks})" if r.method == "tracker"
+                     else f"{r.changed_blocks} of {r.compared_blocks} blocks compared changed")
             lines += [f"  incremental on {r.parent_id}, changes found by {r.method} ({r.reason})",
-                      f"  {r.changed_blocks} of {r.compared_blocks} blocks compared changed, "
-                      f"{human_bytes(r.bytes_read)} read, {human_bytes(r.bytes_written)} written, {r.seconds:.2f} s"]
+                      f"  {found}, {human_bytes(r.bytes_read)} read, {human_bytes(r.bytes_written)} written, "
+                      f"{r.seconds:.2f} s"]
         else:
             if args.incremental:
-                lines.append("  a full image: no parent to take an incremental on")
+                lines.append(f"  a full image, not an incremental: {r.reason}" if r.reason else
+                             "  a full image, not an incremental (the note above says why)")
             lines.append(f"  {human_bytes(r.bytes_read)} read, {human_bytes(r.bytes_written)} written, "
                          f"ratio {r.ratio:.2f}, {r.zero_chunks} of {r.chunks} chunks zero, {r.seconds:.2f} s, "
                          f"{r.mb_per_second:.0f} MB/s")

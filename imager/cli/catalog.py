@@ -43,7 +43,8 @@ def register(sub, parents) -> None:
     p.add_argument("-n", "--dry-run", action="store_true", help="say what would go, remove nothing")
     p.set_defaults(func=pruning)
     csub.add_parser("check", parents=[parents.common, parents.catalog],
-                    help="report images whose files are missing or changed").set_defaults(func=checking)
+                    help="report images whose files are missing or are not the images recorded (their headers "
+                         "and trailers are read; imager verify reads every chunk)").set_defaults(func=checking)
 
 
 def _count(text: str) -> int:
@@ -148,6 +149,7 @@ def checking(args, out: Output) -> int:
     out.result({"images": count, "problems": [p.to_dict() for p in problems], "ok": not problems},
                [f"{p.image_id[:12]}: {p.problem}" for p in problems] or [f"all {count} images are where the catalog says"])
     if problems:
-        print(f"imager: error: {len(problems)} problems in the catalog", file=sys.stderr)
+        print(f"imager: error: {len(problems)} problem{'' if len(problems) == 1 else 's'} in the catalog",
+              file=sys.stderr)
         return 1
     return 0
