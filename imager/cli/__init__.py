@@ -43,8 +43,11 @@ def main(argv: list[str] | None = None) -> int:
         return getattr(e, "exit_code", 1)
     except KeyboardInterrupt:
         out.log.warning("interrupted: imager %s", command, extra=AUDIT)
-        print("imager: interrupted; image files are only ever renamed into place when complete, but a "
-              "restore onto a device or a tape file being written is left partial", file=sys.stderr)
+        if args.command in ("backup", "restore", "consolidate", "tape"):
+            print("imager: interrupted; image files are only ever renamed into place when complete, but a "
+                  "restore onto a device or a tape file being written is left partial", file=sys.stderr)
+        else:
+            print("imager: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         _quiet_stdout()
