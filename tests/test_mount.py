@@ -294,6 +294,7 @@ def test_whole_gpt_disk_mounts_each_partition_and_shows_the_esp_as_its_bytes(run
     assert sorted(top) == ["1-vfat", "2-root", "3-data"] and top["1-vfat"]["size"] == len(expected)
     listed = json.loads(imager("ls", image, "3-data", "--json").stdout)["entries"]
     assert [e["name"] for e in listed] == ["xfs.txt"]
+    one_line_error(imager("ls", image, "3-data/nope"), "^imager: error: 3-data/nope: no such file", code=2)
 
     # In use (a file of one partition's filesystem, the ESP's bytes, a mount inside): umount
     # refuses and changes nothing
@@ -488,6 +489,8 @@ def test_a_damaged_chunk_fails_its_reads_with_eio_and_one_log_line(built, run_di
     assert f"volume offset {span[0]}" in naming[0] and "EIO" in naming[0]
     if not cached:                                            # the frames came past the page cache
         assert cached_bytes(damaged) < os.path.getsize(damaged) // 2
+    [listed] = json.loads(imager("mounts", "--json").stdout)["mounts"]
+    assert f"chunk {chunk} " in listed["problem"], listed       # imager mounts tells of it too
     kept = umount(point)["log_path"]                            # the evidence outlives the mount
     assert naming[0] in Path(kept).read_text().splitlines()
     assert_cleared(point, run_dir)
@@ -500,6 +503,26 @@ def test_a_damaged_chunk_fails_its_reads_with_eio_and_one_log_line(built, run_di
                    "random.bin: copying failed: .*Input/output error", "1 other path copied")
     got = tree_of(into)
     assert got[deep] == b.tree[deep] and got[deep.split("/")[0]] == b.tree[deep.split("/")[0]]
+
+
+def test_damage_where_the_filesystem_starts_is_said_not_a_bare_io_error(built, run_dir, tmp_path):
+    b = built("ext4")
+    damaged = str(tmp_path / "damaged.zst")
+    shutil.copy(b.image, damaged)
+    with ImageReader(damaged) as reader:
+        where = reader.chunk_offsets[0] + reader.chunk_frame_sizes[0] // 2
+    with open(damaged, "r+b") as f:
+        f.seek(where)
+        byte = f.read(1)[0]
+        f.seek(where)
+        f.write(bytes([byte ^ 0x40]))
+    point = tmp_path / "mnt"
+    point.mkdir()
+    for command in (["mount", damaged, str(point)], ["ls", damaged], ["extract", damaged, "small.txt", "-C",
+                                                                      str(tmp_path)]):
+        line = one_line_error(imager(*command), "1 damaged chunk", "volume bytes 0-", "imager verify")
+        assert "Input/output error" not in line.split("(")[0], line
+    assert_cleared(point, run_dir)
 
 
 @pytest.mark.parametrize("refused", [None, "image.direct-open=EINVAL", "image.direct-read=EINVAL"],
@@ -826,6 +849,10 @@ def test_ls_and_extract_give_the_same_bytes_modes_owners_and_times(built, run_di
     for rel in ("secret", "secret/key", "rel-link", "abs-link", "json", "json/decoder.py"):
         assert got[rel] == b.tree[rel], rel
     assert json.loads(done.stdout)["entries"] == len(got) - 2          # all but "." and the parent "secret"
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    assert imager("extract", b.image, "small.txt", "hard.txt", "-C", str(linked)).returncode == 0
+    assert os.stat(linked / "small.txt").st_ino == os.stat(linked / "hard.txt").st_ino     # as one cp -a
     one_line_error(imager("extract", b.image, "secret/key", "-C", str(some)), "already exists", code=2)
     assert imager("extract", b.image, "secret/key", "-C", str(some), "--force").returncode == 0
     one_line_error(imager("extract", b.image, "../etc", "-C", str(some)), r"'\.\.'", code=2)
@@ -836,7 +863,8 @@ def test_ls_and_extract_give_the_same_bytes_modes_owners_and_times(built, run_di
     one_line_error(imager("extract", b.image, "secret/key", "-C", str(through), "--force"), "is a symlink", code=2)
     assert os.listdir(elsewhere) == []
     one_line_error(imager("extract", b.image, "nothing-here", "-C", str(some)), "no such file", code=2)
-    one_line_error(imager("ls", b.image, "abs-link/"), "no such file", code=2)   # /etc/passwd of the image
+    one_line_error(imager("ls", b.image, "abs-link/"), "the symlink abs-link leads to /etc/passwd, which is not in "
+                   "the image", code=2)
     assert not ours_left(run_dir)
     assert registry.records() == []
 

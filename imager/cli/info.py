@@ -31,9 +31,11 @@ def run(args, out: Output) -> int:
         + (f", reason: {plan['reason']}" if plan.get("reason") else "")
         + (f", excluded: {', '.join(plan['excludes'])}" if plan.get("excludes") else ""),
     ] + _chain_lines(h, t) + [
-        f"chunks:      {t.get('chunks', h.chunk_count)} of {human_bytes(h.chunk_size)}, {t.get('zero_chunks', 0)} zero, "
-        f"level {h.level}",
-        f"size:        {human_bytes(found.file_size)}, ratio {found.ratio:.2f}",
+        # The trailer of an incremental or a synthetic full does not count zero chunks.
+        f"chunks:      {t.get('chunks', h.chunk_count)} of {human_bytes(h.chunk_size)}, "
+        + (f"{t['zero_chunks']} zero, " if "zero_chunks" in t else "") + f"level {h.level}",
+        f"size:        {human_bytes(found.file_size)}"
+        + ("" if h.incremental else f", ratio {found.ratio:.2f}"),
         f"created:     {h.created} by {h.tool}",
         f"complete:    {'yes' if t.get('complete') else 'no'}",
     ] + _partition_lines(h.partitions))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import stat
 import subprocess
 import sys
@@ -154,9 +155,23 @@ def mounts() -> list[MountInfo]:
         if not registry.daemon_alive(record):
             info.state = "failed"
             info.problem = (f"its daemon (pid {record.get('pid')}) is gone: reads fail; imager umount "
-                            f"{record['dir']} clears what it left")
+                            f"{shlex.quote(record['dir'])} clears what it left")
+        else:
+            errors = _logged_errors(record)
+            if errors:
+                info.problem = f"{len(errors)} error{'' if len(errors) == 1 else 's'} in its log {record['log']}, " \
+                               f"the first: {errors[0]}"
         result.append(info)
     return result
+
+
+def _logged_errors(record: registry.Record) -> list[str]:
+    """The ERROR lines of the daemon's log (a damaged chunk, a read that failed), their message."""
+    try:
+        with open(record["log"], errors="replace") as f:
+            return [line.split(" ERROR ", 1)[1].strip() for line in f if " ERROR " in line]
+    except OSError:
+        return []
 
 
 def mount_info(record: registry.Record) -> MountInfo:
@@ -196,7 +211,8 @@ def extract(image: str, paths: list[str], dest: str, *, force: bool = False, cat
     images = chain_files(image, catalog)
     reply = _private({"op": "extract", "images": images, "paths": list(paths), "dest": os.path.realpath(dest),
                       "force": force, "cache_bytes": cache_bytes})
-    return ExtractResult(image=image, dest=dest, copied=reply["copied"], seconds=time.monotonic() - started)
+    return ExtractResult(image=os.path.abspath(image), dest=os.path.realpath(dest), copied=reply["copied"],
+                         seconds=time.monotonic() - started)
 
 
 def _private(request: dict) -> dict:

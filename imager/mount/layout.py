@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shlex
 import subprocess
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -80,6 +81,22 @@ def describe(server: VolumeServer) -> list[Entry]:
     """The entries of the volume `server` serves: a filesystem (blkid finds one; a FAT boot
     sector carries the MBR signature too, so a filesystem wins), else the partitions of a GPT or
     MBR table, each then served as a file of its own, else one unknown volume."""
+    try:
+        return _describe(server)
+    except (OSError, DeviceError, ImagerError) as e:
+        damaged = server.volume.damaged_within(0, server.volume.size)
+        if not damaged:
+            raise
+        # A read of the volume's start (its partition table or filesystem) failed: say where the
+        # damage is rather than a bare "Input/output error".
+        image = server.volume.chain.images[0].path
+        raise ImagerError(f"the volume cannot be read where its partition table or filesystem is: "
+                          f"{len(damaged)} damaged chunk{'' if len(damaged) == 1 else 's'} of the image (volume "
+                          f"bytes {', '.join(f'{a}-{b}' for a, b in damaged[:3])}); imager verify "
+                          f"{shlex.quote(image)} names {'it' if len(damaged) == 1 else 'them'} ({e})") from None
+
+
+def _describe(server: VolumeServer) -> list[Entry]:
     volume_file = server.path(VOLUME_FILE)
     size = server.volume.size
     probe = _probe(server, volume_file, 0, size)
@@ -92,7 +109,8 @@ def describe(server: VolumeServer) -> list[Entry]:
     except DeviceError as e:
         raise ImagerError(f"cannot read the volume: {e}") from None
     if table is None:
-        return [_entry("volume", None, 0, size, volume_file, {}, "no filesystem or partition table found")]
+        return [_with_damage(server, _entry("volume", None, 0, size, volume_file, {},
+                                            "no filesystem or partition table found"))]
     entries = []
     for p in table.partitions:
         if p.is_extended or p.size_bytes <= 0 or p.start_byte >= size:
@@ -104,7 +122,17 @@ def describe(server: VolumeServer) -> list[Entry]:
         entries.append(_entry(name, p.number, p.start_byte, length, path, found))
     for warning in table.warnings:
         log.warning("partition table: %s", warning)
-    return entries
+    return [_with_damage(server, e) for e in entries]
+
+
+def _with_damage(server: VolumeServer, entry: Entry) -> Entry:
+    """An entry nothing was found in says so if damaged chunks lie in it: the damage, not the
+    lack of a filesystem, may be why."""
+    damaged = server.volume.damaged_within(entry.offset, entry.size) if not entry.fs_type else []
+    if damaged:
+        entry.reason += (f"; {len(damaged)} damaged chunk{'' if len(damaged) == 1 else 's'} in it (volume bytes "
+                         f"{', '.join(f'{a}-{b}' for a, b in damaged[:3])})")
+    return entry
 
 
 def _probe(server: VolumeServer, path: str, offset: int, length: int) -> dict[str, str]:

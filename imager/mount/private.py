@@ -41,13 +41,16 @@ def components(path: str) -> list[str]:
     return [p for p in path.split("/") if p not in ("", ".")]
 
 
-def resolve_in(root: str, parts: list[str], *, follow_last: bool) -> str:
+def resolve_in(root: str, parts: list[str], *, follow_last: bool, shown: str | None = None) -> str:
     """The real path of `parts` inside the directory tree at `root`, resolved as if `root` were
     /: an absolute symlink starts again at `root`, '..' stops there (openat2's RESOLVE_IN_ROOT).
-    The last component is not followed unless `follow_last`."""
+    The last component is not followed unless `follow_last`. Errors name the path as `shown`
+    (the path the user gave, partition name and all)."""
+    named = shown if shown is not None else "/".join(parts)
     resolved: list[str] = []
     pending = list(parts)
     hops = 0
+    followed: tuple[str, str] | None = None     # the last symlink followed, and where it leads
     while pending:
         name = pending.pop(0)
         if name in ("", "."):
@@ -60,19 +63,23 @@ def resolve_in(root: str, parts: list[str], *, follow_last: bool) -> str:
         try:
             st = os.lstat(candidate)
         except FileNotFoundError:
-            raise UsageError(f"{'/'.join(parts)}: no such file or directory in the image") from None
+            if followed is not None:
+                raise UsageError(f"{named}: the symlink {followed[0]} leads to {followed[1]}, which is not in "
+                                 f"the image") from None
+            raise UsageError(f"{named}: no such file or directory in the image") from None
         last = not pending
         if stat.S_ISLNK(st.st_mode) and (follow_last or not last):
             hops += 1
             if hops > MAX_SYMLINK_HOPS:
-                raise UsageError(f"{'/'.join(parts)}: too many levels of symbolic links in the image")
+                raise UsageError(f"{named}: too many levels of symbolic links in the image")
             target = os.readlink(candidate)
+            followed = ("/".join(resolved + [name]), target)
             if target.startswith("/"):
                 resolved = []
             pending = [p for p in target.split("/") if p] + pending
             continue
         if not last and not stat.S_ISDIR(st.st_mode):
-            raise UsageError(f"{'/'.join(parts)}: {'/'.join(resolved + [name])} is not a directory in the image")
+            raise UsageError(f"{named}: {'/'.join(resolved + [name])} is not a directory in the image")
         resolved.append(name)
     return os.path.join(root, *resolved)
 
@@ -147,7 +154,7 @@ class View:
             return [self._top_entry(e) for e in self.entries]
         if root is None:
             return [self._top_entry(entry)]
-        real = resolve_in(root, rest, follow_last=path.endswith("/"))
+        real = resolve_in(root, rest, follow_last=path.endswith("/"), shown=path)
         shown = rest[-1] if rest else (entry.name or "/")
         if stat.S_ISDIR(os.lstat(real).st_mode):
             with os.scandir(real) as it:
@@ -183,13 +190,14 @@ class View:
             if root is None:
                 source = entry.file
             else:
-                source = resolve_in(root, rest, follow_last=False)
+                source = resolve_in(root, rest, follow_last=False, shown=path)
             clashes = list(_clashes(source, target)) if _real_directory(target) else []
             if clashes and not force:
                 raise UsageError(f"{clashes[0][1]}: already exists (use --force to overwrite)"
                                  + (f"; and {len(clashes) - 1} more" if len(clashes) > 1 else ""))
             plans.append((path, parts, entry, root, rest, source, target, clashes))
         failed: list[str] = []
+        linked: dict[tuple[int, int], str] = {}     # a hard-linked source file: its first copy
         try:
             for path, parts, entry, root, rest, source, target, clashes in plans:
                 for src, existing in clashes:
@@ -217,6 +225,7 @@ class View:
                     continue        # as cp does: the other paths are copied all the same
                 entries, size = _count(source)
                 copied.append({"path": path, "to": target, "entries": entries, "bytes": size})
+                _link_again(source, target, linked)
         finally:
             # Also after a failure: the directories made on the way are not left private.
             for directory, src in reversed(made):
@@ -226,6 +235,29 @@ class View:
             more = f" (and {len(failed) - 1} more paths failed)" if len(failed) > 1 else ""
             raise ImagerError(f"{failed[0]}{more}{done}; what was copied stays in {dest}")
         return copied
+
+
+def _link_again(source: str, target: str, linked: dict[tuple[int, int], str]) -> None:
+    """Hard links between two PATHs of one extract, as one cp -a of both keeps them: each cp
+    keeps those inside its own tree, and a file already copied for another PATH becomes a link
+    to that copy."""
+    if os.path.islink(source) or not os.path.isdir(source):
+        pairs = [(source, target)]
+    else:
+        pairs = []
+        for directory, _, files in os.walk(source):
+            for name in files:
+                rel = os.path.relpath(os.path.join(directory, name), source)
+                pairs.append((os.path.join(source, rel), os.path.join(target, rel)))
+    for src, dst in pairs:
+        st = os.lstat(src)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink < 2:
+            continue
+        first = linked.setdefault((st.st_dev, st.st_ino), dst)
+        if first != dst and os.path.lexists(dst) and not os.path.samefile(first, dst):
+            temporary = f"{dst}.imager-link"
+            os.link(first, temporary)
+            os.replace(temporary, dst)
 
 
 def _real_directory(path: str) -> bool:
