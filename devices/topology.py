@@ -98,6 +98,32 @@ def same_file(a: str, b: str) -> bool:
     return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
+def writes_to(target: str, path: str, _depth: int = 0) -> bool:
+    """Whether writing `target` writes the file `path`: the same file, or a loop device (or a
+    partition of one) whose backing file is it, through loop devices on loop devices."""
+    if same_file(target, path):
+        return True
+    try:
+        st = os.stat(target)
+    except OSError:
+        return False
+    if not stat.S_ISBLK(st.st_mode) or _depth > 8:
+        return False
+    device = st.st_rdev
+    sysfs = os.path.realpath(f"/sys/dev/block/{os.major(device)}:{os.minor(device)}")
+    if os.path.exists(os.path.join(sysfs, "partition")):
+        try:
+            with open(os.path.join(os.path.dirname(sysfs), "dev")) as f:
+                major, minor = (int(x) for x in f.read().split(":"))
+        except (OSError, ValueError):
+            return False
+        device = os.makedev(major, minor)
+    backing = loop.backing_file(device)
+    if not backing:
+        return False
+    return writes_to(backing.removesuffix(" (deleted)"), path, _depth + 1)
+
+
 def write_fingerprint(path: str) -> dict:
     """What changes whenever anything writes to the block device at `path`: the kernel's count of
     sectors written to it (and to its whole disk, for a partition: writes through the disk's

@@ -272,9 +272,32 @@ def test_restore_onto_a_device_with_a_filesystem_needs_force(image_of, loops):
     assert imager("restore", str(image), blank).returncode == 0, "a blank device needs no --force"
 
 
-def test_restore_refuses_to_write_an_image_over_itself(image_of):
+def test_restore_refuses_to_write_an_image_over_itself(image_of, tmp_path):
+    """Not onto the image file, nor onto a loop device on it or on a loop device on it, even
+    forced; and a device holding an image (wipefs knows none) needs --force."""
     _, image = image_of
     before = image.read_bytes()
     r = imager("restore", str(image), str(image), "--force")
-    assert r.returncode == 2 and "is the image being restored" in one_line_error(r)
+    assert r.returncode == 2 and "would write over the image being restored" in one_line_error(r)
+    over = loop.attach(str(image))
+    try:
+        inner = loop.attach(over)
+        try:
+            for target in (over, inner):
+                r = imager("restore", str(image), target, "--force")
+                assert r.returncode == 2 and "would write over the image being restored" in one_line_error(r)
+        finally:
+            loop.detach(inner)
+    finally:
+        loop.detach(over)
     assert image.read_bytes() == before
+    copy = tmp_path / "copy.zst"
+    copy.write_bytes(before)
+    os.truncate(copy, 512 << 20)        # room for the volume: only what it holds refuses it
+    holder = loop.attach(str(copy))
+    try:
+        r = imager("restore", str(image), holder)
+        assert r.returncode == 2 and f"{holder} holds an imager image" in one_line_error(r), r.stderr
+        assert copy.read_bytes()[:len(before)] == before
+    finally:
+        loop.detach(holder)

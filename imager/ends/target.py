@@ -15,6 +15,7 @@ from devices.fs import mounts_of
 from ..errors import ImageFormatError, UsageError
 from .atomic import AtomicFile
 from .guards import check_restore_target, refuse_overwriting_data
+from .sources import SOURCE_SNIFF_BYTES, backup_artifact_kind
 
 log = logging.getLogger("imager.restore")
 
@@ -48,6 +49,10 @@ class RestoreTarget:
                 if not force:
                     # Checked while the exclusive open keeps anyone from mounting it meanwhile.
                     refuse_overwriting_data(path)
+                    # wipefs knows no image or zstd file (a loop device on a backup, say).
+                    kind = backup_artifact_kind(self.dev.pread(SOURCE_SNIFF_BYTES, 0))
+                    if kind:
+                        raise UsageError(f"{path} holds {kind}, use --force to overwrite it")
             except BaseException:
                 self.dev.close()
                 raise

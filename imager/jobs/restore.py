@@ -10,7 +10,7 @@ from contextlib import ExitStack
 
 from devices.block import BlockDevice
 from devices.buffers import AlignedBuffer, BufferPool
-from devices.topology import same_file
+from devices.topology import writes_to
 
 from ..catalog import Catalog
 from ..ends.feeds import Feed, SeekableFeed
@@ -49,8 +49,9 @@ def restore_chain(chain: Chain, target: str, *, force: bool = False, verify: boo
     workers = worker_count(workers)
     started = time.monotonic()
     header = chain.header
-    if same_file(chain.point.path, target) or any(same_file(i.path, target) for i in chain.images):
-        raise UsageError(f"{target}: is an image of the chain being restored; give another target")
+    if writes_to(target, chain.point.path) or any(writes_to(target, i.path) for i in chain.images):
+        raise UsageError(f"{target}: writing it would write over an image of the chain being restored (it is "
+                         f"that file, or a loop device on it); give another target")
     tgt = RestoreTarget(target, header.volume_size, force, direct=True)
     start_phase(progress, "write", header.volume_size)
     log.info("restoring %s, a chain of %d images, to %s", chain.point.path, len(chain.images), target)
@@ -106,8 +107,9 @@ def restore_feed(feed: Feed, target: str, *, force: bool = False, verify: bool =
         raise UsageError(f"{feed.name}: an incremental image holds only what changed since its parent; "
                          f"restore it from a file, where its chain can be found")
     image_path = getattr(feed, "path", None)
-    if image_path and same_file(image_path, target):
-        raise UsageError(f"{target}: is the image being restored; give another target")
+    if image_path and writes_to(target, image_path):
+        raise UsageError(f"{target}: writing it would write over the image being restored (it is that file, or "
+                         f"a loop device on it); give another target")
     tgt = RestoreTarget(target, header.volume_size, force, direct=True)
     start_phase(progress, "write", header.volume_size)
     log.info("restoring %s (%d bytes in %d chunks) to %s", feed.name, header.volume_size, header.chunk_count, target)

@@ -10,6 +10,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from devices.tape.drive import TapeDrive
+from devices.topology import writes_to
 
 from ..catalog import Catalog, ImageRecord, SegmentRecord, TapeRecord
 from ..ends.feeds import StreamFeed
@@ -142,9 +143,24 @@ def _open_located(spec: TapeSpec, full_id: str, label_name: str, tape_file: int,
         raise
 
 
+def _refuse_writing_the_tape(spec: TapeSpec, target: str) -> None:
+    """A restore onto a virtual tape's file (or a loop device on it) would overwrite the images
+    it reads. A set's cartridges are checked while they are numbered without a gap."""
+    sequence = 1
+    while os.path.exists(spec.path_for(sequence)):
+        if writes_to(target, spec.path_for(sequence)):
+            raise UsageError(f"{target}: writing it would write over the virtual tape {spec.path_for(sequence)} "
+                             f"being read (it is that file, or a loop device on it); give another target")
+        if not spec.is_pattern:
+            break
+        sequence += 1
+
+
 def restore_from_tape(spec: TapeSpec, image_id: str | None, target: str, *, catalog: Catalog | None = None,
                       block_size: int | None = None, **kw) -> RestoreResult:
     """Restore one image from tape; an incremental as the volume at its point, from its chain."""
+    if not spec.is_real_drive:
+        _refuse_writing_the_tape(spec, target)
     chain = _chain_on_tape(image_id, catalog)
     if chain is not None:
         return restore_chain_from_tape(spec, chain, target, catalog=catalog, block_size=block_size, **kw)
