@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from .errors import ImagerError, UsageError
-from .private import check_private_path
+from .private import check_not_under_dev, check_private_path
 
 SCHEMA_VERSION = 2
 SCHEMA = """
@@ -156,6 +156,7 @@ class Catalog:
     def __init__(self, path: str | os.PathLike | None = None, *, must_exist: bool = False):
         """`must_exist`: a catalog to read (a path typed by hand), never created by opening it."""
         self.path = Path(os.path.abspath(path)) if path else default_path()
+        check_not_under_dev(str(self.path), "--catalog")
         check_private_path(str(self.path), "catalog")
         if must_exist and not self.path.exists():
             raise UsageError(f"{self.path}: no catalog there (a backup creates one; check --catalog)")

@@ -60,6 +60,13 @@ def _unsafe_reason(path: str) -> str | None:
     return None
 
 
+def check_not_under_dev(path: str, what: str) -> None:
+    """A file imager creates (a catalog, a log) never goes under /dev, where a typo would make a
+    regular file among the devices."""
+    if any(p == "/dev" or p.startswith("/dev/") for p in (os.path.abspath(path), os.path.realpath(path))):
+        raise UsageError(f"{what} {path}: is under /dev; give a file elsewhere")
+
+
 def check_private_path(path: str, what: str = "") -> None:
     reason = _unsafe_reason(path)
     if reason is not None:

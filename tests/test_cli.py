@@ -257,3 +257,39 @@ def test_a_command_line_argparse_refuses_is_one_line_naming_the_help():
     one_line_error(imager("catalog", "prune", "--keep-last", "x"), "catalog prune: argument --keep-last",
                    r"\(see imager catalog prune --help\)", code=2)
     one_line_error(imager("no-such-command"), "invalid choice", r"\(see imager --help\)", code=2)
+
+
+def test_a_catalog_or_log_file_never_goes_under_dev(tmp_path):
+    before = set(os.listdir("/dev"))
+    for option in (["--catalog", "/dev/null"], ["--catalog", "/dev/imager-test.db"],
+                   ["--log-file", "/dev/full"], ["--log-file", "/dev/imager-test.log"]):
+        one_line_error(imager("catalog", "list", *option), "is under /dev", code=2)
+    assert set(os.listdir("/dev")) == before
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    one_line_error(imager("catalog", "list", "--log-file", str(fifo)), "a FIFO nobody reads", code=2)
+
+
+def test_a_log_file_that_cannot_be_written_is_said_once_and_the_job_goes_on(capsys):
+    import errno
+    import logging
+
+    from imager.cli.logs import LogFileHandler
+
+    class Full:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self):
+            pass
+    handler = LogFileHandler(Full(), "/var/log/imager.log")
+    logger = logging.getLogger("imager.test-log-file")
+    logger.addHandler(handler)
+    try:
+        for n in range(3):
+            logger.warning("line %d", n)
+    finally:
+        logger.removeHandler(handler)
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["imager: warning: writing the log file /var/log/imager.log failed (No space left on device); "
+                   "it is not written any more"]

@@ -4,14 +4,16 @@ plan, its result and any error, so a cron or timer run leaves a trace an operato
 
 from __future__ import annotations
 
+import errno
 import logging
 import logging.handlers
 import os
 import socket
+import stat
 import sys
 
 from ..errors import UsageError
-from ..private import check_private_path
+from ..private import check_not_under_dev, check_private_path
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 SYSLOG_SOCKET = "/dev/log"
@@ -64,13 +66,21 @@ def configure(verbose: bool, quiet: bool, log_file: str | None) -> logging.Logge
         system.setLevel(logging.INFO)
         handlers.append(system)
     if log_file:
+        check_not_under_dev(log_file, "--log-file")
         check_private_path(os.path.abspath(log_file), "log file")
         try:
-            fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            # O_NONBLOCK: a FIFO with no reader is refused below instead of waiting for one.
+            fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
+                         | os.O_NONBLOCK, 0o600)
         except OSError as e:
-            raise UsageError(f"--log-file {log_file}: {e.strerror}") from None
+            reason = "a FIFO nobody reads" if e.errno == errno.ENXIO else e.strerror
+            raise UsageError(f"--log-file {log_file}: {reason}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise UsageError(f"--log-file {log_file}: not a regular file")
+        os.set_blocking(fd, True)
         stream = os.fdopen(fd, "a", buffering=1)
-        to_file = logging.StreamHandler(stream)
+        to_file = LogFileHandler(stream, log_file)
         to_file.setFormatter(logging.Formatter("%(asctime)s imager[%(process)d] %(levelname)s %(message)s"))
         to_file.setLevel(logging.INFO)
         handlers.append(to_file)
@@ -78,6 +88,28 @@ def configure(verbose: bool, quiet: bool, log_file: str | None) -> logging.Logge
     engine.setLevel(logging.INFO)
     engine.propagate = False
     return engine
+
+
+class LogFileHandler(logging.StreamHandler):
+    """--log-file: a write that fails (a full filesystem) is said once, in one line, and the
+    log file is given up; the job goes on."""
+
+    def __init__(self, stream, path: str):
+        super().__init__(stream)
+        self.path = path
+        self.failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            self.failed = True
+            error = sys.exc_info()[1]
+            reason = getattr(error, "strerror", None) or error
+            print(f"imager: warning: writing the log file {self.path} failed ({reason}); it is not written "
+                  f"any more", file=sys.stderr)
 
 
 def system_log() -> logging.Handler | None:
