@@ -6,6 +6,7 @@ snapshot) imports it: it must start in milliseconds, so nothing here pulls in nu
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 
@@ -21,6 +22,23 @@ def freeze(mount_point: str) -> None:
     _fs_ioctl(mount_point, FIFREEZE, "freeze")
 
 
+def thawed(mount_point: str) -> bool:
+    """FITHAW of a filesystem that may be frozen: whether it was (EINVAL: it was not)."""
+    try:
+        fd = os.open(mount_point, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:
+        raise DeviceError(f"cannot thaw the filesystem at {mount_point}: {e.strerror}") from None
+    try:
+        fcntl.ioctl(fd, FITHAW, 0)
+        return True
+    except OSError as e:
+        if e.errno == errno.EINVAL:
+            return False
+        raise DeviceError(f"cannot thaw the filesystem at {mount_point}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+
+
 def thaw(mount_point: str) -> None:
     _fs_ioctl(mount_point, FITHAW, "thaw")
 
@@ -33,6 +51,9 @@ def _fs_ioctl(mount_point: str, request: int, what: str) -> None:
     try:
         fcntl.ioctl(fd, request, 0)
     except OSError as e:
+        if request == FIFREEZE and e.errno == errno.EBUSY:
+            raise DeviceError(f"the filesystem at {mount_point} is frozen already (fsfreeze, or another backup "
+                              f"in its window); fsfreeze -u {mount_point} thaws it") from None
         raise DeviceError(f"cannot {what} the filesystem at {mount_point}: {e.strerror}") from None
     finally:
         os.close(fd)

@@ -118,7 +118,39 @@ def test_sigkill_inside_a_snapshot_window_thaws_and_drops_the_snapshot(bench):
                "the daemon kept the snapshot of a backup that died")
 
 
+def test_a_freeze_left_by_a_backup_killed_with_its_guard_is_thawed_by_the_next_one(bench):
+    """kill -9 of a backup and of its freeze guard too (a service's stop kills the whole unit):
+    nothing was there to thaw, so the next freeze of imager does, and says so."""
+    device, mnt = bench.plain_ext4("orphan", 64 * MiB)
+    bench.thaw_at_teardown(mnt)
+    flag = bench.tmp / "in-window"
+    script = textwrap.dedent(f"""
+        import time
+        from imager.snapshot.freeze import freeze_window
+        with freeze_window([{mnt!r}], max_seconds=600):
+            open({str(flag)!r}, "w").close()
+            time.sleep(600)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO_ROOT)
+    bench.defer(lambda: kill_process(proc))
+    wait_until(lambda: flag.exists() or proc.poll() is not None, "the window never opened")
+    [guard] = _freeze_guards_of(proc.pid)
+    os.kill(guard, signal.SIGKILL)
+    proc.kill()
+    proc.wait()
+    wait_until(lambda: not os.path.exists(f"/proc/{guard}"), "the guard did not die")
+    assert frozen(mnt), "nothing should have thawed it: the guard was killed first"
+    done = imager("backup", "--snapshot", "freeze", device, "-o", str(bench.tmp / "next.zst"))
+    assert done.returncode == 0, done.stderr
+    assert f"thawed {mnt}" in done.stderr and f"(pid {guard}) was killed" in done.stderr, done.stderr
+    assert not frozen(mnt)
+
+
 def _freeze_guards_of_this_process() -> list[int]:
+    return _freeze_guards_of(os.getpid())
+
+
+def _freeze_guards_of(parent_pid: int) -> list[int]:
     guards = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -128,7 +160,7 @@ def _freeze_guards_of_this_process() -> list[int]:
                 command = f.read()
         except (OSError, IndexError):
             continue
-        if parent == os.getpid() and b"imager.snapshot.freeze_guard" in command:
+        if parent == parent_pid and b"imager.snapshot.freeze_guard" in command:
             guards.append(int(pid))
     return guards
 

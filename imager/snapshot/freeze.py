@@ -22,16 +22,25 @@ volumes.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import select
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence, Union
 
+from devices.errors import DeviceError
+from devices.freeze import thawed
+
 from ..defaults import DEFAULT_MAX_FREEZE
 from ..errors import ImagerError, SnapshotError
 from ..spawn import engine_env
+from .freeze_guard import frozen_dir, process_start
+
+log = logging.getLogger("imager.snapshot")
 
 Hook = Union[Callable[[], object], str, Sequence[str]]
 
@@ -65,6 +74,8 @@ def freeze_window(mount_points: Sequence[str], pre_freeze_hooks: Sequence[Hook] 
         if guard is not None:
             guard.close()
         raise SnapshotError(f"the longest freeze must be a positive number of seconds, not {max_seconds}")
+    if mount_points:
+        thaw_left_over()
     window = FreezeWindow()
     failure: BaseException | None = None
     if not mount_points and guard is not None:
@@ -116,6 +127,42 @@ def run_hooks(hooks: Sequence[Hook], stage: str) -> None:
             raise
         except Exception as e:
             raise SnapshotError(f"{stage} hook {hook!r} failed: {e}") from None
+
+
+def thaw_left_over() -> list[str]:
+    """Thaw what a freeze guard killed while it held a freeze left frozen (its record is there,
+    its process is not): kill -9 of a backup and its guard together. Returns what was thawed."""
+    directory = frozen_dir()
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return []
+    thawed_points = []
+    for name in names:
+        path = os.path.join(directory, name)
+        try:
+            with open(path) as f:
+                record = json.load(f)
+            pid = int(record["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if process_start(pid) is not None and process_start(pid) == record.get("start"):
+            continue        # its guard holds the freeze and thaws it
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.get("since") or 0))
+        for point in reversed(record.get("mount_points") or []):
+            try:
+                if thawed(point):
+                    thawed_points.append(point)
+                    log.warning("thawed %s: frozen since %s by a backup whose freeze guard (pid %d) was killed",
+                                point, since, pid)
+            except DeviceError as e:
+                log.warning("%s may still be frozen since %s (its freeze guard, pid %d, was killed): %s",
+                            point, since, pid, e)
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+    return thawed_points
 
 
 class FreezeGuard:

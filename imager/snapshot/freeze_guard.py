@@ -20,6 +20,36 @@ import time
 from devices.errors import DeviceError
 from devices.freeze import freeze, thaw
 
+# Where each guard says what it holds frozen while it does (the job's imager.snapshot.freeze
+# reads it): if the guard is killed too (kill -9 of both), the next freeze of imager thaws it.
+FROZEN_DIR = "frozen"
+
+
+def frozen_dir() -> str:
+    return os.path.join(os.environ.get("IMAGER_RUN_DIR") or "/run/imager", FROZEN_DIR)
+
+
+def process_start(pid: int) -> str | None:
+    """The start time of process `pid` (field 22 of /proc/PID/stat): with the pid, names one
+    process (a pid is reused)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _leave_the_jobs_cgroup() -> None:
+    """Into the root cgroup: stopping the job's service unit kills every process of its cgroup
+    with SIGKILL, and the guard must outlive the job to thaw (it lives only while it holds a
+    freeze). Where cgroup v2 is not there or refuses, the guard stays where it is."""
+    try:
+        with open("/sys/fs/cgroup/cgroup.procs", "w") as f:
+            f.write(str(os.getpid()))
+    except OSError:
+        pass
+
+
 class _Guard:
     """The guard's side: holds the freezes, thaws on any way out (see the module docstring)."""
 
@@ -47,11 +77,32 @@ class _Guard:
         milliseconds = (time.perf_counter() - self.started) * 1000.0 if self.frozen else 0.0
         self.frozen.clear()
         self.deadline = None
+        if not failures:
+            try:
+                os.unlink(self._record())
+            except OSError:
+                pass
         return {"milliseconds": milliseconds, "failures": failures}
+
+    def _record(self) -> str:
+        return os.path.join(frozen_dir(), f"{os.getpid()}.json")
+
+    def _write_record(self, mount_points: list[str]) -> None:
+        record = {"pid": os.getpid(), "start": process_start(os.getpid()), "mount_points": mount_points,
+                  "since": time.time()}
+        try:
+            os.makedirs(frozen_dir(), mode=0o700, exist_ok=True)
+            temporary = self._record() + ".tmp"
+            with open(temporary, "w") as f:
+                json.dump(record, f)
+            os.replace(temporary, self._record())
+        except OSError:
+            pass        # the guard still thaws on every way out; only the backstop is missing
 
     def freeze(self, mount_points: list[str], max_seconds: float) -> None:
         self.started = time.perf_counter()
         self.deadline = time.monotonic() + max_seconds
+        self._write_record(mount_points)
         try:
             for point in mount_points:
                 freeze(point)
@@ -85,6 +136,7 @@ class _Guard:
 
 
 def main() -> int:
+    _leave_the_jobs_cgroup()
     guard = _Guard()
 
     def on_signal(signum, frame):
