@@ -40,14 +40,17 @@ def process_start(pid: int) -> str | None:
 
 
 def _leave_the_jobs_cgroup() -> None:
-    """Into the root cgroup: stopping the job's service unit kills every process of its cgroup
-    with SIGKILL, and the guard must outlive the job to thaw (it lives only while it holds a
-    freeze). Where cgroup v2 is not there or refuses, the guard stays where it is."""
-    try:
-        with open("/sys/fs/cgroup/cgroup.procs", "w") as f:
-            f.write(str(os.getpid()))
-    except OSError:
-        pass
+    """Into the root cgroup of the hierarchies systemd kills by (the unified one, and the
+    legacy name=systemd one of a hybrid setup): stopping the job's service unit kills every
+    process of its cgroup with SIGKILL, and the guard must outlive the job to thaw (it lives
+    only while it holds a freeze). Where one is not there or refuses, the guard stays there."""
+    for procs in ("/sys/fs/cgroup/cgroup.procs", "/sys/fs/cgroup/unified/cgroup.procs",
+                  "/sys/fs/cgroup/systemd/cgroup.procs"):
+        try:
+            with open(procs, "w") as f:
+                f.write(str(os.getpid()))
+        except OSError:
+            pass
 
 
 class _Guard:
