@@ -884,8 +884,10 @@ def test_an_image_read_back_from_tape_is_an_image_file_mount_info_and_verify_tak
     assert done.returncode == 0, done.stderr
     assert imager("info", image).returncode == 0
     assert imager("verify", image).returncode == 0
-    one_line_error(imager("tape", "read", "--file", "2", "--image-only", "-o", str(tmp_path / "x.zst"),
-                          "--tape", tape), "no tape file 2", code=1)
+    for image_only in (["--image-only"], []):                  # past the last file: said, nothing made
+        one_line_error(imager("tape", "read", "--file", "2", *image_only, "-o", str(tmp_path / "x.zst"),
+                              "--tape", tape), "no tape file 2", code=1)
+        assert not (tmp_path / "x.zst").exists()
     point = tmp_path / "mnt"
     point.mkdir()
     mount_json(image, point)

@@ -3,11 +3,15 @@ spirit of mt, and what is on them."""
 
 from __future__ import annotations
 
+import errno
+import itertools
 import sys
+
+from devices.tape.drive import TapeError
 
 from .. import jobs
 from ..catalog import Catalog, TapeRecord
-from ..errors import UsageError
+from ..errors import TapeMediaError, UsageError
 from ..ends.sinks import FileSink
 from ..tape import DEFAULT_BLOCK_SIZE, TapeSpec, drive_status, operator_prompt, require_label, tape_is_blank, write_label
 from ..units import human_bytes
@@ -189,7 +193,18 @@ def _copy_tape_file(args) -> int:
         with tape_spec(args).open(1, create=False) as drive:
             require_label(drive)
             drive.skip_to_file(args.file)
-            for block in drive.read_file(args.block_size or DEFAULT_BLOCK_SIZE):
+            blocks = drive.read_file(args.block_size or DEFAULT_BLOCK_SIZE)
+            try:
+                first = next(blocks, None)
+            except TapeError as e:
+                if e.errno != errno.EIO:        # EIO: the end of the recorded data (st)
+                    raise
+                first = None
+            if first is None:
+                # imager writes no empty tape file: an empty read is the end of the recording.
+                raise TapeMediaError(f"{args.tape}: there is no tape file {args.file} (the recorded data ends "
+                                     f"before it)")
+            for block in itertools.chain([first], blocks):
                 (sink or sys.stdout.buffer).write(block)
                 written += len(block)
         if sink is not None:
