@@ -62,6 +62,13 @@ class VolumeError(ImagerError):
     """A managed volume could not be attached, detached or reached."""
 
 
+class VolumeRefused(VolumeError):
+    """A request a managed volume's state refuses (no volume of that name, one already attached,
+    a device or front still mounted): the request is what is wrong."""
+
+    exit_code = 2
+
+
 class TapeMediaError(ImagerError):
     """The tape does not hold what was expected: unlabelled, another tape, damaged, cut short."""
 

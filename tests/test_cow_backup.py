@@ -348,7 +348,7 @@ def test_errors_are_one_line_and_lose_nothing(bench):
     out.mkdir()
     one_line_error(imager("backup", "--snapshot", "cow", "nosuch", "-o", str(out / "x.zst")),
                    "nosuch is not an attached volume", "busy", code=2)
-    one_line_error(imager("snapshot", "create", "nosuch"), "no managed volume named 'nosuch'")
+    one_line_error(imager("snapshot", "create", "nosuch"), "no managed volume named 'nosuch'", code=2)
     assert os.listdir(out) == []
 
     created = imager("snapshot", "create", "busy")

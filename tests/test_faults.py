@@ -485,8 +485,9 @@ def test_bad_inputs_are_refused_in_one_line(bench, tmp_path):
     assert imager("attach", source, "--name", "once").returncode == 0
     bench.adopt("once")
     other = bench.loop_device(16 * MiB, name="other.img")
-    one_line_error(imager("attach", other, "--name", "once"), "already attached")
-    one_line_error(imager("attach", source, "--name", "again"), "already managed")
+    one_line_error(imager("attach", other, "--name", "once"), "already attached", code=2)
+    one_line_error(imager("attach", source, "--name", "again"), "already managed", code=2)
+    one_line_error(imager("detach", "nosuch"), "no managed volume named 'nosuch'", code=2)
     r = imager("backup", source, "-o", str(tmp_path / "w.zst"), "--workers", "100000")
     assert r.returncode == 2 and "at most 256 workers" in r.stderr
     one_line_error(imager("backup", other, "-o", str(tmp_path / "l.zst"), "--label", "MONDAY"),

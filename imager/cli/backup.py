@@ -88,7 +88,8 @@ def run(args, out: Output) -> int:
     lines = []
     for r in results:
         volume = r.header.chain.get("volume")
-        what = f"volume {volume} (its snapshot {r.source})" if volume else r.source
+        snapshot = (r.header.snapshot or {}).get("provider") == "cow"
+        what = f"volume {volume} (its snapshot {r.source})" if volume and snapshot else r.source
         lines.append(f"imaged {what} ({human_bytes(r.volume_size)}) to {_where(r)}, image id {r.image_id}")
         if r.kind == "incremental":
             # The tracker names the changed blocks; digests are compared for every block read.

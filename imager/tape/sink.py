@@ -122,8 +122,10 @@ class TapeSink:
         # At the warning: the rest of the frame, the block it ends in, the end block, a filemark.
         if zone is not None and zone < largest_frame + block_size + (64 << 10):
             raise UsageError(f"--tape-capacity {spec.capacity} is too small: its early-warning zone of "
-                             f"{zone} bytes cannot hold the rest of a {largest_frame}-byte chunk when a "
-                             f"cartridge fills (use a larger capacity or a smaller --chunk-size)")
+                             f"{zone} bytes cannot hold what goes after the warning when a cartridge fills "
+                             f"(the rest of a {largest_frame}-byte chunk, the {block_size}-byte block it ends "
+                             f"in and 64 KiB of end block and filemark: {largest_frame + block_size + (64 << 10)} "
+                             f"bytes); use a larger capacity, a smaller --chunk-size or --block-size")
         self.spec = spec
         self.image_id = image_id
         self.block_size = block_size

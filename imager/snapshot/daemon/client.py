@@ -22,7 +22,7 @@ from devices import loop
 from devices.errors import DeviceError
 from devices.fs import mounts_of
 
-from ...errors import VolumeError
+from ...errors import VolumeError, VolumeRefused
 from ...spawn import exit_watch, has_exited
 from .launch import attach
 from .supervisor import HANDLES_FILE, WORKER_FILE
@@ -109,7 +109,7 @@ def require_running(name: str) -> dict:
     if record is None:
         attached = [r["name"] for r in records()]
         hint = f" (attached: {', '.join(attached)})" if attached else ""
-        raise VolumeError(f"no managed volume named {name!r}{hint}")
+        raise VolumeRefused(f"no managed volume named {name!r}{hint}")
     state, problem = daemon_state(record)
     if state != "running":
         raise VolumeError(f"{name}: {problem}")
@@ -124,9 +124,9 @@ def recover(name: str, *, check: Callable[[str], str] | None = None) -> VolumeIn
     unmount it safely."""
     record = read_record(check_name(name))
     if record is None:
-        raise VolumeError(f"no managed volume named {name!r} to recover")
+        raise VolumeRefused(f"no managed volume named {name!r} to recover")
     if daemon_state(record)[0] == "running":
-        raise VolumeError(f"{name}: its daemon is running; nothing to recover")
+        raise VolumeRefused(f"{name}: its daemon is running; nothing to recover")
     _clear_failed(record)
     info = attach(record["device"], name=name, cache_path=record["state_dir"],
                   cache_size=record.get("cache_size"), block_size=record.get("block_size"))

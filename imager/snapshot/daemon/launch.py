@@ -15,7 +15,7 @@ from devices.errors import DeviceError
 from devices.fs import mounts_of
 from devices.topology import path_is_on, same_file
 
-from ...errors import VolumeError
+from ...errors import VolumeError, VolumeRefused
 from ...private import make_private_dir
 from ...spawn import RUN_DIR_ENV, start_daemon
 from .protocol import (LOG_NAME, MAX_SOCKET_PATH, SOCKET_NAME, VolumeInfo, check_name, daemon_state,
@@ -58,11 +58,11 @@ def _attach(device: str, name: str | None, cache_path: str | None, cache_size: i
         failed = daemon_state(v)[0] == "failed"
         recovery = (f"; its daemon died: recover it with imager recover {v['name']}" if failed else "")
         if v["name"] == name:
-            raise VolumeError(f"a volume named {name!r} is already attached ({v['device']}){recovery}")
+            raise VolumeRefused(f"a volume named {name!r} is already attached ({v['device']}){recovery}")
         if same_file(v["device"], device):
-            raise VolumeError(f"{device} is already managed as {v['name']!r} (front {v.get('front')}){recovery}")
+            raise VolumeRefused(f"{device} is already managed as {v['name']!r} (front {v.get('front')}){recovery}")
         if v.get("front") and same_file(v["front"], device):
-            raise VolumeError(f"{device} is the front device of managed volume {v['name']!r}, "
+            raise VolumeRefused(f"{device} is the front device of managed volume {v['name']!r}, "
                               f"which is already managed through {v['device']}")
     state_dir = os.path.abspath(cache_path or default_state_dir(name))
     make_private_dir(state_dir)
@@ -105,7 +105,7 @@ def _check_attachable(device: str) -> None:
         refuse_esp(device, "cow")
     mounted = mounts_of(device)
     if mounted:
-        raise VolumeError(f"{device} is mounted at {', '.join(m.mount_point for m in mounted)}; "
+        raise VolumeRefused(f"{device} is mounted at {', '.join(m.mount_point for m in mounted)}; "
                           f"unmount it, attach, then mount the front device instead")
 
 

@@ -38,7 +38,7 @@ from typing import Iterable
 
 from devices.fs import mounts_of
 
-from ...errors import CacheFullError, ImagerError, SnapshotError, UsageError, VolumeError
+from ...errors import CacheFullError, ImagerError, SnapshotError, UsageError, VolumeError, VolumeRefused
 from ...spawn import run_base
 
 STATE_DIR_ENV = "IMAGER_STATE_DIR"
@@ -79,7 +79,7 @@ def check_name(name: str) -> str:
     return name
 
 
-_ERRORS = {cls.__name__: cls for cls in (ImagerError, UsageError, SnapshotError, VolumeError)}
+_ERRORS = {cls.__name__: cls for cls in (ImagerError, UsageError, SnapshotError, VolumeError, VolumeRefused)}
 
 
 def error_reply(e: Exception) -> dict:
@@ -190,7 +190,7 @@ class Connection:
                 raise VolumeError(f"{name}: {daemon_state(record)[1]}") from None
             attached = [r["name"] for r in records() if r["name"] != name]
             hint = f" (attached: {', '.join(attached)})" if attached else ""
-            raise VolumeError(f"no managed volume named {name!r}{hint}") from None
+            raise VolumeRefused(f"no managed volume named {name!r}{hint}") from None
         except OSError as e:
             self.sock.close()
             raise VolumeError(f"cannot reach the daemon of {name!r}: {e.strerror}") from None

@@ -26,7 +26,7 @@ from devices.fs import mounts_of
 from devices.libc import check, libc
 
 from ... import failpoints
-from ...errors import ImagerError, SnapshotError, VolumeError
+from ...errors import ImagerError, SnapshotError, VolumeError, VolumeRefused
 from ...ends.atomic import write_atomically
 from ...spawn import exit_watch, has_exited, process_start_time
 from ..cow import CowStore
@@ -391,7 +391,7 @@ class VolumeDaemon:
         if self.front is not None:
             mounted = mounts_of(self.front)
             if mounted:
-                raise VolumeError(f"the front device {self.front} of {self.name} is mounted at "
+                raise VolumeRefused(f"the front device {self.front} of {self.name} is mounted at "
                                         f"{', '.join(m.mount_point for m in mounted)}; unmount it first")
             _check_not_claimed(self.front)
             if not self.fs.wait_for_handles(SNAPSHOT_FILE, 0, HANDLE_RELEASE_TIMEOUT):
