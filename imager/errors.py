@@ -22,6 +22,12 @@ class ImageFormatError(ImagerError):
     """An image is truncated, corrupted, or not an imager image."""
 
 
+class NotAnImage(ImageFormatError):
+    """The file given is empty or holds no imager header: the request names the wrong file."""
+
+    exit_code = 2
+
+
 class ChunkError(ImageFormatError):
     """One chunk of an image is damaged; names the chunk and where it lives."""
 

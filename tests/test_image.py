@@ -203,7 +203,7 @@ def test_corrupted_header_is_not_an_image(tmp_path):
     bogus = tmp_path / "bogus.zst"
     bogus.write_bytes(b"\x28\xb5\x2f\xfd" + bytes(100))
     r = imager("info", str(bogus))
-    assert r.returncode == 1 and "not an imager image" in r.stderr
+    assert r.returncode == 2 and "not an imager image" in r.stderr     # the wrong file given
 
 
 def test_backup_bad_inputs_give_one_line_errors(tmp_path, ext4_volume):

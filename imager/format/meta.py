@@ -22,7 +22,7 @@ import blake3
 import numpy as np
 
 from ..defaults import DEFAULT_LEVEL
-from ..errors import ChunkError, ImageFormatError, UsageError
+from ..errors import ChunkError, ImageFormatError, NotAnImage, UsageError
 from .blocks import DIGEST_SIZE, MAX_BLOCK_SIZE, bitmap_bytes, blocks_in, chain_block_size, pack_bits
 from .frames import Readable, read_exact, skippable_frame
 
@@ -167,7 +167,7 @@ def encode_header(header: ImageHeader) -> bytes:
 
 def decode_header(frame_payload: bytes) -> ImageHeader:
     if not frame_payload.startswith(HEADER_TAG):
-        raise ImageFormatError("not an imager image: the first frame is not an imager header")
+        raise NotAnImage("not an imager image: the first frame is not an imager header")
     meta = _unsealed(frame_payload, HEADER_TAG)
     if meta is None:
         _refuse_version_1(frame_payload)
@@ -218,9 +218,9 @@ def read_header(f: Readable) -> tuple[ImageHeader, bytes]:
     """The header at the start of an image (file or stream) and its whole frame."""
     head = read_exact(f, 8)
     if not head:
-        raise ImageFormatError("the image is empty")
+        raise NotAnImage("the image is empty")
     if len(head) < 8 or struct.unpack_from("<I", head)[0] != HEADER_MAGIC:
-        raise ImageFormatError("not an imager image (no imager header at the start)")
+        raise NotAnImage("not an imager image (no imager header at the start)")
     (size,) = struct.unpack_from("<I", head, 4)
     if size > MAX_HEADER_PAYLOAD:
         raise ImageFormatError(f"image header is corrupted (it claims {size} bytes)")

@@ -17,7 +17,7 @@ import numpy as np
 from devices.libc import cached_pages
 
 from .. import failpoints
-from ..errors import ChunkError, ImageFormatError, UsageError
+from ..errors import ChunkError, ImageFormatError, NotAnImage, UsageError
 from .blocks import unpack_bits
 from .codec import codec_of, zstd_frame_bound
 from .frames import READ_PIECE, RUN_FRAME_SIZE, RUN_MAGIC, decode_run, skippable_payload
@@ -96,7 +96,8 @@ class ImageReader:
         try:
             self.header, self.header_frame = read_header(self._f)
         except ImageFormatError as e:
-            raise ImageFormatError(f"{self.path}: {e}") from None
+            kind = NotAnImage if isinstance(e, NotAnImage) else ImageFormatError
+            raise kind(f"{self.path}: {e}") from None
         footer = self._pread(SEEK_FOOTER_SIZE, max(0, self.file_size - SEEK_FOOTER_SIZE))
         if len(footer) < SEEK_FOOTER_SIZE or struct.unpack_from("<I", footer, 5)[0] != SEEKABLE_FOOTER_MAGIC:
             raise self._damage_report("the seek table at the end is missing or damaged")
