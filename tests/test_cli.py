@@ -185,6 +185,13 @@ def test_output_names_from_a_template(tmp_path):
     assert os.path.exists(written)
     bad = imager("backup", str(volume), "-o", str(tmp_path / "{volume}.zst"))
     assert bad.returncode == 2 and "not a usable template" in bad.stderr and "Traceback" not in bad.stderr
+    before = sorted(os.listdir(tmp_path))
+    for template in ("{name.__class__}.zst", "{name!r}.zst", "{host:>40}.zst"):
+        one_line_error(imager("backup", str(volume), "-o", str(tmp_path / template)), "is not one of its fields",
+                       code=2)
+    one_line_error(imager("backup", str(volume), "-o", str(tmp_path / "d" / "{date:%Y/../../x}.zst")),
+                   "whose '..' the template does not spell", code=2)
+    assert sorted(os.listdir(tmp_path)) == before
 
 
 def test_jobs_leave_a_record_in_the_log_file_and_syslog(tmp_path):

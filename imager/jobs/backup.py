@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import socket
+import string
 import time
 import uuid
 from contextlib import contextmanager
@@ -105,12 +106,26 @@ class Destination:
         return self.output
 
     def _expand(self, name: str) -> str:
-        """-o '/backup/{name}-{date:%Y%m%d-%H%M}.zst': the volume's name, the run's local time, the host."""
+        """-o '/backup/{name}-{date:%Y%m%d-%H%M}.zst': the volume's name, the run's local time, the host.
+        Only those three fields, as they are (no attribute, index or conversion), and no '..'
+        that the template does not spell itself."""
+        template = str(self.output)
+        usage = "it may use {name}, {host} and {date} with a strftime format, e.g. {date:%Y%m%d-%H%M}"
+        skeleton = ""       # the template's own text, each field a placeholder
         try:
-            return str(self.output).format(name=name, date=self.started, host=socket.gethostname())
+            parsed = list(string.Formatter().parse(template))
+            skeleton = "".join(text + ("\0" if f is not None else "") for text, f, _, _ in parsed)
+            fields = [(f, spec, conv) for _, f, spec, conv in parsed if f is not None]
+            for field_name, spec, conversion in fields:
+                if field_name not in ("name", "date", "host") or conversion or (spec and field_name != "date"):
+                    raise ValueError(f"{{{field_name}{'!' + conversion if conversion else ''}"
+                                     f"{':' + spec if spec else ''}}} is not one of its fields")
+            path = template.format(name=name, date=self.started, host=socket.gethostname())
         except (KeyError, IndexError, ValueError, AttributeError) as e:
-            raise UsageError(f"-o {self.output}: not a usable template ({e}); it may use {{name}}, {{host}} and "
-                             f"{{date}} with a strftime format, e.g. {{date:%Y%m%d-%H%M}}") from None
+            raise UsageError(f"-o {template}: not a usable template ({e}); {usage}") from None
+        if path.split("/").count("..") > skeleton.split("/").count(".."):
+            raise UsageError(f"-o {template}: expands to {path}, whose '..' the template does not spell; {usage}")
+        return path
 
     def check(self, many: bool) -> None:
         if bool(self.output) == bool(self.tape):
