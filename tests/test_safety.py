@@ -301,3 +301,30 @@ def test_restore_refuses_to_write_an_image_over_itself(image_of, tmp_path):
         assert copy.read_bytes()[:len(before)] == before
     finally:
         loop.detach(holder)
+
+
+def test_an_interrupted_restore_onto_a_device_says_the_device_holds_a_partial_volume(image_of, loops):
+    from lab import wait_until
+
+    _, image = image_of
+    target = loops.create(320 << 20)
+    proc = subprocess.Popen([sys.executable, "-m", "imager.cli", "restore", "-", target, "--force"],
+                            stdin=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO_ROOT)
+    try:
+        with open(image, "rb") as f:
+            proc.stdin.write(f.read(1 << 20))       # the header and a little: then the stream waits
+        proc.stdin.flush()
+
+        def writing() -> bool:
+            fds = f"/proc/{proc.pid}/fd"
+            return any(os.path.realpath(os.path.join(fds, fd)) == target for fd in os.listdir(fds))
+        wait_until(writing, "the restore never opened its target")
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130
+    assert err.decode().strip() == f"imager: interrupted; {target} holds a partial volume: restore onto it again " \
+                                   f"before using it"

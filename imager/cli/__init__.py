@@ -41,11 +41,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"imager: error: {e}", file=sys.stderr)
         out.log.error("failed: imager %s: %s", command, e, extra=AUDIT)
         return getattr(e, "exit_code", 1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         out.log.warning("interrupted: imager %s", command, extra=AUDIT)
-        if args.command in ("backup", "restore", "consolidate", "tape"):
+        note = getattr(e, "note", None)
+        if note:
+            print(f"imager: interrupted; {note}", file=sys.stderr)
+        elif args.command in ("backup", "consolidate", "tape"):
             print("imager: interrupted; image files are only ever renamed into place when complete, but a "
-                  "restore onto a device or a tape file being written is left partial", file=sys.stderr)
+                  "tape file being written is left partial (marked so)", file=sys.stderr)
         else:
             print("imager: interrupted", file=sys.stderr)
         return 130

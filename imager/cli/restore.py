@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from typing import TYPE_CHECKING
 
 from ..errors import UsageError
@@ -29,6 +31,20 @@ def register(sub, parents) -> None:
 
 
 def run(args, out: Output) -> int:
+    try:
+        return _run(args, out)
+    except KeyboardInterrupt as e:
+        # What an interrupted restore leaves: a new file never appears; a device holds part of
+        # the volume (it may even look like a filesystem) and must not be used as it is.
+        target = args.paths[-1] if args.paths else None
+        if target and os.path.exists(target) and stat.S_ISBLK(os.stat(target).st_mode):
+            e.note = (f"{target} holds a partial volume: restore onto it again before using it")  # type: ignore
+        elif target:
+            e.note = f"nothing was written to {target}"  # type: ignore
+        raise
+
+
+def _run(args, out: Output) -> int:
     from .. import jobs
     from ..catalog import Catalog
     from ..format import ImageReader
