@@ -440,3 +440,20 @@ def test_a_spooled_backup_reaches_the_tape_only_when_whole(volumes, tmp_path):
     assert refused.returncode == 2 and "--spool is for a backup to tape" in refused.stderr
     missing = imager("backup", volumes[2], "--tape", str(tape), "--spool", str(tmp_path / "nowhere"))
     assert missing.returncode == 2 and "no such directory" in missing.stderr
+
+
+def test_a_single_virtual_tape_that_fills_leaves_its_file_to_the_next_backup(tmp_path):
+    """No next cartridge: the backup fails, its tape file is an interrupted write (INCOMPLETE),
+    and the next backup to the tape takes its place instead of going after it."""
+    big, small = tmp_path / "big.raw", tmp_path / "small.raw"
+    big.write_bytes(os.urandom(16 << 20))
+    small.write_bytes(os.urandom(1 << 20))
+    tape = str(tmp_path / "t.tap")
+    assert imager("tape", "label", "T2", "--tape", tape, "-q").returncode == 0
+    failed = imager("backup", str(big), "--tape", tape, "--tape-capacity", "12M", "--chunk-size", "1M")
+    assert failed.returncode == 1 and "a single virtual tape has no next cartridge" in failed.stderr, failed.stderr
+    listed = imager("tape", "list", "--tape", tape)
+    assert "file 1" in listed.stdout and "INCOMPLETE" in listed.stdout, listed.stdout
+    assert imager("backup", str(small), "--tape", tape, "--chunk-size", "1M", "-q").returncode == 0
+    files = json.loads(imager("tape", "list", "--tape", tape, "--json").stdout)["files"]
+    assert [(f["tape_file"], f["incomplete"]) for f in files] == [(1, False)], files

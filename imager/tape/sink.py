@@ -258,6 +258,12 @@ class TapeSink:
                          f"(the image is compressed already)")
 
     def _switch_cartridge(self) -> None:
+        if not (self.spec.is_pattern or self.spec.is_real_drive):
+            # Said before the segment is closed as continued: left open, it is an interrupted
+            # write, which tape list shows INCOMPLETE and the next backup replaces.
+            raise TapeMediaError(f"{self.spec.spec}: cartridge full, and a single virtual tape has no next "
+                                 f"cartridge; give a set as a pattern, e.g. --tape 'tape-{{n:03}}.tap' (the "
+                                 f"unfinished tape file is replaced by the next backup to this tape)")
         self._end_segment(True, None)
         sequence = self._label.sequence + 1
         drive = self.spec.next_cartridge(self._drive, sequence)
