@@ -24,6 +24,16 @@ def positive_size(text: str) -> int:
     return size
 
 
+def zstd_level(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 1 <= value <= 22:
+        raise argparse.ArgumentTypeError(f"{value} is out of zstd's range (1..22)")
+    return value
+
+
 def _int_at_least(minimum: int):
     def parse(text: str) -> int:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 
 from devices.errors import DeviceError
@@ -9,8 +10,19 @@ from devices.errors import DeviceError
 from ..defaults import (DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL, DEFAULT_MAX_FREEZE, DEFAULT_MAX_FREEZE_READ,
                         DEFAULT_TAPE_BLOCK_SIZE, SNAPSHOT_PROVIDERS)
 from ..errors import ImagerError, UsageError
-from ..units import human_bytes, positive_float, positive_size, worker_count
+from ..units import check_block_size, human_bytes, positive_float, positive_size, worker_count, zstd_level
 from .output import Output
+
+
+def chunk_size(text: str) -> int:
+    """A chunk size as the command line gives it, checked before anything is read (a device's
+    own sector size is checked against it later)."""
+    from ..format import MAX_CHUNK_SIZE
+    value = positive_size(text)
+    problem = check_block_size(value, 512, "chunk size", MAX_CHUNK_SIZE)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return value
 
 
 def register(sub, parents) -> None:
@@ -40,8 +52,8 @@ def register(sub, parents) -> None:
                         "the tape stop and reposition (DIR needs room for one image)")
     b.add_argument("--drive-compression", action="store_true",
                    help="keep the tape drive's compression on (off by default: the stream is compressed)")
-    b.add_argument("--level", type=int, default=DEFAULT_LEVEL, help=f"zstd level (default {DEFAULT_LEVEL})")
-    b.add_argument("--chunk-size", type=positive_size, default=DEFAULT_CHUNK_SIZE,
+    b.add_argument("--level", type=zstd_level, default=DEFAULT_LEVEL, help=f"zstd level (default {DEFAULT_LEVEL})")
+    b.add_argument("--chunk-size", type=chunk_size, default=DEFAULT_CHUNK_SIZE,
                    help=f"bytes of volume per zstd frame (default {DEFAULT_CHUNK_SIZE >> 20}M)")
     b.add_argument("--workers", type=worker_count, default=None, help="compression threads (default: all cores)")
     b.add_argument("-f", "--force", action="store_true",
