@@ -725,3 +725,16 @@ def gpt_disk_with_esp(bench: Bench) -> str:
         time.sleep(0.05)
 
 
+
+
+def damage_chunk(image, chunk: int) -> None:
+    """Flip one bit in the middle of the frame of chunk `chunk` of the image file (a disk's
+    damage): its checksum and digest no longer match."""
+    from imager.format import ImageReader
+    with ImageReader(str(image)) as reader:
+        where = reader.chunk_offsets[chunk] + reader.chunk_frame_sizes[chunk] // 2
+    with open(image, "r+b") as f:
+        f.seek(where)
+        byte = f.read(1)[0]
+        f.seek(where)
+        f.write(bytes([byte ^ 0x40]))

@@ -29,7 +29,7 @@ from imager.snapshot import daemon
 from imager.snapshot.cow.tracker import TRACKING_ENV, TRACKING_OFF
 
 from conftest import REPO_ROOT, fsck_clean, writing_into
-from lab import DAEMON_TESTS, MiB, WAIT, imager, kill_and_wait, one_line_error, umount_point
+from lab import DAEMON_TESTS, MiB, WAIT, damage_chunk, imager, kill_and_wait, one_line_error, umount_point
 
 pytestmark = DAEMON_TESTS
 
@@ -522,12 +522,7 @@ def test_damage_in_a_parent_is_named_by_its_file(bench):
     backup("named", out / "b1.zst", incremental=True)
     with ImageReader(str(out / "b0.zst")) as reader:
         chunk = max(range(reader.header.chunk_count), key=lambda c: reader.chunk_frame_sizes[c])
-        where = reader.chunk_offsets[chunk] + reader.chunk_frame_sizes[chunk] // 2
-    with open(out / "b0.zst", "r+b") as f:
-        f.seek(where)
-        byte = f.read(1)[0]
-        f.seek(where)
-        f.write(bytes([byte ^ 0x40]))
+    damage_chunk(out / "b0.zst", chunk)
     named = f"b0.zst: chunk {chunk} "
     one_line_error(imager("verify", str(out / "b1.zst")), named)
     verified = imager("verify", str(out / "b1.zst"), "--json")

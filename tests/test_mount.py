@@ -33,7 +33,7 @@ from imager.mount.volume import CachedVolume, open_chain_files
 from imager.spawn import exit_watch, has_exited
 
 from conftest import REPO_ROOT, LoopFactory, imager, run
-from lab import DAEMON_TESTS, cached_bytes, kill_and_wait, one_line_error, wait_for
+from lab import DAEMON_TESTS, cached_bytes, damage_chunk, kill_and_wait, one_line_error, wait_for
 
 pytestmark = DAEMON_TESTS
 
@@ -333,14 +333,7 @@ def test_a_damaged_chunk_at_the_end_of_a_partition_does_not_hide_its_filesystem(
         f.write(os.urandom(MiB))
     image = str(tmp_path / "disk.zst")
     assert imager("backup", str(disk), "-o", image, "-q", "--all-blocks", "--chunk-size", "1M").returncode == 0
-    chunk = (end - 1) // MiB
-    with ImageReader(image) as reader:
-        where = reader.chunk_offsets[chunk] + reader.chunk_frame_sizes[chunk] // 2
-    with open(image, "r+b") as f:
-        f.seek(where)
-        byte = f.read(1)[0]
-        f.seek(where)
-        f.write(bytes([byte ^ 0x40]))
+    damage_chunk(image, (end - 1) // MiB)
     point = tmp_path / "mnt"
     point.mkdir()
     info = mount_json(image, point)
@@ -462,12 +455,7 @@ def test_a_damaged_chunk_fails_its_reads_with_eio_and_one_log_line(built, run_di
             for c in range(start // chunk_size, (end - 1) // chunk_size + 1):
                 overlap[c] = overlap.get(c, 0) + min(end, (c + 1) * chunk_size) - max(start, c * chunk_size)
         chunk = max(overlap, key=overlap.__getitem__)
-        where = reader.chunk_offsets[chunk] + reader.chunk_frame_sizes[chunk] // 2
-    with open(damaged, "r+b") as f:
-        f.seek(where)
-        byte = f.read(1)[0]
-        f.seek(where)
-        f.write(bytes([byte ^ 0x40]))
+    damage_chunk(damaged, chunk)
     if not cached:
         drop_cached(damaged)
     span = (chunk * chunk_size, (chunk + 1) * chunk_size)
@@ -509,13 +497,7 @@ def test_damage_where_the_filesystem_starts_is_said_not_a_bare_io_error(built, r
     b = built("ext4")
     damaged = str(tmp_path / "damaged.zst")
     shutil.copy(b.image, damaged)
-    with ImageReader(damaged) as reader:
-        where = reader.chunk_offsets[0] + reader.chunk_frame_sizes[0] // 2
-    with open(damaged, "r+b") as f:
-        f.seek(where)
-        byte = f.read(1)[0]
-        f.seek(where)
-        f.write(bytes([byte ^ 0x40]))
+    damage_chunk(damaged, 0)
     point = tmp_path / "mnt"
     point.mkdir()
     for command in (["mount", damaged, str(point)], ["ls", damaged], ["extract", damaged, "small.txt", "-C",
