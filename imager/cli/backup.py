@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from devices.errors import DeviceError
 
@@ -82,6 +83,10 @@ def run(args, out: Output) -> int:
                             drive_compression=args.drive_compression,
                             min_rate=args.min_rate * 1e6 if args.min_rate is not None else None,
                             spool=args.spool)
+    if args.output == "-" and sys.stdout.isatty():
+        # Said before a progress bar is drawn (the stream sink refuses it too).
+        raise UsageError("refusing to write an image to a terminal on standard output: redirect it "
+                         "(-o - | ssh host 'cat > vol.zst', or > vol.zst)")
     if args.spool and not args.tape:
         raise UsageError("--spool is for a backup to tape (--tape): an image file is written as it is made")
     options = jobs.ImagingOptions(level=args.level, chunk_size=args.chunk_size, workers=args.workers,
