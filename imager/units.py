@@ -30,7 +30,7 @@ def zstd_level(text: str) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if not 1 <= value <= 22:
-        raise argparse.ArgumentTypeError(f"{value} is out of zstd's range (1..22)")
+        raise argparse.ArgumentTypeError(f"{value} is out of range (1..22, zstd's levels)")
     return value
 
 

@@ -265,7 +265,7 @@ def test_a_command_line_argparse_refuses_is_one_line_naming_the_help():
                    r"\(see imager catalog prune --help\)", code=2)
     one_line_error(imager("no-such-command"), "invalid choice", r"\(see imager --help\)", code=2)
     # ranges are checked before any source is looked at
-    one_line_error(imager("backup", "/nonexistent", "-o", "x.zst", "--level", "0"), "out of zstd's range", code=2)
+    one_line_error(imager("backup", "/nonexistent", "-o", "x.zst", "--level", "0"), "out of range", code=2)
     one_line_error(imager("backup", "/nonexistent", "-o", "x.zst", "--chunk-size", "3K"), "power of two", code=2)
 
 

@@ -332,7 +332,7 @@ def test_errors_are_one_line_and_lose_nothing(bench):
     direct = bench.loop_device(name="direct.img")
     subprocess.run(["mkfs.ext4", "-q", "-F", direct], check=True)
     bench.mount(direct, "direct")
-    one_line_error(imager("attach", direct, "--name", "x"), "is mounted at")
+    one_line_error(imager("attach", direct, "--name", "x"), "is mounted at", code=2)
     assert imager("volumes", "--json").stdout and daemon.list_volumes() == []
 
     esp = gpt_disk_with_esp(bench)
@@ -353,11 +353,11 @@ def test_errors_are_one_line_and_lose_nothing(bench):
 
     created = imager("snapshot", "create", "busy")
     assert created.returncode == 0, created.stderr
-    one_line_error(imager("detach", "busy"), "has a snapshot")
+    one_line_error(imager("detach", "busy"), "has a snapshot", code=2)
     assert snapshot_names() == ["busy"]                 # the failed detach kept it
     deleted = imager("snapshot", "delete", "busy")
     assert deleted.returncode == 0, deleted.stderr
-    one_line_error(imager("detach", "busy"), "is mounted at")
+    one_line_error(imager("detach", "busy"), "is mounted at", code=2)
     assert [v.name for v in daemon.list_volumes()] == ["busy"]
     with open(os.path.join(mnt, "keep.txt"), "rb") as f:
         assert f.read() == b"keep me"

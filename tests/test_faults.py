@@ -360,7 +360,7 @@ def test_a_killed_daemon_is_reported_and_recovered(bench):
     assert listed.returncode == 0 and "FAILED" in listed.stdout and "imager recover dead" in listed.stdout, listed.stdout
     (entry,) = json.loads(imager("volumes", "--json").stdout)["volumes"]
     assert entry["state"] == "failed" and f"umount {mnt}" in entry["problem"]
-    line = one_line_error(imager("attach", source, "--name", "dead"), "imager recover dead")
+    line = one_line_error(imager("attach", source, "--name", "dead"), "imager recover dead", code=2)
     assert "died" in line
     one_line_error(imager("recover", "dead"), "still mounted", "unmount it first")
     one_line_error(imager("snapshot", "create", "dead"), "is gone", "imager recover dead")

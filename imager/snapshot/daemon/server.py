@@ -387,7 +387,7 @@ class VolumeDaemon:
     def detach(self) -> None:
         """Refuse while in use; otherwise undo start() in reverse. Each step can be retried."""
         if self.store.snapshot_active:
-            raise SnapshotError(f"{self.name} has a snapshot; delete it before detaching")
+            raise VolumeRefused(f"{self.name} has a snapshot; delete it before detaching")
         if self.front is not None:
             mounted = mounts_of(self.front)
             if mounted:
