@@ -9,7 +9,7 @@ import pytest
 
 from devices import loop
 from imager.snapshot import daemon
-from imager.errors import ImagerError, SnapshotError, VolumeError
+from imager.errors import ImagerError, SnapshotError, VolumeError, VolumeRefused
 
 from conftest import fsck_clean
 from lab import DAEMON_TESTS, MiB, REPO_ROOT, VOLUME_SIZE, ext4_file, kill_and_wait, stop_volume, write_file
@@ -65,7 +65,7 @@ def test_snapshot_of_a_mounted_volume_in_use(lab):
     lab.undo_last()   # unmount the snapshot
     lab.undo_last()   # detach its loop device
 
-    with pytest.raises(SnapshotError, match="snapshot"):
+    with pytest.raises(VolumeRefused, match="has a snapshot"):
         daemon.detach("v1")
     daemon.snapshot_delete(["v1"])
     assert not os.path.exists(snap.path)
