@@ -185,7 +185,7 @@ def mounts_inside(points: list[str]) -> list[str]:
     return [m.mount_point for m in mounts() if m.mount_point not in points and _under(m.mount_point, points)]
 
 
-def users(points: list[str], *, ignore: set[int] = frozenset()) -> list[str]:  # type: ignore[assignment]
+def users(points: list[str], *, ignore: frozenset[int] | set[int] = frozenset()) -> list[str]:
     """The processes that have a file open in one of the filesystems mounted at `points`, or
     their working or root directory there, as "name (pid N)": what makes unmounting them fail
     with EBUSY. Read from /proc (an open file's mount by fdinfo's mnt_id) without looking the

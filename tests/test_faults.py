@@ -146,6 +146,37 @@ def test_a_freeze_left_by_a_backup_killed_with_its_guard_is_thawed_by_the_next_o
     assert not frozen(mnt)
 
 
+def _cgroup2_mount() -> str | None:
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            if right.split()[:1] == ["cgroup2"]:
+                return left.split()[4]
+    return None
+
+
+@pytest.mark.skipif(_cgroup2_mount() is None, reason="needs a cgroup2 hierarchy")
+def test_the_freeze_guard_leaves_the_cgroup_of_its_job(tmp_path):
+    """A service's stop kills every process of its cgroup: the guard, which must outlive the job
+    to thaw, moves to the root cgroup (and creates no file where no cgroup filesystem is)."""
+    job_group = os.path.join(_cgroup2_mount(), f"imager-test-{os.getpid()}")
+    os.mkdir(job_group)
+    try:
+        guard = subprocess.Popen(["sh", "-c", f"echo $$ > {job_group}/cgroup.procs && exec {sys.executable} -S -m "
+                                              f"imager.snapshot.freeze_guard"],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=REPO_ROOT)
+        try:
+            assert json.loads(guard.stdout.readline()) == {"ready": True}
+            with open(f"/proc/{guard.pid}/cgroup") as f:
+                unified = [line.split(":", 2)[2].strip() for line in f if line.startswith("0::")]
+            assert unified == ["/"], unified
+        finally:
+            guard.stdin.close()
+            guard.wait(timeout=WAIT)
+    finally:
+        os.rmdir(job_group)
+
+
 def _freeze_guards_of_this_process() -> list[int]:
     return _freeze_guards_of(os.getpid())
 

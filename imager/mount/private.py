@@ -12,6 +12,7 @@ namespace and the loop devices clear themselves (autoclear): nothing is left beh
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -29,6 +30,8 @@ from ..errors import ImagerError, UsageError
 from .layout import Entry, MountRefused, describe, mount_entry
 from .serve import VolumeServer
 from .volume import CachedVolume, open_chain_files
+
+log = logging.getLogger("imager.mount")
 
 WORK = "/dev/shm"
 PR_SET_PDEATHSIG = 1
@@ -254,10 +257,14 @@ def _link_again(source: str, target: str, linked: dict[tuple[int, int], str]) ->
         if not stat.S_ISREG(st.st_mode) or st.st_nlink < 2:
             continue
         first = linked.setdefault((st.st_dev, st.st_ino), dst)
-        if first != dst and os.path.lexists(dst) and not os.path.samefile(first, dst):
-            temporary = f"{dst}.imager-link"
-            os.link(first, temporary)
-            os.replace(temporary, dst)
+        try:
+            if first != dst and os.path.lexists(dst) and not os.path.samefile(first, dst):
+                temporary = f"{dst}.imager-link"
+                os.link(first, temporary)
+                os.replace(temporary, dst)
+        except OSError as e:
+            # The copies stay whole, only not linked (a first copy removed meanwhile, say).
+            log.warning("%s stays a copy of its own, not a hard link to %s: %s", dst, first, e.strerror)
 
 
 def _real_directory(path: str) -> bool:

@@ -40,17 +40,32 @@ def process_start(pid: int) -> str | None:
 
 
 def _leave_the_jobs_cgroup() -> None:
-    """Into the root cgroup of the hierarchies systemd kills by (the unified one, and the
-    legacy name=systemd one of a hybrid setup): stopping the job's service unit kills every
-    process of its cgroup with SIGKILL, and the guard must outlive the job to thaw (it lives
-    only while it holds a freeze). Where one is not there or refuses, the guard stays there."""
-    for procs in ("/sys/fs/cgroup/cgroup.procs", "/sys/fs/cgroup/unified/cgroup.procs",
-                  "/sys/fs/cgroup/systemd/cgroup.procs"):
-        try:
-            with open(procs, "w") as f:
-                f.write(str(os.getpid()))
-        except OSError:
-            pass
+    """Into the root cgroup of the hierarchies systemd kills by (cgroup2, and the legacy
+    name=systemd one of a hybrid setup): stopping the job's service unit kills every process of
+    its cgroup with SIGKILL, and the guard must outlive the job to thaw (it lives only while it
+    holds a freeze). Only where such a filesystem is mounted (/proc/self/mountinfo), and never
+    creating a file; where one refuses, the guard stays where it is."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        fields, kind = left.split(), right.split()
+        if len(fields) < 5 or len(kind) < 3:
+            continue
+        if kind[0] == "cgroup2" or (kind[0] == "cgroup" and "name=systemd" in kind[2].split(",")):
+            try:
+                fd = os.open(os.path.join(fields[4], "cgroup.procs"), os.O_WRONLY)
+            except OSError:
+                continue
+            try:
+                os.write(fd, str(os.getpid()).encode())
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
 
 
 class _Guard:
