@@ -327,8 +327,8 @@ def test_cache_full_fails_the_backup_and_keeps_every_write(bench):
 
 
 def test_errors_are_one_line_and_lose_nothing(bench):
-    one_line_error(imager("attach", str(bench.tmp / "missing"), "--name", "x"), "no such device")
-    one_line_error(imager("attach", str(bench.tmp), "--name", "x"), "is a directory")
+    one_line_error(imager("attach", str(bench.tmp / "missing"), "--name", "x"), "no such device", code=2)
+    one_line_error(imager("attach", str(bench.tmp), "--name", "x"), "is a directory", code=2)
     direct = bench.loop_device(name="direct.img")
     subprocess.run(["mkfs.ext4", "-q", "-F", direct], check=True)
     bench.mount(direct, "direct")

@@ -510,7 +510,7 @@ def test_a_killed_restore_leaves_no_file_at_its_final_name(bench):
 def test_bad_inputs_are_refused_in_one_line(bench, tmp_path):
     empty = tmp_path / "empty.img"
     empty.touch()
-    one_line_error(imager("attach", str(empty), "--name", "e"), "empty")
+    one_line_error(imager("attach", str(empty), "--name", "e"), "empty", code=2)
     source = bench.loop_device(16 * MiB, name="twice.img")
     one_line_error(imager("attach", source, "--name", ""), "bad volume name", code=2)
     assert imager("attach", source, "--name", "once").returncode == 0

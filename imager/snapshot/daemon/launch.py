@@ -98,9 +98,9 @@ def _check_attachable(device: str) -> None:
     try:
         st = stat_volume(device)
     except DeviceError as e:
-        raise VolumeError(str(e)) from None
+        raise VolumeRefused(str(e)) from None
     if stat.S_ISREG(st.st_mode) and st.st_size == 0:
-        raise VolumeError(f"{device}: is empty (size 0); a volume needs room for a filesystem")
+        raise VolumeRefused(f"{device}: is empty (size 0); a volume needs room for a filesystem")
     if stat.S_ISBLK(st.st_mode):
         refuse_esp(device, "cow")
     mounted = mounts_of(device)
