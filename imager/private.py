@@ -60,10 +60,15 @@ def _unsafe_reason(path: str) -> str | None:
     return None
 
 
+def under_dev(path: str) -> bool:
+    """Whether `path`, as given or with its symlinks resolved, names something in /dev."""
+    return any(p == "/dev" or p.startswith("/dev/") for p in (os.path.abspath(path), os.path.realpath(path)))
+
+
 def check_not_under_dev(path: str, what: str) -> None:
     """A file imager creates (a catalog, a log) never goes under /dev, where a typo would make a
     regular file among the devices."""
-    if any(p == "/dev" or p.startswith("/dev/") for p in (os.path.abspath(path), os.path.realpath(path))):
+    if under_dev(path):
         raise UsageError(f"{what} {path}: is under /dev; give a file elsewhere")
 
 

@@ -17,13 +17,7 @@ import subprocess
 from typing import Any
 
 from ..errors import UsageError
-
-DEV = "/dev"
-
-
-def under_dev(path: str) -> bool:
-    """Whether `path`, as given or with its symlinks resolved, names something in /dev."""
-    return any(p == DEV or p.startswith(DEV + "/") for p in (os.path.abspath(path), os.path.realpath(path)))
+from ..private import under_dev
 
 
 def stat_or_none(path: str) -> os.stat_result | None:

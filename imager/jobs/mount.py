@@ -25,11 +25,11 @@ from contextlib import ExitStack
 from devices import fs
 
 from ..catalog import Catalog
-from ..ends.guards import under_dev
 from ..errors import ChunkError, ImageFormatError, ImagerError, UsageError
 from ..mount import daemon, registry
 from ..mount.serve import spin_seconds
 from ..mount.volume import DEFAULT_CACHE_BYTES
+from ..private import under_dev
 from ..spawn import engine_env, fork_daemon, start_daemon
 from .chains import open_chain
 from .results import ExtractResult, FileEntry, MountedEntry, MountInfo
