@@ -264,6 +264,10 @@ class Catalog:
                                (image_id,))
         return [ImageRecord(*row) for row in cur]
 
+    def file_paths(self, image_id: str) -> list[str]:
+        """Where the image's file segments are recorded (whether the files are there now or not)."""
+        return [s.path for s in self.segments(image_id) if s.kind == "file" and s.path]
+
     @_sqlite_errors_reported
     def children(self, image_id: str) -> list[ImageRecord]:
         cur = self._db.execute(f"SELECT {', '.join(_columns(ImageRecord))} FROM images WHERE parent_id = ?",

@@ -250,7 +250,7 @@ def _refuse_orphaning(path: str, catalog: Catalog | None) -> None:
         return          # not an image: nothing was taken on it
     children: dict[str, str] = {}       # image id: where it is
     if catalog is not None and not catalog.standing_in_for(image_id):
-        children.update((r.id, _record_file(catalog, r.id) or "on tape") for r in catalog.children(image_id))
+        children.update((r.id, next(iter(catalog.file_paths(r.id)), "on tape")) for r in catalog.children(image_id))
     directory = os.path.dirname(os.path.abspath(path))
     try:
         beside = [e.path for e in os.scandir(directory) if e.is_file() and not os.path.samefile(e.path, path)]
@@ -269,10 +269,6 @@ def _refuse_orphaning(path: str, catalog: Catalog | None) -> None:
         raise UsageError(f"{path}: image {image_id[:12]} is the parent of {named}; writing over it would leave "
                          f"{'it' if len(children) == 1 else 'them'} unrestorable (give another -o; imager catalog "
                          f"prune removes the images no kept one needs)")
-
-
-def _record_file(catalog: Catalog, image_id: str) -> str | None:
-    return next((s.path for s in catalog.segments(image_id) if s.kind == "file" and s.path), None)
 
 
 def _write_one(volume: PlannedVolume, dest: Destination, options: ImagingOptions, *, many: bool,

@@ -36,20 +36,10 @@ def _file_of(record_id: str, catalog: Catalog | None) -> str | None:
     if catalog is None:
         return None
     for image_id in [record_id] + [r.id for r in catalog.standing_in_for(record_id)]:
-        for segment in catalog.segments(image_id):
-            if segment.kind == "file" and segment.path and os.path.exists(segment.path):
-                return segment.path
+        for path in catalog.file_paths(image_id):
+            if os.path.exists(path):
+                return path
     return None
-
-
-def _recorded_files(image_id: str, catalog: Catalog | None) -> list[str]:
-    """Where the catalog says the image's files are (whether they are there or not)."""
-    if catalog is None:
-        return []
-    try:
-        return [s.path for s in catalog.segments(image_id) if s.kind == "file" and s.path]
-    except ImagerError:
-        return []
 
 
 def _header_ids(path: str) -> tuple[str, ...]:
@@ -87,7 +77,7 @@ def open_chain(image: str | ImageReader, stack: ExitStack, *, catalog: Catalog |
         link = child.header.chain["parent"]
         path = locate_image(link["id"], catalog=catalog, near=directory, name=link.get("name", ""))
         if path is None:
-            recorded = _recorded_files(link["id"], catalog)
+            recorded = catalog.file_paths(link["id"]) if catalog is not None else []
             where = (f"the catalog has it at {', '.join(recorded)}, which is missing, and it is not in {directory}"
                      if recorded else f"not in the catalog and not in {directory}")
             raise ImagerError(f"{child.path}: its parent image {link['id'][:12]} ({link.get('name') or 'no name'}) "

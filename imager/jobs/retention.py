@@ -173,8 +173,7 @@ def _chain_ids(record: ImageRecord, by_id: dict[str, ImageRecord]) -> list[str]:
 
 
 def _files(catalog: Catalog, image_id: str) -> list[str]:
-    return [segment.path for segment in catalog.segments(image_id)
-            if segment.kind == "file" and segment.path and os.path.exists(segment.path)]
+    return [path for path in catalog.file_paths(image_id) if os.path.exists(path)]
 
 
 def _file(catalog: Catalog, image_id: str) -> str | None:
@@ -182,11 +181,9 @@ def _file(catalog: Catalog, image_id: str) -> str | None:
 
 
 def _remove(catalog: Catalog, record: ImageRecord) -> list[str]:
-    deleted = []
-    for segment in catalog.segments(record.id):
-        if segment.kind == "file" and segment.path and os.path.exists(segment.path):
-            os.unlink(segment.path)
-            deleted.append(segment.path)
+    deleted = _files(catalog, record.id)
+    for path in deleted:
+        os.unlink(path)
     catalog.remove_image(record.id)
     log.info("pruned image %s%s", record.id[:12], f" ({', '.join(deleted)})" if deleted else "")
     return deleted
