@@ -37,8 +37,10 @@ from devices.freeze import thawed
 
 from ..defaults import DEFAULT_MAX_FREEZE
 from ..errors import ImagerError, SnapshotError
-from ..spawn import engine_env
-from .freeze_guard import frozen_dir, process_start
+from ..ends.atomic import write_atomically
+from ..private import make_private_dir
+from ..spawn import engine_env, process_start_time
+from .freeze_guard import frozen_dir, frozen_record
 
 log = logging.getLogger("imager.snapshot")
 
@@ -146,7 +148,8 @@ def thaw_left_over() -> list[str]:
             pid = int(record["pid"])
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if process_start(pid) is not None and process_start(pid) == record.get("start"):
+        start = process_start_time(pid)
+        if start is not None and start == record.get("start"):
             continue        # its guard holds the freeze and thaws it
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.get("since") or 0))
         for point in reversed(record.get("mount_points") or []):
@@ -163,6 +166,18 @@ def thaw_left_over() -> list[str]:
         except OSError:
             pass
     return thawed_points
+
+
+def _record_freeze(guard_pid: int, mount_points: Sequence[str]) -> None:
+    """What the guard is about to freeze, for thaw_left_over() should the guard be killed too."""
+    record = {"pid": guard_pid, "start": process_start_time(guard_pid), "mount_points": list(mount_points),
+              "since": time.time()}
+    try:
+        make_private_dir(frozen_dir())
+        write_atomically(frozen_record(guard_pid), json.dumps(record).encode())
+    except (OSError, ImagerError) as e:
+        # The guard still thaws on every way out; only the backstop for its own death is missing.
+        log.warning("what this freeze holds could not be recorded in %s (%s)", frozen_dir(), e)
 
 
 class FreezeGuard:
@@ -211,6 +226,7 @@ class FreezeGuard:
     def freeze(self, mount_points: Sequence[str], max_seconds: float) -> list[str]:
         self._wait_ready()
         self.max_seconds = max_seconds
+        _record_freeze(self._proc.pid, mount_points)
         self._send({"op": "freeze", "mount_points": list(mount_points), "max_seconds": max_seconds})
         reply = self._receive(_GUARD_REPLY_TIMEOUT)
         if not reply.get("ok"):

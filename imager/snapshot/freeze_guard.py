@@ -20,8 +20,9 @@ import time
 from devices.errors import DeviceError
 from devices.freeze import freeze, thaw
 
-# Where each guard says what it holds frozen while it does (the job's imager.snapshot.freeze
-# reads it): if the guard is killed too (kill -9 of both), the next freeze of imager thaws it.
+# Where the job records what it asks a guard to freeze (FROZEN_DIR/<guard's pid>.json), which
+# the guard removes once it has thawed: if the guard is killed too (kill -9 of both), the next
+# freeze of imager thaws what the record names (imager.snapshot.freeze.thaw_left_over).
 FROZEN_DIR = "frozen"
 
 
@@ -29,14 +30,8 @@ def frozen_dir() -> str:
     return os.path.join(os.environ.get("IMAGER_RUN_DIR") or "/run/imager", FROZEN_DIR)
 
 
-def process_start(pid: int) -> str | None:
-    """The start time of process `pid` (field 22 of /proc/PID/stat): with the pid, names one
-    process (a pid is reused)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
+def frozen_record(guard_pid: int) -> str:
+    return os.path.join(frozen_dir(), f"{guard_pid}.json")
 
 
 def _leave_the_jobs_cgroup() -> None:
@@ -97,30 +92,14 @@ class _Guard:
         self.deadline = None
         if not failures:
             try:
-                os.unlink(self._record())
+                os.unlink(frozen_record(os.getpid()))
             except OSError:
                 pass
         return {"milliseconds": milliseconds, "failures": failures}
 
-    def _record(self) -> str:
-        return os.path.join(frozen_dir(), f"{os.getpid()}.json")
-
-    def _write_record(self, mount_points: list[str]) -> None:
-        record = {"pid": os.getpid(), "start": process_start(os.getpid()), "mount_points": mount_points,
-                  "since": time.time()}
-        try:
-            os.makedirs(frozen_dir(), mode=0o700, exist_ok=True)
-            temporary = self._record() + ".tmp"
-            with open(temporary, "w") as f:
-                json.dump(record, f)
-            os.replace(temporary, self._record())
-        except OSError:
-            pass        # the guard still thaws on every way out; only the backstop is missing
-
     def freeze(self, mount_points: list[str], max_seconds: float) -> None:
         self.started = time.perf_counter()
         self.deadline = time.monotonic() + max_seconds
-        self._write_record(mount_points)
         try:
             for point in mount_points:
                 freeze(point)
