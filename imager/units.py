@@ -24,6 +24,11 @@ def positive_size(text: str) -> int:
     return size
 
 
+def counted(count: int, noun: str, plural: str | None = None) -> str:
+    """'1 file', '3 files' ('1 entry', '2 entries' with `plural`)."""
+    return f"{count} {noun if count == 1 else plural or noun + 's'}"
+
+
 def zstd_level(text: str) -> int:
     try:
         value = int(text)

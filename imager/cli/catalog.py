@@ -10,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 from .. import views
 from ..catalog import Catalog
 from ..errors import UsageError
-from ..units import human_bytes
+from ..units import counted, human_bytes
 from .output import Output, table
 
 
@@ -118,7 +118,7 @@ def pruning(args, out: Output) -> int:
     if args.dry_run:
         lines += [f"would rebuild {i[:12]} as a synthetic full that takes its place" for i in result.replaced]
     lines += [f"wrote the synthetic full {i[:12]}" for i in result.consolidated]
-    files = f"{len(result.files_deleted)} file{'' if len(result.files_deleted) == 1 else 's'}"
+    files = counted(len(result.files_deleted), "file")
     lines.append(f"{len(result.kept)} kept, {len(result.removed)} {verb}, " +
                  (f"{files} would be deleted" if args.dry_run else f"{files} deleted"))
     out.result(result.to_dict(), lines)
@@ -149,7 +149,6 @@ def checking(args, out: Output) -> int:
     out.result({"images": count, "problems": [p.to_dict() for p in problems], "ok": not problems},
                [f"{p.image_id[:12]}: {p.problem}" for p in problems] or [f"all {count} images are where the catalog says"])
     if problems:
-        print(f"imager: error: {len(problems)} problem{'' if len(problems) == 1 else 's'} in the catalog",
-              file=sys.stderr)
+        print(f"imager: error: {counted(len(problems), 'problem')} in the catalog", file=sys.stderr)
         return 1
     return 0

@@ -6,7 +6,7 @@ import stat
 import time
 
 from ..defaults import DEFAULT_MOUNT_CACHE_BYTES
-from ..units import human_bytes, positive_size
+from ..units import counted, human_bytes, positive_size
 from .output import Output
 
 
@@ -107,14 +107,10 @@ def extract(args, out: Output) -> int:
     from .. import api
 
     result = api.extract(args.image, args.paths, args.dest, force=args.force, catalog=args.catalog or True)
-    out.result(result.to_dict(), [f"{_printable(c['path'])} -> {_printable(c['to'])}: {_entries(c['entries'])}, "
+    out.result(result.to_dict(), [f"{_printable(c['path'])} -> {_printable(c['to'])}: {counted(c['entries'], 'entry', 'entries')}, "
                                   f"{human_bytes(c['bytes'])}" for c in result.copied]
-               + [f"extracted {_entries(result.entries)} ({human_bytes(result.bytes)}) in {result.seconds:.1f} s"])
+               + [f"extracted {counted(result.entries, 'entry', 'entries')} ({human_bytes(result.bytes)}) in {result.seconds:.1f} s"])
     return 0
-
-
-def _entries(count: int) -> str:
-    return f"{count} entr{'y' if count == 1 else 'ies'}"
 
 
 def _printable(name: str) -> str:

@@ -31,6 +31,7 @@ from ..mount.serve import spin_seconds
 from ..mount.volume import DEFAULT_CACHE_BYTES
 from ..private import under_dev
 from ..spawn import engine_env, fork_daemon, start_daemon
+from ..units import counted
 from .chains import open_chain
 from .results import ExtractResult, FileEntry, MountedEntry, MountInfo
 
@@ -159,8 +160,7 @@ def mounts() -> list[MountInfo]:
         else:
             errors = _logged_errors(record)
             if errors:
-                info.problem = f"{len(errors)} error{'' if len(errors) == 1 else 's'} in its log {record['log']}, " \
-                               f"the first: {errors[0]}"
+                info.problem = f"{counted(len(errors), 'error')} in its log {record['log']}, the first: {errors[0]}"
         result.append(info)
     return result
 

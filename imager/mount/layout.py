@@ -22,6 +22,7 @@ from devices.partitions import PartitionTableDamaged, read_partition_table
 
 from .. import failpoints
 from ..errors import ImagerError
+from ..units import counted
 from .serve import VOLUME_FILE, VolumeServer, partition_file
 
 log = logging.getLogger("imager.mount")
@@ -91,9 +92,8 @@ def describe(server: VolumeServer) -> list[Entry]:
         # damage is rather than a bare "Input/output error".
         image = server.volume.chain.images[0].path
         raise ImagerError(f"the volume cannot be read where its partition table or filesystem is: "
-                          f"{len(damaged)} damaged chunk{'' if len(damaged) == 1 else 's'} of the image (volume "
-                          f"bytes {', '.join(f'{a}-{b}' for a, b in damaged[:3])}); imager verify "
-                          f"{shlex.quote(image)} names {'it' if len(damaged) == 1 else 'them'} ({e})") from None
+                          f"{_damage(damaged)}; imager verify {shlex.quote(image)} names "
+                          f"{'it' if len(damaged) == 1 else 'them'} ({e})") from None
 
 
 def _describe(server: VolumeServer) -> list[Entry]:
@@ -130,9 +130,14 @@ def _with_damage(server: VolumeServer, entry: Entry) -> Entry:
     lack of a filesystem, may be why."""
     damaged = server.volume.damaged_within(entry.offset, entry.size) if not entry.fs_type else []
     if damaged:
-        entry.reason += (f"; {len(damaged)} damaged chunk{'' if len(damaged) == 1 else 's'} in it (volume bytes "
-                         f"{', '.join(f'{a}-{b}' for a, b in damaged[:3])})")
+        entry.reason += f"; {_damage(damaged)} in it"
     return entry
+
+
+def _damage(damaged: list[tuple[int, int]]) -> str:
+    """'2 damaged chunks (volume bytes a-b, c-d)': the regions CachedVolume.damaged_within found."""
+    return (f"{counted(len(damaged), 'damaged chunk')} (volume bytes "
+            f"{', '.join(f'{a}-{b}' for a, b in damaged[:3])}{', ...' if len(damaged) > 3 else ''})")
 
 
 def _probe(server: VolumeServer, path: str, offset: int, length: int) -> dict[str, str]:
@@ -146,9 +151,7 @@ def _probe(server: VolumeServer, path: str, offset: int, length: int) -> dict[st
         return found
     found = discover.probe_with_blkid(path, types=sorted(MOUNT_AS))
     if found.get("TYPE"):
-        log.warning("%s found in %s past %s damaged chunk%s of the volume (bytes %s)", found["TYPE"],
-                    os.path.basename(path), len(damaged), "" if len(damaged) == 1 else "s",
-                    ", ".join(f"{a}-{b}" for a, b in damaged))
+        log.warning("%s found in %s past %s", found["TYPE"], os.path.basename(path), _damage(damaged))
     return found
 
 

@@ -27,6 +27,7 @@ from devices.errors import DeviceError
 from devices.libc import libc
 
 from ..errors import ImagerError, UsageError
+from ..units import counted
 from .layout import Entry, MountRefused, describe, mount_entry
 from .serve import VolumeServer
 from .volume import CachedVolume, open_chain_files
@@ -234,7 +235,7 @@ class View:
             for directory, src in reversed(made):
                 _copy_attributes(src, directory)
         if failed:
-            done = f"; {len(copied)} other path{'' if len(copied) == 1 else 's'} copied" if copied else ""
+            done = f"; {counted(len(copied), 'other path')} copied" if copied else ""
             more = f" (and {len(failed) - 1} more paths failed)" if len(failed) > 1 else ""
             raise ImagerError(f"{failed[0]}{more}{done}; what was copied stays in {dest}")
         return copied
