@@ -77,9 +77,9 @@ MOUNTED_ENTRY = record({"name": STR, "path": STR, "how": {"enum": ["mounted", "f
 MOUNT = record({"directory": STR, "image": STR, "images": list_of(STR), "state": STR, "pid": nullable(INT),
                 "log_path": STR, "volume_file": STR, "entries": list_of(ref("mounted_entry")), "problem": STR})
 
-FILE_ENTRY = record({"name": STR, "type": {"enum": ["file", "dir", "symlink", "char", "block", "fifo", "socket"]},
+FILE_ENTRY = record({"name": STR, "name_bytes": nullable(STR), "type": {"enum": ["file", "dir", "symlink", "char", "block", "fifo", "socket"]},
                      "mode": INT, "uid": INT, "gid": INT, "size": INT, "mtime": TIME, "nlink": INT,
-                     "target": nullable(STR), "fstype": nullable(STR), "label": nullable(STR),
+                     "target": nullable(STR), "target_bytes": nullable(STR), "fstype": nullable(STR), "label": nullable(STR),
                      "partition": nullable(INT), "note": STR})
 
 LOOP_DEVICE = record({"name": STR, "path": STR, "back-file": STR, "offset": INT, "sizelimit": INT, "ro": BOOL},
@@ -128,7 +128,8 @@ COMMANDS: dict[str, dict] = {
     "mounts": record({"mounts": list_of(ref("mount_info"))}),
     "ls": record({"image": STR, "path": STR, "entries": list_of(FILE_ENTRY)}),
     "extract": record({"image": STR, "dest": STR, "seconds": NUM, "entries": INT, "bytes": INT,
-                       "copied": list_of(record({"path": STR, "to": STR, "entries": INT, "bytes": INT}))}),
+                       "copied": list_of(record({"path": STR, "path_bytes": nullable(STR), "to": STR,
+                                                  "to_bytes": nullable(STR), "entries": INT, "bytes": INT}))}),
     "loop attach": ref("loop_device"),
     "loop detach": record({"detached": NAMES}),
     "loop list": record({"loopdevices": list_of(ref("loop_device"))}),

@@ -1,6 +1,6 @@
 """The JSON every command prints and the API's to_dict() gives: one name per concept, ISO 8601
 times, nested objects (never JSON inside a string), lists that are always lists. The schema is
-imager/output.schema.json; tests/test_json_schema.py holds every command to it.
+imager/schema.py (`imager schema`); tests/test_json_schema.py holds every command to it.
 
 The names, once for all:
   image_id        an image's id (parent_id: its parent's)
@@ -33,6 +33,31 @@ def iso_time_ns(epoch_ns: int) -> str:
     seconds, ns = divmod(epoch_ns, 1_000_000_000)
     base = datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
     return f"{base}.{ns:09d}+00:00"
+
+
+def shown_name(name: str) -> str:
+    """A file name as one printable line: control characters as escapes (a newline in a name),
+    and bytes that are not UTF-8 (read with surrogateescape) as \\xNN, as `ls -b` shows them."""
+    out = []
+    for c in name:
+        if 0xDC80 <= ord(c) <= 0xDCFF:
+            out.append(f"\\x{ord(c) - 0xDC00:02x}")
+        elif c.isprintable() or c == " ":
+            out.append(c)
+        else:
+            out.append(repr(c)[1:-1])
+    return "".join(out)
+
+
+def name_fields(key: str, name: str | None) -> dict:
+    """A name for JSON: `key` shown as shown_name() shows it (always valid UTF-8; a lone
+    surrogate escape in JSON breaks most parsers), and `key`_bytes, the name's bytes in hex,
+    when those are not the UTF-8 of `key` (null otherwise), so that a script can still open it."""
+    if name is None:
+        return {key: None, f"{key}_bytes": None}
+    raw = name.encode("utf-8", "surrogateescape")
+    shown = shown_name(name)
+    return {key: shown, f"{key}_bytes": None if shown.encode() == raw else raw.hex()}
 
 
 def _snapshot(value: Any) -> dict | None:

@@ -57,6 +57,9 @@ def fill_tree(root: Path) -> None:
     os.setxattr(root / "small.txt", "user.imager", b"kept")
     os.symlink("small.txt", root / "rel-link")
     os.symlink("/etc/passwd", root / "abs-link")
+    # Names as they come from other systems: Latin-1 bytes that are not UTF-8, a newline.
+    (root / os.fsdecode(b"caf\xe9.txt")).write_bytes(b"latin-1 name")
+    (root / "two\nlines").write_bytes(b"newline name")
     secret = root / "secret"
     secret.mkdir()
     (secret / "key").write_bytes(b"k" * 100)
@@ -786,13 +789,18 @@ def iso_ns(text: str) -> int:
     return int(whole.timestamp()) * 1_000_000_000 + int(text[20:29])
 
 
+def exact_name(entry: dict) -> str:
+    """An `ls --json` entry's name as the filesystem has it (its bytes, when it is not UTF-8)."""
+    return os.fsdecode(bytes.fromhex(entry["name_bytes"])) if entry["name_bytes"] else entry["name"]
+
+
 def test_ls_and_extract_give_the_same_bytes_modes_owners_and_times(built, run_dir, tmp_path):
     b = built("ext4")
     listed = json.loads(imager("ls", b.image, "--json").stdout)["entries"]
     top = {rel: e for rel, e in b.tree.items() if rel != "." and "/" not in rel}
-    assert sorted(e["name"] for e in listed) == sorted(top)
+    assert sorted(exact_name(e) for e in listed) == sorted(top)
     for e in listed:
-        mode, uid, gid, size, mtime, *_ = top[e["name"]]
+        mode, uid, gid, size, mtime, *_ = top[exact_name(e)]
         assert (e["mode"], e["uid"], e["gid"], iso_ns(e["mtime"])) == (mode, uid, gid, mtime), e
         assert size is None or e["size"] == size
     [key] = json.loads(imager("ls", b.image, "secret/key", "--json").stdout)["entries"]
@@ -800,6 +808,19 @@ def test_ls_and_extract_give_the_same_bytes_modes_owners_and_times(built, run_di
                                                                          KEY_TIME_NS)
     lines = imager("ls", b.image, "secret").stdout.splitlines()
     assert len(lines) == 1 and lines[0].startswith("-rw-r----- ") and lines[0].endswith(" key")
+
+    # A name that is not UTF-8 or holds a newline: one escaped line as `ls -b` shows it, JSON
+    # that is strict UTF-8 without lone surrogates, and the name's exact bytes beside it.
+    raw = subprocess.run([sys.executable, "-m", "imager.cli", "ls", b.image, "--json"], capture_output=True,
+                         cwd=REPO_ROOT, check=True).stdout
+    assert b"\\udc" not in raw
+    named = {e["name"]: e for e in json.loads(raw.decode("utf-8", "strict"))["entries"]}
+    assert named["caf\\xe9.txt"]["name_bytes"] == b"caf\xe9.txt".hex()
+    assert named["two\\nlines"]["name_bytes"] == b"two\nlines".hex()
+    assert named["small.txt"]["name_bytes"] is None and named["rel-link"]["target"] == "small.txt"
+    text = imager("ls", b.image).stdout.splitlines()
+    assert any(line.endswith(" caf\\xe9.txt") for line in text)
+    assert any(line.endswith(" two\\nlines") for line in text)
 
     whole = tmp_path / "whole"
     whole.mkdir()
@@ -831,6 +852,13 @@ def test_ls_and_extract_give_the_same_bytes_modes_owners_and_times(built, run_di
     for rel in ("secret", "secret/key", "rel-link", "abs-link", "json", "json/decoder.py"):
         assert got[rel] == b.tree[rel], rel
     assert json.loads(done.stdout)["entries"] == len(got) - 2          # all but "." and the parent "secret"
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    raw = subprocess.run([sys.executable, "-m", "imager.cli", "extract", b.image, b"caf\xe9.txt", "-C", str(odd),
+                          "--json"], capture_output=True, cwd=REPO_ROOT, check=True).stdout
+    [copied] = json.loads(raw.decode("utf-8", "strict"))["copied"]
+    assert copied["path"] == "caf\\xe9.txt" and copied["path_bytes"] == b"caf\xe9.txt".hex()
+    assert (odd / os.fsdecode(b"caf\xe9.txt")).read_bytes() == b"latin-1 name"
     linked = tmp_path / "linked"
     linked.mkdir()
     assert imager("extract", b.image, "small.txt", "hard.txt", "-C", str(linked)).returncode == 0

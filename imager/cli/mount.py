@@ -6,6 +6,7 @@ import stat
 import time
 
 from ..defaults import DEFAULT_MOUNT_CACHE_BYTES
+from .. import views
 from ..units import counted, human_bytes, positive_size
 from .output import Output
 
@@ -94,7 +95,7 @@ def ls(args, out: Output) -> int:
     for e in entries:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.mtime_ns / 1e9))
         line = (f"{stat.filemode(e.mode)} {e.nlink:>3} {e.uid:>5} {e.gid:>5} {e.size:>{width}} {when} "
-                f"{_printable(e.name)}" + (f" -> {_printable(e.target)}" if e.target is not None else ""))
+                f"{views.shown_name(e.name)}" + (f" -> {views.shown_name(e.target)}" if e.target is not None else ""))
         if e.fs_type or e.note:
             line += f"    ({e.fs_type or 'unknown'}" + (f" {e.label!r}" if e.label else "") + \
                 (f"; {e.note}" if e.note else "") + ")"
@@ -107,13 +108,7 @@ def extract(args, out: Output) -> int:
     from .. import api
 
     result = api.extract(args.image, args.paths, args.dest, force=args.force, catalog=args.catalog or True)
-    out.result(result.to_dict(), [f"{_printable(c['path'])} -> {_printable(c['to'])}: {counted(c['entries'], 'entry', 'entries')}, "
+    out.result(result.to_dict(), [f"{views.shown_name(c['path'])} -> {views.shown_name(c['to'])}: {counted(c['entries'], 'entry', 'entries')}, "
                                   f"{human_bytes(c['bytes'])}" for c in result.copied]
                + [f"extracted {counted(result.entries, 'entry', 'entries')} ({human_bytes(result.bytes)}) in {result.seconds:.1f} s"])
     return 0
-
-
-def _printable(name: str) -> str:
-    """A name with control characters (a newline in a file name) shown as escapes, as ls -b
-    does, so that one entry stays one line."""
-    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in name)

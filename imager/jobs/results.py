@@ -172,6 +172,7 @@ class FileEntry:
         d = asdict(self)
         d["fstype"] = d.pop("fs_type")
         d["mtime"] = views.iso_time_ns(d.pop("mtime_ns"))
+        d.update(views.name_fields("name", self.name), **views.name_fields("target", self.target))
         return d
 
 
@@ -191,4 +192,6 @@ class ExtractResult:
         return sum(c["bytes"] for c in self.copied)
 
     def to_dict(self) -> dict:
-        return dict(asdict(self), entries=self.entries, bytes=self.bytes)
+        copied = [dict(c, **views.name_fields("path", c["path"]), **views.name_fields("to", c["to"]))
+                  for c in self.copied]
+        return dict(asdict(self), copied=copied, entries=self.entries, bytes=self.bytes)
