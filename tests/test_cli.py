@@ -267,6 +267,9 @@ def test_a_command_line_argparse_refuses_is_one_line_naming_the_help():
     # ranges are checked before any source is looked at
     one_line_error(imager("backup", "/nonexistent", "-o", "x.zst", "--level", "0"), "out of range", code=2)
     one_line_error(imager("backup", "/nonexistent", "-o", "x.zst", "--chunk-size", "3K"), "power of two", code=2)
+    # A value that starts with "-" is the option's value, refused for what it is, as getopt does.
+    one_line_error(imager("backup", "/nonexistent", "-o", "x.zst", "--chunk-size", "-4M"), "not a size: '-4M'", code=2)
+    one_line_error(imager("backup", "/nonexistent", "-o", "x.zst", "--level", "-3"), "-3 is out of range", code=2)
 
 
 def test_a_catalog_or_log_file_never_goes_under_dev(tmp_path):

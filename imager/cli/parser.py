@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 from dataclasses import dataclass
 from typing import Iterator, NoReturn, Sequence
 
@@ -99,6 +100,13 @@ class OneLineErrors(argparse.ArgumentParser):
     """A command line argparse refuses is said in one line, as every other error (the usage
     block it prints by default buries the reason): what is wrong and where the help is. Its
     subcommands' parsers are of this class too (add_subparsers takes the parser's class)."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        # "--chunk-size -4M" is a value to refuse for what it is, as getopt gives it to the
+        # option; argparse takes only "-4" and "-.5" for values and calls "-4M" a missing one.
+        # No option of imager starts with a digit.
+        self._negative_number_matcher = re.compile(r"^-\d")
 
     def error(self, message: str) -> NoReturn:
         command = self.prog.removeprefix("imager").strip()
