@@ -117,3 +117,24 @@ def test_the_compressed_rate_is_shown_and_a_tape_under_its_streaming_rate_is_fla
     line = next(line for line in done.stderr.splitlines() if line.startswith("imager: backup") and "done" in line)
     assert re.search(r"[\d.]+ MiB/s to tape \(UNDER the drive's 9536743 MiB/s\)", line), line
     assert "shoe-shining" in done.stderr
+
+
+def test_an_incrementals_progress_counts_the_bytes_it_reads(ext4_volume, loops, tmp_path):
+    """Most of a volume is not read by an incremental: its progress counts what is read, so that
+    the rate shown is a read rate, and ends at 100% of it."""
+    dev, _ = ext4_volume
+    catalog = str(tmp_path / "c.sqlite")
+    full = imager("backup", dev, "-o", str(tmp_path / "full.zst"), "-q", "--snapshot", "none", "--catalog", catalog)
+    assert full.returncode == 0, full.stderr
+    point = loops.mount(dev)
+    (point / "night.bin").write_bytes(os.urandom(3 * MiB))
+    loops.umount(point)
+    done = imager("backup", dev, "-o", str(tmp_path / "incr.zst"), "--incremental", "--snapshot", "none",
+                  "--catalog", catalog, "--json", "--progress", "json")
+    assert done.returncode == 0, done.stderr
+    [result] = json.loads(done.stdout)["images"]
+    assert result["kind"] == "incremental" and result["bytes_read"] < result["volume_size"]
+    events = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    [final] = [e for e in events if e["final"] and e["phase"].startswith("read")]
+    assert final["done"] == final["total"] == result["bytes_read"], (final, result)
+    assert all(e["done"] <= e["total"] for e in events)

@@ -307,13 +307,14 @@ def _block_size(volume_size: int, options: ImagingOptions) -> int:
 
 def _write_kind(volume: PlannedVolume, sink: Sink, options: ImagingOptions, image_id: str,
                 increment: Increment | None, progress: Progress | None) -> BackupResult:
-    start_phase(progress, f"read {volume.name}", volume.source.size)
+    phase = f"read {volume.name}"
     chain: dict = {"volume": volume.volume_key}
     if volume.tracker:
         chain["tracker"] = {"series": volume.tracker["series"], "sequence": volume.tracker["sequence"]}
     if increment is None:
         if options.incremental:
             chain["reason"] = "no parent"
+        start_phase(progress, phase, volume.source.size)
         return write_image(volume.source, sink, options=options, image_id=image_id, plan=volume.plan,
                            source_meta=volume.source_meta, snapshot_meta=volume.snapshot_meta,
                            partitions=volume.partitions, progress=progress, chain=chain,
@@ -323,7 +324,7 @@ def _write_kind(volume: PlannedVolume, sink: Sink, options: ImagingOptions, imag
     header = incremental_header(volume, increment, _header(volume.source, options, image_id, plan, volume.source_meta,
                                                            volume.snapshot_meta, volume.partitions, chain))
     return write_incremental(volume.source, sink, increment, header=header, plan=plan, read_size=options.chunk_size,
-                             level=options.level, workers=options.workers, progress=progress,
+                             level=options.level, workers=options.workers, progress=progress, phase=phase,
                              before_trailer=volume.check_reads)
 
 

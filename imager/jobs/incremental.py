@@ -30,7 +30,7 @@ from ..plan.changes import BlockStates, ChangePlan, change_plan, tracker_bits_as
 from ..plan.usedmap import ALL_BLOCKS, UsedMap
 from ..snapshot.provider import PlannedVolume
 from ..units import now_iso
-from ..progress import Progress
+from ..progress import Progress, start_phase
 from ..tape import output_counting
 from .chains import ParentImage, find_parent
 from .results import BackupResult
@@ -101,12 +101,13 @@ def _tracked(volume: PlannedVolume, parent: ParentImage, block_size: int, block_
 
 def write_incremental(source: VolumeSource, sink: Sink, increment: Increment, *, header: ImageHeader,
                       plan: UsedMap | None, read_size: int, level: int, workers: int | None,
-                      progress: Progress | None = None,
+                      progress: Progress | None = None, phase: str = "read",
                       before_trailer: Callable[[], None] | None = None) -> BackupResult:
     """Write the incremental image `header` describes (kind incremental, chunks = blocks) into
     `sink`: every candidate block read (only where the filesystem uses it) and hashed, those
-    whose digest differs from the parent's compressed and written in runs. `before_trailer`
-    runs once everything is read and may still refuse the image."""
+    whose digest differs from the parent's compressed and written in runs. Progress is phase
+    `phase` of the bytes to read, so that its rate is a read rate (most of the volume is not
+    read). `before_trailer` runs once everything is read and may still refuse the image."""
     assert header.incremental and header.chunk_size == header.block_size
     parent = increment.parent
     block_size, n = header.block_size, header.block_count
@@ -121,8 +122,9 @@ def write_incremental(source: VolumeSource, sink: Sink, increment: Increment, *,
                              block_size)
     # No write larger than a full's chunk: what a tape sink's early-warning zone is sized for.
     writer = ImageWriter(sink, header, base_digests=parent.trailer.digests, max_write=zstd_frame_bound(read_size))
-    totals = {"bytes_read": 0, "compared": 0, "changed": 0}
+    totals = {"bytes_read": 0, "compared": 0, "changed": 0, "shown": 0}
     started = time.monotonic()
+    start_phase(progress, phase, read_plan.used_bytes)
 
     def count_read(count: int) -> None:
         totals["bytes_read"] += count
@@ -130,12 +132,15 @@ def write_incremental(source: VolumeSource, sink: Sink, increment: Increment, *,
     count_output = output_counting(sink, progress)
 
     def consume(result: tuple[int, list[EncodedChunk], int]) -> None:
-        length, changed, compared = result
+        _, changed, compared = result
         writer.write_blocks(changed)
         totals["compared"] += compared
         totals["changed"] += len(changed)
         if progress:
-            progress(length)
+            # The reader's count (it runs ahead of this thread by the regions in flight).
+            read = totals["bytes_read"]
+            progress(read - totals["shown"])
+            totals["shown"] = read
             count_output(writer.bytes_written)
 
     try:
