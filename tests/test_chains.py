@@ -504,6 +504,11 @@ def test_force_does_not_write_over_an_image_others_were_taken_on(bench):
         one_line_error(refused, "b0.zst: image [0-9a-f]{12} is the parent of [0-9a-f]{12} \\(.*b1.zst\\)",
                        "unrestorable", code=2)
         assert (out / "b0.zst").read_bytes() == kept
+        # nor by a synthetic full of the chain built on it
+        refused = imager("consolidate", str(out / "b1.zst"), "-o", str(out / "b0.zst"), "--force", *catalog)
+        one_line_error(refused, "b0.zst: image [0-9a-f]{12} is the parent of [0-9a-f]{12} \\(.*b1.zst\\)",
+                       "unrestorable", code=2)
+        assert (out / "b0.zst").read_bytes() == kept
     # the newest image of a chain has no children: -f replaces it
     replaced = imager("backup", "--snapshot", "cow", "force", "-o", str(out / "b1.zst"), "-f")
     assert replaced.returncode == 0, replaced.stderr

@@ -239,7 +239,7 @@ def _refuse_replacing_the_parent(path: str, parent: str) -> None:
                          f"that cannot be restored (give another -o, or a template with {{date}})")
 
 
-def _refuse_orphaning(path: str, catalog: Catalog | None) -> None:
+def refuse_orphaning(path: str, catalog: Catalog | None) -> None:
     """--force over an image that incrementals were taken on would leave them unrestorable:
     they hold only what changed since it. Its children are asked of the catalog and of the
     images beside it (where a restore looks for parents)."""
@@ -286,7 +286,7 @@ def _write_one(volume: PlannedVolume, dest: Destination, options: ImagingOptions
         if increment is not None and dest.output and not dest.to_stdout:
             _refuse_replacing_the_parent(dest.image_path(volume.name, many), increment.parent.where)
     if dest.output and not dest.to_stdout and dest.force and os.path.isfile(dest.image_path(volume.name, many)):
-        _refuse_orphaning(dest.image_path(volume.name, many), catalog)
+        refuse_orphaning(dest.image_path(volume.name, many), catalog)
     sink = _open_sink(volume, dest, options, image_id, many, on_notice)
     log.info("%s: writing %s image %s to %s", volume.name, "an incremental" if increment else "a full", image_id,
              sink.path)

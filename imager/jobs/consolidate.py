@@ -7,6 +7,7 @@ stock `zstd -d` restores it, and it can be the parent of the next incremental.""
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import uuid
@@ -24,7 +25,7 @@ from ..pipeline import run_ordered, worker_count
 from ..tape import TapeSink
 from ..units import now_iso
 from ..progress import Progress, start_phase
-from .backup import Destination, aborted_on_failure, commit_image, image_record, record_image
+from .backup import Destination, aborted_on_failure, commit_image, image_record, record_image, refuse_orphaning
 from .chains import open_chain
 from .results import BackupResult
 
@@ -41,6 +42,8 @@ def consolidate(image: str, dest: Destination, *, workers: int | None = None, pr
         if not chain.header.incremental:
             raise UsageError(f"{image}: is a full image already; copy it (cp, or imager backup --force of it)")
         header = _full_header(chain)
+        if dest.output and not dest.to_stdout and dest.force and os.path.isfile(dest.output):
+            refuse_orphaning(dest.output, catalog)      # the chain's own parent, among others
         sink = _open(dest, header, on_notice)
         started = time.monotonic()
         with aborted_on_failure(sink, catalog):
