@@ -124,6 +124,53 @@ def writes_to(target: str, path: str, _depth: int = 0) -> bool:
     return writes_to(backing.removesuffix(" (deleted)"), path, _depth + 1)
 
 
+def stacked_on(device_path: str) -> list[str]:
+    """The block devices whose data lies on the block device at `device_path`: its partitions,
+    the devices holding it (/sys holders: md, dm), loop devices whose backing file is it or one
+    of those, and so on up (as /dev paths). Writing the device writes under all of them."""
+    try:
+        st = os.stat(device_path)
+    except OSError:
+        return []
+    if not stat.S_ISBLK(st.st_mode):
+        return []
+    loops: dict[int, list[int]] = {}          # backing device number: loop devices on it
+    for name in _listdir("/sys/block"):
+        if name.startswith("loop"):
+            backing = _loop_backing_stat(_read_dev_number(f"/sys/block/{name}/dev") or 0)
+            if backing is not None and stat.S_ISBLK(backing.st_mode):
+                number = _read_dev_number(f"/sys/block/{name}/dev")
+                if number is not None:
+                    loops.setdefault(backing.st_rdev, []).append(number)
+    found: list[int] = []
+    todo = [st.st_rdev]
+    while todo:
+        dev = todo.pop()
+        sysfs = os.path.realpath(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")
+        above = [n for n in (_read_dev_number(os.path.join(sysfs, e, "dev")) for e in _listdir(sysfs)
+                             if os.path.exists(os.path.join(sysfs, e, "partition"))) if n is not None]
+        above += [n for n in (_read_dev_number(f"/sys/class/block/{h}/dev")
+                              for h in _listdir(os.path.join(sysfs, "holders"))) if n is not None]
+        above += loops.get(dev, [])
+        for number in above:
+            if number not in found and number != st.st_rdev:
+                found.append(number)
+                todo.append(number)
+    return [_node_of(n) for n in found]
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return sorted(os.listdir(path))
+    except OSError:
+        return []
+
+
+def _node_of(dev: int) -> str:
+    name = os.path.basename(os.path.realpath(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}"))
+    return f"/dev/{name}"
+
+
 def write_fingerprint(path: str) -> dict:
     """What changes whenever anything writes to the block device at `path`: the kernel's count of
     sectors written to it (and to its whole disk, for a partition: writes through the disk's

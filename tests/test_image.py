@@ -247,6 +247,23 @@ def test_restore_refuses_too_small_mounted_and_existing_targets(imaged, loops, t
     assert r.returncode == 2 and "mounted" in r.stderr
     assert (point / "precious").read_text() == "do not lose"
 
+    # Mounted through a loop device on it, or a loop device with an offset (a partition mapped
+    # by hand): refused, also with --force, naming the mount.
+    under = loops.create(device_size(dev))
+    for offset in (0, 1 << 20):
+        above = loop.attach(under, offset=offset)
+        try:
+            run("mkfs.ext4", "-q", "-F", above)
+            point = loops.mount(above)
+            (point / "precious").write_text("do not lose")
+            r = imager("restore", str(image), under, "--force")
+            assert r.returncode == 2 and f"is mounted through {above} at {point}" in r.stderr, r.stderr
+            assert (point / "precious").read_text() == "do not lose"
+            loops.umount(point)
+            run("e2fsck", "-fn", above)
+        finally:
+            loop.detach(above)
+
     existing = tmp_path / "exists.raw"
     existing.write_bytes(b"keep")
     r = imager("restore", str(image), str(existing))

@@ -4,6 +4,7 @@ forced; see guards.py for what a path may be."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
@@ -11,6 +12,7 @@ import stat
 from devices.block import BlockDevice
 from devices.errors import DeviceError
 from devices.fs import mounts_of
+from devices.topology import stacked_on
 
 from ..errors import ImageFormatError, UsageError
 from .atomic import AtomicFile
@@ -36,6 +38,7 @@ class RestoreTarget:
             mounted = mounts_of(path)
             if mounted:
                 raise UsageError(f"{path}: is mounted at {mounted[0].mount_point}; unmount it before restoring onto it")
+            refuse_in_use_above(path)
             try:
                 self.dev = BlockDevice(path, writable=True, direct=direct, exclusive=True, on_notice=log.info)
             except DeviceError as e:
@@ -103,3 +106,21 @@ class RestoreTarget:
 
     def close(self) -> None:
         self.dev.close()
+
+
+def refuse_in_use_above(path: str) -> None:
+    """A device that is in use through another one on it (a partition mounted, a loop device on
+    it mounted or held, md) is refused, --force or not: the exclusive open of the device itself
+    does not see a loop device on it, and writing under a mounted filesystem corrupts it."""
+    for above in stacked_on(path):
+        mounted = mounts_of(above)
+        if mounted:
+            raise UsageError(f"{path}: is mounted through {above} at {mounted[0].mount_point}; unmount it "
+                             f"before restoring onto {path}")
+        try:
+            os.close(os.open(above, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC))
+        except OSError as e:
+            if e.errno == errno.EBUSY:
+                raise UsageError(f"{path}: is in use through {above} (held open exclusively: a managed volume, "
+                                 f"swap, RAID or another tool); stop using it before restoring onto {path}") from None
+
