@@ -4,10 +4,12 @@ on it)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
 from . import loop
+from .fs import mounts_of
 from .errors import DeviceError
 
 def path_is_on(device_path: str, path: str) -> bool:
@@ -124,26 +126,27 @@ def writes_to(target: str, path: str, _depth: int = 0) -> bool:
     return writes_to(backing.removesuffix(" (deleted)"), path, _depth + 1)
 
 
-def stacked_on(device_path: str) -> list[str]:
-    """The block devices whose data lies on the block device at `device_path`: its partitions,
+def stacked_on(path: str) -> list[str]:
+    """The block devices whose data lies on the block device or file at `path`: its partitions,
     the devices holding it (/sys holders: md, dm), loop devices whose backing file is it or one
-    of those, and so on up (as /dev paths). Writing the device writes under all of them."""
+    of those, and so on up (as /dev paths). Writing `path` writes under all of them."""
     try:
-        st = os.stat(device_path)
+        st = os.stat(path)
     except OSError:
         return []
-    if not stat.S_ISBLK(st.st_mode):
-        return []
-    loops: dict[int, list[int]] = {}          # backing device number: loop devices on it
+    loops: dict[tuple, list[int]] = {}        # what a loop device is on: the loop devices on it
     for name in _listdir("/sys/block"):
-        if name.startswith("loop"):
-            backing = _loop_backing_stat(_read_dev_number(f"/sys/block/{name}/dev") or 0)
-            if backing is not None and stat.S_ISBLK(backing.st_mode):
-                number = _read_dev_number(f"/sys/block/{name}/dev")
-                if number is not None:
-                    loops.setdefault(backing.st_rdev, []).append(number)
+        number = _read_dev_number(f"/sys/block/{name}/dev") if name.startswith("loop") else None
+        backing = _loop_backing_stat(number) if number is not None else None
+        if backing is not None:
+            loops.setdefault(_what(backing), []).append(number)
     found: list[int] = []
-    todo = [st.st_rdev]
+    todo: list[int] = []
+    if stat.S_ISBLK(st.st_mode):
+        todo.append(st.st_rdev)
+    elif stat.S_ISREG(st.st_mode):
+        found += loops.get(_what(st), [])
+        todo += found
     while todo:
         dev = todo.pop()
         sysfs = os.path.realpath(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")
@@ -151,12 +154,32 @@ def stacked_on(device_path: str) -> list[str]:
                              if os.path.exists(os.path.join(sysfs, e, "partition"))) if n is not None]
         above += [n for n in (_read_dev_number(f"/sys/class/block/{h}/dev")
                               for h in _listdir(os.path.join(sysfs, "holders"))) if n is not None]
-        above += loops.get(dev, [])
+        above += loops.get(("block", dev), [])
         for number in above:
-            if number not in found and number != st.st_rdev:
+            if number not in found and not (stat.S_ISBLK(st.st_mode) and number == st.st_rdev):
                 found.append(number)
                 todo.append(number)
     return [_node_of(n) for n in found]
+
+
+def in_use_above(path: str) -> tuple[str, str | None] | None:
+    """A device stacked on `path` (see stacked_on) that is in use: (its /dev path, where it is
+    mounted), or (its path, None) when something holds it open exclusively (a managed volume,
+    swap, md); None when none is. Its own exclusive open does not see a loop device on it."""
+    for above in stacked_on(path):
+        mounted = mounts_of(above)
+        if mounted:
+            return above, mounted[0].mount_point
+        try:
+            os.close(os.open(above, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC))
+        except OSError as e:
+            if e.errno == errno.EBUSY:
+                return above, None
+    return None
+
+
+def _what(st: os.stat_result) -> tuple:
+    return ("block", st.st_rdev) if stat.S_ISBLK(st.st_mode) else ("file", st.st_dev, st.st_ino)
 
 
 def _listdir(path: str) -> list[str]:

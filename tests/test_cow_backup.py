@@ -351,13 +351,35 @@ def test_errors_are_one_line_and_lose_nothing(bench):
     one_line_error(imager("snapshot", "create", "nosuch"), "no managed volume named 'nosuch'", code=2)
     assert os.listdir(out) == []
 
+    # Another way in to the bytes of a volume in use, a device that cannot be written, a size
+    # the front cannot reach whole: refused, nothing attached.
+    one_line_error(imager("attach", daemon.status("busy").fuse_file, "--name", "twice"), "is in use through",
+                   code=2)
+    (bench.tmp / "ro.img").write_bytes(bytes(1 << 20))
+    read_only = bench.loop_on(bench.tmp / "ro.img", read_only=True)
+    one_line_error(imager("attach", read_only, "--name", "ro"), "is read-only", code=2)
+    odd = bench.tmp / "odd.img"
+    odd.write_bytes(bytes(582))
+    one_line_error(imager("attach", str(odd), "--name", "odd"), "not a multiple of 512", code=2)
+    assert [v.name for v in daemon.list_volumes()] == ["busy"]
+
     created = imager("snapshot", "create", "busy")
     assert created.returncode == 0, created.stderr
+    one_line_error(imager("snapshot", "create", "busy"), "already has a snapshot", code=2)
     one_line_error(imager("detach", "busy"), "has a snapshot", code=2)
     assert snapshot_names() == ["busy"]                 # the failed detach kept it
     deleted = imager("snapshot", "delete", "busy")
     assert deleted.returncode == 0, deleted.stderr
+    one_line_error(imager("snapshot", "delete", "busy"), "busy has no snapshot", code=2)
+    one_line_error(imager("snapshot", "delete", "nosuch"), "no managed volume named 'nosuch'", code=2)
     one_line_error(imager("detach", "busy"), "is mounted at", code=2)
+    # Several names: each is checked before any is detached.
+    other = bench.loop_device(name="other.img")
+    assert imager("attach", other, "--name", "other").returncode == 0
+    one_line_error(imager("detach", "other", "nosuch"), "no managed volume named 'nosuch'", code=2)
+    one_line_error(imager("detach", "other", "busy"), "is mounted at", code=2)
+    assert sorted(v.name for v in daemon.list_volumes()) == ["busy", "other"]
+    assert imager("detach", "other").returncode == 0
     assert [v.name for v in daemon.list_volumes()] == ["busy"]
     with open(os.path.join(mnt, "keep.txt"), "rb") as f:
         assert f.read() == b"keep me"

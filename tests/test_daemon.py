@@ -169,7 +169,7 @@ def test_attach_refuses_what_it_cannot_manage(lab, tmp_path):
 
     with pytest.raises(VolumeError, match="no managed volume named 'nope'"):
         daemon.snapshot_create(["nope"])
-    with pytest.raises(SnapshotError, match="has no snapshot"):
+    with pytest.raises(VolumeRefused, match="has no snapshot"):
         daemon.snapshot_delete("once")
     with pytest.raises(VolumeError, match="no managed volume"):
         daemon.detach("nope")
@@ -191,7 +191,7 @@ def test_open_snapshot_file_blocks_delete_unless_forced(lab):
     daemon.snapshot_create("held")
     path = daemon.status("held").snapshot.path
     with open(path, "rb") as held:
-        with pytest.raises(SnapshotError, match="still open"):
+        with pytest.raises(VolumeRefused, match="still open"):
             daemon.snapshot_delete("held")
         daemon.snapshot_delete("held", force=True)
         with pytest.raises(OSError):

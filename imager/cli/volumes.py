@@ -85,9 +85,8 @@ def recover(args, out: Output) -> int:
 def detach(args, out: Output) -> int:
     from ..jobs import volumes
 
-    for name in args.names:
-        volumes.detach(name)
-    out.result({"detached": args.names}, [f"detached {n}" for n in args.names])
+    detached = volumes.detach_all(args.names)
+    out.result({"detached": detached}, [f"detached {n}" for n in detached])
     return 0
 
 

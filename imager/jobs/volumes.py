@@ -3,11 +3,46 @@
 
 from __future__ import annotations
 
+from devices.fs import mounts_of
+
+from ..errors import ImagerError, VolumeRefused
 from ..snapshot.daemon import (HeldSnapshots, SnapshotInfo, SnapshotSetInfo, VolumeInfo, attach, detach,
                                list_volumes, restart_worker, snapshot_create, snapshot_delete, snapshot_list,
                                status)
 from ..snapshot.daemon import recover as _recover
+from ..snapshot.daemon.client import require_known
 from ..snapshot.daemon.fsck import check_filesystem
+
+
+def detach_all(names: list[str]) -> list[str]:
+    """Detach every volume of `names`, each checked first (known, no snapshot, front not
+    mounted), so that a refusal leaves them all attached. Returns the names detached."""
+    for name in dict.fromkeys(names):
+        require_known(name)
+        found = [v for v in list_volumes() if v.name == name]
+        if found and found[0].state == "running":
+            refuse_detaching(found[0])
+    done: list[str] = []
+    for name in dict.fromkeys(names):
+        try:
+            detach(name)
+        except ImagerError as e:
+            if done:
+                e.args = (f"detached {', '.join(done)}; {name}: {e}",)
+            raise
+        done.append(name)
+    return done
+
+
+def refuse_detaching(volume: VolumeInfo) -> None:
+    """The refusals of a volume's detach that its status tells (the daemon checks them again)."""
+    if volume.snapshot is not None:
+        raise VolumeRefused(f"{volume.name} has a snapshot; delete it before detaching "
+                            f"(or wait for the backup that holds it)")
+    mounted = mounts_of(volume.front) if volume.front else []
+    if mounted:
+        raise VolumeRefused(f"the front device {volume.front} of {volume.name} is mounted at "
+                            f"{', '.join(m.mount_point for m in mounted)}; unmount it first")
 
 
 def recover(name: str) -> VolumeInfo:
@@ -16,6 +51,6 @@ def recover(name: str) -> VolumeInfo:
 
 
 __all__ = [
-    "HeldSnapshots", "SnapshotInfo", "SnapshotSetInfo", "VolumeInfo", "attach", "detach", "list_volumes",
+    "HeldSnapshots", "SnapshotInfo", "SnapshotSetInfo", "VolumeInfo", "attach", "detach", "detach_all", "list_volumes",
     "recover", "restart_worker", "snapshot_create", "snapshot_delete", "snapshot_list", "status",
 ]

@@ -98,18 +98,25 @@ def list_volumes() -> list[VolumeInfo]:
             except VolumeError as e:
                 state, problem = daemon_state(record)
                 if state == "running":
-                    state, problem = "not answering", f"{e} (stopped or stuck; see {record['log_path']})"
+                    state, problem = "not answering", f"{str(e).removesuffix(' (stopped or stuck? see its log)')} " \
+                                                      f"(stopped or stuck; see {record['log_path']})"
         result.append(volume_from(dict(record, snapshot=None, state=state, problem=problem)))
     return result
 
 
-def require_running(name: str) -> dict:
-    """The record of volume `name`, which must be attached and have a live daemon."""
+def require_known(name: str) -> dict:
+    """The record of volume `name`, which must be attached (its daemon alive or not)."""
     record = read_record(check_name(name))
     if record is None:
         attached = [r["name"] for r in records()]
         hint = f" (attached: {', '.join(attached)})" if attached else ""
         raise VolumeRefused(f"no managed volume named {name!r}{hint}")
+    return record
+
+
+def require_running(name: str) -> dict:
+    """The record of volume `name`, which must be attached and have a live daemon."""
+    record = require_known(name)
     state, problem = daemon_state(record)
     if state != "running":
         raise VolumeError(f"{name}: {problem}")

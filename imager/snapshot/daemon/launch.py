@@ -10,10 +10,10 @@ import sys
 import time
 
 from devices import discover
-from devices.block import stat_volume
+from devices.block import BlockDevice, stat_volume
 from devices.errors import DeviceError
 from devices.fs import mounts_of
-from devices.topology import path_is_on, same_file
+from devices.topology import in_use_above, path_is_on, same_file
 
 from ...errors import VolumeError, VolumeRefused
 from ...private import make_private_dir
@@ -107,6 +107,23 @@ def _check_attachable(device: str) -> None:
     if mounted:
         raise VolumeRefused(f"{device} is mounted at {', '.join(m.mount_point for m in mounted)}; "
                           f"unmount it, attach, then mount the front device instead")
+    # Another way in to the same bytes that is in use (the served file of another volume's
+    # front, a loop device on the device mounted) would be a second writer the front never sees.
+    above = in_use_above(device)
+    if above is not None:
+        how = f"mounted at {above[1]}" if above[1] else "held open exclusively"
+        raise VolumeRefused(f"{device} is in use through {above[0]} ({how}); a managed volume must be the only "
+                            f"way its bytes are written")
+    try:
+        with BlockDevice(device, writable=False) as probe:
+            read_only = probe.read_only
+    except DeviceError as e:
+        raise VolumeRefused(str(e)) from None
+    if read_only:
+        raise VolumeRefused(f"{device}: is read-only; a managed volume writes through to its device")
+    if stat.S_ISREG(st.st_mode) and st.st_size % 512:
+        raise VolumeRefused(f"{device}: its size, {st.st_size} bytes, is not a multiple of 512; its front would "
+                            f"leave the last {st.st_size % 512} bytes out of reach (truncate it to whole sectors)")
 
 
 def refuse_esp(device: str, provider: str) -> None:

@@ -292,6 +292,18 @@ class VolumeDaemon:
             log.warning("cannot record who holds the snapshot (%s): if this worker dies, the snapshot stays "
                         "until deleted", e.strerror)
 
+    def _holder_of(self, generation: int) -> int | None:
+        """The pid of the live process (a backup) that holds snapshot `generation`, if any."""
+        try:
+            with open(os.path.join(self.run_dir, HOLDER_NAME)) as f:
+                holder = json.load(f)
+        except (OSError, ValueError):
+            return None
+        pid = holder.get("pid")
+        if holder.get("generation") != generation or not isinstance(pid, int):
+            return None
+        return pid if process_start_time(pid) == holder.get("start") else None
+
     def _watch_holder(self, generation: int) -> None:
         """The snapshot was taken under an earlier worker: if a backup holds it, delete it when
         that process ends (its connection went with the earlier worker)."""
@@ -360,10 +372,10 @@ class VolumeDaemon:
         """End the snapshot. With `commit`, its backup is stored: the tracker's next interval
         starts from it; otherwise what the tracker rolled out goes back to be found next time."""
         if not self.store.snapshot_active:
-            raise SnapshotError(f"{self.name} has no snapshot")
+            raise VolumeRefused(f"{self.name} has no snapshot")
         if not self.fs.wait_for_handles(SNAPSHOT_FILE, 0, 0 if force else HANDLE_RELEASE_TIMEOUT):
             if not force:
-                raise SnapshotError(
+                raise VolumeRefused(
                     f"the snapshot of {self.name} is still open ({self.fs.open_handles(SNAPSHOT_FILE)} "
                     f"handles); detach its loop devices and close it first")
             log.warning("deleting the snapshot of %s while it is open", self.name)
@@ -387,7 +399,12 @@ class VolumeDaemon:
     def detach(self) -> None:
         """Refuse while in use; otherwise undo start() in reverse. Each step can be retried."""
         if self.store.snapshot_active:
-            raise VolumeRefused(f"{self.name} has a snapshot; delete it before detaching")
+            holder = self._holder_of(self.store.generation)
+            if holder is not None:
+                raise VolumeRefused(f"{self.name} has a snapshot a backup holds (pid {holder}); detach once that "
+                                    f"backup has ended")
+            raise VolumeRefused(f"{self.name} has a snapshot; delete it before detaching "
+                                f"(imager snapshot delete {self.name})")
         if self.front is not None:
             mounted = mounts_of(self.front)
             if mounted:

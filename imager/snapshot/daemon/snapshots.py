@@ -10,7 +10,7 @@ from typing import Callable, Iterable, Sequence
 
 from devices.fs import mounts_of
 
-from ...errors import ImagerError, SnapshotError
+from ...errors import ImagerError, SnapshotError, VolumeRefused
 from ..freeze import DEFAULT_MAX_FREEZE, FreezeGuard, Hook, freeze_window
 from .client import list_volumes, require_running, status
 from .protocol import (REQUEST_TIMEOUT, STATUS_TIMEOUT, Connection, ConnectionLost, SnapshotInfo, SnapshotSetInfo,
@@ -88,7 +88,7 @@ class HeldSnapshots:
             if v.snapshot is not None and v.snapshot.delete_failed:
                 self._delete_left_over(conn, v.snapshot)
             elif v.snapshot is not None:
-                raise SnapshotError(f"{v.name} already has a snapshot (generation {v.snapshot.generation}); "
+                raise VolumeRefused(f"{v.name} already has a snapshot (generation {v.snapshot.generation}); "
                                     f"delete it first (imager snapshot delete {v.name})")
         # Every mount of one block device shares its superblock: freeze it through one of them
         # (a second FIFREEZE of the same filesystem fails with EBUSY).
@@ -198,6 +198,7 @@ def snapshot_delete(names: str | Iterable[str], *, force: bool = False, missing_
     snapshot file is still open unless `force` (its readers then get EIO). Tries every name and
     reports every failure."""
     failures = []
+    refused = True          # every failure a refusal (no such volume or snapshot, still open): exit 2
     for name in name_list(names):
         try:
             info = status(name)
@@ -208,8 +209,9 @@ def snapshot_delete(names: str | Iterable[str], *, force: bool = False, missing_
             request(name, {"op": "snapshot-delete", "force": force}, REQUEST_TIMEOUT)
         except ImagerError as e:
             failures.append(str(e))
+            refused = refused and isinstance(e, VolumeRefused)
     if failures:
-        raise SnapshotError("; ".join(failures))
+        raise (VolumeRefused if refused else SnapshotError)("; ".join(failures))
 
 
 def snapshot_list() -> list[SnapshotInfo]:
