@@ -4,7 +4,6 @@ forced; see guards.py for what a path may be."""
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import stat
@@ -12,7 +11,7 @@ import stat
 from devices.block import BlockDevice
 from devices.errors import DeviceError
 from devices.fs import mounts_of
-from devices.topology import stacked_on
+from devices.topology import in_use_above
 
 from ..errors import ImageFormatError, UsageError
 from .atomic import AtomicFile
@@ -109,18 +108,13 @@ class RestoreTarget:
 
 
 def refuse_in_use_above(path: str) -> None:
-    """A device that is in use through another one on it (a partition mounted, a loop device on
-    it mounted or held, md) is refused, --force or not: the exclusive open of the device itself
-    does not see a loop device on it, and writing under a mounted filesystem corrupts it."""
-    for above in stacked_on(path):
-        mounted = mounts_of(above)
-        if mounted:
-            raise UsageError(f"{path}: is mounted through {above} at {mounted[0].mount_point}; unmount it "
-                             f"before restoring onto {path}")
-        try:
-            os.close(os.open(above, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC))
-        except OSError as e:
-            if e.errno == errno.EBUSY:
-                raise UsageError(f"{path}: is in use through {above} (held open exclusively: a managed volume, "
-                                 f"swap, RAID or another tool); stop using it before restoring onto {path}") from None
-
+    """A device in use through another one on it (a partition mounted, a loop device on it
+    mounted or held) is refused, --force or not: writing under a mounted filesystem corrupts it."""
+    found = in_use_above(path)
+    if found is None:
+        return
+    above, mount_point = found
+    if mount_point:
+        raise UsageError(f"{path}: is mounted through {above} at {mount_point}; unmount it before restoring onto {path}")
+    raise UsageError(f"{path}: is in use through {above} (held open exclusively: a managed volume, swap, RAID or "
+                     f"another tool); stop using it before restoring onto {path}")
