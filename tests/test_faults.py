@@ -28,6 +28,8 @@ from imager import jobs
 from imager.snapshot import daemon
 from imager.errors import ImagerError, SnapshotError
 from imager.snapshot.daemon.protocol import request
+from imager.snapshot.freeze_guard import frozen_record
+from imager.spawn import process_start_time
 
 from conftest import device_size, sweep_size
 from conftest import fsck_clean
@@ -135,15 +137,52 @@ def test_a_freeze_left_by_a_backup_killed_with_its_guard_is_thawed_by_the_next_o
     bench.defer(lambda: kill_process(proc))
     wait_until(lambda: flag.exists() or proc.poll() is not None, "the window never opened")
     [guard] = _freeze_guards_of(proc.pid)
+    os.kill(proc.pid, signal.SIGSTOP)       # both at once, as a unit's stop: the job cannot react
     os.kill(guard, signal.SIGKILL)
+    wait_until(lambda: process_start_time(guard) is None, "the guard did not die")    # a zombie of the stopped job
     proc.kill()
     proc.wait()
-    wait_until(lambda: not os.path.exists(f"/proc/{guard}"), "the guard did not die")
     assert frozen(mnt), "nothing should have thawed it: the guard was killed first"
     done = imager("backup", "--snapshot", "freeze", device, "-o", str(bench.tmp / "next.zst"))
     assert done.returncode == 0, done.stderr
     assert f"thawed {mnt}" in done.stderr and f"(pid {guard}) was killed" in done.stderr, done.stderr
     assert not frozen(mnt)
+
+
+def test_a_freeze_guard_killed_alone_is_noticed_and_its_freeze_thawed_at_once(bench):
+    """kill -9 of the guard while the job holds its freeze: the job thaws the filesystem at once
+    (its writers do not wait for the job's end), fails at its next check saying so, and leaves
+    no record of a freeze behind."""
+    device, mnt = bench.plain_ext4("alone", 64 * MiB)
+    bench.thaw_at_teardown(mnt)
+    flag = bench.tmp / "in-window"
+    script = textwrap.dedent(f"""
+        import sys, time
+        from imager.errors import SnapshotError
+        from imager.snapshot.freeze import freeze_window
+        try:
+            with freeze_window([{mnt!r}], max_seconds=600) as window:
+                open({str(flag)!r}, "w").close()
+                while True:
+                    time.sleep(0.05)
+                    window.check()
+        except SnapshotError as e:
+            sys.exit(str(e))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True)
+    bench.defer(lambda: kill_process(proc))
+    wait_until(lambda: flag.exists() or proc.poll() is not None, "the window never opened")
+    [guard] = _freeze_guards_of(proc.pid)
+    assert frozen(mnt)
+    os.kill(guard, signal.SIGKILL)
+    wait_until(lambda: not frozen(mnt), "the filesystem stayed frozen after its guard was killed")
+    with open(os.path.join(mnt, "written-after.txt"), "w") as f:     # writers go on
+        f.write("ok")
+    assert proc.wait(WAIT) == 1
+    message = proc.stderr.read().strip()
+    assert f"the freeze guard (pid {guard}) was killed while it held the freeze" in message, message
+    assert f"thawed {mnt}" in message and "not of one instant" in message
+    assert not os.path.exists(frozen_record(guard))
 
 
 def _cgroup2_mount() -> str | None:

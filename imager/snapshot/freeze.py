@@ -27,6 +27,7 @@ import os
 import select
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -197,6 +198,9 @@ class FreezeGuard:
         self._frozen = False
         self._expired: str | None = None
         self._window_ms = 0.0
+        self._lock = threading.Lock()
+        self._stop_watch_r, self._stop_watch_w = os.pipe2(os.O_CLOEXEC)
+        self._watcher: threading.Thread | None = None
 
     def _wait_ready(self) -> None:
         if not self._ready:
@@ -210,8 +214,7 @@ class FreezeGuard:
             self._proc.stdin.write(json.dumps(message).encode() + b"\n")
             self._proc.stdin.flush()
         except OSError:
-            raise SnapshotError("the freeze guard is gone (killed?): the filesystems were thawed when it "
-                                "ended, or by its deadline") from None
+            raise self._gone() from None
 
     def _receive(self, timeout: float) -> dict:
         fd = self._proc.stdout.fileno()
@@ -219,9 +222,14 @@ class FreezeGuard:
             raise SnapshotError(f"the freeze guard did not answer in {timeout:.0f} s")
         line = self._proc.stdout.readline()
         if not line:
-            raise SnapshotError("the freeze guard ended unexpectedly (killed?); it thaws what it froze "
-                                "when it ends")
+            raise self._gone()
         return json.loads(line)
+
+    def _gone(self) -> SnapshotError:
+        """The error of a guard found gone: whatever it held is thawed first (see _guard_died)."""
+        self._guard_died()
+        return SnapshotError(self._expired or f"the freeze guard (pid {self._proc.pid}) ended unexpectedly "
+                                              f"(killed?)")
 
     def freeze(self, mount_points: Sequence[str], max_seconds: float) -> list[str]:
         self._wait_ready()
@@ -232,7 +240,35 @@ class FreezeGuard:
         if not reply.get("ok"):
             raise SnapshotError(reply.get("error") or "freeze failed")
         self._frozen = True
+        self._watcher = threading.Thread(target=self._thaw_if_killed, name="freeze-guard-watch", daemon=True)
+        self._watcher.start()
         return list(reply["frozen"])
+
+    def _thaw_if_killed(self) -> None:
+        """A guard killed while it holds the freeze (kill -9 of it alone) thaws nothing: every
+        writer of those filesystems would wait until the job ends. Thaw them at once from here;
+        the job then fails at its next check (its reads after this are not of one instant)."""
+        try:
+            pidfd = os.pidfd_open(self._proc.pid)
+        except OSError:
+            return                  # already reaped: close() ran
+        try:
+            ready = select.select([pidfd, self._stop_watch_r], [], [])[0]
+        finally:
+            os.close(pidfd)
+        if pidfd in ready and self._stop_watch_r not in ready:
+            self._guard_died()
+
+    def _guard_died(self) -> None:
+        with self._lock:
+            if not self._frozen:
+                return
+            self._frozen = False
+            thawed_points = thaw_left_over()
+            self._expired = (f"the freeze guard (pid {self._proc.pid}) was killed while it held the freeze; "
+                             f"imager thawed {', '.join(thawed_points) or 'the filesystems'} itself; what was "
+                             f"made after that is not of one instant, so the image is refused")
+            log.error("%s", self._expired)
 
     def check(self) -> None:
         if self._expired is None and self._frozen:
@@ -267,6 +303,14 @@ class FreezeGuard:
         return self._window_ms
 
     def close(self) -> None:
+        if self._stop_watch_w < 0:
+            return
+        os.write(self._stop_watch_w, b"x")          # the guard's end from here on is its normal one
+        if self._watcher is not None:
+            self._watcher.join()
+        os.close(self._stop_watch_r)
+        os.close(self._stop_watch_w)
+        self._stop_watch_r = self._stop_watch_w = -1
         # Closing its stdin is the guard's signal to thaw (if still frozen) and exit.
         try:
             self._proc.stdin.close()
