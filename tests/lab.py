@@ -62,8 +62,8 @@ class Lab:
         self._undo.append(lambda: detach_loop(device))
         return device
 
-    def loop_on(self, path, read_only=True) -> str:
-        device = loop.attach(str(path), read_only=read_only)
+    def loop_on(self, path, read_only=True, **options) -> str:
+        device = loop.attach(str(path), read_only=read_only, **options)
         self._undo.append(lambda: detach_loop(device))
         return device
 

@@ -4,6 +4,7 @@ mount gives a crash-consistent image at best)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -18,7 +19,7 @@ from imager.snapshot import daemon
 from imager.snapshot.provider import PROVIDERS, SnapshotRequest, provider
 from conftest import fsck_clean
 from lab import (DAEMON_TESTS, MiB, Writers, assert_after_snapshot_differs, assert_final_content,
-                assert_same_instant, capture, fill_with_data, imager, one_line_error,
+                assert_same_instant, capture, fill_with_data, gpt_disk_with_esp, imager, one_line_error,
                 umount_point)
 
 pytestmark = DAEMON_TESTS
@@ -151,6 +152,36 @@ def test_freeze_backup_blocks_writers_and_thaws(bench):
     assert checked.returncode == 0, checked.stdout + checked.stderr
     point = bench.mount(device, "live-frz", "ro")
     assert_final_content(point, reports, bench.tmp / "live-copy")
+
+
+def test_freeze_of_a_whole_disk_freezes_its_mounted_partitions(bench):
+    """A whole disk whose partition is mounted read-write: the freeze provider freezes that
+    partition's filesystem (it said "not mounted" and read the disk while it was written), so
+    what was written just before is in the image."""
+    esp = gpt_disk_with_esp(bench)
+    disk = "/dev/" + os.path.basename(os.path.dirname(os.path.realpath(f"/sys/class/block/{os.path.basename(esp)}")))
+    data = esp[:-1] + "2"
+    subprocess.run(["mkfs.ext4", "-q", "-F", data], check=True)
+    mnt = bench.mount(data, "part2")
+    bench.thaw_at_teardown(mnt)
+    payload = os.urandom(MiB)
+    with open(os.path.join(mnt, "live.bin"), "wb") as f:
+        f.write(payload)                    # in the page cache only: the freeze puts it on the disk
+    out = bench.tmp / "out"
+    out.mkdir()
+    done = imager("backup", "--snapshot", "freeze", disk, "-o", str(out / "disk.zst"), "--json")
+    assert done.returncode == 0, done.stderr
+    assert f"freezing what is mounted on it: {mnt}" in done.stderr, done.stderr
+    [result] = json.loads(done.stdout)["images"]
+    assert result["freeze_window_ms"] > 0
+    with open(os.path.join(mnt, "after.txt"), "w") as f:        # thawed
+        f.write("ok")
+    restored = bench.tmp / "restored.img"
+    assert imager("restore", str(out / "disk.zst"), str(restored)).returncode == 0
+    part = bench.loop_on(restored, read_only=True, offset=34816 * 512, size_limit=65536 * 512)
+    point = bench.mount(part, "restored-part2", "ro", "noload")
+    with open(os.path.join(point, "live.bin"), "rb") as f:
+        assert f.read() == payload
 
 
 # -- 7. no snapshot on a read-write mount -------------------------------------------------------

@@ -26,7 +26,7 @@ from typing import Callable, Iterator, Protocol, Sequence
 from devices.block import BlockDevice
 from devices.errors import DeviceError
 from devices.fs import mounts_of
-from devices.topology import device_identity
+from devices.topology import device_identity, stacked_on
 
 from ..ends.sources import VolumeSource, open_source, probe_filesystem
 from ..errors import ImagerError, SnapshotError, UsageError
@@ -130,18 +130,26 @@ class FreezeProvider:
         with ExitStack() as opened:
             devices = [opened.enter_context(open_source(path, backups_as_sources=request.backups_as_sources))
                        for path in sources]
-            mounted = {}
+            mounted = {}            # a source mounted itself: where
+            to_freeze = {}          # every device mounted on a source's bytes (a whole disk's partitions): where
             for dev in devices:
                 points = mounts_of(dev.path)
                 if points:
-                    mounted[dev.path] = points[0].mount_point
-                else:
-                    request.notice(f"{dev.path} is not mounted: nothing to freeze, it is read as it is")
+                    mounted[dev.path] = to_freeze[dev.path] = points[0].mount_point
+                inside = []
+                for above in stacked_on(dev.path):
+                    points = mounts_of(above)
+                    if points:
+                        to_freeze.setdefault(above, points[0].mount_point)
+                        inside.append(points[0].mount_point)
+                if dev.path not in mounted:
+                    request.notice(f"{dev.path}: freezing what is mounted on it: {', '.join(inside)}" if inside else
+                                   f"{dev.path} is not mounted: nothing to freeze, it is read as it is")
             if request.rules.excludes and len(mounted) != len(devices):
                 raise UsageError("--exclude needs every source mounted, to find the files' blocks")
-            refuse_writing_to_frozen(mounted, request.writes_to)
+            refuse_writing_to_frozen(to_freeze, request.writes_to)
             created = now_iso()
-            with freeze_window(list(mounted.values()), request.pre_freeze, request.post_thaw,
+            with freeze_window(list(to_freeze.values()), request.pre_freeze, request.post_thaw,
                                max_seconds=request.max_freeze or DEFAULT_MAX_FREEZE_READ) as window:
                 volumes = []
                 for dev in devices:
@@ -151,7 +159,7 @@ class FreezeProvider:
                                            on_notice=request.on_notice)
                     volumes.append(PlannedVolume(dev, _volume_name(dev.path), plan, fs_meta,
                                                  {"provider": "freeze", "time": created,
-                                                  "frozen": list(mounted.values())},
+                                                  "frozen": list(to_freeze.values())},
                                                  None if point else partition_table_of(dev.path, fs_meta),
                                                  volume_key(dev.path, fs_meta), check_reads=window.check))
                 if request.while_frozen is not None:
