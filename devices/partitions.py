@@ -10,13 +10,18 @@ does) and a link to the next.
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import os
 import struct
+import subprocess
 import uuid
 import zlib
 from dataclasses import asdict, dataclass, field
 
 from .block import BlockDevice
 from .errors import DeviceError
+from .ioctl import IO
 
 class PartitionTableDamaged(DeviceError):
     """A partition table is there but cannot be read (both GPT copies damaged)."""
@@ -289,3 +294,49 @@ def _check_bounds(table: PartitionTable) -> None:
         if p.end_byte > table.disk_size:
             table.warnings.append(f"partition {p.number} ends at byte {p.end_byte}, past the end of the "
                                   f"disk ({table.disk_size} bytes)")
+
+
+BLKRRPART = IO(0x12, 95)
+
+
+def partition_devices(device: str) -> list[str]:
+    """The partition devices the kernel has for the whole disk at `device` (/dev paths)."""
+    name = os.path.basename(os.path.realpath(device))
+    base = f"/sys/class/block/{name}"
+    try:
+        entries = sorted(os.listdir(base))
+    except OSError:
+        return []
+    return [f"/dev/{e}" for e in entries if os.path.exists(os.path.join(base, e, "partition"))]
+
+
+def reread_partitions(device: str) -> str:
+    """Have the kernel take up the partition table now written on the whole disk `device`, as
+    sfdisk does after writing one: "reread" (it scanned it), "updated" (it does not scan this
+    device, and its partition devices, added by hand, were made again from the table by partx),
+    "none" (it does not scan it and there were no partition devices to update) or "stale" (a
+    partition is in use: the kernel still has the partitions of before)."""
+    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, BLKRRPART)
+        return "reread"
+    except OSError as e:
+        if e.errno == errno.EBUSY:
+            return "stale"
+    finally:
+        os.close(fd)
+    if not partition_devices(device):
+        return "none"
+    # partx -u cannot move a partition over an old one it overlaps: all go, then the new ones come.
+    removed = subprocess.run(["partx", "-d", device], capture_output=True)
+    if removed.returncode != 0 and partition_devices(device):
+        return "stale"
+    added = subprocess.run(["partx", "-a", device], capture_output=True)
+    return "updated" if added.returncode == 0 or not _has_table(device) else "stale"
+
+
+def _has_table(device: str) -> bool:
+    try:
+        return read_partition_table(device) is not None
+    except DeviceError:
+        return False

@@ -287,8 +287,25 @@ def test_whole_gpt_disk_is_planned_per_partition_and_restores_onto_a_larger_disk
     assert (parts[2]["mode"], parts[2]["fs_type"]) == ("used-blocks", "ext4")
     assert (parts[3]["mode"], parts[3]["fs_type"]) == ("used-blocks", "xfs")
 
+    # The target had partitions of its own, given devices by hand (this kernel scans no tables):
+    # after the restore the kernel's partitions are the restored table's, and the larger disk's
+    # misplaced GPT backup header is said.
     target = loops.create(DISK_SIZE + 100 * MiB)
-    restore(image, target)
+    subprocess.run(["sfdisk", "-q", target], input="label: dos\nstart=2048, size=409600, type=83\n"
+                   "start=411648, size=20480, type=83\n", text=True, check=True, capture_output=True)
+    run("partx", "-a", target)
+    try:
+        done = ok(imager("restore", str(image), target, "--force"))
+        assert f"sgdisk -e {target}" in done.stderr, done.stderr
+        name = os.path.basename(target)
+        kernel = {}
+        for entry in os.listdir(f"/sys/class/block/{name}"):
+            if os.path.exists(f"/sys/class/block/{name}/{entry}/partition"):
+                read = lambda field: int(open(f"/sys/class/block/{name}/{entry}/{field}").read())
+                kernel[read("partition")] = (read("start") * 512, read("size") * 512)
+        assert kernel == {p["number"]: (p["start_byte"], p["size_bytes"]) for p in table["partitions"]}, kernel
+    finally:
+        run("partx", "-d", target, check=False)
 
     assert sfdisk_dump(target) == sfdisk_dump(source)
     # the table, the gaps, the ESP (imaged whole, free clusters and all) and the backup GPT

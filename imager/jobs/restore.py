@@ -5,11 +5,14 @@ that appears only when whole), and, asked for, read back from the medium and com
 from __future__ import annotations
 
 import logging
+import os
+import stat
 import time
 from contextlib import ExitStack
 
 from devices.block import BlockDevice
 from devices.buffers import AlignedBuffer, BufferPool
+from devices.partitions import partition_devices, reread_partitions
 from devices.topology import writes_to
 
 from ..catalog import Catalog
@@ -87,6 +90,7 @@ def restore_chain(chain: Chain, target: str, *, force: bool = False, verify: boo
     finally:
         pool.close()
     tgt.close()
+    settle_partitions(target, header)
     if verify:
         log.info("reading %s back from the medium to compare", target)
         compare_with_digests(target, header.volume_size, chain.region_size, header.block_size,
@@ -142,6 +146,7 @@ def restore_feed(feed: Feed, target: str, *, force: bool = False, verify: bool =
         tgt.abort()
         raise
     tgt.close()
+    settle_partitions(target, header)
     if verify:
         log.info("reading %s back from the medium to compare", target)
         compare_with_digests(target, header.volume_size, header.chunk_size, header.block_size, trailer.digests,
@@ -150,6 +155,49 @@ def restore_feed(feed: Feed, target: str, *, force: bool = False, verify: bool =
                          chunks=header.chunk_count, zero_chunks=totals["zero_chunks"],
                          bytes_written=totals["bytes_written"], seconds=time.monotonic() - started,
                          verified=verify, chain=[header.image_id])
+
+
+def settle_partitions(target: str, header) -> None:
+    """After a whole disk's volume is written onto a whole disk, the kernel's partitions of it
+    are those of before: have it take up the new table, as sfdisk does, and say what is left
+    to do (a kernel that does not scan this device; a larger disk's GPT backup header)."""
+    if not is_whole_disk(target) or not (header.partitions or partition_devices(target)):
+        return
+    try:
+        outcome = reread_partitions(target)
+    except OSError as e:
+        outcome, why = "stale", e.strerror
+    else:
+        why = "a partition of it is in use"
+    if outcome == "reread":
+        log.info("%s: the kernel read its new partition table", target)
+    elif outcome == "updated":
+        log.warning("%s: its partition devices were made again from the restored table (partx)", target)
+    elif outcome == "none" and header.partitions:
+        log.warning("%s: the kernel does not read partition tables on it; partx -a %s gives the restored "
+                    "partitions devices", target, target)
+    elif outcome == "stale":
+        log.warning("%s: the kernel still has the partitions of before the restore (%s); partx -u %s or a "
+                    "reboot takes up the restored table", target, why, target)
+    table = header.partitions or {}
+    if table.get("scheme") == "gpt" and device_size(target) > header.volume_size:
+        log.warning("%s is larger than the restored disk (%d against %d bytes): its GPT backup header is not at "
+                    "the disk's end; sgdisk -e %s (or sfdisk --relocate gpt-bak-std %s) moves it there",
+                    target, device_size(target), header.volume_size, target, target)
+
+
+def is_whole_disk(path: str) -> bool:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return stat.S_ISBLK(st.st_mode) and not os.path.exists(
+        f"/sys/dev/block/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}/partition")
+
+
+def device_size(path: str) -> int:
+    with BlockDevice(path) as dev:
+        return dev.size
 
 
 def compare_with_digests(target: str, volume_size: int, read_size: int, block_size: int, digests: bytes, *,
