@@ -195,6 +195,22 @@ def test_stock_tools_read_what_imager_wrote(loops, tmp_path):
 
 
 @needs_tape
+def test_a_drive_left_in_fixed_block_mode_does_not_make_a_labelled_tape_look_blank(loops):
+    """st fails a variable block's read with EIO in fixed block mode, as at a blank tape's end of
+    data: a label then must still be found (relabelling without --force refused, nothing lost)."""
+    source = loops.create(8 << 20)
+    assert imager("tape", "label", "ST-FIXED", "--force", "--tape", TAPE).returncode == 0
+    assert imager("backup", source, "--tape", TAPE, "--quiet").returncode == 0
+    for size in ("1", "512"):
+        assert imager("tape", "setblk", size, "--tape", TAPE).returncode == 0
+        refused = imager("tape", "label", "OTHER", "--tape", TAPE)
+        assert refused.returncode == 2 and "already labelled 'ST-FIXED'" in refused.stderr, refused.stderr
+        listed = imager("tape", "list", "--tape", TAPE, "--json")
+        assert listed.returncode == 0, listed.stderr
+        assert len(json.loads(listed.stdout)["files"]) == 1
+
+
+@needs_tape
 def test_mt_verbs_end_where_they_end_on_a_virtual_tape(tmp_path, capsys):
     """The same verbs, as an operator types them, on /dev/nst0 and on a .tap file end at the same
     place (MTIOCGET's numbers and MTIOCPOS). Run through the command line's main() in this

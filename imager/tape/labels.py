@@ -44,6 +44,9 @@ def read_label(drive: TapeDrive) -> Label | None:
     raises DamagedBlock. Leaves the tape at the start of file 1 when labelled (or at the end of
     data, when an interrupted labelling left the label without its filemark)."""
     drive.rewind()
+    # imager reads and writes variable blocks: in fixed block mode (mt setblk 512, left by another
+    # program) st fails the read of a label with EIO, which would pass for a blank tape.
+    _variable_blocks(drive)
     try:
         first = drive.read_block(METADATA_READ_SIZE)
     except TapeError as e:
@@ -108,11 +111,11 @@ def write_label(drive: TapeDrive, name: str, *, force: bool = False, tape_set: s
         except DamagedBlock as e:
             raise DamagedBlock(f"{e}; --force relabels the tape, erasing it") from None
         if existing is not None:
-            raise TapeMediaError(f"{drive.path}: tape is already labelled {existing.label!r}; "
-                                 f"--force overwrites it and everything on it")
+            raise UsageError(f"{drive.path}: tape is already labelled {existing.label!r}; "
+                             f"--force overwrites it and everything on it")
         if not _is_blank(drive):
-            raise TapeMediaError(f"{drive.path}: tape holds data that is not an imager label; "
-                                 f"--force overwrites it")
+            raise UsageError(f"{drive.path}: tape holds data that is not an imager label; "
+                             f"--force overwrites it")
     label = Label(label=name, tape_set=tape_set or uuid.uuid4().hex, sequence=sequence, created=now_iso(),
                   block_size=block_size, tool=f"imager {__version__}")
     drive.rewind()
@@ -124,9 +127,20 @@ def write_label(drive: TapeDrive, name: str, *, force: bool = False, tape_set: s
     return label
 
 
+def _variable_blocks(drive: TapeDrive) -> None:
+    try:
+        if drive.status().block_size != 0:
+            drive.set_block_size(0)
+    except TapeError as e:
+        raise TapeMediaError(f"{drive.path}: cannot switch the drive to variable block mode: {e}") from None
+
+
 def _is_blank(drive: TapeDrive) -> bool:
     """Whether nothing is recorded on the tape; rewinds it first."""
+    if isinstance(drive, VirtualTape):
+        return drive.is_blank()
     drive.rewind()
+    _variable_blocks(drive)
     try:
         return drive.read_block(METADATA_READ_SIZE) == b"" and drive.read_block(METADATA_READ_SIZE) == b""
     except TapeError as e:
