@@ -358,14 +358,19 @@ def test_tape_erase_refuses_a_used_tape_unless_forced_and_then_erases_all_of_it(
     tape = str(tmp_path / "t.tap")
     volume = tmp_path / "vol.img"
     volume.write_bytes(os.urandom(1 << 20))
-    assert imager("tape", "label", "ERASE", "--tape", tape).returncode == 0
-    assert imager("backup", str(volume), "--tape", tape, "-q", "--catalog", str(tmp_path / "c.sqlite")).returncode == 0
+    catalog = str(tmp_path / "c.sqlite")
+    assert imager("tape", "label", "ERASE", "--tape", tape, "--catalog", catalog).returncode == 0
+    assert imager("backup", str(volume), "--tape", tape, "-q", "--catalog", catalog).returncode == 0
     # After the backup the tape stands at its end, as a drive does: rewind, then into the middle.
     assert imager("tape", "rewind", "--tape", tape).returncode == 0
     assert imager("tape", "fsf", "1", "--tape", tape).returncode == 0
     refused = imager("tape", "erase", "--tape", tape)
     assert refused.returncode == 2 and "use --force" in refused.stderr
-    assert imager("tape", "erase", "--force", "--tape", tape).returncode == 0
+    erased = imager("tape", "erase", "--force", "--tape", tape, "--catalog", catalog)
+    assert erased.returncode == 0 and "no longer lists tape 'ERASE'" in erased.stdout, erased.stderr
+    # Its images are gone from the catalog too: none can be a parent or be looked for there.
+    listed = json.loads(imager("catalog", "list", "--json", "--catalog", catalog, check=True).stdout)
+    assert listed["images"] == []
     status = json.loads(imager("tape", "status", "--json", "--tape", tape, check=True).stdout)
     with open(tape, "rb") as erased:        # nothing left but SIMH's end-of-medium marker
         assert status["blank"] is True and erased.read() == b"\xff\xff\xff\xff"

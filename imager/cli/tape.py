@@ -57,7 +57,7 @@ def register(sub, parents) -> None:
         "size", type=count, help="bytes per block, 0 for variable-size blocks")
     verb("compression", "show the drive's compression, or switch it on or off", "compression").add_argument(
         "state", nargs="?", choices=("on", "off", "1", "0"), help="on or off (1 or 0); none: show it")
-    verb("erase", "erase the whole tape (a labelled or used tape only with --force)", "erase").add_argument(
+    verb("erase", "erase the whole tape (a labelled or used tape only with --force)", "erase", "--catalog").add_argument(
         "-f", "--force", action="store_true", help="erase a tape that holds a label or data")
 
 

@@ -13,7 +13,8 @@ from .. import jobs
 from ..catalog import Catalog, TapeRecord
 from ..errors import TapeMediaError, UsageError
 from ..ends.sinks import FileSink
-from ..tape import DEFAULT_BLOCK_SIZE, TapeSpec, drive_status, operator_prompt, require_label, tape_is_blank, write_label
+from ..tape import (DEFAULT_BLOCK_SIZE, DamagedBlock, TapeSpec, drive_status, operator_prompt, read_label,
+                    require_label, tape_is_blank, write_label)
 from ..units import human_bytes
 from .output import Output
 
@@ -114,10 +115,20 @@ def erase(args, out: Output) -> int:
     with tape_spec(args).open(1, create=False) as drive:
         if not args.force and not tape_is_blank(drive, may_move=True):
             raise UsageError(f"{args.tape} holds a label or data; erasing destroys all of it: use --force")
+        try:
+            label = read_label(drive)
+        except (DamagedBlock, TapeMediaError):
+            label = None
         # MTERASE erases from where the tape stands: the whole tape is erased from its start.
         drive.rewind()
         drive.erase()
-    out.result({"tape": args.tape, "erased": True}, [f"{args.tape}: erased"])
+    lines = [f"{args.tape}: erased"]
+    if label is not None:
+        # Its images are gone: no incremental may take one for its parent, no restore look there.
+        with Catalog(args.catalog) as catalog:
+            catalog.forget_tape(label.label)
+        lines.append(f"the catalog no longer lists tape {label.label!r} or the images on it")
+    out.result({"tape": args.tape, "erased": True}, lines)
     return 0
 
 
