@@ -56,8 +56,11 @@ class BlockDevice:
     """
 
     def __init__(self, path: str, *, writable: bool = False, direct: bool = True,
-                 exclusive: bool = False, on_notice: Callable[[str], None] | None = None):
+                 exclusive: bool = False, on_notice: Callable[[str], None] | None = None, name: str | None = None):
+        """`name`: what errors call it, when `path` is not what the user knows it by (an
+        unnamed file's /proc/self/fd path)."""
         self.path = path
+        self.name = name or path
         self.writable = writable
         self._notice = on_notice or (lambda msg: None)
         st = stat_volume(path)
@@ -117,7 +120,7 @@ class BlockDevice:
         with self._fall_back:
             if not self.direct:
                 return
-            self._notice(f"{self.path}: {why}; using buffered I/O")
+            self._notice(f"{self.name}: {why}; using buffered I/O")
             fd = os.open(self.path, self._flags & ~os.O_EXCL)
             self._claim = os.dup(self.fd)
             os.dup2(fd, self.fd)
@@ -135,7 +138,7 @@ class BlockDevice:
                 if e.errno == errno.EINVAL and self.direct:
                     self._fall_back_to_buffered("O_DIRECT read refused")
                     continue
-                raise DeviceError(f"{self.path}: read error at offset {offset + done}: {e.strerror}") from None
+                raise DeviceError(f"{self.name}: read error at offset {offset + done}: {e.strerror}") from None
             if n == 0:
                 break
             done += n
@@ -159,8 +162,8 @@ class BlockDevice:
                     self._fall_back_to_buffered("O_DIRECT write refused")
                     continue
                 if e.errno == errno.ENOSPC:
-                    raise DeviceError(f"{self.path}: no space left writing at offset {offset + done}") from None
-                raise DeviceError(f"{self.path}: write error at offset {offset + done}: {e.strerror}") from None
+                    raise DeviceError(f"{self.name}: no space left writing at offset {offset + done}") from None
+                raise DeviceError(f"{self.name}: write error at offset {offset + done}: {e.strerror}") from None
 
     def zero_range(self, offset: int, length: int) -> None:
         """Make [offset, offset+length) read as zeros without sending the zeros down."""
@@ -183,7 +186,7 @@ class BlockDevice:
         try:
             os.fsync(self.fd)
         except OSError as e:
-            raise DeviceError(f"{self.path}: flush failed: {e.strerror}") from None
+            raise DeviceError(f"{self.name}: flush failed: {e.strerror}") from None
 
     def drop_cache(self) -> None:
         """Drop the device's page cache so a re-read comes from the medium."""

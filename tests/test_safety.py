@@ -19,6 +19,8 @@ from devices.tape.virtual import VirtualTape
 from imager.tape import drive_status
 
 from conftest import device_size, imager, run, same_bytes
+from lab import MiB
+from lab import one_line_error as one_line_refusal
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -328,3 +330,25 @@ def test_an_interrupted_restore_onto_a_device_says_the_device_holds_a_partial_vo
     assert proc.returncode == 130
     assert err.decode().strip() == f"imager: interrupted; {target} holds a partial volume: restore onto it again " \
                                    f"before using it"
+
+
+def test_a_restore_that_runs_out_of_space_names_its_target_and_what_it_holds(bench):
+    """A full filesystem under the target: the error names the target (not the unnamed file it
+    was being written as) and says what is left: nothing, for a file; a partial volume, for a
+    device."""
+    source = bench.loop_device(size=32 * MiB, name="random.img")
+    with open(source, "r+b") as f:
+        f.write(os.urandom(32 * MiB))
+    image = bench.tmp / "random.zst"
+    assert imager("backup", source, "-o", str(image), "-q", "--all-blocks").returncode == 0
+    small = bench.tmpfs("small", "8m")
+    target = os.path.join(small, "restored.raw")
+    failed = imager("restore", str(image), target)
+    one_line_refusal(failed, f"restore failed, nothing written to {target}: {target}: no space left", code=1)
+    assert os.listdir(small) == []
+    backing = os.path.join(small, "device.img")
+    with open(backing, "wb") as f:
+        f.truncate(32 * MiB)          # sparse: it fills the tmpfs only as it is written
+    device = bench.loop_on(backing, read_only=False)
+    failed = imager("restore", str(image), device, "--force")
+    one_line_refusal(failed, f"restore failed, {device} holds a partial volume: {device}: ", code=1)

@@ -13,7 +13,7 @@ from devices.errors import DeviceError
 from devices.fs import mounts_of
 from devices.topology import in_use_above
 
-from ..errors import ImageFormatError, UsageError
+from ..errors import ImageFormatError, ImagerError, UsageError
 from .atomic import AtomicFile
 from .guards import check_restore_target, refuse_overwriting_data
 from .sources import SOURCE_SNIFF_BYTES, backup_artifact_kind
@@ -70,21 +70,27 @@ class RestoreTarget:
             raise UsageError(f"cannot create {path}: {e.strerror}") from None
         try:
             os.ftruncate(self.file.fd, volume_size)
-            self.dev = BlockDevice(self.file.open_path, writable=True, direct=direct, on_notice=log.info)
+            self.dev = BlockDevice(self.file.open_path, writable=True, direct=direct, on_notice=log.info, name=path)
         except (OSError, DeviceError) as e:
             self.file.abort()
             raise UsageError(f"cannot create {path}: {getattr(e, 'strerror', None) or e}") from None
         self.fresh_file = True
 
     def write_chunk(self, offset: int, data: bytes | memoryview | None, length: int) -> None:
-        if data is not None:
-            self.dev.write_at(data, offset)
-        elif not self.fresh_file:
-            self.dev.zero_range(offset, length)
-        # a zero chunk in a fresh file stays a hole
+        try:
+            if data is not None:
+                self.dev.write_at(data, offset)
+            elif not self.fresh_file:
+                self.dev.zero_range(offset, length)
+            # a zero chunk in a fresh file stays a hole
+        except DeviceError as e:
+            raise self._left(e) from None
 
     def finish(self) -> None:
-        self.dev.flush()
+        try:
+            self.dev.flush()
+        except DeviceError as e:
+            raise self._left(e) from None
         if self.file is not None:
             try:
                 self.file.commit()
@@ -100,8 +106,15 @@ class RestoreTarget:
     def failed(self, error: ImageFormatError) -> ImageFormatError:
         """Abort, and the error to raise: `error` with what the target holds now."""
         self.abort()
-        where = f"nothing written to {self.path}" if self.fresh_file else f"{self.path} holds a partial volume"
-        return ImageFormatError(f"restore failed, {where}: {error}")
+        return ImageFormatError(f"restore failed, {self._what_is_left()}: {error}")
+
+    def _left(self, error: DeviceError) -> ImagerError:
+        """A write that failed (a full disk, a bad sector), with what the target holds now (the
+        job aborts it)."""
+        return ImagerError(f"restore failed, {self._what_is_left()}: {error}")
+
+    def _what_is_left(self) -> str:
+        return f"nothing written to {self.path}" if self.fresh_file else f"{self.path} holds a partial volume"
 
     def close(self) -> None:
         self.dev.close()
