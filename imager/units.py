@@ -107,3 +107,12 @@ def check_block_size(value: int, sector: int, what: str, maximum: int | None = N
         limit = f", and at most {human_bytes(maximum)}" if maximum is not None else ""
         return f"{what} {value} must be a power of two and a multiple of the sector size {sector}{limit}"
     return None
+
+
+def image_id_prefix(text: str) -> str:
+    """An image id as --image takes it: its hex digits, or the first of them (an empty one, an
+    unset variable in a script, would choose nothing and must not pass for "any")."""
+    value = text.strip().lower()
+    if not value or len(value) > 32 or any(c not in "0123456789abcdef" for c in value):
+        raise argparse.ArgumentTypeError(f"an image id is up to 32 hex digits (a prefix will do), not {text!r}")
+    return value

@@ -270,6 +270,11 @@ def test_a_command_line_argparse_refuses_is_one_line_naming_the_help():
     # A value that starts with "-" is the option's value, refused for what it is, as getopt does.
     one_line_error(imager("backup", "/nonexistent", "-o", "x.zst", "--chunk-size", "-4M"), "not a size: '-4M'", code=2)
     one_line_error(imager("backup", "/nonexistent", "-o", "x.zst", "--level", "-3"), "-3 is out of range", code=2)
+    # --image is an image id, and only for a tape: an empty one (an unset variable) chooses nothing
+    one_line_error(imager("restore", "--tape", "/nonexistent.tap", "--image", "", "/tmp/x"), "an image id is",
+                   code=2)
+    one_line_error(imager("restore", "x.zst", "/tmp/x", "--image", "ab12"), "give --tape too", code=2)
+    one_line_error(imager("verify", "x.zst", "--image", "ab12"), "give --tape too", code=2)
 
 
 def test_a_catalog_or_log_file_never_goes_under_dev(tmp_path):

@@ -7,7 +7,7 @@ import stat
 from typing import TYPE_CHECKING
 
 from ..errors import UsageError
-from ..units import human_bytes, worker_count
+from ..units import human_bytes, image_id_prefix, worker_count
 from .output import Output
 
 if TYPE_CHECKING:
@@ -21,7 +21,7 @@ def register(sub, parents) -> None:
                        usage="imager restore [options] IMAGE TARGET | --tape T [--image ID] TARGET")
     r.add_argument("paths", nargs="+", metavar="IMAGE TARGET",
                    help="image file (- for standard input) and target device or file")
-    r.add_argument("--image", metavar="ID", help="with --tape: the image id (a prefix will do)")
+    r.add_argument("--image", metavar="ID", help="with --tape: the image id (a prefix will do)", type=image_id_prefix)
     r.add_argument("--verify", action="store_true", help="re-read what was written and compare checksums")
     r.add_argument("--workers", type=worker_count, default=None, help="decompression threads (default: all cores)")
     r.add_argument("-f", "--force", action="store_true",
@@ -60,6 +60,8 @@ def _run(args, out: Output) -> int:
                 r = jobs.restore_from_tape(tape_spec(args), args.image, target, catalog=catalog,
                                            block_size=args.block_size, force=args.force, verify=args.verify,
                                            workers=args.workers, progress=progress)
+    elif args.image:
+        raise UsageError("--image chooses an image on a tape: give --tape too (or IMAGE and TARGET)")
     elif len(args.paths) != 2:
         raise UsageError("give IMAGE and TARGET (or --tape T --image ID TARGET)")
     elif args.paths[0] == "-":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from ..errors import ImageFormatError, UsageError
-from ..units import human_bytes, worker_count
+from ..units import human_bytes, image_id_prefix, worker_count
 from .output import Output
 
 
@@ -13,7 +13,7 @@ def register(sub, parents) -> None:
     v = sub.add_parser("verify", parents=[parents.common, parents.progress, parents.catalog, parents.tape],
                        help="check every chunk of an image")
     v.add_argument("image_file", nargs="?", metavar="IMAGE", help="image file (- for standard input)")
-    v.add_argument("--image", metavar="ID", help="with --tape: only this image (default: all on the tape)")
+    v.add_argument("--image", metavar="ID", help="with --tape: only this image (default: all on the tape)", type=image_id_prefix)
     v.add_argument("--workers", type=worker_count, default=None, help="decompression threads (default: all cores)")
     v.set_defaults(func=run)
 
@@ -29,6 +29,8 @@ def run(args, out: Output) -> int:
         with Catalog(args.catalog) as catalog:
             results = jobs.verify_tape(tape_spec(args), args.image, catalog=catalog, block_size=args.block_size,
                                        workers=args.workers)
+    elif args.image:
+        raise UsageError("--image chooses an image on a tape: give --tape too")
     elif args.image_file == "-":
         feed = stdin_feed()
         with out.progress(feed.header.volume_size, "verify") as progress:
