@@ -138,6 +138,8 @@ def test_a_freeze_left_by_a_backup_killed_with_its_guard_is_thawed_by_the_next_o
     wait_until(lambda: flag.exists() or proc.poll() is not None, "the window never opened")
     [guard] = _freeze_guards_of(proc.pid)
     os.kill(proc.pid, signal.SIGSTOP)       # both at once, as a unit's stop: the job cannot react
+    wait_until(lambda: all(_state(proc.pid, task) == "T" for task in os.listdir(f"/proc/{proc.pid}/task")),
+               "the job did not stop")
     os.kill(guard, signal.SIGKILL)
     wait_until(lambda: process_start_time(guard) is None, "the guard did not die")    # a zombie of the stopped job
     proc.kill()
@@ -183,6 +185,11 @@ def test_a_freeze_guard_killed_alone_is_noticed_and_its_freeze_thawed_at_once(be
     assert f"the freeze guard (pid {guard}) was killed while it held the freeze" in message, message
     assert f"thawed {mnt}" in message and "not of one instant" in message
     assert not os.path.exists(frozen_record(guard))
+
+
+def _state(pid: int, task: str) -> str:
+    with open(f"/proc/{pid}/task/{task}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
 
 
 def _cgroup2_mount() -> str | None:

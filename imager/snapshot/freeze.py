@@ -199,6 +199,7 @@ class FreezeGuard:
         self._expired: str | None = None
         self._window_ms = 0.0
         self._lock = threading.Lock()
+        self._thawing = False
         self._stop_watch_r, self._stop_watch_w = os.pipe2(os.O_CLOEXEC)
         self._watcher: threading.Thread | None = None
 
@@ -257,11 +258,12 @@ class FreezeGuard:
         finally:
             os.close(pidfd)
         if pidfd in ready and self._stop_watch_r not in ready:
-            self._guard_died()
+            self._guard_died(watching=True)
 
-    def _guard_died(self) -> None:
+    def _guard_died(self, watching: bool = False) -> None:
         with self._lock:
-            if not self._frozen:
+            # Asked to thaw, the guard thaws, answers and exits: thaw() reads how it went.
+            if not self._frozen or (watching and self._thawing):
                 return
             self._frozen = False
             thawed_points = thaw_left_over()
@@ -290,6 +292,8 @@ class FreezeGuard:
     def thaw(self) -> float:
         """Thaw now; returns the window's length in ms. Raises if it expired or a thaw failed."""
         if self._frozen:
+            with self._lock:
+                self._thawing = True
             self._send({"op": "thaw"})
             reply = self._receive(_GUARD_REPLY_TIMEOUT)
             if reply.get("expired"):
