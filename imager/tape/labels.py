@@ -129,8 +129,7 @@ def write_label(drive: TapeDrive, name: str, *, force: bool = False, tape_set: s
 
 def _variable_blocks(drive: TapeDrive) -> None:
     try:
-        if drive.status().block_size != 0:
-            drive.set_block_size(0)
+        drive.set_block_size(0)
     except TapeError as e:
         raise TapeMediaError(f"{drive.path}: cannot switch the drive to variable block mode: {e}") from None
 
