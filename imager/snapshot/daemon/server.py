@@ -292,27 +292,30 @@ class VolumeDaemon:
             log.warning("cannot record who holds the snapshot (%s): if this worker dies, the snapshot stays "
                         "until deleted", e.strerror)
 
-    def _holder_of(self, generation: int) -> int | None:
-        """The pid of the live process (a backup) that holds snapshot `generation`, if any."""
+    def _recorded_holder(self, generation: int) -> dict | None:
+        """What record_holder() kept of the process that holds snapshot `generation` (pid,
+        start), None when no process holds it (`imager snapshot create` keeps it until deleted)."""
         try:
             with open(os.path.join(self.run_dir, HOLDER_NAME)) as f:
                 holder = json.load(f)
         except (OSError, ValueError):
             return None
-        pid = holder.get("pid")
-        if holder.get("generation") != generation or not isinstance(pid, int):
+        if holder.get("generation") != generation or not isinstance(holder.get("pid"), int):
             return None
-        return pid if process_start_time(pid) == holder.get("start") else None
+        return holder
+
+    def _holder_of(self, generation: int) -> int | None:
+        """The pid of the live process (a backup) that holds snapshot `generation`, if any."""
+        holder = self._recorded_holder(generation)
+        if holder is None or process_start_time(holder["pid"]) != holder.get("start"):
+            return None
+        return holder["pid"]
 
     def _watch_holder(self, generation: int) -> None:
         """The snapshot was taken under an earlier worker: if a backup holds it, delete it when
         that process ends (its connection went with the earlier worker)."""
-        try:
-            with open(os.path.join(self.run_dir, HOLDER_NAME)) as f:
-                holder = json.load(f)
-        except (OSError, ValueError):
-            return                  # not held: `imager snapshot create` keeps it until deleted
-        if holder.get("generation") != generation:
+        holder = self._recorded_holder(generation)
+        if holder is None:
             return
         threading.Thread(target=self._drop_when_gone, args=(generation, holder["pid"], holder.get("start")),
                          name="holder", daemon=True).start()
