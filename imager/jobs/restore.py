@@ -10,7 +10,8 @@ import stat
 import time
 from contextlib import ExitStack
 
-from devices.block import BlockDevice
+from devices.block import BlockDevice, size_of
+from devices.discover import is_partition
 from devices.buffers import AlignedBuffer, BufferPool
 from devices.partitions import partition_devices, reread_partitions
 from devices.topology import writes_to
@@ -180,24 +181,17 @@ def settle_partitions(target: str, header) -> None:
         log.warning("%s: the kernel still has the partitions of before the restore (%s); partx -u %s or a "
                     "reboot takes up the restored table", target, why, target)
     table = header.partitions or {}
-    if table.get("scheme") == "gpt" and device_size(target) > header.volume_size:
+    if table.get("scheme") == "gpt" and (size := size_of(target)) > header.volume_size:
         log.warning("%s is larger than the restored disk (%d against %d bytes): its GPT backup header is not at "
                     "the disk's end; sgdisk -e %s (or sfdisk --relocate gpt-bak-std %s) moves it there",
-                    target, device_size(target), header.volume_size, target, target)
+                    target, size, header.volume_size, target, target)
 
 
 def is_whole_disk(path: str) -> bool:
     try:
-        st = os.stat(path)
+        return stat.S_ISBLK(os.stat(path).st_mode) and not is_partition(path)
     except OSError:
         return False
-    return stat.S_ISBLK(st.st_mode) and not os.path.exists(
-        f"/sys/dev/block/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}/partition")
-
-
-def device_size(path: str) -> int:
-    with BlockDevice(path) as dev:
-        return dev.size
 
 
 def compare_with_digests(target: str, volume_size: int, read_size: int, block_size: int, digests: bytes, *,

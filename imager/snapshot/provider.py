@@ -26,6 +26,7 @@ from typing import Callable, Iterator, Protocol, Sequence
 from devices.block import BlockDevice
 from devices.errors import DeviceError
 from devices.fs import mounts_of
+from devices.partitions import partition_devices
 from devices.topology import device_identity, stacked_on
 
 from ..ends.sources import VolumeSource, open_source, probe_filesystem
@@ -312,11 +313,7 @@ def warn_if_mounted_rw(source: str, on_notice: Notice | None) -> None:
     if not on_notice:
         return
     real = os.path.realpath(source)
-    through = [source]
-    partitions_dir = f"/sys/class/block/{os.path.basename(real)}"
-    if os.path.isdir(partitions_dir):
-        through += [f"/dev/{entry}" for entry in sorted(os.listdir(partitions_dir))
-                    if os.path.exists(f"{partitions_dir}/{entry}/partition")]
+    through = [source] + partition_devices(source)
     through += [v.front for v in daemon.known_volumes() if v.front and os.path.realpath(v.device) == real]
     for path in through:
         for m in mounts_of(path):
