@@ -19,9 +19,9 @@ def detach_all(names: list[str]) -> list[str]:
     mounted), so that a refusal leaves them all attached. Returns the names detached."""
     for name in dict.fromkeys(names):
         require_known(name)
-        found = [v for v in list_volumes() if v.name == name]
-        if found and found[0].state == "running":
-            refuse_detaching(found[0])
+    for volume in list_volumes():
+        if volume.name in names and volume.state == "running":
+            refuse_detaching(volume)
     done: list[str] = []
     for name in dict.fromkeys(names):
         try:
