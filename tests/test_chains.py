@@ -11,6 +11,7 @@ bytes (cmp), and so must `zstd -d` of its consolidated full.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import random
 import shutil
@@ -273,6 +274,76 @@ def test_a_live_upgrade_keeps_the_tracker_and_a_killed_worker_does_not(bench):
     for n, (image, view) in enumerate(points):
         restore(image, out / f"restored{n}.raw")
         assert same(out / f"restored{n}.raw", view), image
+
+
+def test_a_write_to_the_source_past_the_front_while_attached_is_never_missed(bench):
+    """The tracker sees only the front. A write straight onto the attached source (dd onto the
+    raw device, buffered or O_DIRECT) shows in the kernel's write counters against the daemon's
+    own count: the next incremental compares digests, says why, and restores exactly."""
+    vol, source, mnt = bench.ext4_volume("past", VOLUME)
+    seed(mnt, random.Random(11))
+    out = bench.tmp / "out"
+    out.mkdir()
+    backup("past", out / "full.zst", incremental=False)
+    with open(os.path.join(mnt, "docs", "f002.txt"), "r+b") as f:      # through the front: tracked
+        f.write(b"through the front")
+        os.fsync(f.fileno())
+    tracked = backup("past", out / "i0.zst", incremental=True)
+    assert tracked.method == "tracker", tracked.reason
+    for n, flags in enumerate((os.O_RDWR, os.O_RDWR | os.O_DIRECT)):
+        buf = mmap.mmap(-1, 4096)
+        buf.write(bytes([0xC0 + n]) * 4096)
+        fd = os.open(source, flags)
+        try:
+            os.pwrite(fd, buf, VOLUME - (2 + n) * MiB)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        view = out / f"view{n}.raw"
+        result = backup("past", out / f"i{n + 1}.zst", incremental=True, progress=ViewCopy("past", view))
+        assert result.method == "digest" and "written outside the front" in result.reason, result.reason
+        restore(out / f"i{n + 1}.zst", out / f"r{n}.raw")
+        assert same(out / f"r{n}.raw", view)
+        with open(out / f"r{n}.raw", "rb") as f:
+            f.seek(VOLUME - (2 + n) * MiB)
+            assert f.read(4096) == bytes([0xC0 + n]) * 4096
+    # Nothing past the front since, and a live upgrade of the worker meanwhile: trusted again.
+    with open(os.path.join(mnt, "docs", "f003.txt"), "r+b") as f:
+        f.write(b"after")
+        os.fsync(f.fileno())
+    assert imager("volumes", "restart", "past").returncode == 0
+    again = backup("past", out / "i3.zst", incremental=True)
+    assert again.method == "tracker", again.reason
+
+
+def test_a_backup_whose_snapshot_is_written_past_the_front_fails_and_the_next_compares_digests(bench):
+    """A write onto the source while a backup reads its snapshot changes what the snapshot holds:
+    the backup fails, saying why, even when that write is still in the page cache, and nothing
+    of it is catalogued. The next incremental compares digests and restores exactly."""
+    vol, source, mnt = bench.ext4_volume("spoil", VOLUME)
+    seed(mnt, random.Random(12))
+    out = bench.tmp / "out"
+    out.mkdir()
+    backup("spoil", out / "full.zst", incremental=False)
+
+    def write_past_the_front():
+        with open(source, "r+b") as f:          # buffered, never flushed by the writer
+            f.seek(VOLUME - 3 * MiB)
+            f.write(b"\xee" * 8192)
+
+    with pytest.raises(Exception, match="no longer point-in-time.*written outside the front"):
+        backup("spoil", out / "i1.zst", incremental=True, progress=ViewCopy("spoil", out / "v1.raw",
+                                                                             then=write_past_the_front))
+    with Catalog() as catalog:
+        assert [i.kind for i in catalog.images()] == ["full"]
+    view = out / "v2.raw"
+    result = backup("spoil", out / "i2.zst", incremental=True, progress=ViewCopy("spoil", view))
+    assert result.method == "digest" and "written outside the front" in result.reason, result.reason
+    restore(out / "i2.zst", out / "r2.raw")
+    assert same(out / "r2.raw", view)
+    with open(out / "r2.raw", "rb") as f:
+        f.seek(VOLUME - 3 * MiB)
+        assert f.read(8192) == b"\xee" * 8192
 
 
 def test_a_clean_detach_keeps_the_tracker_and_a_write_behind_it_does_not(bench):

@@ -261,6 +261,8 @@ def _check_still_the_snapshot(name: str, taken: daemon.SnapshotInfo) -> None:
     """Everything read of volume `name` was its snapshot `taken`: the daemon still has it, valid.
     Deleting a snapshot and invalidating one are both final, so one check after the reads covers
     every read before it."""
+    # A write past the front that is still in the source's page cache spoils the snapshot too.
+    daemon.check_source(name)
     # A worker being replaced meanwhile answers late, not wrongly: wait for it as long as for a request.
     now = daemon.status(name, timeout=daemon.REQUEST_TIMEOUT).snapshot
     if now is None or (now.generation, now.created_at) != (taken.generation, taken.created_at):

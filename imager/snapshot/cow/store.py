@@ -61,12 +61,14 @@ class CowStore:
 
     def __init__(self, device, state_dir: str, block_size: int = DEFAULT_BLOCK_SIZE,
                  cache_capacity: int | None = None, *, fingerprint: dict | None = None, handover: str = "",
-                 snapshot_reader=None):
+                 snapshot_reader=None, watch=None, watch_problem: str = ""):
         """`fingerprint`: the device's write fingerprint before anything wrote to it (see
         ChangeTracker); None when it cannot be known (tracked changes then start anew);
         `handover`: the supervisor token under which a replaced worker handed the tracker over;
         `snapshot_reader`: where the snapshot's blocks that are still on the source are read (the
-        device opened again with O_DIRECT, say), when not through `device`."""
+        device opened again with O_DIRECT, say), when not through `device`; `watch`: the
+        watch.SourceWatch of writes to the device past this store (None: `watch_problem` says why
+        there is none, and the tracked changes are not trusted past a roll)."""
         sector = int(device.logical_sector_size)
         problem = check_block_size(block_size, sector, "COW block size")
         if problem:
@@ -108,6 +110,8 @@ class CowStore:
         except BaseException:
             self._dir.close()
             raise
+        self._watch = watch
+        self._watch_problem = watch_problem or "writes to the source outside the front are not watched"
         self._cache_fd = self._dir.open_file(CACHE_FILE)
         self._cache_slots_used = -(-os.fstat(self._cache_fd).st_size // block_size)
         self._cache_preallocated = 0
@@ -171,6 +175,8 @@ class CowStore:
         with self._locks.everything():
             if self._cow_active:
                 raise SnapshotError(f"{self.device.path} already has an active snapshot")
+            if roll:
+                self._check_source(flush=True)
             rolled = self.tracker.roll() if roll else None
             self._bitmap[:] = 0
             self._bitmap_map.flush()
@@ -304,6 +310,42 @@ class CowStore:
         failpoints.check("source.flush")
         self.device.flush()
 
+    # -- writes past the front (watch.py) -------------------------------------------------------
+
+    def check_source(self, flush: bool = False) -> str:
+        """Whether the source was written other than through this store since the last check:
+        then the tracked changes are not trusted (a new series begins) and an existing snapshot
+        is no longer point-in-time. With `flush`, writes still in the page cache count too.
+        Returns what was found ("" for nothing)."""
+        self._check_open()
+        return self._check_source(flush)
+
+    def _check_source(self, flush: bool) -> str:
+        if self.tracker.off:
+            return ""
+        if self._watch is None:
+            reason = self._watch_problem
+        else:
+            if flush:
+                self.device.flush()
+            reason = self._watch.foreign(self.tracker.covers)
+            if not reason:
+                return ""
+        if self._cow_active and self._watch is not None:
+            self._invalidate(reason)
+        if not self.tracker.restarted:
+            if self._watch is not None:
+                log.warning("%s; the next incremental compares digests", reason)
+            self.tracker.distrust(reason)
+        return reason
+
+    def hand_over(self, token: str) -> None:
+        """A live upgrade: the tracker to the next worker, with the source's writes checked up
+        to now (no write in flight, none to come from this process)."""
+        with self._locks.everything():
+            self._check_source(flush=True)
+            self.tracker.hand_over(token)
+
     def _preserve_originals(self, first: int, last: int) -> None:
         max_run = max(1, SCRATCH_SIZE // self.block_size)
         block = first
@@ -423,6 +465,9 @@ class CowStore:
         if self._closed:
             return
         with self._locks.everything():
+            if fingerprint is not None:
+                # The device was flushed and closed for the fingerprint: every write is seen.
+                self._check_source(flush=False)
             self._closed = True
             self.tracker.close(fingerprint)
             self._bitmap_map.flush()

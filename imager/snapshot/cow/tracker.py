@@ -68,6 +68,7 @@ class TrackerState:
     since: str = ""                   # when this series started
     fingerprint: dict = field(default_factory=dict)
     handover: str = ""                # handed-over: to the next worker of this supervisor (its token)
+    restarted: str = ""               # why this series began, until its first roll says so
 
 
 @dataclass
@@ -98,9 +99,11 @@ class ChangeTracker:
         block_size = chain_block_size(volume_size)
         reason = TRACKING_OFF if self.off else self._distrust(stored, block_size, fingerprint, handover)
         if reason:
-            stored = TrackerState(TRACKER_FORMAT, uuid.uuid4().hex, block_size, volume_size, since=now_iso())
-            self.restarted = reason
+            stored = TrackerState(TRACKER_FORMAT, uuid.uuid4().hex, block_size, volume_size, since=now_iso(),
+                                  restarted=reason)
         assert stored is not None
+        self.restarted = stored.restarted
+        self.fresh = bool(reason)           # this open began a new series
         self.state = stored
         self.block_size = stored.block_size
         self.block_count = -(-volume_size // self.block_size)
@@ -176,8 +179,31 @@ class ChangeTracker:
             self.state.sequence += 1
             self.state.pending = self.state.sequence
             roll = Roll(self.state.series, self.state.sequence, self.state.base, self.block_size, self.restarted)
-            self.restarted = ""
+            self.restarted = self.state.restarted = ""
             return roll
+
+    def distrust(self, reason: str) -> None:
+        """What was tracked so far may miss writes (the source was written past the front): a new
+        series begins, and the next roll says why. The bits stay (the daemon's own writes that
+        are still on their way to the disk stay marked); a pending roll can no longer commit, as
+        the next backup could not continue from its image."""
+        with self._lock:
+            if self.state.pending is not None:
+                self._merge_pending_back()
+                self.state.pending = None
+            self.state.series = uuid.uuid4().hex
+            self.state.since = now_iso()
+            self.state.base = None
+            self.restarted = self.state.restarted = reason
+            self._persist()
+
+    def covers(self, start: int, end: int) -> bool:
+        """Whether every block of the bytes [start, end) is marked, since the last commit."""
+        first, last = start // self.block_size, (end - 1) // self.block_size
+        with self._lock:
+            if first == last:
+                return bool(self._current_bytes[first]) or bool(self._pending[first])
+            return bool(np.all((self._current[first:last + 1] | self._pending[first:last + 1]) != 0))
 
     def changes(self, sequence: int) -> bytes | None:
         """The bits of roll `sequence` (every block written since its base's snapshot), while it

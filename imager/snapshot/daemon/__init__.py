@@ -2,7 +2,7 @@
 write path (server.py); clients attach, detach, recover and snapshot them (client.py,
 launch.py, snapshots.py) over the control protocol (protocol.py)."""
 
-from .client import (clear_stale_run_dir, detach, known_volumes, list_volumes, recover, require_running,
+from .client import (check_source, clear_stale_run_dir, detach, known_volumes, list_volumes, recover, require_running,
                      restart_worker, status)
 from .launch import attach, refuse_esp
 from ...spawn import RUN_DIR_ENV
@@ -12,7 +12,7 @@ from .snapshots import HeldSnapshots, snapshot_create, snapshot_delete, snapshot
 
 __all__ = [
     "MOUNT_DIR_NAME", "RECORD_NAME", "REQUEST_TIMEOUT", "RUN_DIR_ENV", "SNAPSHOT_FILE", "STATE_DIR_ENV", "VOLUME_FILE",
-    "HeldSnapshots", "SnapshotInfo", "cache_full_error", "SnapshotSetInfo", "VolumeInfo", "attach", "clear_stale_run_dir", "detach",
+    "HeldSnapshots", "SnapshotInfo", "cache_full_error", "check_source", "SnapshotSetInfo", "VolumeInfo", "attach", "clear_stale_run_dir", "detach",
     "known_volumes", "list_volumes", "read_record", "records", "recover", "refuse_esp", "require_running", "restart_worker",
     "snapshot_create", "snapshot_delete", "snapshot_list", "status",
 ]

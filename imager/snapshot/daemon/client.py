@@ -58,6 +58,13 @@ def status(name: str, timeout: float = STATUS_TIMEOUT) -> VolumeInfo:
     return volume_from(request(name, {"op": "status"}, timeout)["volume"])
 
 
+def check_source(name: str, timeout: float = REQUEST_TIMEOUT) -> str:
+    """Have the daemon of volume `name` write back its source's page cache and look for writes
+    made past its front since it last looked (a snapshot they spoil is invalid from then on):
+    what it found, "" for nothing."""
+    return str(request(name, {"op": "check-source"}, timeout).get("foreign", ""))
+
+
 # How long a new worker may take to answer after the old one handed over.
 WORKER_START_TIMEOUT = 60.0
 

@@ -24,6 +24,7 @@ from devices.block import BlockDevice
 from devices.errors import DeviceError
 from devices.fs import mounts_of
 from devices.libc import check, libc
+from devices.tracefs import TraceUnavailable
 
 from ... import failpoints
 from ...errors import ImagerError, SnapshotError, VolumeError, VolumeRefused
@@ -31,6 +32,7 @@ from ...ends.atomic import write_atomically
 from ...spawn import exit_watch, has_exited, process_start_time
 from ..cow import CowStore
 from ..cow.tracker import Roll
+from ..cow.watch import POLL_INTERVAL, SourceWatch
 from .control import ControlServer
 from .files import VolumeFiles
 from .protocol import FRONT_LINK, HOLDER_NAME, LOG_NAME, MOUNT_DIR_NAME, RECORD_NAME, SNAPSHOT_FILE, SOCKET_NAME, VOLUME_FILE
@@ -99,6 +101,8 @@ class VolumeDaemon:
         self._handing_over = False            # restart-worker was asked: this worker is on its way out
         self._replies = threading.Condition()
         self._replying = 0                    # control requests taken and not yet answered
+        self.watch: SourceWatch | None = None
+        self._watch_stop = threading.Event()
 
     # -- start -------------------------------------------------------------------------------
 
@@ -115,15 +119,25 @@ class VolumeDaemon:
         # cover first, so they see every buffered write, and no write to those blocks runs
         # meanwhile (read_snapshot holds their stripes).
         self.snapshot_reader = BlockDevice(self.device_path, direct=True, on_notice=lambda msg: log.info("%s", msg))
+        watch_problem = ""
+        try:
+            self.watch = SourceWatch.open(self.name, self.device_path)
+        except TraceUnavailable as e:
+            watch_problem = f"{e.strerror}: every incremental compares digests"
+            log.warning("%s", watch_problem)
         self.store = CowStore(self.device, self.state_dir, self.block_size, self.cache_size,
                               fingerprint=self.fingerprint, handover=supervisor_token(self.supervisor_pid),
-                              snapshot_reader=self.snapshot_reader)
+                              snapshot_reader=self.snapshot_reader, watch=self.watch, watch_problem=watch_problem)
         tracker = self.store.tracker
-        if tracker.restarted:
+        if tracker.fresh:
             log.info("tracking changes anew (series %s): %s", tracker.state.series, tracker.restarted)
+            if self.watch is not None:
+                self.watch.discard()    # before this series began: its first backup compares digests
+        elif self.watch is not None:
+            self.store.check_source()   # since the last worker handed over
         if self.store.snapshot_active:
             log.info("resuming snapshot generation %d from %s", self.store.generation, self.state_dir)
-            if not tracker.restarted and tracker.state.pending is not None:
+            if not tracker.fresh and tracker.state.pending is not None:
                 # Handed over during a backup: its roll is still the one its snapshot took.
                 self._roll = Roll(tracker.state.series, tracker.state.pending, tracker.state.base,
                                   tracker.block_size)
@@ -133,6 +147,8 @@ class VolumeDaemon:
         fuse.resend(self.fuse_fd)
         self._fuse_thread = threading.Thread(target=self._serve, args=(started,), name="fuse", daemon=True)
         self._fuse_thread.start()
+        if self.watch is not None:
+            threading.Thread(target=self._watch_source, name="watch", daemon=True).start()
         inherited = self.front
         if inherited is not None and not any(info.device == inherited and info.backing_file == self.fuse_file
                                              for info in loop.list_attached()):
@@ -167,6 +183,17 @@ class VolumeDaemon:
             os._exit(EXIT_NOT_SERVING)
         log.info("FUSE connection ended")
         self._fuse_ended.set()
+
+    def _watch_source(self) -> None:
+        """Read the trace of the source's writes often enough that its buffer never fills, and a
+        snapshot spoiled by a write past the front is known to be at once."""
+        while not self._watch_stop.wait(POLL_INTERVAL):
+            try:
+                self.store.check_source()
+            except SnapshotError:
+                return                  # the store is closed
+            except Exception:
+                log.exception("reading the trace of the source's writes failed")
 
     def _reader_failed(self, error: BaseException) -> None:
         # Its READs would wait forever: let the supervisor start a worker that answers them.
@@ -241,6 +268,8 @@ class VolumeDaemon:
                 log.info("snapshot generation %d created%s", self.store.generation,
                          f" (tracker sequence {self._roll.sequence})" if self._roll else "")
                 return {"ok": True, "volume": self.describe(), "generation": self.store.generation}
+            if op == "check-source":
+                return {"ok": True, "foreign": self.store.check_source(flush=True)}
             if op == "tracker-changes":
                 return self._tracker_changes(request.get("sequence"))
             if op == "snapshot-delete":
@@ -348,7 +377,7 @@ class VolumeDaemon:
             self._handing_over = False
             return
         try:
-            self.store.tracker.hand_over(supervisor_token(self.supervisor_pid))
+            self.store.hand_over(supervisor_token(self.supervisor_pid))
             log.info("worker %d handed over to the next one", os.getpid())
         except Exception as e:
             # The tracker stays "in-use": the next incremental compares digests, and says why.
@@ -384,6 +413,8 @@ class VolumeDaemon:
             log.warning("deleting the snapshot of %s while it is open", self.name)
         generation = self.store.generation
         if self._roll is not None:
+            if commit:
+                self.store.check_source(flush=True)     # a write past the front since: no commit
             if commit and self.store.tracker.commit(self._roll.sequence):
                 log.info("tracker sequence %d committed: the next incremental starts from it", self._roll.sequence)
             else:
@@ -436,6 +467,7 @@ class VolumeDaemon:
         """Let go of the store and the device. A clean stop records the device's write fingerprint
         once every write is on it, so that the tracked changes are trusted at the next attach."""
         flushed = False
+        self._watch_stop.set()
         if self.device is not None:
             # Writes went through the source's page cache: put them on the device before letting go.
             try:
@@ -450,6 +482,8 @@ class VolumeDaemon:
             self.device.close()
         if self.snapshot_reader is not None:
             self.snapshot_reader.close()
+        if self.watch is not None:
+            self.watch.close()
 
     def abandon(self) -> None:
         """Best-effort cleanup after a failed start: the front this worker attached goes; the

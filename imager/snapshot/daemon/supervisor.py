@@ -34,6 +34,7 @@ from devices.topology import write_fingerprint
 from ...ends.atomic import write_atomically
 from ...errors import VolumeError
 from ...spawn import exit_watch, send_ready
+from ..cow.watch import start_trace
 from .protocol import FRONT_LINK, HOLDER_NAME, MOUNT_DIR_NAME, PID_NAME, RECORD_NAME, SOCKET_NAME, error_reply
 
 log = logging.getLogger("imager.daemon")
@@ -68,6 +69,7 @@ class Supervisor:
         self.front: str | None = None
         self.restarts = 0
         self.worker_answered = False   # the current worker answered a health check (or its start)
+        self.trace = None              # of the source's writes, read by the workers (cow/watch.py)
 
     def run(self, ready_fd: int | None) -> int:
         fingerprint = source_fingerprint(self.args.device)     # before anything of ours writes
@@ -103,6 +105,10 @@ class Supervisor:
             if e.errno == errno.EBUSY:
                 raise VolumeError(f"{self.args.device}: device is busy (mounted or in use)") from None
             raise VolumeError(f"{self.args.device}: cannot open: {e.strerror}") from None
+        # Before anything of ours can write to the source: every write from now on is recorded.
+        self.trace, problem = start_trace(self.args.name, self.args.device)
+        if self.trace is None:
+            log.warning("%s", problem)
         os.makedirs(self.mount_point, mode=0o700, exist_ok=True)
         self.fuse_fd = fuse.mount(self.mount_point, f"imager:{self.args.name}", "imager")
         self.session = fuse.negotiate(self.fuse_fd, MAX_WRITE)
@@ -280,6 +286,13 @@ class Supervisor:
                 os.rmdir(directory)
             except OSError:
                 pass            # not empty: something else lives there, leave it
+        if self.trace is not None:
+            try:
+                self.trace.remove()
+            except OSError as e:
+                log.warning("cannot remove the trace of %s's writes (%s): %s", self.args.device, self.trace.directory,
+                            e.strerror)
+            self.trace = None
         if self.claim >= 0:
             os.close(self.claim)
             self.claim = -1
