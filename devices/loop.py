@@ -140,6 +140,38 @@ def info(device: str) -> LoopInfo:
                     bool(flags & LO_FLAGS_AUTOCLEAR))
 
 
+def backing_identity(device: str) -> tuple[int, int]:
+    """The (st_dev, st_ino) of the file the loop device `device` serves, from the kernel's own
+    reference to it (a path in sysfs may name another file by now)."""
+    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        raw = fcntl.ioctl(fd, LOOP_GET_STATUS64, bytes(_LOOP_INFO64.size))
+    except OSError as e:
+        raise DeviceError(f"{device}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    fields = _LOOP_INFO64.unpack(raw)
+    return fields[0], fields[1]
+
+
+def served_file(dev: int) -> str | None:
+    """The path of the file that the loop device numbered `dev` serves; None when `dev` is no
+    attached loop device. Raises DeviceError when its recorded path names another file by now
+    (renamed, deleted or mounted over)."""
+    backing = backing_file(dev)
+    if backing is None:
+        return None
+    node = "/dev/" + os.path.basename(os.path.realpath(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}"))
+    served = backing_identity(node)
+    try:
+        st = os.stat(backing)
+    except OSError as e:
+        raise DeviceError(f"{node}: its backing file {backing} cannot be found: {e.strerror}") from None
+    if (st.st_dev, st.st_ino) != served:
+        raise DeviceError(f"{node}: {backing} is not the file it serves any more (renamed or deleted)")
+    return backing
+
+
 def backing_file(device: str | int) -> str | None:
     """The file behind a loop device, given as a path or a device number; None for a device
     that is not an attached loop device. Read from sysfs, which answers also when the file's

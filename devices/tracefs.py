@@ -42,7 +42,7 @@ class Write:
     kind: str           # the block layer's rwbs: W, D (discard), N (write zeroes), with flags
 
 
-def _whole_disk(dev: int) -> tuple[int, int]:
+def whole_disk(dev: int) -> tuple[int, int]:
     """The whole disk's device number and the partition's first sector (0 for a disk)."""
     sysfs = os.path.realpath(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")
     if not os.path.exists(os.path.join(sysfs, "partition")):
@@ -92,7 +92,7 @@ class WriteTrace:
         if not stat.S_ISBLK(st.st_mode):
             raise TraceUnavailable(errno.ENOTBLK, f"{device_path} is not a block device")
         self.dev = st.st_rdev
-        self.disk, self.start = _whole_disk(st.st_rdev)
+        self.disk, self.start = whole_disk(st.st_rdev)
         self.size_sectors = int(_read(f"/sys/dev/block/{os.major(self.dev)}:{os.minor(self.dev)}/size"))
         self.filter = f'dev == {(os.major(self.disk) << 20) | os.minor(self.disk)} && !(rwbs ~ "*R*")'
         self._pipe = -1

@@ -22,6 +22,7 @@ import time
 
 import pytest
 
+from devices import loop
 from imager import jobs
 from imager.catalog import Catalog
 from imager.format import ImageReader
@@ -30,7 +31,7 @@ from imager.snapshot import daemon
 from imager.snapshot.cow.tracker import TRACKING_ENV, TRACKING_OFF
 
 from conftest import REPO_ROOT, fsck_clean, writing_into
-from lab import DAEMON_TESTS, MiB, WAIT, damage_chunk, imager, kill_and_wait, one_line_error, umount_point
+from lab import DAEMON_TESTS, MiB, WAIT, damage_chunk, imager, kill_and_wait, one_line_error, umount_point, wait_until
 
 pytestmark = DAEMON_TESTS
 
@@ -307,6 +308,18 @@ def test_a_write_to_the_source_past_the_front_while_attached_is_never_missed(ben
         with open(out / f"r{n}.raw", "rb") as f:
             f.seek(VOLUME - (2 + n) * MiB)
             assert f.read(4096) == bytes([0xC0 + n]) * 4096
+    # The file behind the loop device, written without passing the loop device.
+    with open(loop.backing_file(source), "r+b") as f:
+        f.seek(VOLUME - 5 * MiB)
+        f.write(b"\x77" * 4096)
+    view = out / "view-file.raw"
+    result = backup("past", out / "i-file.zst", incremental=True, progress=ViewCopy("past", view))
+    assert result.method == "digest" and "the file behind" in result.reason, result.reason
+    restore(out / "i-file.zst", out / "r-file.raw")
+    assert same(out / "r-file.raw", view)
+    with open(out / "r-file.raw", "rb") as f:
+        f.seek(VOLUME - 5 * MiB)
+        assert f.read(4096) == b"\x77" * 4096
     # Nothing past the front since, and a live upgrade of the worker meanwhile: trusted again.
     with open(os.path.join(mnt, "docs", "f003.txt"), "r+b") as f:
         f.write(b"after")
@@ -344,6 +357,90 @@ def test_a_backup_whose_snapshot_is_written_past_the_front_fails_and_the_next_co
     with open(out / "r2.raw", "rb") as f:
         f.seek(VOLUME - 3 * MiB)
         assert f.read(8192) == b"\xee" * 8192
+
+
+def test_while_the_watch_of_writes_past_the_front_is_off_no_tracked_change_is_trusted(bench):
+    """Someone switches the trace of the source's writes off: what it did not record cannot be
+    known, so the incrementals that cover any of that time compare digests, saying why; once
+    the trace is back on, the first whose whole interval it recorded is tracked again."""
+    vol, source, mnt = bench.ext4_volume("blind", VOLUME)
+    seed(mnt, random.Random(13))
+    out = bench.tmp / "out"
+    out.mkdir()
+    backup("blind", out / "full.zst", incremental=False)
+    switch = "/sys/kernel/tracing/instances/imager-writes-blind/tracing_on"
+    # Off for the first; back on during the second, which covers time it was off; on for the third.
+    for n, state in enumerate(("0", "1", "1")):
+        with open(switch, "w") as f:
+            f.write(state)
+        with open(os.path.join(mnt, "docs", f"f00{n}.txt"), "r+b") as f:
+            f.write(b"through the front")
+            os.fsync(f.fileno())
+        result = backup("blind", out / f"i{n}.zst", incremental=True)
+        if n < 2:
+            assert result.method == "digest" and "switched off" in result.reason, result.reason
+        else:
+            assert result.method == "tracker", result.reason
+
+
+def _partitions(bench, *sizes: int) -> list[str]:
+    """A GPT disk of partitions of `sizes` bytes on a loop device, each its own device (partx)."""
+    if shutil.which("partx") is None or shutil.which("sfdisk") is None:
+        pytest.skip("needs sfdisk and partx")
+    image = bench.tmp / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(sum(sizes) + 4 * MiB)
+    table, start = "label: gpt\n", 2048
+    for size in sizes:
+        table += f"start={start}, size={size // 512}\n"
+        start += size // 512
+    subprocess.run(["sfdisk", "-q", str(image)], input=table, text=True, check=True, capture_output=True)
+    disk = bench.loop_on(image, read_only=False)
+    bench.defer(lambda: subprocess.run(["partx", "-d", disk], capture_output=True))
+    added = subprocess.run(["partx", "-a", disk], capture_output=True, text=True)
+    if added.returncode != 0:
+        pytest.skip(f"partx -a does not add partitions here: {added.stderr.strip()}")
+    parts = [f"{disk}p{n + 1}" for n in range(len(sizes))]
+    wait_until(lambda: all(os.path.exists(p) for p in parts), "the partition devices")
+    return [disk, *parts]
+
+
+def _write_direct(path: str, offset: int, byte: int, length: int = 4096) -> None:
+    buf = mmap.mmap(-1, length)
+    buf.write(bytes([byte]) * length)
+    fd = os.open(path, os.O_RDWR | os.O_DIRECT)
+    try:
+        os.pwrite(fd, buf, offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def test_a_partition_written_past_the_front_through_its_disk_is_seen_and_its_neighbour_is_none_of_its_business(bench):
+    """A managed partition: a write to its range through the whole disk's node is past the front
+    as much as one through its own; a write to the partition beside it changes nothing of it."""
+    disk, part, neighbour = _partitions(bench, VOLUME, 16 * MiB)
+    vol = bench.attach(part, "part")
+    subprocess.run(["mkfs.ext4", "-q", "-F", vol.front], check=True)
+    mnt = bench.mount(vol.front, "mnt-part")
+    with open(os.path.join(mnt, "data.bin"), "wb") as f:
+        f.write(random.Random(3).randbytes(8 * MiB))
+    os.sync()
+    out = bench.tmp / "out"
+    out.mkdir()
+    backup("part", out / "full.zst", incremental=False)
+    _write_direct(neighbour, 0, 0x5A)
+    result = backup("part", out / "i1.zst", incremental=True)
+    assert result.method == "tracker", result.reason
+    _write_direct(disk, 1 * MiB + VOLUME - 2 * MiB, 0xA5)      # the partition starts at 1 MiB
+    view = out / "v2.raw"
+    result = backup("part", out / "i2.zst", incremental=True, progress=ViewCopy("part", view))
+    assert result.method == "digest" and "written outside the front" in result.reason, result.reason
+    restore(out / "i2.zst", out / "r2.raw")
+    assert same(out / "r2.raw", view)
+    with open(out / "r2.raw", "rb") as f:
+        f.seek(VOLUME - 2 * MiB)
+        assert f.read(4096) == b"\xa5" * 4096
 
 
 def test_a_clean_detach_keeps_the_tracker_and_a_write_behind_it_does_not(bench):

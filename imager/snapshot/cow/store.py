@@ -323,15 +323,16 @@ class CowStore:
     def _check_source(self, flush: bool) -> str:
         if self.tracker.off:
             return ""
+        written = False
         if self._watch is None:
             reason = self._watch_problem
         else:
             if flush:
                 self.device.flush()
-            reason = self._watch.foreign(self.tracker.covers)
+            reason, written = self._watch.foreign(self.tracker.covers)
             if not reason:
                 return ""
-        if self._cow_active and self._watch is not None:
+        if self._cow_active and written:
             self._invalidate(reason)
         if not self.tracker.restarted:
             if self._watch is not None:

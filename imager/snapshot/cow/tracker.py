@@ -55,6 +55,10 @@ TRACKING_OFF = f"change tracking is off ({TRACKING_ENV}=off)"
 log = logging.getLogger(__name__)
 
 
+def tracking_off() -> bool:
+    return os.environ.get(TRACKING_ENV, "").lower() == "off"
+
+
 @dataclass
 class TrackerState:
     format: int
@@ -94,7 +98,7 @@ class ChangeTracker:
         self.volume_size = volume_size
         self._lock = threading.Lock()
         self.restarted = ""
-        self.off = os.environ.get(TRACKING_ENV, "").lower() == "off"
+        self.off = tracking_off()
         stored = self._load()
         block_size = chain_block_size(volume_size)
         reason = TRACKING_OFF if self.off else self._distrust(stored, block_size, fingerprint, handover)

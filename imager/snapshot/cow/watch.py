@@ -9,17 +9,25 @@ roll writes everything back before it moves the marks). A write to any block not
 made by someone else: the series is not trusted any more, and a snapshot that exists is no
 longer the volume as it was.
 
-The trace belongs to the supervisor, which makes it before the first worker starts and removes
-it when the volume is detached; workers read it in turn, so nothing written between two workers
-goes unseen.
+A loop device's backing file can be written without passing the loop device at all: for a
+source on a loop device, a watch on that file (devices.fanotify) reports every write to it, and
+the loop driver's own writes make no event, so any event is a write past the front.
+
+The supervisor makes both before the first worker starts and ends them when the volume is
+detached; workers read them in turn (the file watch's descriptor is passed on to each), so
+nothing written between two workers goes unseen.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 
-from devices.tracefs import TraceUnavailable, WriteTrace
+from devices import loop
+from devices.errors import DeviceError
+from devices.fanotify import FileWriteWatch
+from devices.tracefs import TRACEFS, TraceUnavailable, WriteTrace, whole_disk
 
 log = logging.getLogger(__name__)
 
@@ -34,50 +42,78 @@ def trace_name(volume: str) -> str:
 
 
 class SourceWatch:
-    def __init__(self, trace: WriteTrace):
+    def __init__(self, trace: WriteTrace, files: FileWriteWatch | None = None):
         self.trace = trace
+        self.files = files
         self._lock = threading.Lock()
 
     @classmethod
-    def open(cls, volume: str, device_path: str) -> "SourceWatch":
-        """The supervisor's trace of `device_path`, read by this process from now on. Raises
-        TraceUnavailable when it cannot be (then nothing tracked can be trusted past a roll)."""
+    def open(cls, volume: str, device_path: str, file_watch_fd: int = -1, file_watch_path: str = "") -> "SourceWatch":
+        """The supervisor's watches of `device_path`, read by this process from now on. Raises
+        TraceUnavailable when they cannot be (then nothing tracked can be trusted past a roll)."""
         trace = WriteTrace(trace_name(volume), device_path)
         trace.open()
-        return cls(trace)
+        return cls(trace, FileWriteWatch(file_watch_fd, file_watch_path) if file_watch_fd >= 0 else None)
 
     def discard(self) -> None:
         """Forget what was recorded so far: writes before a series began are not its business."""
         with self._lock:
             self.trace.writes()
+            if self.files is not None:
+                self.files.events()
 
-    def foreign(self, covered) -> str:
-        """Read what was written since the last call; what shows a write nobody marked ("" when
-        none did). `covered(start, end)`: whether the tracker marked every block of those bytes.
-        Writes still in the page cache are not seen yet: flush the source first for all of them."""
+    def foreign(self, covered) -> tuple[str, bool]:
+        """Read what was written since the last call: what shows a write nobody marked, or that
+        one may have gone unseen ("" when neither), and whether a write was seen. `covered(start,
+        end)`: whether the tracker marked every block of those bytes. Writes still in the page
+        cache are not seen yet: flush the source first for all of them."""
         with self._lock:
             problem = self.trace.problem()
             writes = self.trace.writes()
-            if problem:
-                return problem
+            writers, lost = self.files.events() if self.files is not None else ([], False)
+            if writers:
+                return (f"{self.files.path}, the file behind {self.trace.device_path}, was written outside the "
+                        f"front while attached (by pid {writers[0]})"), True
             for write in writes:
                 span = self.trace.on_device(write)
                 if span is not None and not covered(*span):
                     return (f"{self.trace.device_path} was written outside the front while attached "
-                            f"({span[1] - span[0]} bytes at {span[0]})")
-            return ""
+                            f"({span[1] - span[0]} bytes at {span[0]})"), True
+            if problem:
+                return problem, False
+            if lost:
+                return f"the watch of writes to {self.files.path} lost events", False
+            return "", False
 
     def close(self) -> None:
         with self._lock:
             self.trace.close()
+            if self.files is not None:
+                self.files.close()
 
 
-def start_trace(volume: str, device_path: str) -> tuple[WriteTrace | None, str]:
-    """The supervisor's part: the trace of `device_path` made, recording from now on; or None and
-    why not."""
+def start_watches(volume: str, device_path: str) -> tuple[WriteTrace | None, FileWriteWatch | None, str]:
+    """The supervisor's part: the trace of `device_path`'s disk and, for a loop device, the watch
+    of its backing file, recording from now on; or (None, None, why not)."""
     try:
         trace = WriteTrace(trace_name(volume), device_path)
         trace.create()
-        return trace, ""
     except (TraceUnavailable, OSError) as e:
-        return None, str(e.strerror if isinstance(e, TraceUnavailable) and e.strerror else e)
+        return None, None, str(e.strerror if e.strerror else e)
+    try:
+        backing = loop.served_file(whole_disk(trace.dev)[0])
+        return trace, FileWriteWatch.create(backing) if backing is not None else None, ""
+    except (DeviceError, OSError) as e:
+        trace.remove()
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        return None, None, f"writes to the backing file of {device_path} cannot be watched: {why}"
+
+
+def remove_trace(volume: str) -> None:
+    """The trace a dead supervisor of `volume` left: it records for nobody, in kernel memory."""
+    directory = os.path.join(TRACEFS, "instances", trace_name(volume))
+    if os.path.isdir(directory):
+        try:
+            os.rmdir(directory)
+        except OSError as e:
+            log.warning("cannot remove %s: %s", directory, e.strerror)

@@ -24,6 +24,7 @@ from devices.fs import mounts_of
 
 from ...errors import VolumeError, VolumeRefused
 from ...spawn import exit_watch, has_exited
+from ..cow.watch import remove_trace
 from .launch import attach
 from .supervisor import HANDLES_FILE, WORKER_FILE
 from .protocol import (FRONT_LINK, MOUNT_DIR_NAME, PID_NAME, RECORD_NAME, REQUEST_TIMEOUT, SOCKET_NAME, STATUS_TIMEOUT, VOLUME_FILE,
@@ -158,6 +159,7 @@ def _clear_failed(record: dict) -> None:
                           f"shows who still uses it), then imager recover {record['name']}")
     run_dir = record["run_dir"]
     clear_stale_run_dir(run_dir)
+    remove_trace(record["name"])
     for leftover in (RECORD_NAME, SOCKET_NAME):
         try:
             os.unlink(os.path.join(run_dir, leftover))

@@ -66,7 +66,8 @@ def _worker(args) -> int:
                           fuse_fd=args.fuse_fd, session=fuse.Session.from_arg(args.session),
                           listen_fd=args.listen_fd, front=args.front,
                           fingerprint=json.loads(args.fingerprint) if args.fingerprint else None,
-                          restarts=args.restarts, created_ns=args.created_ns)
+                          restarts=args.restarts, created_ns=args.created_ns, watch_problem=args.watch_problem,
+                          file_watch=(args.file_watch_fd, args.file_watch_path))
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda signum, frame: _stop_as_detach_would(daemon, signum))
     try:
@@ -113,6 +114,9 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--front", help="the front loop device, attached by an earlier worker")
     worker.add_argument("--fingerprint", help="the source's write fingerprint before the volume was attached")
     worker.add_argument("--restarts", type=int, default=0)
+    worker.add_argument("--watch-problem", default="", help="why writes past the front are not watched")
+    worker.add_argument("--file-watch-fd", type=int, default=-1, help="the fanotify watch of a loop source's file")
+    worker.add_argument("--file-watch-path", default="")
     worker.add_argument("--created-ns", type=int, default=0)
     return parser
 

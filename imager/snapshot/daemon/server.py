@@ -31,7 +31,7 @@ from ...errors import ImagerError, SnapshotError, VolumeError, VolumeRefused
 from ...ends.atomic import write_atomically
 from ...spawn import exit_watch, has_exited, process_start_time
 from ..cow import CowStore
-from ..cow.tracker import Roll
+from ..cow.tracker import Roll, tracking_off
 from ..cow.watch import POLL_INTERVAL, SourceWatch
 from .control import ControlServer
 from .files import VolumeFiles
@@ -61,7 +61,8 @@ class VolumeDaemon:
     def __init__(self, name: str, device_path: str, state_dir: str, run_dir: str,
                  cache_size: int | None, block_size: int, *, fuse_fd: int, session: fuse.Session,
                  listen_fd: int, front: str | None = None, fingerprint: dict | None = None,
-                 restarts: int = 0, created_ns: int = 0):
+                 restarts: int = 0, created_ns: int = 0, watch_problem: str = "",
+                 file_watch: tuple[int, str] = (-1, "")):
         self.name = name
         self.device_path = device_path
         self.state_dir = state_dir
@@ -102,6 +103,8 @@ class VolumeDaemon:
         self._replies = threading.Condition()
         self._replying = 0                    # control requests taken and not yet answered
         self.watch: SourceWatch | None = None
+        self._watch_problem = watch_problem       # the supervisor's, when it has no watches
+        self._file_watch = file_watch             # its watch of a loop source's file: (fd, path)
         self._watch_stop = threading.Event()
 
     # -- start -------------------------------------------------------------------------------
@@ -119,11 +122,14 @@ class VolumeDaemon:
         # cover first, so they see every buffered write, and no write to those blocks runs
         # meanwhile (read_snapshot holds their stripes).
         self.snapshot_reader = BlockDevice(self.device_path, direct=True, on_notice=lambda msg: log.info("%s", msg))
-        watch_problem = ""
+        watch_problem = self._watch_problem
         try:
-            self.watch = SourceWatch.open(self.name, self.device_path)
+            if not tracking_off() and not watch_problem:
+                self.watch = SourceWatch.open(self.name, self.device_path, *self._file_watch)
         except TraceUnavailable as e:
-            watch_problem = f"{e.strerror}: every incremental compares digests"
+            watch_problem = str(e.strerror)
+        if watch_problem and not tracking_off():
+            watch_problem += ": every incremental compares digests"
             log.warning("%s", watch_problem)
         self.store = CowStore(self.device, self.state_dir, self.block_size, self.cache_size,
                               fingerprint=self.fingerprint, handover=supervisor_token(self.supervisor_pid),

@@ -34,7 +34,8 @@ from devices.topology import write_fingerprint
 from ...ends.atomic import write_atomically
 from ...errors import VolumeError
 from ...spawn import exit_watch, send_ready
-from ..cow.watch import start_trace
+from ..cow.tracker import tracking_off
+from ..cow.watch import start_watches
 from .protocol import FRONT_LINK, HOLDER_NAME, MOUNT_DIR_NAME, PID_NAME, RECORD_NAME, SOCKET_NAME, error_reply
 
 log = logging.getLogger("imager.daemon")
@@ -70,6 +71,8 @@ class Supervisor:
         self.restarts = 0
         self.worker_answered = False   # the current worker answered a health check (or its start)
         self.trace = None              # of the source's writes, read by the workers (cow/watch.py)
+        self.file_watch = None         # of a loop source's backing file (cow/watch.py)
+        self.watch_problem = ""        # why there are no watches, for the workers to say
 
     def run(self, ready_fd: int | None) -> int:
         fingerprint = source_fingerprint(self.args.device)     # before anything of ours writes
@@ -106,9 +109,8 @@ class Supervisor:
                 raise VolumeError(f"{self.args.device}: device is busy (mounted or in use)") from None
             raise VolumeError(f"{self.args.device}: cannot open: {e.strerror}") from None
         # Before anything of ours can write to the source: every write from now on is recorded.
-        self.trace, problem = start_trace(self.args.name, self.args.device)
-        if self.trace is None:
-            log.warning("%s", problem)
+        if not tracking_off():
+            self.trace, self.file_watch, self.watch_problem = start_watches(self.args.name, self.args.device)
         os.makedirs(self.mount_point, mode=0o700, exist_ok=True)
         self.fuse_fd = fuse.mount(self.mount_point, f"imager:{self.args.name}", "imager")
         self.session = fuse.negotiate(self.fuse_fd, MAX_WRITE)
@@ -154,6 +156,11 @@ class Supervisor:
                    "--listen-fd", str(self.listener.fileno()), "--restarts", str(self.restarts), *extra]
         if self.front:
             command += ["--front", self.front]
+        if self.watch_problem:
+            command += ["--watch-problem", self.watch_problem]
+        if self.file_watch is not None:
+            command += ["--file-watch-fd", str(self.file_watch.fd), "--file-watch-path", self.file_watch.path]
+            fds = (*fds, self.file_watch.fd)
         worker = subprocess.Popen(command, stdin=subprocess.DEVNULL,
                                   pass_fds=(self.fuse_fd, self.listener.fileno(), *fds))
         log.info("worker %d started%s", worker.pid, f" (restart {self.restarts})" if self.restarts else "")
@@ -293,6 +300,9 @@ class Supervisor:
                 log.warning("cannot remove the trace of %s's writes (%s): %s", self.args.device, self.trace.directory,
                             e.strerror)
             self.trace = None
+        if self.file_watch is not None:
+            self.file_watch.close()
+            self.file_watch = None
         if self.claim >= 0:
             os.close(self.claim)
             self.claim = -1
