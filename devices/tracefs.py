@@ -19,7 +19,8 @@ import errno
 import os
 import re
 import stat
-from dataclasses import dataclass
+
+import numpy as np
 
 from .libc import check, libc
 
@@ -27,19 +28,12 @@ TRACEFS = "/sys/kernel/tracing"
 EVENT = "events/block/block_bio_queue"
 # Per CPU. Events are about 40 bytes in the buffer: tens of thousands between two reads.
 BUFFER_KB = 2048
-_LINE = re.compile(rb"block_bio_queue: (\d+),(\d+) (\S+) (\d+) \+ (\d+)")
+_LINE = re.compile(rb"block_bio_queue: \d+,\d+ \S+ (\d+) \+ (\d+)")
 
 
 class TraceUnavailable(OSError):
     """Writes to the device cannot be traced here (no tracefs, not permitted, one of the same
     name is being read)."""
-
-
-@dataclass(frozen=True)
-class Write:
-    sector: int         # the whole disk's, in 512-byte sectors
-    sectors: int
-    kind: str           # the block layer's rwbs: W, D (discard), N (write zeroes), with flags
 
 
 def whole_disk(dev: int) -> tuple[int, int]:
@@ -110,6 +104,8 @@ class WriteTrace:
             _write(os.path.join(self.directory, "buffer_size_kb"), str(BUFFER_KB))
             # A full buffer drops new events, and counts them: nothing is overwritten unseen.
             _write(os.path.join(self.directory, "options", "overwrite"), "0")
+            # Only the event's own text: no task, CPU or time to format and parse.
+            _write(os.path.join(self.directory, "options", "context-info"), "0")
             _write(os.path.join(self.directory, EVENT, "filter"), self.filter)
             _write(os.path.join(self.directory, EVENT, "enable"), "1")
             _write(os.path.join(self.directory, "tracing_on"), "1")
@@ -174,9 +170,10 @@ class WriteTrace:
             os.close(self._pipe)
             self._pipe = -1
 
-    def writes(self) -> list[Write]:
-        """The writes recorded since the last call, oldest first (all of them: this returns once
-        the buffer is empty)."""
+    def writes(self) -> tuple[np.ndarray, np.ndarray]:
+        """The writes to this device recorded since the last call (all of them: this returns once
+        the buffer is empty), as the bytes [starts[i], ends[i]) of the device each covers.
+        Writes to the rest of its disk are left out."""
         data = bytearray(self._rest)
         while True:
             try:
@@ -188,19 +185,11 @@ class WriteTrace:
             data += chunk
         end = data.rfind(b"\n") + 1
         self._rest = bytes(data[end:])
-        found = []
-        for match in _LINE.finditer(data, 0, end):
-            sectors = int(match.group(5))
-            if sectors:
-                found.append(Write(int(match.group(4)), sectors, match.group(3).decode()))
-        return found
-
-    def on_device(self, write: Write) -> tuple[int, int] | None:
-        """The bytes [start, end) of this device that `write` covers, None when it falls outside
-        (another partition of the disk)."""
-        first = write.sector - self.start
-        if first + write.sectors <= 0 or first >= self.size_sectors:
-            return None
-        first = max(0, first)
-        last = min(self.size_sectors, write.sector - self.start + write.sectors)
-        return first * 512, last * 512
+        found = _LINE.findall(data, 0, end)
+        if not found:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        sectors, counts = np.array(found).astype(np.int64).T
+        first = sectors - self.start
+        last = first + counts
+        keep = (counts > 0) & (last > 0) & (first < self.size_sectors)
+        return np.maximum(first[keep], 0) * 512, np.minimum(last[keep], self.size_sectors) * 512

@@ -727,6 +727,29 @@ def gpt_disk_with_esp(bench: Bench) -> str:
 
 
 
+def partitioned_disk(bench: Bench, *sizes: int) -> list[str]:
+    """A GPT disk of partitions of `sizes` bytes (the first at 1 MiB) on a loop device, each its
+    own device (partx): [disk, partition 1, ...]."""
+    if shutil.which("partx") is None or shutil.which("sfdisk") is None:
+        pytest.skip("needs sfdisk and partx")
+    image = bench.tmp / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(sum(sizes) + 4 * MiB)
+    table, start = "label: gpt\n", 2048
+    for size in sizes:
+        table += f"start={start}, size={size // 512}\n"
+        start += size // 512
+    subprocess.run(["sfdisk", "-q", str(image)], input=table, text=True, check=True, capture_output=True)
+    disk = bench.loop_on(image, read_only=False)
+    bench.defer(lambda: subprocess.run(["partx", "-d", disk], capture_output=True))
+    added = subprocess.run(["partx", "-a", disk], capture_output=True, text=True)
+    if added.returncode != 0:
+        pytest.skip(f"partx -a does not add partitions here: {added.stderr.strip()}")
+    parts = [f"{disk}p{n + 1}" for n in range(len(sizes))]
+    wait_until(lambda: all(os.path.exists(p) for p in parts), "the partition devices")
+    return [disk, *parts]
+
+
 def damage_chunk(image, chunk: int) -> None:
     """Flip one bit in the middle of the frame of chunk `chunk` of the image file (a disk's
     damage): its checksum and digest no longer match."""

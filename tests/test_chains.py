@@ -31,7 +31,7 @@ from imager.snapshot import daemon
 from imager.snapshot.cow.tracker import TRACKING_ENV, TRACKING_OFF
 
 from conftest import REPO_ROOT, fsck_clean, writing_into
-from lab import DAEMON_TESTS, MiB, WAIT, damage_chunk, imager, kill_and_wait, one_line_error, umount_point, wait_until
+from lab import DAEMON_TESTS, MiB, WAIT, damage_chunk, imager, kill_and_wait, one_line_error, umount_point, partitioned_disk
 
 pytestmark = DAEMON_TESTS
 
@@ -383,28 +383,6 @@ def test_while_the_watch_of_writes_past_the_front_is_off_no_tracked_change_is_tr
             assert result.method == "tracker", result.reason
 
 
-def _partitions(bench, *sizes: int) -> list[str]:
-    """A GPT disk of partitions of `sizes` bytes on a loop device, each its own device (partx)."""
-    if shutil.which("partx") is None or shutil.which("sfdisk") is None:
-        pytest.skip("needs sfdisk and partx")
-    image = bench.tmp / "disk.img"
-    with open(image, "wb") as f:
-        f.truncate(sum(sizes) + 4 * MiB)
-    table, start = "label: gpt\n", 2048
-    for size in sizes:
-        table += f"start={start}, size={size // 512}\n"
-        start += size // 512
-    subprocess.run(["sfdisk", "-q", str(image)], input=table, text=True, check=True, capture_output=True)
-    disk = bench.loop_on(image, read_only=False)
-    bench.defer(lambda: subprocess.run(["partx", "-d", disk], capture_output=True))
-    added = subprocess.run(["partx", "-a", disk], capture_output=True, text=True)
-    if added.returncode != 0:
-        pytest.skip(f"partx -a does not add partitions here: {added.stderr.strip()}")
-    parts = [f"{disk}p{n + 1}" for n in range(len(sizes))]
-    wait_until(lambda: all(os.path.exists(p) for p in parts), "the partition devices")
-    return [disk, *parts]
-
-
 def _write_direct(path: str, offset: int, byte: int, length: int = 4096) -> None:
     buf = mmap.mmap(-1, length)
     buf.write(bytes([byte]) * length)
@@ -419,7 +397,7 @@ def _write_direct(path: str, offset: int, byte: int, length: int = 4096) -> None
 def test_a_partition_written_past_the_front_through_its_disk_is_seen_and_its_neighbour_is_none_of_its_business(bench):
     """A managed partition: a write to its range through the whole disk's node is past the front
     as much as one through its own; a write to the partition beside it changes nothing of it."""
-    disk, part, neighbour = _partitions(bench, VOLUME, 16 * MiB)
+    disk, part, neighbour = partitioned_disk(bench, VOLUME, 16 * MiB)
     vol = bench.attach(part, "part")
     subprocess.run(["mkfs.ext4", "-q", "-F", vol.front], check=True)
     mnt = bench.mount(vol.front, "mnt-part")

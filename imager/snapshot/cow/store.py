@@ -329,7 +329,7 @@ class CowStore:
         else:
             if flush:
                 self.device.flush()
-            reason, written = self._watch.foreign(self.tracker.covers)
+            reason, written = self._watch.foreign(self.tracker.first_unmarked)
             if not reason:
                 return ""
         if self._cow_active and written:

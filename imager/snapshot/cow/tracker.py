@@ -201,13 +201,21 @@ class ChangeTracker:
             self.restarted = self.state.restarted = reason
             self._persist()
 
-    def covers(self, start: int, end: int) -> bool:
-        """Whether every block of the bytes [start, end) is marked, since the last commit."""
-        first, last = start // self.block_size, (end - 1) // self.block_size
+    def first_unmarked(self, starts: np.ndarray, ends: np.ndarray) -> int:
+        """The index of the first of the byte ranges [starts[i], ends[i]) with a block not marked
+        since the last commit; -1 when every block of every range is."""
+        if len(starts) == 0:
+            return -1
+        first, last = starts // self.block_size, (ends - 1) // self.block_size
         with self._lock:
-            if first == last:
-                return bool(self._current_bytes[first]) or bool(self._pending[first])
-            return bool(np.all((self._current[first:last + 1] | self._pending[first:last + 1]) != 0))
+            unmarked = (self._current | self._pending) == 0
+            if np.array_equal(first, last):
+                bad = unmarked[first]
+            else:
+                before = np.concatenate(([0], np.cumsum(unmarked, dtype=np.int64)))
+                bad = before[last + 1] > before[first]
+        hits = np.flatnonzero(bad)
+        return int(hits[0]) if len(hits) else -1
 
     def changes(self, sequence: int) -> bytes | None:
         """The bits of roll `sequence` (every block written since its base's snapshot), while it

@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 # How often a worker reads the trace between rolls, so that its buffer never fills and a foreign
 # write is reported (and a snapshot it spoils invalidated) soon after it is made.
-POLL_INTERVAL = 0.5
+# IMAGER_WATCH_POLL sets it for measuring what the reads cost (bench/front.py).
+POLL_INTERVAL = float(os.environ.get("IMAGER_WATCH_POLL", "0.5"))
 TRACE_PREFIX = "imager-writes-"
 
 
@@ -62,23 +63,23 @@ class SourceWatch:
             if self.files is not None:
                 self.files.events()
 
-    def foreign(self, covered) -> tuple[str, bool]:
+    def foreign(self, first_unmarked) -> tuple[str, bool]:
         """Read what was written since the last call: what shows a write nobody marked, or that
-        one may have gone unseen ("" when neither), and whether a write was seen. `covered(start,
-        end)`: whether the tracker marked every block of those bytes. Writes still in the page
-        cache are not seen yet: flush the source first for all of them."""
+        one may have gone unseen ("" when neither), and whether a write was seen.
+        `first_unmarked(starts, ends)`: the index of the first byte range with a block the
+        tracker did not mark, -1 for none. Writes still in the page cache are not seen yet:
+        flush the source first for all of them."""
         with self._lock:
             problem = self.trace.problem()
-            writes = self.trace.writes()
+            starts, ends = self.trace.writes()
             writers, lost = self.files.events() if self.files is not None else ([], False)
             if writers:
                 return (f"{self.files.path}, the file behind {self.trace.device_path}, was written outside the "
                         f"front while attached (by pid {writers[0]})"), True
-            for write in writes:
-                span = self.trace.on_device(write)
-                if span is not None and not covered(*span):
-                    return (f"{self.trace.device_path} was written outside the front while attached "
-                            f"({span[1] - span[0]} bytes at {span[0]})"), True
+            unmarked = first_unmarked(starts, ends)
+            if unmarked >= 0:
+                return (f"{self.trace.device_path} was written outside the front while attached "
+                        f"({ends[unmarked] - starts[unmarked]} bytes at {starts[unmarked]})"), True
             if problem:
                 return problem, False
             if lost:
