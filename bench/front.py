@@ -85,6 +85,7 @@ def detach_when_released(name: str, timeout: float = 60.0) -> None:
 
 def tracker_cost(size: int, runtime: int, rounds: int) -> int:
     """Writes through the front with the change tracker on and off, alternating."""
+    WORK.mkdir(exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=WORK, prefix="front-tracker-"))
     os.environ.setdefault(daemon.RUN_DIR_ENV, str(tmp / "run"))
     os.environ.setdefault(daemon.STATE_DIR_ENV, str(tmp / "state"))
