@@ -18,6 +18,7 @@ from devices.buffers import AlignedBuffer
 from imager.errors import CacheFullError, SnapshotError
 from imager.snapshot.cow import CowStore
 from imager.snapshot.cow.direct import DirectSnapshotReader
+from conftest import sweep_size
 from lab import dirty_bytes
 
 BS = 64 * 1024
@@ -206,13 +207,14 @@ def test_writes_without_snapshot_do_not_use_the_cache(store, volume, tmp_path):
         store.view()
 
 
+@pytest.mark.sweep
 @pytest.mark.parametrize("kind", ["view", "direct"])
 def test_racing_writes_never_leak_into_the_snapshot(store, volume, kind):
     """Writers hammer the same few blocks while readers read them through the view (under the
     store's locks) or directly (with none), all released at once by a barrier; each round what
     they read must equal the volume as it was at the snapshot."""
     region = 6 * BS
-    writers, readers, rounds = 4, 2, 300
+    writers, readers, rounds = 4, 2, sweep_size(300, 100)
     rng = np.random.default_rng(3)
     errors = []
     for round_number in range(rounds):

@@ -120,6 +120,17 @@ def test_missing_and_out_of_order_cartridges_are_clear_errors(loops, tmp_path):
     assert not out.exists()
     assert not (vault / "tape-002.tap").exists(), "reading must not create a missing cartridge"
 
+    # Appending to a set with a cartridge away would number the next one it makes as one that exists.
+    before = {p.name: p.read_bytes() for p in vault.iterdir()}
+    r = imager("backup", dev, "--tape", pattern, "--tape-capacity", "10M", "--chunk-size", "1M")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "cartridge 2 of the set" in r.stderr and "is missing" in r.stderr, r.stderr
+    os.rename(vault / "tape-001.tap", vault / "tape-001.away")
+    r = imager("backup", dev, "--tape", pattern, "--tape-capacity", "10M", "--chunk-size", "1M")
+    assert r.returncode == 1 and "cartridge 1 of the set" in r.stderr, r.stderr
+    os.rename(vault / "tape-001.away", vault / "tape-001.tap")
+    assert {p.name: p.read_bytes() for p in vault.iterdir()} == before, "a refused backup changes no cartridge"
+
     os.rename(vault / "tape-003.tap", vault / "tape-002.tap")  # cartridge 3 where 2 belongs
     r = imager("restore", "--tape", pattern, "--image", image_id, str(out))
     assert r.returncode == 1 and "cartridge 2" in r.stderr and "tape-003" in r.stderr, r.stderr

@@ -160,9 +160,17 @@ class TapeSink:
         image goes to, where the tape now stands."""
         sequence = 1
         if self.spec.is_pattern:
-            # A set of virtual cartridges: append to the last one that exists.
-            while os.path.exists(self.spec.path_for(sequence + 1)):
-                sequence += 1
+            # A set of virtual cartridges: append to the last one, all before it in their places
+            # (else the next one made would take the number of one that is only away).
+            present = self.spec.members()
+            if present:
+                missing = next((n for n in range(1, present[-1]) if n not in present), None)
+                if missing is not None:
+                    raise TapeMediaError(
+                        f"cartridge {missing} of the set {self.spec.spec} is missing (no "
+                        f"{self.spec.path_for(missing)}) while cartridge {present[-1]} is there: put it back "
+                        f"before appending to the set, or start a new set")
+                sequence = present[-1]
         path = self.spec.path_for(sequence)
         # Only the first cartridge of a virtual set is made (and labelled) by a backup; a single
         # virtual tape is made by `imager tape label`.

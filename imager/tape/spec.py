@@ -59,6 +59,10 @@ class TapeSpec:
             return None
         return min(32 << 20, self.capacity // 4)
 
+    def members(self, limit: int = 9999) -> list[int]:
+        """The sequence numbers of a virtual set's cartridges that exist (up to `limit`)."""
+        return [n for n in range(1, limit + 1) if os.path.exists(self.path_for(n))]
+
     def path_for(self, sequence: int) -> str:
         if self.is_pattern:
             try:
