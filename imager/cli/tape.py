@@ -41,7 +41,9 @@ def register(sub, parents) -> None:
     tl.add_argument("name", help="the label, e.g. WEEKLY1 (a cartridge's barcode is a good choice)")
     tl.add_argument("-f", "--force", action="store_true", help="overwrite a labelled or used tape")
     verb("list", "the tape files and what each holds", "listing", "--changer")
-    rd = verb("read", "write the bytes of tape file N to stdout (or -o FILE)", "read", "--block-size", "--changer")
+    rd = verb("read", "write the bytes of tape file N to stdout (or -o FILE); a file that holds only a part of "
+                      "an image (one that spans cartridges) is written too, and the command exits 1 saying so",
+              "read", "--block-size", "--changer")
     rd.add_argument("--file", type=count, required=True, metavar="N",
                     help="the tape file to read (as tape list numbers them)")
     rd.add_argument("--image-only", action="store_true",

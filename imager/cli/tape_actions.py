@@ -13,8 +13,8 @@ from .. import jobs
 from ..catalog import Catalog, TapeRecord
 from ..errors import TapeMediaError, UsageError
 from ..ends.sinks import FileSink
-from ..tape import (DEFAULT_BLOCK_SIZE, DamagedBlock, TapeSpec, drive_status, operator_prompt, read_label,
-                    require_label, tape_is_blank, write_label)
+from ..tape import (DEFAULT_BLOCK_SIZE, DamagedBlock, TapeSpec, drive_status, operator_prompt, part_of_an_image,
+                    read_label, require_label, tape_is_blank, write_label)
 from ..units import human_bytes
 from .output import Output
 
@@ -215,9 +215,11 @@ def _copy_tape_file(args) -> int:
                 # imager writes no empty tape file: an empty read is the end of the recording.
                 raise TapeMediaError(f"{args.tape}: there is no tape file {args.file} (the recorded data ends "
                                      f"before it)")
+            last = first
             for block in itertools.chain([first], blocks):
                 (sink or sys.stdout.buffer).write(block)
                 written += len(block)
+                last = block
         if sink is not None:
             sink.commit()
     except BaseException:
@@ -225,6 +227,10 @@ def _copy_tape_file(args) -> int:
             sink.abort()
         raise
     sys.stdout.buffer.flush()
+    # `zstd -d` of a part of an image would give the start of a volume, and no error.
+    part = part_of_an_image(args.file, first, last)
+    if part:
+        raise TapeMediaError(part)
     return written
 
 

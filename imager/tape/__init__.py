@@ -26,13 +26,13 @@ image concatenated are a valid zstd stream too.
 
 from .blocks import DEFAULT_BLOCK_SIZE, DamagedBlock
 from .labels import Label, drive_status, read_label, require_label, tape_is_blank, write_label
-from .scan import TapeFileInfo, scan_files
+from .scan import TapeFileInfo, part_of_an_image, scan_files
 from .sink import TapeSink, WrittenSegment, output_counting
 from .spec import TapeSpec, operator_prompt
 from .stream import TapeImageStream, segment_header
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE", "DamagedBlock", "Label", "TapeFileInfo", "TapeImageStream", "TapeSink", "TapeSpec",
-    "WrittenSegment", "drive_status", "operator_prompt", "read_label", "require_label", "scan_files",
+    "WrittenSegment", "drive_status", "part_of_an_image", "operator_prompt", "read_label", "require_label", "scan_files",
     "output_counting", "segment_header", "tape_is_blank", "write_label",
 ]

@@ -122,3 +122,23 @@ def _last_block_of_file(drive: TapeDrive, block_size: int) -> dict | None:
     if after != b"":
         raise TapeMediaError(f"{drive.path}: lost position reading the end of a tape file")
     return _parse_meta_block(last, END_MAGIC, END_TAG)
+
+
+def part_of_an_image(tape_file: int, first: bytes, last: bytes) -> str:
+    """What a tape file whose first and last blocks are these holds, when it is only a part of an
+    image (a segment of one that spans cartridges); "" when it is a whole image or not one of
+    ours."""
+    try:
+        header = _parse_meta_block(first, SEGMENT_MAGIC, SEGMENT_TAG)
+        end = _parse_meta_block(last, END_MAGIC, END_TAG)
+    except DamagedBlock:
+        return ""
+    if header is None or end is None or (header["segment"] == 0 and not end["continued"]):
+        return ""
+    if header["segment"] > 0:
+        where = "starts on an earlier cartridge" + (" and continues on the next one" if end["continued"] else "")
+    else:
+        where = "continues on the next cartridge"
+    return (f"tape file {tape_file} holds only segment {header['segment']} of image {header['image_id'][:12]}, "
+            f"which {where}: what was written is that part of it; --image-only follows the image across "
+            f"cartridges")
