@@ -275,6 +275,8 @@ def test_a_command_line_argparse_refuses_is_one_line_naming_the_help():
                    code=2)
     one_line_error(imager("restore", "x.zst", "/tmp/x", "--image", "ab12"), "give --tape too", code=2)
     one_line_error(imager("verify", "x.zst", "--image", "ab12"), "give --tape too", code=2)
+    one_line_error(imager("restore", "x.zst", ""), "an empty path", code=2)
+    one_line_error(imager("restore", "--tape", "/nonexistent.tap", "--image", "ab12", ""), "an empty path", code=2)
 
 
 def test_a_catalog_or_log_file_never_goes_under_dev(tmp_path):

@@ -186,6 +186,24 @@ def test_freeze_of_a_whole_disk_freezes_its_mounted_partitions(bench):
 
 # -- 7. no snapshot on a read-write mount -------------------------------------------------------
 
+def test_a_snapshot_that_froze_nothing_reports_no_freeze_window(bench):
+    """An unmounted device taken with --snapshot freeze, a managed volume whose front is not
+    mounted: nothing was frozen, and the summary says nothing of a window."""
+    device = bench.loop_device(64 * MiB, name="cold.img")
+    subprocess.run(["mkfs.ext4", "-q", "-F", device], check=True)
+    vol = bench.attach(bench.loop_device(64 * MiB, name="coldvol.img"), "coldvol")
+    subprocess.run(["mkfs.ext4", "-q", "-F", vol.front], check=True)
+    out = bench.tmp / "out"
+    out.mkdir()
+    for snapshot, source in (("freeze", device), ("cow", vol.name)):
+        done = imager("backup", "--snapshot", snapshot, source, "-o", str(out / f"{snapshot}.zst"))
+        assert done.returncode == 0, done.stderr
+        assert "frozen for" not in done.stdout + done.stderr, done.stdout
+        done = imager("backup", "--snapshot", snapshot, source, "-o", str(out / f"{snapshot}-2.zst"), "--json")
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["images"][0]["freeze_window_ms"] is None
+
+
 def test_snapshot_none_of_a_read_write_mount_warns(bench):
     device, mnt = bench.plain_ext4("none", 64 * MiB)
     fill_with_data(mnt, MiB)

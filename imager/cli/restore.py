@@ -51,6 +51,9 @@ def _run(args, out: Output) -> int:
     from .feeds import stdin_feed
     from .tape_actions import tape_spec
 
+    if "" in args.paths:
+        # An unset variable, most often: no path means no file and no device.
+        raise UsageError("an empty path was given (IMAGE and TARGET are a file or a device)")
     if args.tape:
         if len(args.paths) != 1:
             raise UsageError("with --tape, give only the TARGET (the image is chosen with --image)")

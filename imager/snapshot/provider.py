@@ -167,7 +167,8 @@ class FreezeProvider:
                     request.while_frozen()
                 snapshot_set = SnapshotSet(volumes)
                 yield snapshot_set
-            snapshot_set.freeze_window_ms = window.milliseconds
+            # Nothing mounted, nothing frozen: no window to report.
+            snapshot_set.freeze_window_ms = window.milliseconds if to_freeze else None
 
 
 class CowProvider:
@@ -216,7 +217,9 @@ class CowProvider:
                     tracker=snap.tracker, tracked_changes=functools.partial(held.tracked_changes, v.name),
                     commit_tracker=functools.partial(held.commit, v.name),
                     check_reads=functools.partial(_check_still_the_snapshot, v.name, snap)))
-            yield SnapshotSet(planned, info.freeze_window_ms, explain=_explain_cow_read_error(volumes))
+            # Fronts not mounted: nothing was frozen, and no window is reported.
+            yield SnapshotSet(planned, info.freeze_window_ms if info.frozen_mounts else None,
+                              explain=_explain_cow_read_error(volumes))
 
 
 # How a cow backup reads its snapshots: "direct" (the volume's device and its store's files, see
