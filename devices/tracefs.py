@@ -1,12 +1,18 @@
-"""Every write the block layer is asked to make to one block device, whoever makes it: the
-kernel's block_bio_queue tracepoint, recorded in a tracing instance of its own (tracefs).
+"""Every write the block layer is asked to make to one block device, whoever makes it: a
+tracepoint of the kernel's, recorded in a tracing instance of its own (tracefs).
 
-The event fires for each bio submitted, after a partition's bios are remapped onto the whole
-disk, so one instance per disk sees writes through a partition's node, through the whole
-disk's node and from the page cache's writeback alike (sectors are the whole disk's). Only
-writes are recorded (the filter drops reads in the kernel). An instance outlives the process
-that made it; its trace_pipe has one reader at a time (a second open fails with EBUSY), and
-what nobody reads waits in the instance's buffer, or is counted as dropped once that is full.
+On a disk with request queues (blk-mq: SCSI, NVMe, virtio, loop) every write reaches the driver
+as a request, merged from the bios that make it: block_rq_issue reports each. The page cache
+writes a block device back one 4 KiB bio at a time, so 64 MiB written back is 16,384 bios and
+some 130 requests. A bio-based disk (device-mapper, md) has no requests: there block_bio_queue
+reports each bio as it is submitted. Both come after a partition's I/O is remapped onto the
+whole disk, so one instance per disk sees writes through a partition's node, through the
+whole disk's node and from the page cache's writeback alike (sectors are the whole disk's).
+Only writes are recorded (the filter drops reads in the kernel). Not seen: SCSI commands a
+program sends itself (SG_IO), which the block layer does not read. An instance outlives the
+process that made it; its trace_pipe has one reader at a time (a second open fails with EBUSY),
+and what nobody reads waits in the instance's buffer, or is counted as dropped once that is
+full.
 
 Debugfs and blktrace are not used: under kernel lockdown (Secure Boot) debugfs refuses them,
 and tracefs stays readable.
@@ -25,10 +31,14 @@ import numpy as np
 from .libc import check, libc
 
 TRACEFS = "/sys/kernel/tracing"
-EVENT = "events/block/block_bio_queue"
+REQUESTS = "block_rq_issue"
+BIOS = "block_bio_queue"
 # Per CPU. Events are about 40 bytes in the buffer: tens of thousands between two reads.
 BUFFER_KB = 2048
-_LINE = re.compile(rb"block_bio_queue: \d+,\d+ \S+ (\d+) \+ (\d+)")
+_LINES = {
+    REQUESTS: re.compile(rb"block_rq_issue: \d+,\d+ \S+ \d+ \([^)]*\) (\d+) \+ (\d+)"),
+    BIOS: re.compile(rb"block_bio_queue: \d+,\d+ \S+ (\d+) \+ (\d+)"),
+}
 
 
 class TraceUnavailable(OSError):
@@ -78,7 +88,7 @@ class WriteTrace:
     """The tracing instance `name` recording the writes to one block device (a disk or a
     partition of one). create() makes it; open() reads it, in this process or in another."""
 
-    def __init__(self, name: str, device_path: str):
+    def __init__(self, name: str, device_path: str, event: str | None = None):
         self.name = name
         self.device_path = device_path
         self.directory = os.path.join(TRACEFS, "instances", name)
@@ -88,7 +98,15 @@ class WriteTrace:
         self.dev = st.st_rdev
         self.disk, self.start = whole_disk(st.st_rdev)
         self.size_sectors = int(_read(f"/sys/dev/block/{os.major(self.dev)}:{os.minor(self.dev)}/size"))
-        self.filter = f'dev == {(os.major(self.disk) << 20) | os.minor(self.disk)} && !(rwbs ~ "*R*")'
+        # A read's rwbs starts with R (a read has no preflush, the only flag before the op). Not
+        # "*R*": the kernel matches that over the whole char[10], past the string's end, where
+        # stale bytes made block_bio_queue drop every write here.
+        self.filter = f'dev == {(os.major(self.disk) << 20) | os.minor(self.disk)} && !(rwbs ~ "R*")'
+        disk_sysfs = f"/sys/dev/block/{os.major(self.disk)}:{os.minor(self.disk)}"
+        # `event` chooses it (the tests read both events of one loop device).
+        self.event = event or (REQUESTS if os.path.isdir(os.path.join(disk_sysfs, "mq")) else BIOS)
+        self._event_dir = os.path.join("events", "block", self.event)
+        self._line = _LINES[self.event]
         self._pipe = -1
         self._rest = b""
 
@@ -106,8 +124,8 @@ class WriteTrace:
             _write(os.path.join(self.directory, "options", "overwrite"), "0")
             # Only the event's own text: no task, CPU or time to format and parse.
             _write(os.path.join(self.directory, "options", "context-info"), "0")
-            _write(os.path.join(self.directory, EVENT, "filter"), self.filter)
-            _write(os.path.join(self.directory, EVENT, "enable"), "1")
+            _write(os.path.join(self.directory, self._event_dir, "filter"), self.filter)
+            _write(os.path.join(self.directory, self._event_dir, "enable"), "1")
             _write(os.path.join(self.directory, "tracing_on"), "1")
         except OSError as e:
             try:
@@ -122,7 +140,7 @@ class WriteTrace:
         if not os.path.isdir(self.directory):
             return
         try:
-            _write(os.path.join(self.directory, EVENT, "enable"), "0")
+            _write(os.path.join(self.directory, self._event_dir, "enable"), "0")
         except OSError:
             pass
         try:
@@ -135,9 +153,9 @@ class WriteTrace:
         it is gone, was switched off or filtered otherwise, or dropped events."""
         try:
             if _read(os.path.join(self.directory, "tracing_on")) != "1" or \
-                    _read(os.path.join(self.directory, EVENT, "enable")) != "1":
+                    _read(os.path.join(self.directory, self._event_dir, "enable")) != "1":
                 return f"the trace of writes to {self.device_path} was switched off ({self.directory})"
-            if _read(os.path.join(self.directory, EVENT, "filter")) != self.filter:
+            if _read(os.path.join(self.directory, self._event_dir, "filter")) != self.filter:
                 return f"the trace of writes to {self.device_path} was changed ({self.directory})"
             lost = 0
             per_cpu = os.path.join(self.directory, "per_cpu")
@@ -185,7 +203,7 @@ class WriteTrace:
             data += chunk
         end = data.rfind(b"\n") + 1
         self._rest = bytes(data[end:])
-        found = _LINE.findall(data, 0, end)
+        found = self._line.findall(data, 0, end)
         if not found:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
         sectors, counts = np.array(found).astype(np.int64).T

@@ -12,7 +12,7 @@ import pytest
 
 from devices import loop
 from devices.fanotify import FileWriteWatch
-from devices.tracefs import WriteTrace
+from devices.tracefs import BIOS, REQUESTS, WriteTrace
 
 from lab import MiB, partitioned_disk
 
@@ -34,12 +34,12 @@ def write(path: str, offset: int, length: int, *, direct: bool) -> None:
         os.close(fd)
 
 
-@pytest.fixture
-def traced(bench):
-    """A partition between two others' worth of disk, its trace recording: (disk, partition,
-    neighbour, trace)."""
+@pytest.fixture(params=[REQUESTS, BIOS])
+def traced(bench, request):
+    """A partition with another beside it, its trace recording (by requests, as on any disk with
+    request queues, or by bios, as on a bio-based one): (disk, partition, neighbour, trace)."""
     disk, part, neighbour = partitioned_disk(bench, 8 * MiB, 4 * MiB)
-    trace = WriteTrace("imager-test-write-trace", part)
+    trace = WriteTrace("imager-test-write-trace", part, event=request.param)
     trace.create()
     bench.defer(trace.remove)
     trace.open()
@@ -49,6 +49,7 @@ def traced(bench):
 
 def test_the_trace_of_a_partition_sees_every_write_to_its_range_and_nothing_else(traced):
     disk, part, neighbour, trace = traced
+    assert WriteTrace("any", disk).event == REQUESTS, "a loop device has request queues"
     write(part, 8192, 4096, direct=True)
     write(part, 1 * MiB, 8192, direct=False)                 # through the page cache
     write(disk, 1 * MiB + 64 * 1024, 4096, direct=True)      # the disk's node: the partition starts at 1 MiB
@@ -71,7 +72,7 @@ def test_a_trace_switched_off_or_refiltered_says_so(traced):
     assert "switched off" in trace.problem()
     with open(os.path.join(trace.directory, "tracing_on"), "w") as f:
         f.write("1")
-    with open(os.path.join(trace.directory, "events/block/block_bio_queue/filter"), "w") as f:
+    with open(os.path.join(trace.directory, "events", "block", trace.event, "filter"), "w") as f:
         f.write("dev == 1")
     assert "changed" in trace.problem()
 

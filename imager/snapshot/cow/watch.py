@@ -31,10 +31,15 @@ from devices.tracefs import TRACEFS, TraceUnavailable, WriteTrace, whole_disk
 
 log = logging.getLogger(__name__)
 
-# How often a worker reads the trace between rolls, so that its buffer never fills and a foreign
-# write is reported (and a snapshot it spoils invalidated) soon after it is made.
-# IMAGER_WATCH_POLL sets it for measuring what the reads cost (bench/front.py).
-POLL_INTERVAL = float(os.environ.get("IMAGER_WATCH_POLL", "0.5"))
+# How often a worker reads the trace, so that its buffer never fills and a foreign write is
+# reported (and a snapshot it spoils invalidated) soon after it is made. The page cache writes
+# the source back in 4 KiB bios, an event each (60 bytes in the buffer): a buffer of 2 MiB a CPU
+# holds 136 MiB of writeback, so read ten times a second it keeps up with 1.3 GB/s a CPU, and
+# while events keep coming it is read again at once. IMAGER_WATCH_POLL sets the interval for
+# measuring what the reads cost (bench/front.py).
+POLL_INTERVAL = float(os.environ.get("IMAGER_WATCH_POLL", "0.1"))
+BUSY_POLL_INTERVAL = 0.005
+BUSY_EVENTS = 1000
 TRACE_PREFIX = "imager-writes-"
 
 
@@ -47,6 +52,7 @@ class SourceWatch:
         self.trace = trace
         self.files = files
         self._lock = threading.Lock()
+        self._last_count = 0
 
     @classmethod
     def open(cls, volume: str, device_path: str, file_watch_fd: int = -1, file_watch_path: str = "") -> "SourceWatch":
@@ -63,6 +69,11 @@ class SourceWatch:
             if self.files is not None:
                 self.files.events()
 
+    @property
+    def busy(self) -> bool:
+        """Whether the last read found many writes: more are likely on their way."""
+        return self._last_count >= BUSY_EVENTS
+
     def foreign(self, first_unmarked) -> tuple[str, bool]:
         """Read what was written since the last call: what shows a write nobody marked, or that
         one may have gone unseen ("" when neither), and whether a write was seen.
@@ -72,6 +83,7 @@ class SourceWatch:
         with self._lock:
             problem = self.trace.problem()
             starts, ends = self.trace.writes()
+            self._last_count = len(starts)
             writers, lost = self.files.events() if self.files is not None else ([], False)
             if writers:
                 return (f"{self.files.path}, the file behind {self.trace.device_path}, was written outside the "

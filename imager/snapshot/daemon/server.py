@@ -32,7 +32,7 @@ from ...ends.atomic import write_atomically
 from ...spawn import exit_watch, has_exited, process_start_time
 from ..cow import CowStore
 from ..cow.tracker import Roll, tracking_off
-from ..cow.watch import POLL_INTERVAL, SourceWatch
+from ..cow.watch import BUSY_POLL_INTERVAL, POLL_INTERVAL, SourceWatch
 from .control import ControlServer
 from .files import VolumeFiles
 from .protocol import FRONT_LINK, HOLDER_NAME, LOG_NAME, MOUNT_DIR_NAME, RECORD_NAME, SNAPSHOT_FILE, SOCKET_NAME, VOLUME_FILE
@@ -193,7 +193,7 @@ class VolumeDaemon:
     def _watch_source(self) -> None:
         """Read the trace of the source's writes often enough that its buffer never fills, and a
         snapshot spoiled by a write past the front is known to be at once."""
-        while not self._watch_stop.wait(POLL_INTERVAL):
+        while not self._watch_stop.wait(BUSY_POLL_INTERVAL if self.watch.busy else POLL_INTERVAL):
             try:
                 self.store.check_source()
             except SnapshotError:
