@@ -31,7 +31,7 @@ from imager.snapshot import daemon
 from imager.snapshot.cow.tracker import TRACKING_ENV, TRACKING_OFF
 
 from conftest import REPO_ROOT, fsck_clean, writing_into
-from lab import DAEMON_TESTS, MiB, WAIT, damage_chunk, imager, kill_and_wait, one_line_error, umount_point, partitioned_disk
+from lab import DAEMON_TESTS, MiB, WAIT, damage_chunk, imager, kill_and_wait, one_line_error, umount_point, partitioned_disk, wait_until
 
 pytestmark = DAEMON_TESTS
 
@@ -357,6 +357,30 @@ def test_a_backup_whose_snapshot_is_written_past_the_front_fails_and_the_next_co
     with open(out / "r2.raw", "rb") as f:
         f.seek(VOLUME - 3 * MiB)
         assert f.read(8192) == b"\xee" * 8192
+
+
+def test_a_killed_workers_writes_still_in_the_page_cache_are_not_taken_for_writes_past_the_front(bench):
+    """The page cache outlives a worker killed with SIGKILL: what it wrote reaches the disk after
+    the next worker has started a new series. Those writes are its own, not someone else's: a
+    snapshot held across the kill stays valid."""
+    source = bench.loop_device(VOLUME, name="killed.img")
+    vol = bench.attach(source, "killed")
+    assert imager("snapshot", "create", "killed").returncode == 0
+    bench.defer(lambda: imager("snapshot", "delete", "killed"))
+    buf = mmap.mmap(-1, 1 * MiB)
+    buf.write(os.urandom(1 * MiB))
+    fd = os.open(vol.front, os.O_RDWR | os.O_DIRECT)    # to the daemon, which writes to the page cache
+    try:
+        for n in range(8):
+            os.pwrite(fd, buf, n * 4 * MiB)
+    finally:
+        os.close(fd)
+    pid = daemon.status("killed").worker["pid"]
+    kill_and_wait(pid)
+    wait_until(lambda: daemon.status("killed").worker["pid"] != pid, "the next worker")
+    assert daemon.check_source("killed") == ""
+    snapshot = daemon.status("killed").snapshot
+    assert snapshot is not None and not snapshot.invalid, snapshot.invalid_reason
 
 
 def test_while_the_watch_of_writes_past_the_front_is_off_no_tracked_change_is_trusted(bench):

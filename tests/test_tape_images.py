@@ -292,6 +292,13 @@ def test_a_chain_on_tape_restores_every_point_from_the_tape(loops, tmp_path):
         r = imager("restore", "--tape", tape, "--image", image_id, str(out), "--verify", "--json")
         assert r.returncode == 0, r.stderr
         assert same_bytes(str(reference), str(out), size)
+    # Retention keeps the chain whole (the newest needs the rest), and --consolidate, which rebuilds
+    # image files, says that it leaves a chain on tape as it is.
+    pruned = imager("catalog", "prune", "--keep-last", "1", "--consolidate")
+    assert pruned.returncode == 0, pruned.stderr
+    assert f"{points[2][0][:12]} is kept with its chain as it is: it is on tape" in pruned.stderr, pruned.stderr
+    r = imager("restore", "--tape", tape, "--image", points[2][0], str(tmp_path / "after-prune.raw"))
+    assert r.returncode == 0, r.stderr
     # A chain whose full the catalog no longer has cannot be restored, and says why.
     catalog = os.path.join(os.environ["XDG_DATA_HOME"], "imager", "catalog.sqlite")
     with sqlite3.connect(catalog) as db:

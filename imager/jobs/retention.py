@@ -146,6 +146,10 @@ def _consolidate_oldest(catalog: Catalog, keep: dict[str, str], by_id: dict[str,
             continue          # an older image of its chain is kept anyway: nothing to gain
         path = _file(catalog, record.id)
         if path is None:
+            if on_notice is not None:
+                on_notice(f"{record.id[:12]} is kept with its chain as it is: it is on tape, and --consolidate "
+                          f"rebuilds chains of image files only")
+            done.update(chain)
             continue
         done.update(chain)
         if dry_run:

@@ -116,7 +116,12 @@ class ChangeTracker:
         self._current = np.frombuffer(self._current_map, dtype=np.uint8)
         self._pending = np.frombuffer(self._pending_map, dtype=np.uint8)
         self._current_bytes = memoryview(self._current_map)
+        # A killed worker's writes may still be in the page cache, which outlives it: its marks
+        # count as marks until the next worker has written the source back and checked what was
+        # written (watch.py), then forget_inherited() drops them.
+        self._inherited: np.ndarray | None = None
         if reason:
+            self._inherited = (self._current | self._pending) != 0
             self._current[:] = 0
             self._pending[:] = 0
         self.state.state = "in-use"
@@ -209,6 +214,8 @@ class ChangeTracker:
         first, last = starts // self.block_size, (ends - 1) // self.block_size
         with self._lock:
             unmarked = (self._current | self._pending) == 0
+            if self._inherited is not None:
+                unmarked &= ~self._inherited
             if np.array_equal(first, last):
                 bad = unmarked[first]
             else:
@@ -216,6 +223,10 @@ class ChangeTracker:
                 bad = before[last + 1] > before[first]
         hits = np.flatnonzero(bad)
         return int(hits[0]) if len(hits) else -1
+
+    def forget_inherited(self) -> None:
+        with self._lock:
+            self._inherited = None
 
     def changes(self, sequence: int) -> bytes | None:
         """The bits of roll `sequence` (every block written since its base's snapshot), while it

@@ -62,13 +62,6 @@ class SourceWatch:
         trace.open()
         return cls(trace, FileWriteWatch(file_watch_fd, file_watch_path) if file_watch_fd >= 0 else None)
 
-    def discard(self) -> None:
-        """Forget what was recorded so far: writes before a series began are not its business."""
-        with self._lock:
-            self.trace.writes()
-            if self.files is not None:
-                self.files.events()
-
     @property
     def busy(self) -> bool:
         """Whether the last read found many writes: more are likely on their way."""

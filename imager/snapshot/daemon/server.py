@@ -137,10 +137,12 @@ class VolumeDaemon:
         tracker = self.store.tracker
         if tracker.fresh:
             log.info("tracking changes anew (series %s): %s", tracker.state.series, tracker.restarted)
-            if self.watch is not None:
-                self.watch.discard()    # before this series began: its first backup compares digests
-        elif self.watch is not None:
-            self.store.check_source()   # since the last worker handed over
+        if self.watch is not None:
+            # What the last worker wrote and the page cache still holds (all of it, if it was
+            # killed) goes to the disk now, and every write since it started is checked, against
+            # its marks too.
+            self.store.check_source(flush=True)
+        tracker.forget_inherited()
         if self.store.snapshot_active:
             log.info("resuming snapshot generation %d from %s", self.store.generation, self.state_dir)
             if not tracker.fresh and tracker.state.pending is not None:
