@@ -9,7 +9,7 @@ reports each bio as it is submitted. Both come after a partition's I/O is remapp
 whole disk, so one instance per disk sees writes through a partition's node, through the
 whole disk's node and from the page cache's writeback alike (sectors are the whole disk's).
 Only writes are recorded (the filter drops reads in the kernel). Not seen: SCSI commands a
-program sends itself (SG_IO), which the block layer does not read. An instance outlives the
+program sends itself (SG_IO): their requests carry no sectors to check. An instance outlives the
 process that made it; its trace_pipe has one reader at a time (a second open fails with EBUSY),
 and what nobody reads waits in the instance's buffer, or is counted as dropped once that is
 full.
