@@ -708,12 +708,7 @@ def gpt_disk_with_esp(bench: Bench) -> str:
         f.truncate(64 * MiB)
     table = (f"label: gpt\nstart=2048, size=32768, type={ESP_GPT_TYPE.upper()}, name=\"EFI\"\n"
              f"start=34816, size=65536, type=0fc63daf-8483-4772-8e3d-693d7de4709e\n")
-    subprocess.run(["sfdisk", "-q", str(image)], input=table, text=True, check=True, capture_output=True)
-    disk = bench.loop_on(image, read_only=False)
-    bench.defer(lambda: subprocess.run(["partx", "-d", disk], capture_output=True))
-    added = subprocess.run(["partx", "-a", disk], capture_output=True, text=True)
-    if added.returncode != 0:
-        pytest.skip(f"partx -a does not add partitions here: {added.stderr.strip()}")
+    disk = _disk_with_partitions(bench, image, table)
     name = os.path.basename(disk)
     deadline = time.monotonic() + 10
     while True:
@@ -725,6 +720,16 @@ def gpt_disk_with_esp(bench: Bench) -> str:
         time.sleep(0.05)
 
 
+def _disk_with_partitions(bench: Bench, image, table: str) -> str:
+    """`image` partitioned by the sfdisk script `table`, on a loop device whose partitions partx
+    adds (the kernel here parses no table); the loop device."""
+    subprocess.run(["sfdisk", "-q", str(image)], input=table, text=True, check=True, capture_output=True)
+    disk = bench.loop_on(image, read_only=False)
+    bench.defer(lambda: subprocess.run(["partx", "-d", disk], capture_output=True))
+    added = subprocess.run(["partx", "-a", disk], capture_output=True, text=True)
+    if added.returncode != 0:
+        pytest.skip(f"partx -a does not add partitions here: {added.stderr.strip()}")
+    return disk
 
 
 def partitioned_disk(bench: Bench, *sizes: int) -> list[str]:
@@ -739,12 +744,7 @@ def partitioned_disk(bench: Bench, *sizes: int) -> list[str]:
     for size in sizes:
         table += f"start={start}, size={size // 512}\n"
         start += size // 512
-    subprocess.run(["sfdisk", "-q", str(image)], input=table, text=True, check=True, capture_output=True)
-    disk = bench.loop_on(image, read_only=False)
-    bench.defer(lambda: subprocess.run(["partx", "-d", disk], capture_output=True))
-    added = subprocess.run(["partx", "-a", disk], capture_output=True, text=True)
-    if added.returncode != 0:
-        pytest.skip(f"partx -a does not add partitions here: {added.stderr.strip()}")
+    disk = _disk_with_partitions(bench, image, table)
     parts = [f"{disk}p{n + 1}" for n in range(len(sizes))]
     wait_until(lambda: all(os.path.exists(p) for p in parts), "the partition devices")
     return [disk, *parts]

@@ -277,10 +277,25 @@ def test_a_live_upgrade_keeps_the_tracker_and_a_killed_worker_does_not(bench):
         assert same(out / f"restored{n}.raw", view), image
 
 
+def digests_restore_exactly(name: str, out, tag: str, offset: int, expected: bytes,
+                            why: str = "written outside the front") -> None:
+    """The next incremental of volume `name` compares digests, saying `why`, and its restore is
+    the snapshot byte for byte, `expected` at `offset` included."""
+    view, image, restored = out / f"view-{tag}.raw", out / f"i-{tag}.zst", out / f"r-{tag}.raw"
+    result = backup(name, image, incremental=True, progress=ViewCopy(name, view))
+    assert result.method == "digest" and why in result.reason, result.reason
+    restore(image, restored)
+    assert same(restored, view)
+    with open(restored, "rb") as f:
+        f.seek(offset)
+        assert f.read(len(expected)) == expected
+
+
 def test_a_write_to_the_source_past_the_front_while_attached_is_never_missed(bench):
     """The tracker sees only the front. A write straight onto the attached source (dd onto the
-    raw device, buffered or O_DIRECT) shows in the kernel's write counters against the daemon's
-    own count: the next incremental compares digests, says why, and restores exactly."""
+    raw device, buffered or O_DIRECT, or onto a loop source's file) shows in the kernel's trace
+    of the source's writes: the next incremental compares digests, says why, and restores
+    exactly."""
     vol, source, mnt = bench.ext4_volume("past", VOLUME)
     seed(mnt, random.Random(11))
     out = bench.tmp / "out"
@@ -300,26 +315,12 @@ def test_a_write_to_the_source_past_the_front_while_attached_is_never_missed(ben
             os.fsync(fd)
         finally:
             os.close(fd)
-        view = out / f"view{n}.raw"
-        result = backup("past", out / f"i{n + 1}.zst", incremental=True, progress=ViewCopy("past", view))
-        assert result.method == "digest" and "written outside the front" in result.reason, result.reason
-        restore(out / f"i{n + 1}.zst", out / f"r{n}.raw")
-        assert same(out / f"r{n}.raw", view)
-        with open(out / f"r{n}.raw", "rb") as f:
-            f.seek(VOLUME - (2 + n) * MiB)
-            assert f.read(4096) == bytes([0xC0 + n]) * 4096
+        digests_restore_exactly("past", out, str(n), VOLUME - (2 + n) * MiB, bytes([0xC0 + n]) * 4096)
     # The file behind the loop device, written without passing the loop device.
     with open(loop.backing_file(source), "r+b") as f:
         f.seek(VOLUME - 5 * MiB)
         f.write(b"\x77" * 4096)
-    view = out / "view-file.raw"
-    result = backup("past", out / "i-file.zst", incremental=True, progress=ViewCopy("past", view))
-    assert result.method == "digest" and "the file behind" in result.reason, result.reason
-    restore(out / "i-file.zst", out / "r-file.raw")
-    assert same(out / "r-file.raw", view)
-    with open(out / "r-file.raw", "rb") as f:
-        f.seek(VOLUME - 5 * MiB)
-        assert f.read(4096) == b"\x77" * 4096
+    digests_restore_exactly("past", out, "file", VOLUME - 5 * MiB, b"\x77" * 4096, why="the file behind")
     # Nothing past the front since, and a live upgrade of the worker meanwhile: trusted again.
     with open(os.path.join(mnt, "docs", "f003.txt"), "r+b") as f:
         f.write(b"after")
@@ -349,14 +350,7 @@ def test_a_backup_whose_snapshot_is_written_past_the_front_fails_and_the_next_co
                                                                              then=write_past_the_front))
     with Catalog() as catalog:
         assert [i.kind for i in catalog.images()] == ["full"]
-    view = out / "v2.raw"
-    result = backup("spoil", out / "i2.zst", incremental=True, progress=ViewCopy("spoil", view))
-    assert result.method == "digest" and "written outside the front" in result.reason, result.reason
-    restore(out / "i2.zst", out / "r2.raw")
-    assert same(out / "r2.raw", view)
-    with open(out / "r2.raw", "rb") as f:
-        f.seek(VOLUME - 3 * MiB)
-        assert f.read(8192) == b"\xee" * 8192
+    digests_restore_exactly("spoil", out, "after", VOLUME - 3 * MiB, b"\xee" * 8192)
 
 
 def test_a_killed_workers_writes_still_in_the_page_cache_are_not_taken_for_writes_past_the_front(bench):
@@ -435,14 +429,7 @@ def test_a_partition_written_past_the_front_through_its_disk_is_seen_and_its_nei
     result = backup("part", out / "i1.zst", incremental=True)
     assert result.method == "tracker", result.reason
     _write_direct(disk, 1 * MiB + VOLUME - 2 * MiB, 0xA5)      # the partition starts at 1 MiB
-    view = out / "v2.raw"
-    result = backup("part", out / "i2.zst", incremental=True, progress=ViewCopy("part", view))
-    assert result.method == "digest" and "written outside the front" in result.reason, result.reason
-    restore(out / "i2.zst", out / "r2.raw")
-    assert same(out / "r2.raw", view)
-    with open(out / "r2.raw", "rb") as f:
-        f.seek(VOLUME - 2 * MiB)
-        assert f.read(4096) == b"\xa5" * 4096
+    digests_restore_exactly("part", out, "disk", VOLUME - 2 * MiB, b"\xa5" * 4096)
 
 
 def test_a_clean_detach_keeps_the_tracker_and_a_write_behind_it_does_not(bench):
