@@ -32,11 +32,12 @@ from devices.tracefs import TRACEFS, TraceUnavailable, WriteTrace, whole_disk
 log = logging.getLogger(__name__)
 
 # How often a worker reads the trace, so that its buffer never fills and a foreign write is
-# reported (and a snapshot it spoils invalidated) soon after it is made. The page cache writes
-# the source back in 4 KiB bios, an event each (60 bytes in the buffer): a buffer of 2 MiB a CPU
-# holds 136 MiB of writeback, so read ten times a second it keeps up with 1.3 GB/s a CPU, and
-# while events keep coming it is read again at once. IMAGER_WATCH_POLL sets the interval for
-# measuring what the reads cost (bench/front.py).
+# reported (and a snapshot it spoils invalidated) soon after it is made. A buffer of 2 MiB a CPU
+# holds some 35,000 events of 60 bytes: requests of up to MiBs each on a disk with request
+# queues, and even on a bio-based disk, where the page cache's writeback is a 4 KiB bio an
+# event, 136 MiB of it: read ten times a second, 1.3 GB/s a CPU. While events keep coming it is
+# read again at once. IMAGER_WATCH_POLL sets the interval for measuring what the reads cost
+# (bench/front.py).
 POLL_INTERVAL = float(os.environ.get("IMAGER_WATCH_POLL", "0.1"))
 BUSY_POLL_INTERVAL = 0.005
 BUSY_EVENTS = 1000
