@@ -109,6 +109,7 @@ class WriteTrace:
         self._line = _LINES[self.event]
         self._pipe = -1
         self._rest = b""
+        self._lost_seen = 0         # events the kernel had dropped when problem() last said so
 
     # -- the instance ------------------------------------------------------------------------------
 
@@ -149,8 +150,9 @@ class WriteTrace:
             pass
 
     def problem(self) -> str:
-        """What keeps the instance from having recorded every write ("" when nothing does):
-        it is gone, was switched off or filtered otherwise, or dropped events."""
+        """What kept the instance from recording every write since the last call ("" when
+        nothing did): it is gone, was switched off or filtered otherwise, or dropped events (the
+        kernel's count only grows: a loss is said once)."""
         try:
             if _read(os.path.join(self.directory, "tracing_on")) != "1" or \
                     _read(os.path.join(self.directory, self._event_dir, "enable")) != "1":
@@ -165,8 +167,9 @@ class WriteTrace:
                         key, _, value = line.partition(":")
                         if key in ("overrun", "dropped events"):
                             lost += int(value)
-            if lost:
-                return f"the trace of writes to {self.device_path} lost {lost} events (its buffer was full)"
+            if lost > self._lost_seen:
+                new, self._lost_seen = lost - self._lost_seen, lost
+                return f"the trace of writes to {self.device_path} lost {new} events (its buffer was full)"
         except (OSError, ValueError) as e:
             return f"the trace of writes to {self.device_path} cannot be read ({self.directory}: " \
                    f"{getattr(e, 'strerror', None) or e})"

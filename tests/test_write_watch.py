@@ -77,6 +77,22 @@ def test_a_trace_switched_off_or_refiltered_says_so(traced):
     assert "changed" in trace.problem()
 
 
+def test_a_trace_whose_buffer_overflowed_says_so_once(traced):
+    _, part, _, trace = traced
+    with open(os.path.join(trace.directory, "buffer_size_kb"), "w") as f:
+        f.write("4")                        # a page a CPU
+    buf = mmap.mmap(-1, 4096)
+    fd = os.open(part, os.O_RDWR | os.O_DIRECT)
+    try:
+        for n in range(2000):
+            os.pwrite(fd, buf, (n % 1024) * 4096)
+    finally:
+        os.close(fd)
+    assert "events (its buffer was full)" in trace.problem()
+    trace.writes()
+    assert trace.problem() == "", "a loss is said once: the next interval is whole again"
+
+
 def test_a_trace_has_one_reader(traced):
     _, part, _, trace = traced
     second = WriteTrace(trace.name, part)
